@@ -1,0 +1,45 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   creates .venv, installs gpt2lab, runs the main job
+#   make test   creates .venv, installs gpt2lab[dev], runs the tests
+# PyTorch: TORCH_SPEC pins the CPU build that lies on this machine's disk. With a GPU, install the
+# CUDA build you want instead, e.g. `make demo TORCH_SPEC=torch` or
+# `make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-base: pyproject.toml | $(PY)
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) -e ".[dev]"
+	touch $@ $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(VENV)/bin/gpt2lab demo $(DEMO_ARGS) 2>/dev/null || $(VENV)/bin/gpt2lab config --preset shakespeare-char
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,215 @@
+"""The `gpt2lab` command line: a table of subcommands; parse, call one function, map errors.
+
+Each subcommand lives in `gpt2lab.commands.<name>` and defines `add_arguments(parser)` and
+`run(args)`; it is imported only when used, so `gpt2lab --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+from typing import NoReturn
+
+from gpt2lab.errors import ConfigError, GPT2LabError, UsageError
+
+# name -> (module, one-line purpose, worked example). Issues add their rows here.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "tokenizer": (
+        "gpt2lab.commands.tokenizer",
+        "train, inspect and run byte-level BPE tokenizers",
+        "gpt2lab tokenizer show 'Hello world'",
+    ),
+    "prepare": (
+        "gpt2lab.commands.prepare",
+        "turn text files or datasets into token shards",
+        "gpt2lab prepare shakespeare-char --input input.txt --out data/shakespeare-char",
+    ),
+    "train": (
+        "gpt2lab.commands.train",
+        "pretrain or fine-tune a GPT (CPU, GPU, torchrun)",
+        "gpt2lab train --data data/shakespeare-char --out runs/sc --preset shakespeare-char",
+    ),
+    "sample": (
+        "gpt2lab.commands.sample",
+        "generate text from a trained model",
+        "gpt2lab sample --model runs/sc -p 'ROMEO:' -m 200",
+    ),
+    "eval": (
+        "gpt2lab.commands.eval",
+        "zero-shot evaluations from the paper, HellaSwag, perplexity",
+        "gpt2lab eval perplexity --model runs/sc --data input.txt",
+    ),
+    "convert": (
+        "gpt2lab.commands.convert",
+        "convert between gpt2lab runs and Hugging Face GPT-2",
+        "gpt2lab convert runs/sc hf/sc",
+    ),
+    "plot": (
+        "gpt2lab.commands.plot",
+        "plot loss and perplexity curves of training runs",
+        "gpt2lab plot runs/sc runs/other --out curves.png",
+    ),
+    "demo": (
+        "gpt2lab.commands.demo",
+        "train a small GPT on Shakespeare in minutes, then sample",
+        "gpt2lab demo --minutes 5",
+    ),
+    "config": (
+        "gpt2lab.commands.config",
+        "show a resolved config, its presets and every key",
+        "gpt2lab config --preset gpt2 --train.lr=3e-4",
+    ),
+}
+
+
+def available_commands() -> dict[str, tuple[str, str, str]]:
+    """The rows of COMMANDS whose module is installed."""
+    return {name: row for name, row in COMMANDS.items() if _module_exists(row[0])}
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with gpt2lab's one-line errors (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, fix=f"see `{self.prog} --help`")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gpt2lab")
+    except PackageNotFoundError:  # running from a source tree
+        return "0.1.0+src"
+
+
+def _top_parser(commands: dict[str, tuple[str, str, str]]) -> argparse.ArgumentParser:
+    lines = [f"  {name:<10} {purpose}" for name, (_, purpose, _) in commands.items()]
+    examples = [f"  {example}" for _, _, example in commands.values()]
+    epilog = (
+        "commands:\n"
+        + "\n".join(lines)
+        + "\n\nexamples:\n"
+        + "\n".join(examples)
+        + "\n\nRun `gpt2lab COMMAND --help` for a command's options. "
+        "Add --debug for a traceback on errors."
+    )
+    p = _Parser(
+        prog="gpt2lab",
+        description="GPT-2 from scratch: tokenizer, model, data, training, "
+        "sampling and the paper's evaluations.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="gpt2lab [--version] [--debug] COMMAND [options]",
+    )
+    p.add_argument("--version", action="version", version=f"gpt2lab {_version()}")
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    p.add_argument("command", nargs="?", help=argparse.SUPPRESS)
+    return p
+
+
+def _command_parser(name: str, purpose: str, example: str, module) -> argparse.ArgumentParser:
+    examples = getattr(module, "EXAMPLES", None) or example
+    p = _Parser(
+        prog=f"gpt2lab {name}",
+        description=purpose[0].upper() + purpose[1:] + ".",
+        epilog="examples:\n" + "\n".join("  " + ln for ln in examples.strip().splitlines()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    module.add_arguments(p)
+    return p
+
+
+def _split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
+    """Separate `--section.key=value` / `--section.key value` overrides from other leftovers."""
+    overrides, unknown = [], []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "." in key and not key.startswith("."):
+            if "=" in arg:
+                overrides.append(arg[2:])
+            elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                overrides.append(f"{key}={rest[i + 1]}")
+                i += 1
+            else:
+                raise ConfigError(
+                    f"override {arg} has no value",
+                    "--section.key=value",
+                    f"write it as {arg}=VALUE",
+                )
+        else:
+            unknown.append(arg)
+        i += 1
+    return overrides, unknown
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `gpt2lab` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("GPT2LAB_DEBUG") == "1"
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print("gpt2lab: interrupted", file=sys.stderr)
+        return 130
+    except GPT2LabError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"gpt2lab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:  # e.g. `gpt2lab sample | head`
+        return 0
+
+
+def _dispatch(argv: list[str]) -> int:
+    commands = available_commands()
+    name = next((a for a in argv if not a.startswith("-")), None)
+    if name is None or name not in COMMANDS:
+        top = _top_parser(commands)
+        if name is not None:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(commands), n=1)
+            hint = f"did you mean `gpt2lab {close[0]}`?" if close else "see `gpt2lab --help`"
+            raise UsageError(f"unknown command {name!r}", f"one of {', '.join(commands)}", hint)
+        top.parse_args(argv)
+        top.print_help()
+        return 0
+    if name not in commands:
+        raise UsageError(
+            f"command {name!r} is not part of this installation yet",
+            f"one of {', '.join(commands)}",
+            "upgrade gpt2lab",
+        )
+    module_name, purpose, example = commands[name]
+    module = importlib.import_module(module_name)
+    parser = _command_parser(name, purpose, example, module)
+    rest = list(argv)
+    rest.remove(name)
+    args, leftover = parser.parse_known_args(rest)
+    overrides, unknown = _split_overrides(leftover)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides and not getattr(module, "ACCEPTS_OVERRIDES", False):
+        parser.error(f"`gpt2lab {name}` takes no config overrides (got --{overrides[0]})")
+    args.overrides = overrides
+    result = module.run(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

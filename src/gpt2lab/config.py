@@ -1,0 +1,378 @@
+"""Typed, frozen configs for every command, their presets, TOML files and dotted overrides.
+
+Precedence: dataclass defaults < preset < TOML file < command-line overrides (`--train.lr=3e-4`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from gpt2lab.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The GPT-2 architecture: Radford et al. 2019, sec. 2.3."""
+
+    block_size: int = 1024  # longest context the position table covers
+    vocab_size: int = 50257  # tokens the tokenizer can produce; the table may be padded beyond it
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # embedding, attention and residual dropout; 0 for pretraining
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has them
+    pad_vocab_to: int = 64  # pad the embedding table to a multiple of this (1 = none)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)} is not positive",
+                    "an integer >= 1",
+                    f"set --model.{name} to a positive value",
+                )
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}",
+                "n_embd = n_head x head size",
+                "change --model.n_embd or --model.n_head",
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(
+                f"model.dropout={self.dropout} is out of range",
+                "0 <= dropout < 1",
+                "set --model.dropout=0.0 for pretraining or 0.1 for fine-tuning",
+            )
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to
+        return (self.vocab_size + m - 1) // m * m
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training data lives and how batches are drawn from it."""
+
+    dir: str = ""  # a directory written by `gpt2lab prepare`
+    sampling: Literal["random", "sequential"] = "random"  # random windows or shuffled epochs
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe (GPT-2 / GPT-3 style). See `gpt2lab train --help`."""
+
+    max_steps: int = 5000
+    micro_batch_size: int = 12
+    grad_accum_steps: int = 1
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_steps: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 1000
+    seed: int = 1337
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Decoding settings for `gpt2lab sample`."""
+
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    num_samples: int = 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Batching for `gpt2lab eval`."""
+
+    batch_size: int = 8
+    context: int | None = None  # defaults to the model's block_size
+    stride: int | None = None  # defaults to context // 2
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every section together: what a run directory records and what overrides address."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Model shapes from the paper's Table 2 (n_layer, n_embd); n_head from the released checkpoints.
+MODEL_PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),
+    # small models for CPUs
+    "shakespeare-char": GPTConfig(
+        block_size=256,
+        vocab_size=65,
+        n_layer=6,
+        n_head=6,
+        n_embd=384,
+        dropout=0.2,
+        bias=False,
+        pad_vocab_to=1,
+    ),
+    "gpt2-10m": GPTConfig(block_size=256, n_layer=4, n_head=4, n_embd=256),
+}
+
+# Presets for whole runs: nested partial dicts applied over the defaults, then the model preset.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    name: {"model": dataclasses.asdict(cfg)} for name, cfg in MODEL_PRESETS.items()
+}
+
+
+def resolve(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+    base: Config | None = None,
+) -> Config:
+    """Build a Config: defaults (or `base`) < preset < TOML file < `section.key=value` strings."""
+    cfg = base or Config()
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(
+                f"unknown preset {preset!r}",
+                f"one of {', '.join(PRESETS)}",
+                _did_you_mean(preset, PRESETS, prefix=""),
+            )
+        cfg = merge(cfg, PRESETS[preset], source=f"preset {preset}")
+    if config_file:
+        cfg = merge(cfg, load_toml(config_file), source=str(config_file))
+    return apply_overrides(cfg, overrides)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file into nested dicts."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {p} does not exist", "a TOML file", "check the path given to --config"
+        )
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"config file {p} is not valid TOML ({e})",
+            "sections such as [train]",
+            "fix the file or see `gpt2lab config --help`",
+        ) from e
+
+
+def merge(cfg: Any, updates: dict[str, Any], source: str = "config") -> Any:
+    """Return `cfg` with the nested `updates` applied; unknown keys fail naming the closest one."""
+    names = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = get_type_hints(type(cfg))
+    changes: dict[str, Any] = {}
+    for key, value in updates.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown key {key!r} in {source}",
+                f"one of {', '.join(names)}",
+                _did_you_mean(key, names, prefix=""),
+            )
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{key} in {source} must be a table",
+                    f"[{key}] with keys",
+                    f"write [{key}] followed by key = value lines",
+                )
+            changes[key] = merge(current, value, source=source)
+        else:
+            changes[key] = _coerce(value, hints[key], key, source)
+    return dataclasses.replace(cfg, **changes)
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """Apply `section.key=value` strings (a leading `--` is allowed) to a Config."""
+    nested: dict[str, Any] = {}
+    for raw in overrides:
+        text = raw[2:] if raw.startswith("--") else raw
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise ConfigError(
+                f"override {raw!r} has no value",
+                "--section.key=value",
+                f"write it as --{key}=VALUE",
+            )
+        path = key.split(".")
+        node: Any = cfg
+        for i, part in enumerate(path):
+            valid = (
+                [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+            )
+            if part not in valid:
+                raise ConfigError(
+                    f"unknown config key --{key}",
+                    "a key such as --train.lr",
+                    _did_you_mean(key, all_keys(cfg)),
+                )
+            node = getattr(node, part)
+            if i == len(path) - 1 and dataclasses.is_dataclass(node):
+                raise ConfigError(
+                    f"--{key} is a section, not a key",
+                    "--section.key=value",
+                    _did_you_mean(key + ".", all_keys(cfg)),
+                )
+        d = nested
+        for part in path[:-1]:
+            d = d.setdefault(part, {})
+        d[path[-1]] = value
+    return merge(cfg, nested, source="the command line") if nested else cfg
+
+
+def all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config, e.g. `train.lr`."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict (JSON/TOML-ready) of a config."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any], source: str = "saved config") -> Any:
+    """Rebuild a config dataclass from `to_dict` output; unknown keys fail."""
+    return merge(cls(), data, source=source)
+
+
+def to_toml(cfg: Any) -> str:
+    """Render a config as TOML (None values are left out, so they keep their defaults)."""
+    lines: list[str] = []
+    flat = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+    leaves = [(k, v) for k, v in flat if not dataclasses.is_dataclass(v)]
+    for k, v in leaves:
+        if v is not None:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for k, v in flat:
+        if dataclasses.is_dataclass(v):
+            lines.append(f"\n[{k}]")
+            lines += [ln for ln in to_toml(v).splitlines() if ln]
+    return "\n".join(lines).strip() + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _did_you_mean(key: str, choices: typing.Iterable[str], prefix: str = "--") -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    return "see `gpt2lab config --list` for every key"
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Convert `value` (a string from the command line, or a TOML value) to annotation `tp`."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}={value!r} in {source} is invalid")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{key}={value!r} in {source} is not allowed",
+                f"one of {', '.join(map(str, allowed))}",
+                _did_you_mean(str(value), map(str, allowed), prefix=""),
+            )
+        return value
+    if origin in (tuple, list):
+        (inner, *_) = get_args(tp) or (str,)
+        items = value.split(",") if isinstance(value, str) else list(value)
+        items = [x.strip() if isinstance(x, str) else x for x in items if x != ""]
+        return tuple(_coerce(x, inner, key, source) for x in items)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            if isinstance(value, str) and "e" in value.lower():
+                return int(float(value))
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(
+            f"{key}={value!r} in {source} is not a valid {name}",
+            f"a {name}",
+            f"fix the value of {key}",
+        ) from None
+    return value

@@ -1,0 +1,79 @@
+"""The config system: presets, TOML files, dotted overrides and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpt2lab import config as C
+from gpt2lab.errors import ConfigError
+
+
+def test_defaults_then_preset_then_file_then_overrides(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[train]\nlr = 1e-3\nmax_steps = 7\n[model]\nn_layer = 5\n")
+    cfg = C.resolve("gpt2-medium", toml, ["train.lr=3e-4", "--model.dropout=0.1"])
+    assert cfg.model.n_layer == 5  # file beats preset
+    assert cfg.model.n_embd == 1024  # preset beats default
+    assert cfg.train.lr == 3e-4  # flag beats file
+    assert cfg.train.max_steps == 7
+    assert cfg.model.dropout == 0.1
+
+
+@pytest.mark.parametrize(
+    "override, value",
+    [
+        ("train.compile=true", True),
+        ("train.compile=0", False),
+        ("train.max_steps=1e3", 1000),
+        ("sample.top_k=none", None),
+        ("sample.top_k=40", 40),
+        ("train.device=cuda:1", "cuda:1"),
+    ],
+)
+def test_override_values_follow_the_field_type(override, value):
+    section, key = override.split("=")[0].split(".")
+    assert getattr(getattr(C.resolve(overrides=[override]), section), key) == value
+
+
+def test_misspelled_override_suggests_the_real_key():
+    with pytest.raises(ConfigError, match=r"did you mean --train\.lr\?"):
+        C.resolve(overrides=["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"--model\.n_layer"):
+        C.resolve(overrides=["model.nlayer=2"])
+
+
+def test_bad_values_and_sections_fail():
+    with pytest.raises(ConfigError, match="not a valid int"):
+        C.resolve(overrides=["train.max_steps=lots"])
+    with pytest.raises(ConfigError, match="one of random, sequential"):
+        C.resolve(overrides=["data.sampling=shuffle"])
+    with pytest.raises(ConfigError, match="divisible"):
+        C.resolve(overrides=["model.n_head=5"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        C.resolve("gtp2")
+
+
+def test_toml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr=")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        C.resolve(config_file=bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[trian]\nlr = 1\n")
+    with pytest.raises(ConfigError, match="did you mean train"):
+        C.resolve(config_file=unknown)
+
+
+def test_toml_round_trip():
+    cfg = C.resolve("gpt2", overrides=["train.lr=2e-4", "sample.top_p=0.9"])
+    import tomllib
+
+    again = C.merge(C.Config(), tomllib.loads(C.to_toml(cfg)))
+    assert again == cfg
+    assert C.from_dict(C.Config, C.to_dict(cfg)) == cfg
+
+
+def test_gpt2_preset_shapes_match_the_paper():
+    shapes = {k: (v.n_layer, v.n_embd) for k, v in C.MODEL_PRESETS.items() if k.startswith("gpt2")}
+    assert shapes["gpt2"] == (12, 768) and shapes["gpt2-medium"] == (24, 1024)
+    assert shapes["gpt2-large"] == (36, 1280) and shapes["gpt2-xl"] == (48, 1600)
