@@ -1,0 +1,74 @@
+"""Choosing the device, the compute dtype and the autocast context, the same way everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from gpt2lab.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"unknown device {name!r}", "auto, cpu, cuda, cuda:N or mps", "fix --train.device"
+        ) from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name!r} asked for but CUDA is not available",
+            "a machine with a CUDA GPU and a CUDA build of PyTorch",
+            "use --train.device=cpu or install a CUDA build of torch",
+        )
+    return device
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 where the hardware does it fast (Ampere+ GPUs, bf16 CPUs), else float32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ConfigError(
+            f"unknown dtype {name!r}", "auto, float32, bfloat16 or float16", "fix --train.dtype"
+        )
+    if name == "float16" and device.type == "cpu":
+        raise ConfigError(
+            "float16 autocast is not supported on the CPU",
+            "bfloat16 or float32",
+            "use --train.dtype=bfloat16 (or float32)",
+        )
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for `dtype` (a no-op for float32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
