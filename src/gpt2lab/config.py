@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import sys
 import types
 import typing
@@ -89,13 +90,25 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250
-    eval_steps: int = 20
+    eval_steps: int = 20  # validation batches per evaluation; 0 = the whole validation split
     log_interval: int = 10
     checkpoint_interval: int = 1000
     seed: int = 1337
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto, float32, bfloat16, float16
     compile: bool = False
+    init_from: str = ""  # "" (scratch), gpt2, a Hugging Face dir or a gpt2lab run/checkpoint dir
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # how torchrun ranks share the model
+    freeze: tuple[str, ...] = ()  # glob patterns of parameters kept fixed, e.g. transformer.w*e.*
+    skip_nonfinite: bool = False  # skip (and count) a step with a NaN/inf loss instead of stopping
+    keep_last: int = 3  # checkpoints kept besides the best one (0 keeps all)
+    sample_interval: int = 0  # print a sample every N evaluations (0 = never)
+    sample_prompt: str = "\n"
+    sample_tokens: int = 100
+    max_minutes: float = 0.0  # wall-clock budget; > 0 makes the LR schedule follow wall time
+    peak_flops: float = 0.0  # hardware peak for MFU in FLOP/s; 0 = look up (GPU) or measure (CPU)
+    tensorboard: bool = False  # also log to RUN_DIR/tb (needs the tensorboard package)
+    wandb: str = ""  # Weights & Biases project name; "" = off (needs the wandb package)
 
 
 @dataclass(frozen=True)
@@ -154,6 +167,42 @@ MODEL_PRESETS: dict[str, GPTConfig] = {
 # Presets for whole runs: nested partial dicts applied over the defaults, then the model preset.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     name: {"model": dataclasses.asdict(cfg)} for name, cfg in MODEL_PRESETS.items()
+}
+# Training recipes: nanoGPT's shakespeare-char and GPT-2 (124M) values (Karpathy, nanoGPT configs),
+# and a gentle fine-tuning recipe (small constant-ish LR) for `--init-from`.
+PRESETS["shakespeare-char"]["train"] = dict(
+    max_steps=5000,
+    micro_batch_size=64,
+    lr=1e-3,
+    min_lr=1e-4,
+    beta2=0.99,
+    warmup_steps=100,
+    eval_interval=250,
+    eval_steps=200,
+    checkpoint_interval=500,
+    sample_interval=4,
+)
+PRESETS["gpt2"]["train"] = dict(
+    max_steps=600000,
+    micro_batch_size=12,
+    grad_accum_steps=40,
+    warmup_steps=2000,
+    eval_interval=1000,
+    eval_steps=200,
+    checkpoint_interval=1000,
+)
+PRESETS["finetune"] = {
+    "train": dict(
+        max_steps=500,
+        micro_batch_size=4,
+        grad_accum_steps=8,
+        lr=3e-5,
+        min_lr=3e-6,
+        warmup_steps=20,
+        eval_interval=50,
+        eval_steps=40,
+        checkpoint_interval=100,
+    )
 }
 
 
@@ -303,7 +352,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # JSON string escapes (\n, \", \uXXXX) are valid TOML; JSON leaves DEL as is
+    return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _did_you_mean(key: str, choices: typing.Iterable[str], prefix: str = "--") -> str:
