@@ -119,9 +119,30 @@ class SampleConfig:
     temperature: float = 1.0  # 0 = greedy
     top_k: int | None = None
     top_p: float | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (CTRL)
     seed: int | None = None
     num_samples: int = 1
+    stop: tuple[str, ...] = ()  # stop strings; generation ends before the first one
+    batch_size: int = 16  # rows generated together (prompts x samples are split into batches)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto: bfloat16 on GPUs and on CPUs with native bfloat16, else float32
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 0, "an integer >= 0", None),
+            ("temperature", self.temperature >= 0, "a number >= 0 (0 = greedy)", None),
+            ("top_k", self.top_k is None or self.top_k >= 1, "an integer >= 1", None),
+            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "a number in (0, 1]", "0.9"),
+            ("repetition_penalty", self.repetition_penalty > 0, "a number > 0 (1 = off)", "1.2"),
+            ("num_samples", self.num_samples >= 1, "an integer >= 1", None),
+            ("batch_size", self.batch_size >= 1, "an integer >= 1", None),
+        ]
+        for key, ok, expected, example in checks:
+            if not ok:
+                flag = "--" + key.replace("_", "-")
+                value = getattr(self, key)
+                fix = f"e.g. {flag} {example}" if example else f"change {flag}"
+                raise ConfigError(f"sample.{key}={value!r} is out of range", expected, fix)
 
 
 @dataclass(frozen=True)
