@@ -1,0 +1,262 @@
+"""Hugging Face GPT-2 directories in and out: config.json <-> GPTConfig, Conv1D weights transposed.
+
+HF's GPT-2 stores its projections as Conv1D, weight (in, out); ours are nn.Linear, weight (out, in).
+Reading never executes code from a file: safetensors, or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gpt2lab.checkpoint.weights import TIED, assign_state, read_tensors, save_tensors
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import CheckpointError
+from gpt2lab.io import atomic_dir, atomic_write_json
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# config.json fields that change the function computed; GPT-2's values are the only ones we build
+_FIXED = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "add_cross_attention": (False,),
+}
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True for a directory holding a config.json and weights (a transformers save_pretrained)."""
+    p = Path(path)
+    return (p / "config.json").is_file() and any((p / f).is_file() for f in WEIGHT_FILES)
+
+
+def config_from_hf(
+    d: dict[str, Any], source: str = "config.json", pad_vocab_to: int = 1
+) -> GPTConfig:
+    """GPTConfig from a HF GPT-2 config.json; fields we cannot reproduce are a clear error."""
+    if d.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(
+            f"{source} has model_type={d.get('model_type')!r}",
+            "model_type 'gpt2'",
+            "convert only GPT-2 checkpoints (GPT2LMHeadModel)",
+        )
+    for key, allowed in _FIXED.items():
+        if key in d and d[key] not in allowed:
+            raise CheckpointError(
+                f"{source} has {key}={d[key]!r}, which gpt2lab's GPT-2 does not implement",
+                f"{key}={allowed[0]!r}",
+                "use a standard GPT-2 checkpoint",
+            )
+    n_embd = d.get("n_embd", 768)
+    if d.get("n_inner") not in (None, 4 * n_embd):
+        raise CheckpointError(
+            f"{source} has n_inner={d['n_inner']}",
+            f"n_inner null or 4*n_embd={4 * n_embd} (GPT-2's 4x MLP)",
+            "use a standard GPT-2 checkpoint",
+        )
+    eps = d.get("layer_norm_epsilon", 1e-5)
+    if abs(eps - 1e-5) > 1e-12:
+        raise CheckpointError(
+            f"{source} has layer_norm_epsilon={eps}", "1e-05 (GPT-2's)", "use a GPT-2 checkpoint"
+        )
+    if d.get("tie_word_embeddings", True) is False:
+        raise CheckpointError(
+            f"{source} has tie_word_embeddings=false",
+            "the head tied to the token embedding, as in GPT-2",
+            "use a GPT-2 checkpoint with tied embeddings",
+        )
+    dropout = max(float(d.get(k, 0.0) or 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
+    return GPTConfig(
+        block_size=d.get("n_positions", 1024),
+        vocab_size=d.get("vocab_size", 50257),
+        n_layer=d.get("n_layer", 12),
+        n_head=d.get("n_head", 12),
+        n_embd=n_embd,
+        dropout=dropout,
+        bias=True,
+        pad_vocab_to=pad_vocab_to,
+    )
+
+
+def config_to_hf(cfg: GPTConfig, eot_token: int | None = None) -> dict[str, Any]:
+    """A transformers GPT2Config dict for `cfg` (dropout 0 in the file: it is a training choice)."""
+    eot = eot_token if eot_token is not None and eot_token < cfg.vocab_size else None
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "torch_dtype": "float32",
+    }
+
+
+def from_hf_state(tensors: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
+    """HF keys -> ours: add the `transformer.` prefix where missing, transpose Conv1D, pad the
+    vocabulary rows to `cfg.padded_vocab_size`, drop the attention-mask buffers and tied head."""
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")) and t.dim() != 1:
+            continue  # causal-mask buffers of older transformers, not weights
+        if key == TIED:
+            continue
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key  # saved from GPT2Model rather than GPT2LMHeadModel
+        if key.endswith(CONV1D) and t.dim() == 2:
+            t = t.t()
+        out[key] = t.contiguous()
+    wte = out.get("transformer.wte.weight")
+    if wte is not None and wte.shape[0] == cfg.vocab_size < cfg.padded_vocab_size:
+        pad = wte.new_zeros(cfg.padded_vocab_size - cfg.vocab_size, wte.shape[1])
+        out["transformer.wte.weight"] = torch.cat([wte, pad])
+    return out
+
+
+def to_hf_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    """Our weights under HF keys: Conv1D transposed, padding rows cut, zero biases if bias=False."""
+    cfg: GPTConfig = model.config  # type: ignore[assignment]
+    out = {}
+    for key, t in model.state_dict().items():
+        if key == TIED:
+            continue
+        t = t.detach().float().cpu()
+        if key == "transformer.wte.weight":
+            t = t[: cfg.vocab_size]
+        if key.endswith(CONV1D):
+            t = t.t()
+        out[key] = t.contiguous()
+    if not cfg.bias:  # HF's GPT-2 always has biases; zeros compute the same function
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and (name.startswith("transformer.h.") or "ln_f" in name):
+                out.setdefault(name[: -len("weight")] + "bias", torch.zeros(p.shape[0]))
+    return out
+
+
+def read_hf_tensors(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a HF directory: model.safetensors (sharded too) or pytorch_model.bin."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        return read_tensors(p / "model.safetensors")
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(
+                set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            )
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"{index} is not a valid safetensors index ({e})",
+                "a JSON object with a weight_map",
+                "re-save the model with save_pretrained",
+            ) from e
+        tensors: dict[str, Tensor] = {}
+        for shard in shards:
+            tensors.update(read_tensors(p / shard))
+        return tensors
+    if (p / "pytorch_model.bin").is_file():
+        f = p / "pytorch_model.bin"
+        try:  # weights_only: a pickle may not run code while we read it
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickle errors come in many types
+            raise CheckpointError(
+                f"weights file {f} cannot be read safely ({type(e).__name__}: {e})",
+                "a PyTorch state dict of plain tensors",
+                "convert it to model.safetensors, or re-download it",
+            ) from e
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{f} holds a {type(state).__name__}", "a state dict")
+        return state
+    raise CheckpointError(
+        f"no weights in {p}",
+        f"one of {', '.join(WEIGHT_FILES)} beside config.json",
+        "point at a directory written by save_pretrained",
+    )
+
+
+def read_hf_config(path: str | Path, pad_vocab_to: int = 1) -> GPTConfig:
+    """GPTConfig of a HF GPT-2 directory."""
+    f = Path(path) / "config.json"
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{f} cannot be read as JSON ({e})", "a transformers config.json", "re-save the model"
+        ) from e
+    return config_from_hf(d, source=str(f), pad_vocab_to=pad_vocab_to)
+
+
+def load_hf(path: str | Path, pad_vocab_to: int = 1):
+    """A GPT from a HF GPT-2 directory (`pad_vocab_to=64` pads the table for training speed)."""
+    from gpt2lab.model import GPT
+
+    cfg = read_hf_config(path, pad_vocab_to=pad_vocab_to)
+    model = GPT(cfg)
+    assign_state(model, from_hf_state(read_hf_tensors(path), cfg), source=str(path))
+    return model
+
+
+def save_hf(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> None:
+    """Write a HF GPT-2 directory (config.json, model.safetensors, tokenizer files) atomically."""
+    cfg: GPTConfig = model.config  # type: ignore[assignment]
+    eot = getattr(tokenizer, "eot_token", None) if tokenizer is not None else None
+    if tokenizer is None and cfg.vocab_size == 50257:
+        eot = 50256  # GPT-2's <|endoftext|>
+    with atomic_dir(path) as tmp:
+        atomic_write_json(tmp / "config.json", config_to_hf(cfg, eot))
+        gen = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
+        atomic_write_json(tmp / "generation_config.json", gen)
+        save_tensors(to_hf_state(model), tmp / "model.safetensors", {})
+        if tokenizer is not None:
+            write_hf_tokenizer(tokenizer, tmp, cfg.block_size)
+
+
+def write_hf_tokenizer(tokenizer: Any, path: Path, max_length: int = 1024) -> None:
+    """GPT-2 style vocabularies become vocab.json + merges.txt (what AutoTokenizer reads);
+    every tokenizer is also saved as itself under gpt2lab_tokenizer/ so round trips keep it."""
+    own = path / "gpt2lab_tokenizer"
+    tokenizer.save(own)
+    if not ((own / "encoder.json").is_file() and (own / "vocab.bpe").is_file()):
+        return  # not byte-level BPE: transformers has no matching class
+    shutil.copyfile(own / "encoder.json", path / "vocab.json")
+    merges = (own / "vocab.bpe").read_text(encoding="utf-8")
+    if not merges.startswith("#version"):
+        merges = "#version: 0.2\n" + merges
+    (path / "merges.txt").write_text(merges, encoding="utf-8")
+    eot_id = getattr(tokenizer, "eot_token", None)
+    names = {i: s for s, i in getattr(tokenizer, "special_tokens", {}).items()}
+    eot = names.get(eot_id, "<|endoftext|>")
+    atomic_write_json(
+        path / "tokenizer_config.json",
+        {
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": max_length,
+            "bos_token": eot,
+            "eos_token": eot,
+            "unk_token": eot,
+            "add_prefix_space": False,
+        },
+    )
+    atomic_write_json(
+        path / "special_tokens_map.json", {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    )

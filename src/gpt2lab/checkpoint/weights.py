@@ -1,0 +1,148 @@
+"""Model weights in safetensors files: written atomically, read without executing anything.
+
+Every problem (missing or unexpected keys, shapes, a truncated file) is reported in one error
+that lists what disagrees and, where it can tell, the config field behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gpt2lab.errors import CheckpointError
+from gpt2lab.io import fsync_dir
+
+TIED = "lm_head.weight"  # the head shares transformer.wte.weight; files store it once
+
+
+def save_model_safetensors(
+    model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Write the model's weights (our key names, without the tied `lm_head.weight`) atomically."""
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != TIED}
+    meta = dict(metadata or {})
+    config = getattr(model, "config", None)
+    if config is not None and "gpt2lab_config" not in meta:
+        from gpt2lab.config import to_dict
+
+        meta["gpt2lab_config"] = json.dumps(to_dict(config))
+    save_tensors(tensors, path, meta)
+
+
+def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict) -> None:
+    """safetensors file written to a temp name, fsynced and renamed: never seen half-written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(
+            {k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **metadata}
+        )
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file on the CPU; a missing or corrupt file names itself."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"weights file {path} does not exist",
+            "a model.safetensors file",
+            "check the path, or that the checkpoint finished writing",
+        )
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"weights file {path} is truncated or corrupt ({e})",
+            "a complete safetensors file",
+            "re-create or re-download it, or load an earlier checkpoint",
+        ) from e
+
+
+def load_model_safetensors(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a `save_model_safetensors` file into `model`, checking every key and shape."""
+    assign_state(model, read_tensors(path), source=str(path))
+
+
+def assign_state(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
+    """Copy `tensors` (our key names) into `model`; any mismatch is one error that lists it all."""
+    own = {k: v for k, v in model.state_dict().items() if k != TIED}
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own) - {TIED})
+    wrong = [k for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_short(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_short(unexpected)}")
+        if wrong:
+            shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]
+            problems.append(f"shape mismatches (file vs model) {_short(shapes)}")
+        hint = _config_disagreement(getattr(model, "config", None), tensors)
+        raise CheckpointError(
+            f"{source} does not fit the model: "
+            + "; ".join(problems)
+            + (f" ({hint})" if hint else ""),
+            "the weights of a model with the same config",
+            "load it with the config it was saved with (or fix the --model.* overrides)",
+        )
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(tensors[k])
+
+
+def infer_shape_config(tensors: Mapping[str, Tensor]) -> dict[str, int]:
+    """The config fields a GPT-2 state dict (our key names) implies: n_layer, n_embd, ..."""
+    out: dict[str, int] = {}
+    if "transformer.wte.weight" in tensors:
+        out["vocab_rows"], out["n_embd"] = tensors["transformer.wte.weight"].shape
+    if "transformer.wpe.weight" in tensors:
+        out["block_size"] = tensors["transformer.wpe.weight"].shape[0]
+    layers = {int(k.split(".")[2]) for k in tensors if k.startswith("transformer.h.")}
+    out["n_layer"] = max(layers) + 1 if layers else 0
+    out["bias"] = int(any(k.endswith("ln_1.bias") for k in tensors))
+    return out
+
+
+def _config_disagreement(cfg, tensors: Mapping[str, Tensor]) -> str:
+    """Name the config fields whose values differ between `cfg` and the file's shapes."""
+    if cfg is None:
+        return ""
+    found = infer_shape_config(tensors)
+    diffs = []
+    for name in ("n_layer", "n_embd", "block_size"):
+        if name in found and found[name] != getattr(cfg, name):
+            diffs.append(f"model.{name}: file {found[name]}, config {getattr(cfg, name)}")
+    if "vocab_rows" in found and found["vocab_rows"] != cfg.padded_vocab_size:
+        diffs.append(
+            f"model.vocab_size/pad_vocab_to: file has {found['vocab_rows']} embedding rows, "
+            f"config {cfg.padded_vocab_size}"
+        )
+    if found.get("n_layer") and bool(found["bias"]) != cfg.bias:
+        diffs.append(f"model.bias: file {bool(found['bias'])}, config {cfg.bias}")
+    return "; ".join(diffs)
+
+
+def _short(items: list[str], n: int = 6) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

@@ -1,0 +1,301 @@
+"""The GPT-2 decoder (Radford et al. 2019), top to bottom: attention, MLP, block, model, KV cache.
+
+Parameter names are GPT-2's checkpoint keys, so Hugging Face weights load without renaming (the
+Conv1D transpose happens in `gpt2lab.checkpoint.hf`). No I/O and no printing here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import ConfigError
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, one fused q/k/v projection, through SDPA kernels."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: Tensor, kv: tuple[Tensor, Tensor, int] | None, mask: Tensor | None
+    ) -> Tensor:
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv is not None:  # write this step's keys/values into the preallocated cache, read all
+            k_cache, v_cache, pos = kv
+            k_cache[:, :, pos : pos + T] = k
+            v_cache[:, :, pos : pos + T] = v
+            k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
+        # no mask: T > 1 tokens from position 0 (plain causal), or one new token (sees everything)
+        causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise 4x feed-forward with tanh-approximated GELU (GPT-2's `gelu_new`)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block (GPT-2 moved the LayerNorms to each sub-block's input)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd, bias=cfg.bias), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd, bias=cfg.bias), MLP(cfg)
+
+    def forward(
+        self, x: Tensor, kv: tuple[Tensor, Tensor, int] | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), kv, mask)  # pre-norm residual, as in GPT-2
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2: token + position embeddings, n_layer blocks, final LayerNorm, head tied to `wte`."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+                wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017)
+        self.apply(self._init_weights)
+        # residual projections get std 0.02/sqrt(2*n_layer): two residual adds per block (sec. 2.3)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        with torch.no_grad():  # padding rows are never looked up nor shown; keep them inert
+            self.transformer.wte.weight[cfg.vocab_size :].zero_()
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab_size) as float, and mean cross-entropy over targets != -1.
+
+        With `cache`, `idx` holds the T tokens after the `cache.pos` already stored; their keys
+        and values are written at [pos, pos+T) and `cache.pos` advances. `attention_mask`
+        (B, pos+T) marks real tokens 1 and left padding 0; without `position_ids` each row's
+        positions then count real tokens only, so a left-padded row matches its unpadded self.
+        `last_only=True` (no targets) returns the last position's logits only, (B, 1, V).
+        """
+        B, T = idx.shape
+        pos = cache.pos if cache is not None else 0
+        if cache is not None and (B != cache.batch_size or pos + T > cache.max_len):
+            raise ConfigError(
+                f"KV cache holds batch {cache.batch_size} x {cache.max_len} tokens, "
+                f"got batch {B} with {pos}+{T} tokens",
+                "a cache as large as the batch and the whole sequence",
+                "make a KVCache with a larger max_len (at most block_size)",
+            )
+        mask = None
+        if attention_mask is not None:
+            keep = attention_mask.to(device=idx.device, dtype=torch.bool)  # (B, pos+T)
+            if position_ids is None:  # positions count real tokens, as if the padding weren't there
+                position_ids = (keep.long().cumsum(-1) - 1).clamp_(min=0)[:, pos:]
+            mask = keep[:, None, None, :]  # (B, 1, 1, pos+T): padded keys are never attended to
+            if T > 1:
+                mask = mask & _causal(T, pos, idx.device)
+                # a padded query sees only itself, so no row is empty (that gives NaN in SDPA)
+                own = (
+                    torch.arange(pos + T, device=idx.device)
+                    == pos + torch.arange(T, device=idx.device)[:, None]
+                )
+                mask = mask | own
+        elif cache is not None and pos > 0 and T > 1:
+            mask = _causal(T, pos, idx.device)
+        if position_ids is None:
+            if pos + T > self.config.block_size:
+                raise ConfigError(
+                    f"sequence of {pos + T} tokens is longer than block_size="
+                    f"{self.config.block_size}",
+                    "at most block_size tokens (the position table's size)",
+                    "crop the input to its last block_size tokens",
+                )
+            pos_emb = self.transformer.wpe.weight[pos : pos + T]  # (T, C), broadcast over B
+        else:
+            pos_emb = self.transformer.wpe(position_ids)  # (B, T, C)
+        x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, (cache.k[i], cache.v[i], pos) if cache is not None else None, mask)
+        if cache is not None:
+            cache.pos = pos + T
+        x = self.transformer.ln_f(x)
+        if targets is None and last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # drop the padding rows
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, **kwargs: Any) -> Tensor:
+        """The prompt followed by `max_new_tokens` new ids (see `gpt2lab.generate.generate`)."""
+        from gpt2lab.generate import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, tied head counted once, vocabulary padding left out (`gpt2`: 124,439,808)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
+        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        if non_embedding:
+            n -= self.config.vocab_size * self.config.n_embd + self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs (forward + backward) per token: 6N + 12*L*C*T (PaLM paper, app. B)."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        n = self.num_params() - self.transformer.wpe.weight.numel()  # a lookup, not a matmul
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_memory(
+        self,
+        batch: int,
+        seq: int | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        optimizer: str = "adamw",
+    ) -> MemoryEstimate:
+        """Bytes one training step needs: parameters, gradients, optimizer state, activations.
+
+        Parameters, gradients and optimizer state stay float32 (autocast keeps master weights);
+        `dtype` is the compute dtype of the activations. Activations follow Korthikanti et al.
+        2022 (34 values per layer, token and channel at 16 bits), with memory-efficient
+        attention (no T x T scores kept), plus the float32 logits and their gradient.
+        """
+        cfg = self.config
+        T = seq or cfg.block_size
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        width = torch.empty((), dtype=dtype).element_size()
+        n = sum(p.numel() for p in self.parameters())
+        states = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
+        if optimizer not in states:
+            raise ConfigError(
+                f"unknown optimizer {optimizer!r}", f"one of {', '.join(states)}", "fix the name"
+            )
+        tokens = batch * T
+        acts = tokens * cfg.n_layer * cfg.n_embd * 34 * width // 2
+        acts += tokens * cfg.padded_vocab_size * 4 * 2  # logits and their gradient
+        return MemoryEstimate(4 * n, 4 * n, 4 * n * states[optimizer], acts)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: Any = None, dtype: torch.dtype | None = None
+    ) -> GPT:
+        """A HF GPT-2 directory or hub name (local cache), a gpt2lab run or checkpoint directory."""
+        from gpt2lab.checkpoint.load import load_model
+
+        return load_model(path, device=device, dtype=dtype)[0]
+
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> None:
+        """Write a Hugging Face GPT-2 directory that `transformers` loads as it is."""
+        from gpt2lab.checkpoint.hf import save_hf
+
+        save_hf(self, path, tokenizer=tokenizer)
+
+
+def _causal(T: int, pos: int, device: torch.device) -> Tensor:
+    """(T, pos+T) bool: query i (at position pos+i) may see keys 0..pos+i."""
+    return torch.ones(T, pos + T, dtype=torch.bool, device=device).tril_(diagonal=pos)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per training step, by kind (see `GPT.estimate_memory`)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def __str__(self) -> str:
+        parts = [f"{k} {getattr(self, k) / 2**30:.2f}" for k in self.__dataclass_fields__]
+        return f"{self.total / 2**30:.2f} GiB (" + ", ".join(parts) + ")"
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    `k`, `v`: (n_layer, B, n_head, max_len, head_size). `pos` is the number of tokens stored;
+    each cached forward writes at [pos, pos+T) and advances it. `reset()` starts over.
+    """
+
+    def __init__(
+        self,
+        cfg: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.batch_size, self.max_len = batch_size, max_len or cfg.block_size
+        shape = (cfg.n_layer, batch_size, cfg.n_head, self.max_len, cfg.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
+        self.v = torch.zeros_like(self.k)
+        self.pos = 0
+
+    def reset(self) -> None:
+        """Forget the stored tokens (the memory is kept and overwritten)."""
+        self.pos = 0
