@@ -1,0 +1,101 @@
+"""A character-level tokenizer with the BPE interface (as in nanoGPT's shakespeare-char)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from gpt2lab.errors import TokenizerError
+from gpt2lab.io import atomic_write_json
+from gpt2lab.tokenizer.base import EOT, Tokenizer
+
+UNK = "<|unk|>"
+
+
+class CharTokenizer(Tokenizer):
+    """Ids 0..len(chars)-1 are the sorted characters; `<|endoftext|>` (and `<|unk|>`) come after."""
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str], unk: bool = False) -> None:
+        self.chars = "".join(sorted(set(chars)))
+        if not self.chars:
+            raise TokenizerError(
+                "the char tokenizer got an empty training text",
+                "at least one character",
+                "pass text=... with the text the model will see",
+            )
+        self.unk = unk
+        self._stoi = {c: i for i, c in enumerate(self.chars)}
+        n = len(self.chars)
+        self.special_tokens = {EOT: n, **({UNK: n + 1} if unk else {})}
+        self.n_vocab = n + len(self.special_tokens)
+        self._itos = list(self.chars) + list(self.special_tokens)
+
+    @classmethod
+    def from_text(cls, text: str, unk: bool = False) -> CharTokenizer:
+        """The vocabulary is the sorted set of characters of `text`."""
+        return cls(set(text), unk)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], where: str = "tokenizer.json") -> CharTokenizer:
+        chars = meta.get("chars")
+        if not isinstance(chars, str):
+            raise TokenizerError(
+                f"{where} has no 'chars' string", "the char tokenizer's characters"
+            )
+        tok = cls(chars, bool(meta.get("unk", False)))
+        if tok.chars != chars:
+            raise TokenizerError(f"{where}: 'chars' is not sorted and unique", "sorted characters")
+        return tok
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        stoi = self._stoi
+        try:
+            return [stoi[c] for c in text]
+        except KeyError:
+            pass
+        if self.unk:
+            u = self.special_tokens[UNK]
+            return [stoi.get(c, u) for c in text]
+        i, c = next((i, c) for i, c in enumerate(text) if c not in stoi)
+        raise TokenizerError(
+            f"character {c!r} (U+{ord(c):04X}) at position {i} is not in the char vocabulary "
+            f"of {len(self.chars)} characters",
+            "only characters of the training text",
+            "build the tokenizer with unk=True to map unknown characters to <|unk|>, "
+            "or from a text that has this character",
+        )
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Token ids -> text (special tokens as their text)."""
+        itos, n = self._itos, self.n_vocab
+        out = []
+        for i in ids:
+            if not isinstance(i, int) or not 0 <= i < n:
+                try:
+                    i = int(i)  # numpy / torch integers
+                except (TypeError, ValueError):
+                    raise self._bad_id(i) from None
+                if not 0 <= i < n:
+                    raise self._bad_id(i)
+            out.append(itos[i])
+        return "".join(out)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The UTF-8 bytes of `decode(ids)`."""
+        return self.decode(ids).encode("utf-8")
+
+    def spec(self) -> dict[str, Any]:
+        """`{"kind": "char", "chars": ..., "unk": ...}`: enough to rebuild the tokenizer."""
+        return {"kind": "char", "chars": self.chars, "unk": self.unk}
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json (kind, characters, special tokens)."""
+        from gpt2lab.tokenizer.io import FORMAT, META_FILE, VERSION
+
+        meta = {"format": FORMAT, "version": VERSION, **self.spec()}
+        meta["special_tokens"] = self.special_tokens
+        atomic_write_json(Path(directory) / META_FILE, meta)

