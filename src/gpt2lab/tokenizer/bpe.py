@@ -18,7 +18,7 @@ from gpt2lab.tokenizer.pretokenize import GPT2_PATTERN, compile_pattern
 
 BACKENDS = ("tiktoken", "python")
 _CACHE_MAX = 1 << 18  # pieces whose merges we remember; natural text repeats words a lot
-_INF = float("inf")
+_NONE = 1 << 62  # the rank of a pair that never merges
 
 
 class BPETokenizer(Tokenizer):
@@ -58,7 +58,7 @@ class BPETokenizer(Tokenizer):
         self._byte_ids = [self.ranks[bytes([b])] for b in range(256)]
         # pair of ids -> (merge rank, id of the merged token); GPT-2 applies the lowest rank first
         self._merge_rank: dict[tuple[int, int], int] = {}
-        self._merge_id: dict[tuple[int, int], int] = {}
+        self._rank_to_id: list[int] = []
         for rank, (a, b) in enumerate(self.merges):
             try:
                 pair, new = (self.ranks[a], self.ranks[b]), self.ranks[a + b]
@@ -68,7 +68,7 @@ class BPETokenizer(Tokenizer):
                     "every merge's parts and result in the vocabulary",
                 ) from None
             self._merge_rank.setdefault(pair, rank)
-            self._merge_id.setdefault(pair, new)
+            self._rank_to_id.append(new)
         self._pat = compile_pattern(pattern)
         self._cache: dict[str, list[int]] = {}
         self._tiktoken: Any = None
@@ -77,23 +77,25 @@ class BPETokenizer(Tokenizer):
 
     # --- the python backend: GPT-2's algorithm, written out ---------------------------------------
     def _bpe(self, piece: bytes) -> list[int]:
-        """Merge the bytes of one pre-token: repeatedly join the adjacent pair of lowest rank."""
+        """Merge the bytes of one pre-token: repeatedly join the adjacent pair of lowest rank.
+
+        The leftmost lowest-rank pair goes first, so "aaa" becomes [aa, a]. `ranks[i]` is the rank
+        of the pair (ids[i], ids[i+1]); a merge changes only the two pairs beside it.
+        """
         ids = [self._byte_ids[b] for b in piece]
-        rank, merged = self._merge_rank, self._merge_id
-        while len(ids) > 1:
-            best = min(zip(ids, ids[1:]), key=lambda p: rank.get(p, _INF))
-            if best not in rank:
+        get, new_id = self._merge_rank.get, self._rank_to_id
+        ranks = [get(p, _NONE) for p in zip(ids, ids[1:])]
+        while ranks:
+            r = min(ranks)
+            if r == _NONE:
                 break
-            a, b = best
-            new, out, i, n = merged[best], [], 0, len(ids)
-            while i < n:  # left to right, so "aaa" -> [aa, a]
-                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            i = ranks.index(r)
+            ids[i : i + 2] = [new_id[r]]
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = get((ids[i - 1], ids[i]), _NONE)
+            if i < len(ranks):
+                ranks[i] = get((ids[i], ids[i + 1]), _NONE)
         return ids
 
     def _encode_python(self, text: str) -> list[int]:
