@@ -85,7 +85,7 @@ def config_from_hf(
 
 
 def config_to_hf(cfg: GPTConfig, eot_token: int | None = None) -> dict[str, Any]:
-    """A transformers GPT2Config dict for `cfg` (dropout 0 in the file: it is a training choice)."""
+    """A transformers GPT2Config dict for `cfg` (one dropout rate for all three kinds)."""
     eot = eot_token if eot_token is not None and eot_token < cfg.vocab_size else None
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -207,13 +207,13 @@ def read_hf_config(path: str | Path, pad_vocab_to: int = 1) -> GPTConfig:
 
 
 def load_hf(path: str | Path, pad_vocab_to: int = 1):
-    """A GPT from a HF GPT-2 directory (`pad_vocab_to=64` pads the table for training speed)."""
+    """A GPT (eval mode) from a HF GPT-2 directory; `pad_vocab_to=64` pads for training speed."""
     from gpt2lab.model import GPT
 
     cfg = read_hf_config(path, pad_vocab_to=pad_vocab_to)
     model = GPT(cfg)
     assign_state(model, from_hf_state(read_hf_tensors(path), cfg), source=str(path))
-    return model
+    return model.eval()
 
 
 def save_hf(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> None:
@@ -236,8 +236,12 @@ def write_hf_tokenizer(tokenizer: Any, path: Path, max_length: int = 1024) -> No
     every tokenizer is also saved as itself under gpt2lab_tokenizer/ so round trips keep it."""
     own = path / "gpt2lab_tokenizer"
     tokenizer.save(own)
+    from gpt2lab.tokenizer import GPT2_PATTERN
+
     if not ((own / "encoder.json").is_file() and (own / "vocab.bpe").is_file()):
         return  # not byte-level BPE: transformers has no matching class
+    if getattr(tokenizer, "pattern", GPT2_PATTERN) != GPT2_PATTERN:
+        return  # HF's GPT2Tokenizer would split text with GPT-2's regex and give other ids
     shutil.copyfile(own / "encoder.json", path / "vocab.json")
     merges = (own / "vocab.bpe").read_text(encoding="utf-8")
     if not merges.startswith("#version"):
@@ -246,6 +250,7 @@ def write_hf_tokenizer(tokenizer: Any, path: Path, max_length: int = 1024) -> No
     eot_id = getattr(tokenizer, "eot_token", None)
     names = {i: s for s, i in getattr(tokenizer, "special_tokens", {}).items()}
     eot = names.get(eot_id, "<|endoftext|>")
+    others = [name for name in names.values() if name != eot]
     atomic_write_json(
         path / "tokenizer_config.json",
         {
@@ -255,6 +260,7 @@ def write_hf_tokenizer(tokenizer: Any, path: Path, max_length: int = 1024) -> No
             "eos_token": eot,
             "unk_token": eot,
             "add_prefix_space": False,
+            "additional_special_tokens": others,
         },
     )
     atomic_write_json(
