@@ -147,11 +147,24 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Batching for `gpt2lab eval`."""
+    """Batching, windows and precision for `gpt2lab eval`."""
 
-    batch_size: int = 8
+    batch_size: int = 8  # windows or candidate sequences per forward pass
     context: int | None = None  # defaults to the model's block_size
     stride: int | None = None  # defaults to context // 2
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "float32"  # float32 reproduces published figures; bfloat16 is faster
+    limit: int | None = None  # lambada, cbt, hellaswag: only the first N examples
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "context", "stride", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(
+                    f"eval.{name}={value} is not positive",
+                    "an integer >= 1",
+                    f"set --eval.{name} to a positive value",
+                )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,144 @@
+"""`gpt2lab eval TASK --model M --data FILE`: the paper's zero-shot table, HellaSwag, perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from gpt2lab.eval.datasets import DOWNLOADS
+from gpt2lab.eval.tasks import TASKS
+
+ACCEPTS_OVERRIDES = True
+EXAMPLES = """
+gpt2lab eval perplexity --model runs/sc --data input.txt
+gpt2lab eval perplexity --model hf/gpt2 --data notes.txt --context 512 --stride 256 --json
+gpt2lab eval wikitext2 --model hf/gpt2 --data wikitext-2/wiki.test.tokens
+gpt2lab eval lambada --model hf/gpt2 --data lambada_test.jsonl --eval.batch_size=16
+gpt2lab eval hellaswag --model runs/gpt2 --data hellaswag_val.jsonl --limit 1000 --dtype bfloat16
+"""
+_TASK_HELP = {
+    "perplexity": "loss, perplexity, bits per byte/char of any UTF-8 text",
+    "wikitext2": "word-level perplexity on wiki.test.tokens (de-tokenized)",
+    "wikitext103": "word-level perplexity on wiki.test.tokens of WikiText-103",
+    "ptb": "word-level perplexity on ptb.test.txt (de-tokenized)",
+    "lambada": "last-word accuracy and perplexity on lambada_test.jsonl",
+    "cbt-cn": "Children's Book Test, common nouns: accuracy",
+    "cbt-ne": "Children's Book Test, named entities: accuracy",
+    "enwik8": "bits per byte on the last 5M bytes of enwik8",
+    "text8": "bits per character on the last 5M characters of text8",
+    "hellaswag": "accuracy and length-normalised accuracy on hellaswag_val.jsonl",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    tasks = "\n".join(f"  {name:<12} {_TASK_HELP[name]}" for name in TASKS)
+    p.description = (p.description or "") + "\n\ntasks:\n" + tasks
+    p.add_argument("task", choices=list(TASKS), metavar="TASK", help="one of the tasks below")
+    p.add_argument("--model", "-m", required=True, help="run, checkpoint or HF GPT-2 directory")
+    p.add_argument("--data", required=True, help="the dataset file (docs/eval.md: downloads)")
+    p.add_argument("--context", type=int, help="tokens per window (default: the model's block)")
+    p.add_argument("--stride", type=int, help="new tokens scored per window (default: context/2)")
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass (eval.batch_size)")
+    p.add_argument("--limit", type=int, help="first N examples only (lambada, cbt, hellaswag)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (eval.device)")
+    p.add_argument("--dtype", help="float32 (default) or bfloat16/float16 autocast")
+    p.add_argument("--config", help="a TOML file with an [eval] section")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt2lab.config import resolve
+    from gpt2lab.device import pick_device, pick_dtype
+    from gpt2lab.errors import ConfigError, DataError
+    from gpt2lab.eval import paper
+    from gpt2lab.eval.scoring import as_logits_fn
+    from gpt2lab.eval.tasks import Settings
+
+    flags = {
+        "context": args.context,
+        "stride": args.stride,
+        "batch_size": args.batch_size,
+        "limit": args.limit,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    overrides = [*args.overrides, *(f"eval.{k}={v}" for k, v in flags.items() if v is not None)]
+    cfg = resolve(None, args.config, overrides).eval
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    model, tok = _load(args.model, device)
+    n_layer, n_embd, block_size = _shape(model)
+    context = cfg.context or block_size
+    if context > block_size:
+        raise ConfigError(
+            f"--context {context} is longer than the model's block_size {block_size}",
+            f"at most {block_size}",
+            f"drop --context or pass --context {block_size}",
+        )
+    settings = Settings(
+        context=context,
+        stride=cfg.stride or max(1, context // 2),
+        batch_size=cfg.batch_size,
+        progress=not args.no_progress,
+        limit=cfg.limit,
+    )
+    if not Path(args.data).is_file():
+        raise DataError(
+            f"--data {args.data} is not a file",
+            f"the {args.task} file",
+            f"download it from {DOWNLOADS[args.task]}"
+            if args.task in DOWNLOADS
+            else "fix the path",
+        )
+    started = time.perf_counter()
+    metrics = TASKS[args.task](as_logits_fn(model, dtype), tok, args.data, settings)
+    seconds = time.perf_counter() - started
+    size = paper.model_size(n_layer, n_embd)
+    _print_table(args, metrics, size, settings, seconds)
+    if args.json:
+        published = {label: theirs for label, _, theirs in paper.compare(args.task, metrics, size)}
+        row = {"task": args.task, "model": args.model, **metrics, "seconds": round(seconds, 3)}
+        row |= {"context": settings.context, "stride": settings.stride, "dtype": cfg.dtype}
+        print(json.dumps({**row, "paper_size": size, "paper": published}))
+    return 0
+
+
+def _load(path: str, device):
+    from gpt2lab.checkpoint.load import load_model
+    from gpt2lab.errors import CheckpointError
+
+    model, tok = load_model(path, device=device)
+    if tok is None:
+        raise CheckpointError(
+            f"model {path} has no tokenizer beside it",
+            "a run directory with tokenizer/, or a HF directory with vocab.json + merges.txt",
+            "copy the tokenizer files into the model directory",
+        )
+    return model, tok
+
+
+def _shape(model) -> tuple[int, int, int]:
+    """(n_layer, n_embd, block_size) of our GPT (`config.block_size`) or a transformers GPT-2."""
+    cfg = model.config
+    return cfg.n_layer, cfg.n_embd, getattr(cfg, "block_size", None) or cfg.n_positions
+
+
+def _print_table(args, metrics: dict, size: str | None, s, seconds: float) -> None:
+    from gpt2lab.eval import paper
+
+    rows = paper.compare(args.task, metrics, size)
+    theirs = f"paper ({size})" if size else "paper"
+    counts = ", ".join(
+        f"{metrics[k]:,} {k}" for k in ("examples", "words", "tokens", "bytes") if k in metrics
+    )
+    print(f"{args.task} | {args.model} | {counts} | context {s.context} | {seconds:.1f} s")
+    width = max(len(r[0]) for r in rows)
+    print(f"{'metric':<{width}}  {'ours':>10}  {theirs:>12}")
+    for label, ours, published in rows:
+        shown = "-" if published is None else f"{published:g}"
+        print(f"{label:<{width}}  {ours:>10.4g}  {shown:>12}")
+    if not size and any(r[2] is None for r in rows) and args.task != "perplexity":
+        print("(paper figures are shown for GPT-2's own shapes: 117M, 345M, 762M, 1542M)")

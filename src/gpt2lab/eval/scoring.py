@@ -1,0 +1,188 @@
+"""Scoring token ids with any causal LM: sliding-window text loss, continuation log-probabilities.
+
+The model is seen only as a callable from token ids (B, T) to logits (B, T, V): see `as_logits_fn`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gpt2lab.device import autocast
+from gpt2lab.errors import ConfigError, DataError
+
+LogitsFn = Callable[[Tensor], Tensor]  # (B, T) int64 -> (B, T, V) float
+
+
+def as_logits_fn(model, dtype: torch.dtype = torch.float32) -> LogitsFn:
+    """Wrap our GPT (returns `(logits, loss)`), a transformers LM (`.logits`) or a callable."""
+    params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    device = params.device if params is not None else torch.device("cpu")
+    if hasattr(model, "eval"):
+        model.eval()
+
+    def fn(idx: Tensor) -> Tensor:
+        with torch.inference_mode(), autocast(device, dtype):
+            out = model(idx.to(device))
+        if isinstance(out, tuple):
+            out = out[0]
+        elif hasattr(out, "logits"):
+            out = out.logits
+        return out
+
+    return fn
+
+
+@dataclass(frozen=True)
+class Window:
+    """One forward pass over `ids[start:end]`; its last `scored` predictions are counted."""
+
+    start: int
+    end: int
+    scored: int
+
+
+def sliding_windows(n: int, context: int, stride: int) -> list[Window]:
+    """Windows over n ids that predict each of ids[1:] exactly once.
+
+    The first window is ids[0:context] and scores all its predictions. Each later window ends
+    `stride` ids further on (the last one at the end of the text), is `context` ids long, and
+    scores only the predictions the previous window did not make, so every scored token after
+    the first window sees at least `context - stride` tokens before it.
+
+    >>> sliding_windows(10, context=4, stride=2)  # targets 1..9
+    [Window(start=0, end=4, scored=4), Window(start=2, end=6, scored=2), \
+Window(start=4, end=8, scored=2), Window(start=5, end=9, scored=1)]
+    """
+    if context < 1 or not 1 <= stride <= context:
+        raise ConfigError(
+            f"context={context}, stride={stride} cannot slide",
+            "context >= 1 and 1 <= stride <= context",
+            "set --stride to at most --context (stride = context scores disjoint windows)",
+        )
+    if n < 2:
+        return []
+    end = min(context, n - 1)
+    windows = [Window(0, end, end)]
+    while end < n - 1:
+        new_end = min(end + stride, n - 1)
+        windows.append(Window(max(0, new_end - context), new_end, new_end - end))
+        end = new_end
+    return windows
+
+
+@dataclass(frozen=True)
+class TextScore:
+    """Summed negative log-likelihood (nats) over `tokens` scored tokens."""
+
+    nll: float
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+
+def score_ids(
+    fn: LogitsFn,
+    ids: Sequence[int],
+    context: int,
+    stride: int,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "windows",
+) -> TextScore:
+    """Sum of -log p(ids[i] | ids[:i]) for i >= 1 over the `sliding_windows`, batched."""
+    data = torch.as_tensor(ids, dtype=torch.long)
+    windows = sliding_windows(len(data), context, stride)
+    nll, tokens = 0.0, 0
+    with _bar(len(windows), progress, desc) as bar:
+        for i in range(0, len(windows), batch_size):
+            group = windows[i : i + batch_size]
+            width = max(w.end - w.start for w in group)
+            x = torch.zeros(len(group), width, dtype=torch.long)
+            for b, w in enumerate(group):  # right padding: causal attention never sees it
+                x[b, : w.end - w.start] = data[w.start : w.end]
+            logits = fn(x)
+            for b, w in enumerate(group):
+                length = w.end - w.start
+                pred = logits[b, length - w.scored : length].float()
+                target = data[w.end - w.scored + 1 : w.end + 1].to(pred.device)
+                nll += F.cross_entropy(pred, target, reduction="sum").item()
+                tokens += w.scored
+            bar.update(len(group))
+    return TextScore(nll, tokens)
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """log p(continuation | context) summed over its `tokens`; `greedy`: every token is argmax."""
+
+    logprob: float
+    tokens: int
+    greedy: bool
+
+
+def score_continuations(
+    fn: LogitsFn,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    context: int,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "examples",
+) -> list[ContinuationScore]:
+    """Score each (context ids, continuation ids) pair; contexts longer than fits lose their start.
+
+    Requests are run longest first, right-padded, `batch_size` at a time; results keep input order.
+    """
+    seqs = []
+    for context_ids, cont in requests:
+        if not context_ids or not cont:
+            raise DataError(
+                "a request has an empty context or continuation",
+                "at least one token in each",
+                "start contexts with the end-of-text token",
+            )
+        if len(cont) > context:
+            raise DataError(
+                f"a continuation of {len(cont)} tokens is longer than the context ({context})",
+                "continuations that fit in the model's context",
+                "use a model with a longer context or drop the example",
+            )
+        seqs.append((list(context_ids) + list(cont))[-(context + 1) :])
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    results: list[ContinuationScore | None] = [None] * len(seqs)
+    with _bar(len(seqs), progress, desc) as bar:
+        for i in range(0, len(order), batch_size):
+            group = order[i : i + batch_size]
+            width = max(len(seqs[j]) for j in group) - 1
+            x = torch.zeros(len(group), width, dtype=torch.long)
+            for b, j in enumerate(group):
+                x[b, : len(seqs[j]) - 1] = torch.as_tensor(seqs[j][:-1])
+            logits = fn(x)
+            for b, j in enumerate(group):
+                k, length = len(requests[j][1]), len(seqs[j]) - 1
+                logp = torch.log_softmax(logits[b, length - k : length].float(), dim=-1)
+                target = torch.as_tensor(seqs[j][-k:], device=logp.device)
+                picked = logp.gather(1, target[:, None]).squeeze(1)
+                greedy = bool((logp.argmax(-1) == target).all())
+                results[j] = ContinuationScore(picked.double().sum().item(), k, greedy)
+            bar.update(len(group))
+    return results  # type: ignore[return-value]
+
+
+def bits(nll: float, units: int) -> float:
+    """Nats summed over a text -> bits per unit (byte, character)."""
+    return nll / math.log(2) / max(units, 1)
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, file=sys.stderr, leave=False)

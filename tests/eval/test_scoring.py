@@ -1,0 +1,111 @@
+"""Sliding-window perplexity and continuation scores against transformers' own loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gpt2lab.errors import ConfigError, DataError
+from gpt2lab.eval.scoring import as_logits_fn, score_continuations, score_ids, sliding_windows
+
+TEXT = (
+    "The lobster is a species of crustacean from the eastern Atlantic Ocean. It may grow to a "
+    "length of 60 cm and a mass of 6 kilograms, and bears a conspicuous pair of claws."
+)
+
+
+@given(n=st.integers(0, 300), context=st.integers(1, 64), data=st.data())
+def test_windows_score_every_token_once_with_enough_context(n, context, data):
+    stride = data.draw(st.integers(1, context))
+    windows = sliding_windows(n, context, stride)
+    scored = []
+    for k, w in enumerate(windows):
+        assert 0 <= w.start < w.end <= n - 1 and w.end - w.start <= context
+        targets = list(range(w.end - w.scored + 1, w.end + 1))
+        scored += targets
+        if k:  # after the first window: a full window, >= context - stride tokens before each
+            assert w.end - w.start == min(context, n - 1)
+            assert targets[0] - w.start >= min(context, n - 1) - stride
+    assert scored == list(range(1, n))
+
+
+def test_bad_stride_is_a_config_error():
+    with pytest.raises(ConfigError, match="stride"):
+        sliding_windows(10, context=4, stride=5)
+
+
+@pytest.mark.parametrize("context,stride", [(32, 32), (32, 12), (7, 1)])
+def test_perplexity_matches_transformers_over_the_same_windows(
+    hf_model, hf_window_nll, gpt2_enc, context, stride
+):
+    ids = [gpt2_enc.eot_token, *gpt2_enc.encode_ordinary(TEXT)]
+    # reference windows written out independently: window k ends at min(context + k*stride, n-1)
+    ref_nll, prev_end, n = 0.0, 0, len(ids)
+    while prev_end < n - 1:
+        end = min(context if prev_end == 0 else prev_end + stride, n - 1)
+        ref_nll += hf_window_nll(ids, max(0, end - context), end, end - prev_end)
+        prev_end = end
+    got = score_ids(as_logits_fn(hf_model), ids, context, stride, batch_size=5)
+    assert got.tokens == n - 1
+    assert math.exp(got.loss) == pytest.approx(math.exp(ref_nll / (n - 1)), rel=1e-4)
+    assert got.nll == pytest.approx(ref_nll, rel=1e-5)
+
+
+def test_batch_size_and_a_short_last_batch_do_not_change_the_loss(
+    hf_model, hf_window_nll, gpt2_enc
+):
+    ids = gpt2_enc.encode_ordinary(TEXT)
+    fn = as_logits_fn(hf_model)
+    one = score_ids(fn, ids, context=16, stride=5, batch_size=1)
+    many = score_ids(fn, ids, context=16, stride=5, batch_size=3)
+    short = score_ids(fn, ids[:9], context=16, stride=5, batch_size=3)  # one 8-token window
+    assert one.nll == pytest.approx(many.nll, rel=1e-6)
+    assert short.tokens == 8 and short.nll == pytest.approx(hf_window_nll(ids, 0, 8, 8), rel=1e-5)
+
+
+def test_continuations_match_full_forward_and_keep_their_order(hf_model, gpt2_enc):
+    enc = gpt2_enc.encode_ordinary
+    pairs = [
+        ([gpt2_enc.eot_token, *enc("The lobster is")], enc(" a species")),
+        ([gpt2_enc.eot_token, *enc("It may grow to a length of")], enc(" 60 cm")),
+        ([gpt2_enc.eot_token], enc(" claws")),
+    ]
+    got = score_continuations(as_logits_fn(hf_model), pairs, context=64, batch_size=2)
+    for (ctx, cont), sc in zip(pairs, got):
+        x = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_model(input_ids=x).logits[0, :-1], -1)
+        picked = [logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont)]
+        assert sc.tokens == len(cont) and sc.logprob == pytest.approx(sum(picked), abs=1e-4)
+
+
+def test_greedy_flag_and_left_truncation(hf_model, gpt2_enc):
+    fn = as_logits_fn(hf_model)
+    ctx = [gpt2_enc.eot_token, *gpt2_enc.encode_ordinary(TEXT)][:40]
+    x = torch.tensor([ctx])
+    greedy = []
+    with torch.no_grad():  # three greedy steps, by transformers itself
+        for _ in range(3):
+            nxt = hf_model(input_ids=x).logits[0, -1].argmax().item()
+            greedy.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], 1)
+    wrong = [*greedy[:2], (greedy[2] + 1) % 50257]
+    a, b = score_continuations(fn, [(ctx, greedy), (ctx, wrong)], context=64)
+    assert a.greedy and not b.greedy
+    # a context longer than the window loses its start: same score as the truncated request
+    long_ctx = [11] * 100 + ctx
+    (c,) = score_continuations(fn, [(long_ctx, greedy)], context=30)
+    (d,) = score_continuations(fn, [((long_ctx + greedy)[-31:-3], greedy)], context=30)
+    assert c.logprob == pytest.approx(d.logprob, abs=1e-5)
+
+
+def test_empty_or_too_long_continuation_is_a_data_error(hf_model):
+    fn = as_logits_fn(hf_model)
+    with pytest.raises(DataError, match="empty"):
+        score_continuations(fn, [([1, 2], [])], context=8)
+    with pytest.raises(DataError, match="longer than the context"):
+        score_continuations(fn, [([1], list(range(9)))], context=8)
