@@ -17,6 +17,7 @@ from gpt2lab.tokenizer.base import EOT, Tokenizer
 from gpt2lab.tokenizer.bpe import BACKENDS, BPETokenizer
 from gpt2lab.tokenizer.char import UNK, CharTokenizer
 from gpt2lab.tokenizer.pretokenize import GPT2_PATTERN, GPT4_PATTERN
+from gpt2lab.tokenizer.train import train_bpe
 
 __all__ = [
     "BACKENDS",
@@ -28,6 +29,7 @@ __all__ = [
     "UNK",
     "Tokenizer",
     "get_tokenizer",
+    "train_bpe",
 ]
 
 
