@@ -221,6 +221,24 @@ def _utf8_cut(data: bytes) -> int:
     return len(data)
 
 
+def decode_utf8(
+    data: bytes, where: str | os.PathLike, errors: str = "strict", offset: int = 0
+) -> str:
+    """Decode UTF-8; invalid bytes are an error naming `where` and the byte offset, or U+FFFD."""
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where} is not UTF-8: byte offset {offset + e.start} holds "
+            f"{data[e.start : e.start + 4]!r}",
+            "UTF-8 text",
+            "convert the file (e.g. `iconv -f latin1 -t utf-8`) or pass errors='replace' "
+            "(--errors replace)",
+        ) from None
+    except LookupError:
+        raise DataError(f"unknown errors={errors!r}", "'strict' or 'replace'") from None
+
+
 def _file_blocks(path: Path, errors: str, bar) -> Iterator[tuple[str, bool]]:
     offset, pending = 0, b""
     with open(path, "rb") as f:
@@ -229,18 +247,7 @@ def _file_blocks(path: Path, errors: str, bar) -> Iterator[tuple[str, bool]]:
             data = pending + block
             cut = _utf8_cut(data) if block else len(data)
             data, pending = data[:cut], data[cut:]
-            try:
-                text = data.decode("utf-8", errors=errors)
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path} is not UTF-8: byte offset {offset + e.start} holds "
-                    f"{data[e.start : e.start + 4]!r}",
-                    "UTF-8 text",
-                    "convert the file (e.g. `iconv -f latin1 -t utf-8`) or pass errors='replace' "
-                    "(--errors replace)",
-                ) from None
-            except LookupError:
-                raise DataError(f"unknown errors={errors!r}", "'strict' or 'replace'") from None
+            text = decode_utf8(data, path, errors, offset)
             offset += len(data)
             bar.update(len(block))
             yield text, not block
