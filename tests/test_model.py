@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from gpt2lab.checkpoint.hf import from_hf_state
 from gpt2lab.checkpoint.weights import assign_state
@@ -192,16 +193,46 @@ def test_preset_parameter_counts_match_transformers(name):
         assert cfg.padded_vocab_size == 50304
 
 
-def test_flops_and_memory_estimates(tiny_cfg):
+def test_flops_and_memory_estimates():
     with torch.device("meta"):
         model = GPT(MODEL_PRESETS["gpt2"])
     n = model.num_params() - 1024 * 768
     assert model.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
     est = model.estimate_memory(8, 1024, torch.bfloat16, "adamw")
     assert est.params == est.grads == 4 * 124_475_904 and est.optimizer == 2 * est.params
-    assert est.total == est.params + est.grads + est.optimizer + est.activations
-    assert est.activations > model.estimate_memory(4, 1024, torch.bfloat16).activations
+    assert est.logits == 8 * 1024 * 50257 * 8
+    assert est.total == est.params + est.grads + est.optimizer + est.activations + est.logits
     assert "GiB" in str(est)
+
+
+def saved_for_backward(model: GPT, idx: Tensor, dtype: torch.dtype) -> int:
+    """Bytes autograd keeps for backward (parameters themselves left out), measured by hooks."""
+    from gpt2lab.device import autocast
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast(torch.device("cpu"), dtype):
+            model(idx, idx)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_estimate_matches_what_autograd_saves(dtype, dropout):
+    cfg = GPTConfig(block_size=64, vocab_size=300, n_layer=3, n_head=2, n_embd=64, dropout=dropout)
+    model = GPT(cfg).train()
+    idx = torch.randint(0, cfg.vocab_size, (4, 64))
+    measured = saved_for_backward(model, idx, dtype)
+    estimate = model.estimate_memory(4, 64, dtype).activations
+    assert abs(estimate - measured) / measured < 0.1, (estimate, measured)
 
 
 def _generate_available() -> bool:

@@ -185,11 +185,23 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx: Tensor, max_new_tokens: int, **kwargs: Any) -> Tensor:
-        """The prompt followed by `max_new_tokens` new ids (see `gpt2lab.generate.generate`)."""
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """The prompt followed by the new ids, KV-cached; temperature=0 is greedy.
+
+        Other options (repetition_penalty, generator, attention_mask, eos_token_id) are those
+        of `gpt2lab.generate.generate`.
+        """
         from gpt2lab.generate import generate
 
-        return generate(self, idx, max_new_tokens, **kwargs)
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, **kwargs)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, tied head counted once, vocabulary padding left out (`gpt2`: 124,439,808)."""
@@ -213,28 +225,37 @@ class GPT(nn.Module):
         dtype: torch.dtype | str = torch.float32,
         optimizer: str = "adamw",
     ) -> MemoryEstimate:
-        """Bytes one training step needs: parameters, gradients, optimizer state, activations.
+        """Bytes one training step needs at its peak, by kind (`str()` gives GiB).
 
-        Parameters, gradients and optimizer state stay float32 (autocast keeps master weights);
-        `dtype` is the compute dtype of the activations. Activations follow Korthikanti et al.
-        2022 (34 values per layer, token and channel at 16 bits), with memory-efficient
-        attention (no T x T scores kept), plus the float32 logits and their gradient.
+        Parameters, gradients and optimizer state are float32 (autocast keeps master weights);
+        `dtype` is the compute dtype. Activations count what autograd saves, per layer, token
+        and channel: the two LayerNorm inputs on the float32 residual stream plus 14 values in
+        `dtype` (LN outputs, q/k/v, attention output, 4x MLP input and GELU output), as the
+        fused SDPA kernels keep no T x T scores. With dropout, SDPA on the CPU uses its math
+        kernel (float32 q/k/v, three T x T tensors per head) and each dropout keeps a mask.
+        Then the final LayerNorm, the float32 log-softmax and autocast's `dtype` weight copies.
+        `logits` is the float32 logits the caller holds and their gradient.
         """
         cfg = self.config
         T = seq or cfg.block_size
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        width = torch.empty((), dtype=dtype).element_size()
+        w = torch.empty((), dtype=dtype).element_size()
         n = sum(p.numel() for p in self.parameters())
         states = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
         if optimizer not in states:
             raise ConfigError(
                 f"unknown optimizer {optimizer!r}", f"one of {', '.join(states)}", "fix the name"
             )
-        tokens = batch * T
-        acts = tokens * cfg.n_layer * cfg.n_embd * 34 * width // 2
-        acts += tokens * cfg.padded_vocab_size * 4 * 2  # logits and their gradient
-        return MemoryEstimate(4 * n, 4 * n, 4 * n * states[optimizer], acts)
+        B, C, L, V = batch, cfg.n_embd, cfg.n_layer, cfg.vocab_size
+        if cfg.dropout > 0:
+            per_layer = B * T * C * (20 + 13 * w) + B * cfg.n_head * T * T * 12
+            acts = L * per_layer + B * T * C * 4  # plus the embedding dropout's mask
+        else:
+            acts = L * B * T * C * (8 + 14 * w)
+        acts += B * T * C * (4 + w) + B * T * V * 4  # final LayerNorm, log-softmax
+        acts += n * w if w < 4 else 0  # autocast's low-precision weight copies
+        return MemoryEstimate(4 * n, 4 * n, 4 * n * states[optimizer], acts, B * T * V * 8)
 
     @classmethod
     def from_pretrained(
@@ -265,10 +286,11 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     activations: int
+    logits: int
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.logits
 
     def __str__(self) -> str:
         parts = [f"{k} {getattr(self, k) / 2**30:.2f}" for k in self.__dataclass_fields__]
