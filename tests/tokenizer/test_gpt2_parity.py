@@ -223,3 +223,29 @@ def test_tampered_file_is_rejected(monkeypatch, tmp_path, gpt2_dir):
             get_tokenizer("gpt2")
     finally:
         io._gpt2_vocab.cache_clear()
+
+
+def test_loads_a_tiktoken_rank_file(tmp_path, ref_tiktoken, gpt2_py, corpora):
+    import base64
+
+    ranks = ref_tiktoken._mergeable_ranks  # the .tiktoken format: "base64(token) rank" lines
+    lines = (f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
+    (tmp_path / "gpt2.tiktoken").write_text("".join(lines))
+    tok = get_tokenizer(tmp_path)
+    assert tok.merges == gpt2_py.merges  # the merge list is recovered from the ranks alone
+    text = corpora["pride-and-prejudice"][:100_000]
+    assert tok.encode(text) == ref_tiktoken.encode(text)
+
+
+def test_unknown_directory_and_name_are_clear_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="holds no tokenizer"):
+        get_tokenizer(tmp_path)
+    with pytest.raises(TokenizerError, match="no tokenizer named 'gpt3'"):
+        get_tokenizer("gpt3")
+    with pytest.raises(TokenizerError, match="unknown backend"):
+        get_tokenizer("gpt2", backend="rust")
+    tok = get_tokenizer("gpt2", backend="python")
+    bare = type(tok)(tok.ranks, tok.merges, tok.pattern, {}, "python")
+    with pytest.raises(TokenizerError, match="no <\\|endoftext\\|> token"):
+        bare.eot_token  # noqa: B018
+    assert bare.with_special_tokens(["<|endoftext|>"]).eot_token == 50256

@@ -40,6 +40,12 @@ class Tokenizer:
     @property
     def eot_token(self) -> int:
         """The id of `<|endoftext|>`."""
+        if EOT not in self.special_tokens:
+            raise TokenizerError(
+                f"this tokenizer has no {EOT} token",
+                f"one of its special tokens {sorted(self.special_tokens)}",
+                f"add it with tok.with_special_tokens([{EOT!r}])",
+            )
         return self.special_tokens[EOT]
 
     def encode_ordinary(self, text: str) -> list[int]:
