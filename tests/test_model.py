@@ -193,6 +193,12 @@ def test_preset_parameter_counts_match_transformers(name):
         assert cfg.padded_vocab_size == 50304
 
 
+def test_small_presets_have_the_sizes_their_names_say():
+    with torch.device("meta"):
+        assert 9.5e6 < GPT(MODEL_PRESETS["gpt2-10m"]).num_params() < 10.5e6
+        assert 10e6 < GPT(MODEL_PRESETS["shakespeare-char"]).num_params() < 11e6  # nanoGPT's
+
+
 def test_flops_and_memory_estimates():
     with torch.device("meta"):
         model = GPT(MODEL_PRESETS["gpt2"])
