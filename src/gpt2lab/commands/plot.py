@@ -1,0 +1,22 @@
+"""`gpt2lab plot`: loss and perplexity curves of one or more runs, as a PNG."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """
+gpt2lab plot runs/sc                              # writes runs/sc/curves.png
+gpt2lab plot runs/sc runs/sc-bf16 --out cmp.png   # several runs on one figure
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories with metrics.jsonl")
+    p.add_argument("--out", metavar="PNG", help="output file (default RUN_DIR/curves.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt2lab.plot import plot_runs
+
+    print(plot_runs(args.runs, args.out))
+    return 0

@@ -1,0 +1,74 @@
+"""PNG plots of training runs: train/val loss and perplexity against steps and tokens."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from gpt2lab.errors import DataError
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Draw every run's metrics.jsonl on one 2x2 figure; returns the PNG's path.
+
+    Default output: RUN_DIR/curves.png for one run, ./curves.png for several.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, and no GUI backend to import
+    import matplotlib.pyplot as plt
+
+    from gpt2lab.io import atomic_open
+    from gpt2lab.train.metrics import read_metrics
+
+    runs = [Path(r) for r in run_dirs]
+    if not runs:
+        raise DataError("no run directory given", "one or more RUN_DIRs", "gpt2lab plot RUN_DIR")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
+    for i, run in enumerate(runs):
+        if not (run / "metrics.jsonl").is_file():
+            raise DataError(
+                f"{run / 'metrics.jsonl'} does not exist",
+                "a run directory written by `gpt2lab train`",
+                "check the path (the run may not have logged a step yet)",
+            )
+        rows = read_metrics(run)
+        color = f"C{i % 10}"
+        label = run.name if len(runs) > 1 else ""
+        train = [r for r in rows if isinstance(r.get("loss"), float | int)]
+        val = [r for r in rows if r.get("val_loss") is not None]
+        for col, xkey in enumerate(("step", "tokens")):
+            for row_i, f in enumerate((lambda v: v, lambda v: math.exp(min(v, 50.0)))):
+                ax = axes[row_i][col]
+                ax.plot(
+                    [r.get(xkey, 0) for r in train],
+                    [f(r["loss"]) for r in train],
+                    color=color,
+                    alpha=0.45,
+                    lw=1,
+                    label=f"{label} train".strip(),
+                )
+                ax.plot(
+                    [r.get(xkey, 0) for r in val],
+                    [f(r["val_loss"]) for r in val],
+                    color=color,
+                    lw=2,
+                    marker="o",
+                    ms=3,
+                    label=f"{label} val".strip(),
+                )
+    for row_i, name in enumerate(("loss (nats/token)", "perplexity")):
+        for col, xkey in enumerate(("step", "tokens")):
+            ax = axes[row_i][col]
+            ax.set_xlabel(xkey)
+            ax.set_ylabel(name)
+            ax.set_yscale("log" if row_i else "linear")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(", ".join(r.name for r in runs))
+    fig.tight_layout()
+    path = Path(out) if out else (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,223 @@
+"""Before the first step: the config of a resumed run, the data, the model and its checks.
+
+Everything here only reads; nothing in RUN_DIR changes until every check has passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2lab import config as C
+from gpt2lab.checkpoint import native
+from gpt2lab.errors import ConfigError, DataError, TokenizerError, TrainingError
+
+# Keys a resumed run may not change: they decide the weights' shapes, the optimizer's groups or
+# which data each step reads, so the continuation would not be the same run.
+FIXED_ON_RESUME = (
+    "model.",
+    "data.",
+    "train.micro_batch_size",
+    "train.grad_accum_steps",
+    "train.seed",
+    "train.init_from",
+    "train.freeze",
+    "train.strategy",
+)
+
+_PROBE = "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n\tÉtude naïve."
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> tuple[C.Config, Path]:
+    """The latest checkpoint's saved config with `overrides` on top; refuses incompatible ones."""
+    ckpt = native.require_latest(run_dir)
+    saved = C.from_dict(C.Config, native.load_state(ckpt)["config"], source=str(ckpt))
+    cfg = C.apply_overrides(saved, overrides)
+    before, after = _flat(C.to_dict(saved)), _flat(C.to_dict(cfg))
+    for key in before:
+        if before[key] != after[key] and key.startswith(FIXED_ON_RESUME):
+            raise ConfigError(
+                f"--{key}={after[key]!r} differs from the run being resumed ({before[key]!r})",
+                "overrides that leave the model, data and batch layout alone (e.g. "
+                "--train.max_steps)",
+                f"drop --{key}, or start a new run with another --out",
+            )
+    return cfg, ckpt
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_data(data_dir: str) -> tuple[dict[str, Any], Any]:
+    """meta.json and the tokenizer of a prepared data directory with train and val shards."""
+    from gpt2lab.data import load_data_tokenizer, load_meta
+
+    if not data_dir:
+        raise ConfigError(
+            "no training data given",
+            "--data DIR (a directory written by `gpt2lab prepare`) or a text file",
+            "add --data",
+        )
+    meta = load_meta(data_dir)
+    for split in ("train", "val"):
+        if not meta.get("shards", {}).get(split):
+            raise DataError(
+                f"data directory {data_dir} has no {split} shards",
+                f"{split}_000000.bin ... written by `gpt2lab prepare`",
+                "prepare the data again (with a validation split)",
+            )
+    return meta, load_data_tokenizer(data_dir)
+
+
+def tokenizers_match(a: Any, b: Any) -> bool:
+    """Same vocabulary size and the same ids for a probe text (spec dicts may differ in form)."""
+    if a.n_vocab != b.n_vocab:
+        return False
+    try:
+        return a.encode_ordinary(_PROBE) == b.encode_ordinary(_PROBE)
+    except Exception:  # a char vocabulary cannot encode the probe; compare the specs instead
+        return a.spec() == b.spec()
+
+
+def pretrained(cfg: C.Config, data_tok: Any, meta: dict[str, Any]) -> tuple[C.Config, dict]:
+    """Weights and model config of `train.init_from`; the data's tokenizer must be the model's."""
+    from gpt2lab.checkpoint.load import load_model
+
+    src = cfg.train.init_from
+    model, tok = load_model(src, device="cpu", dtype=torch.float32)
+    mcfg = model.config
+    if tok is not None and not tokenizers_match(tok, data_tok):
+        raise TokenizerError(
+            f"the data in {cfg.data.dir} was tokenized with {data_tok.spec().get('kind')} "
+            f"({data_tok.n_vocab} tokens) but {src} uses {tok.spec().get('kind')} "
+            f"({tok.n_vocab} tokens)",
+            "data prepared with the model's own tokenizer",
+            f"prepare the text again with --tokenizer {src}",
+        )
+    if meta["vocab_size"] > mcfg.vocab_size:
+        raise TokenizerError(
+            f"the data in {cfg.data.dir} has {meta['vocab_size']} token ids but {src} knows only "
+            f"{mcfg.vocab_size}",
+            "data prepared with the model's own tokenizer",
+            f"prepare the text again with --tokenizer {src}",
+        )
+    # the architecture comes from the weights; dropout is a training choice of this run
+    mcfg = dataclasses.replace(mcfg, dropout=cfg.model.dropout)
+    state = {k: v for k, v in model.state_dict().items()}
+    return dataclasses.replace(cfg, model=mcfg), state
+
+
+def check_memory(
+    model_cfg: C.GPTConfig,
+    tcfg: C.TrainConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    world: int,
+) -> str:
+    """Estimate one step's memory on a meta-device model; refuse before allocating if too large."""
+    from gpt2lab.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    est = model.estimate_memory(tcfg.micro_batch_size, model_cfg.block_size, dtype)
+    need = est.total
+    if tcfg.strategy == "fsdp" and world > 1:  # weights, grads and optimizer state are sharded
+        need = (est.params + est.grads + est.optimizer) // world + est.activations
+    have = _free_memory(device)
+    if have is not None and need > have:
+        raise TrainingError(
+            f"one training step needs about {need / 2**30:.1f} GiB ({est}) but {device} has "
+            f"{have / 2**30:.1f} GiB free",
+            "a batch that fits",
+            f"lower --train.micro_batch_size (now {tcfg.micro_batch_size}) and raise "
+            "--train.grad_accum_steps to keep the batch, or lower --model.block_size, or use "
+            "--train.dtype=bfloat16 or --train.strategy=fsdp on several GPUs",
+        )
+    return str(est)
+
+
+def _free_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to reuse a run directory silently: it needs --resume or --overwrite."""
+    # a lone data/ is what `--data FILE` prepared a moment ago for this very run
+    used = run_dir.is_dir() and any(p.name != "data" for p in run_dir.iterdir())
+    if used and not (resume or overwrite):
+        raise ConfigError(
+            f"run directory {run_dir} already exists and is not empty",
+            "a new --out, or an explicit choice",
+            "add --resume to continue it, or --overwrite to start it again",
+        )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file", "a directory", "choose another --out")
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite: remove what an earlier run wrote (only our own files and folders)."""
+    import shutil
+
+    for name in ("ckpt", "tokenizer", "tb", "latest", "best", "metrics.jsonl", "config.toml"):
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            os.unlink(p)
+    for png in run_dir.glob("*.png"):
+        png.unlink()
+
+
+def prepare_text(
+    src: Path, run_dir: Path, init_from: str | None, tokenizer: str | None, overwrite: bool
+) -> Path:
+    """One text file given as --data: tokenize it into RUN_DIR/data (last 10% held out)."""
+    from gpt2lab.data import prepare
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            f"--data {src} is a text file, which torchrun's ranks would all prepare at once",
+            "a prepared data directory under torchrun",
+            f"run `gpt2lab prepare {src} --out DIR` first and pass --data DIR",
+        )
+    prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+    tok: Any = tokenizer or "gpt2"
+    if init_from:
+        from gpt2lab.checkpoint.load import load_model
+
+        if tokenizer:
+            raise ConfigError(
+                "--tokenizer with --init-from",
+                "the pretrained model's own tokenizer",
+                "drop --tokenizer",
+            )
+        _, tok = load_model(init_from, device="cpu")
+        if tok is None:
+            raise TokenizerError(
+                f"{init_from} carries no tokenizer to prepare {src} with",
+                "a model directory with its tokenizer files",
+                f"prepare {src} yourself with `gpt2lab prepare` and pass --data DIR",
+            )
+    out = run_dir / "data"
+    prepare(str(src), out, tok, val_tail=0.1, force=True)
+    return out

@@ -1,0 +1,158 @@
+"""Distributed training through PyTorch's own engines: DDP (NCCL/gloo) and FSDP2, under torchrun.
+
+Only `setup_ddp()` reads the environment (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`), which torchrun sets.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpt2lab.device import pick_device
+from gpt2lab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits in the job (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_ddp(device_name: str = "auto") -> tuple[Dist, torch.device]:
+    """Join the torchrun job if any (NCCL on GPUs, gloo on CPUs); pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), pick_device(device_name)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local} but this node has {torch.cuda.device_count()} GPU(s)",
+                "--nproc_per_node at most the number of GPUs",
+                "lower torchrun's --nproc_per_node",
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
+    return Dist(rank, local, world), device
+
+
+def teardown() -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def log0(d: Dist, *parts: Any) -> None:
+    """Print on rank 0 only (to stderr, so stdout stays clean for pipes)."""
+    if d.is_main:
+        print(*parts, file=sys.stderr, flush=True)
+
+
+def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum a tensor over ranks in place (identity for one process)."""
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def gather(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's `obj`, in rank order (a list of one for one process)."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def wrap(model: nn.Module, strategy: str, d: Dist, device: torch.device) -> nn.Module:
+    """DDP (a full copy per rank) or FSDP2 (each block's parameters sharded over ranks)."""
+    if not d.enabled:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:  # type: ignore[union-attr]
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def model_state(model: nn.Module, strategy: str, d: Dist) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict; under FSDP every rank must call this, rank 0 gets it."""
+    if d.enabled and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts)
+    return unwrap(model).state_dict()
+
+
+def optimizer_state(
+    model: nn.Module, opt: torch.optim.Optimizer, strategy: str, d: Dist
+) -> dict[str, Any]:
+    """The optimizer state to save (FSDP: gathered, keyed by parameter name; else the plain one)."""
+    if d.enabled and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, opt, options=opts)
+    return opt.state_dict()
+
+
+def load_optimizer_state(
+    model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], strategy: str, d: Dist
+) -> None:
+    """Undo optimizer_state."""
+    if d.enabled and strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, opt, optim_state_dict=state, options=opts)
+    else:
+        opt.load_state_dict(state)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain GPT inside DDP and/or torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner

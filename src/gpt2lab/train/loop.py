@@ -1,0 +1,523 @@
+"""The training loop: `train(cfg, run_dir)` from one CPU to torchrun's many GPUs, resumable exactly.
+
+Step s (1-based) = A micro-batches per rank, gradients synced on the last one, then clip and
+AdamW. After step s: log, evaluate, checkpoint as their intervals say; a signal, the wall-clock
+budget or max_steps ends the run with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpt2lab import config as C
+from gpt2lab.checkpoint import native
+from gpt2lab.device import autocast, pick_dtype
+from gpt2lab.errors import TrainingError
+from gpt2lab.io import atomic_write_text
+from gpt2lab.train import build
+from gpt2lab.train.dist import (
+    Dist,
+    all_reduce_sum,
+    gather,
+    log0,
+    setup_ddp,
+    teardown,
+    unwrap,
+    wrap,
+)
+from gpt2lab.train.dist import load_optimizer_state as _load_opt
+from gpt2lab.train.dist import model_state as _model_state
+from gpt2lab.train.dist import optimizer_state as _opt_state
+from gpt2lab.train.metrics import MetricsLog, peak_flops
+from gpt2lab.train.recipe import apply_freeze, configure_optimizer, lr_at
+
+Hook = Callable[[dict[str, Any]], Any]
+
+
+@dataclass
+class TrainSummary:
+    """What a finished (or stopped) run reports."""
+
+    run_dir: str
+    step: int
+    tokens: int
+    loss: float  # train loss of the last step
+    val_loss: float | None
+    val_ppl: float | None
+    best_val_loss: float | None
+    tokens_per_s: float  # mean over the steps this process ran
+    mfu: float
+    elapsed_s: float
+    checkpoint: str | None
+    stopped_by: str  # "max_steps", "max_minutes", "signal", "hook"
+    skipped_steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Stop:
+    """SIGINT/SIGTERM: the first asks the loop to stop after this step; a second exits at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            raise KeyboardInterrupt  # second signal: leave now (a half checkpoint is discarded)
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(
+    cfg: C.Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_log: Hook | None = None,
+    on_eval: Hook | None = None,
+    progress: bool = True,
+    log: Callable[..., None] | None = None,
+) -> TrainSummary:
+    """Train (or fine-tune, or continue) a GPT as `cfg` says, writing RUN_DIR; returns a summary.
+
+    `cfg` is the resolved config; with `resume=True` pass the one `build.resume_config` returns.
+    `on_log(row)` / `on_eval(row)` run on rank 0 after each logged step / evaluation with the
+    metrics row; returning True from either stops the run (with a checkpoint).
+    """
+    d, device = setup_ddp(cfg.train.device)
+    try:
+        return _Trainer(
+            cfg, Path(run_dir), d, device, resume, overwrite, on_log, on_eval, progress, log
+        ).run()
+    finally:
+        teardown()
+
+
+class _Trainer:
+    def __init__(
+        self,
+        cfg: C.Config,
+        run_dir: Path,
+        d: Dist,
+        device: torch.device,
+        resume: bool,
+        overwrite: bool,
+        on_log: Hook | None,
+        on_eval: Hook | None,
+        progress: bool,
+        log: Callable[..., None] | None,
+    ) -> None:
+        self.d, self.device, self.run_dir = d, device, run_dir
+        self.on_log, self.on_eval, self.progress = on_log, on_eval, progress and d.is_main
+        self.log = log if log is not None else (lambda *a: log0(d, *a))
+        tc = cfg.train
+        self.dtype = pick_dtype(tc.dtype, device)
+        # ---- checks that only read: nothing in RUN_DIR changes before they all pass ----
+        build.prepare_run_dir(run_dir, resume, overwrite)
+        ckpt = native.require_latest(run_dir) if resume else None
+        self.meta, self.tok = build.check_data(cfg.data.dir)
+        init_state: dict[str, torch.Tensor] | None = None
+        if ckpt is None and tc.init_from:
+            cfg, init_state = build.pretrained(cfg, self.tok, self.meta)
+        elif ckpt is None:  # from scratch: the data decides the vocabulary
+            cfg = C.merge(cfg, {"model": {"vocab_size": int(self.meta["vocab_size"])}})
+        elif self.meta["vocab_size"] > cfg.model.vocab_size:
+            raise TrainingError(
+                f"the data in {cfg.data.dir} has {self.meta['vocab_size']} token ids but the run "
+                f"in {run_dir} was trained with {cfg.model.vocab_size}",
+                "the data the run was started on",
+                "resume with the original --data",
+            )
+        self.cfg, tc = cfg, cfg.train
+        self.mem = build.check_memory(cfg.model, tc, self.dtype, device, d.world_size)
+        # ---- from here on the run directory is ours ----
+        if d.is_main:
+            if overwrite and not resume:
+                build.clear_run_dir(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.toml", C.to_toml(cfg))
+            if not (run_dir / "tokenizer").is_dir():
+                self.tok.save(str(run_dir / "tokenizer"))
+        self._build_model(init_state, ckpt)
+        self.state = native.load_state(ckpt) if ckpt is not None else {}
+        self.step = int(self.state.get("step", 0))
+        self.skipped = int(self.state.get("skipped_steps", 0))
+        self.best_val = self.state.get("best_val_loss")
+        self.elapsed0 = float(self.state.get("elapsed_s", 0.0))
+        self.warm_end_s = self.state.get("warmup_end_s")
+        self.tokens_per_step = (
+            tc.micro_batch_size * cfg.model.block_size * tc.grad_accum_steps * d.world_size
+        )
+        from gpt2lab.data import BatchLoader, load_tokens
+
+        self.loader = BatchLoader(
+            cfg.data.dir,
+            "train",
+            block_size=cfg.model.block_size,
+            batch_size=tc.micro_batch_size,
+            grad_accum_steps=tc.grad_accum_steps,
+            rank=d.rank,
+            world_size=d.world_size,
+            seed=tc.seed,
+            sampling=cfg.data.sampling,
+            device=device,
+            vocab_size=cfg.model.vocab_size,
+        )
+        self.val_tokens = load_tokens(cfg.data.dir, "val")
+        if ckpt is not None:
+            data = self.state.get("data_per_rank") or [self.state["data"]]
+            self.loader.load_state_dict(data[d.rank] if len(data) == d.world_size else data[0])
+            rngs = self.state.get("rng_per_rank") or []
+            if len(rngs) == d.world_size:
+                native.restore_rng(rngs[d.rank])
+            else:
+                self.log(
+                    f"note: resuming on {d.world_size} ranks, saved on {len(rngs)}: "
+                    "dropout draws will differ from an uninterrupted run"
+                )
+        self.metrics = (
+            MetricsLog(
+                run_dir,
+                self.step if ckpt is not None else None,
+                tc.tensorboard,
+                tc.wandb,
+                C.to_dict(cfg),
+            )
+            if d.is_main
+            else None
+        )
+        self.flops_per_token = unwrap(self.model).flops_per_token(cfg.model.block_size)
+        self.peak = peak_flops(device, self.dtype, tc.peak_flops) * d.world_size
+
+    def _build_model(self, init_state: dict | None, ckpt: Path | None) -> None:
+        from gpt2lab.checkpoint.weights import load_model_safetensors
+        from gpt2lab.model import GPT
+
+        cfg, tc, d = self.cfg, self.cfg.train, self.d
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
+        model = GPT(cfg.model)
+        if init_state is not None:
+            model.load_state_dict(init_state, strict=False)
+            model.lm_head.weight = model.transformer.wte.weight
+        if ckpt is not None:
+            load_model_safetensors(model, ckpt / "model.safetensors")
+        self.frozen = apply_freeze(model, tc.freeze)
+        model.to(self.device)
+        torch.manual_seed(tc.seed + d.rank)  # dropout differs between ranks
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.raw = model
+        self.model = wrap(model, tc.strategy, d, self.device)
+        self.opt = configure_optimizer(self.model, tc, self.device)
+        if ckpt is not None:
+            _load_opt(self.model, self.opt, native.load_optimizer_state(ckpt), tc.strategy, d)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        if ckpt is not None and "scaler" in (st := native.load_state(ckpt)) and st["scaler"]:
+            self.scaler.load_state_dict(st["scaler"])
+        if tc.compile:
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> TrainSummary:
+        cfg, tc, d = self.cfg, self.cfg.train, self.d
+        self.log(
+            f"model: {unwrap(self.model).num_params():,} parameters ({len(self.frozen)} tensors "
+            f"frozen) | tokens per step = {tc.micro_batch_size} x {cfg.model.block_size} x "
+            f"{tc.grad_accum_steps} x {d.world_size} = {self.tokens_per_step:,} | memory per "
+            f"step ~ {self.mem} | {self.device} {str(self.dtype).replace('torch.', '')}"
+        )
+        start_step, t0 = self.step, time.perf_counter()
+        last_row_t, last_row_step = t0, self.step
+        loss = float("nan")
+        val = None
+        stopped_by = "max_steps"
+        ckpt_path: Path | None = None
+        bar = self._bar()
+        with _Stop() as stop:
+            while self.step < tc.max_steps:
+                elapsed = self.elapsed0 + time.perf_counter() - t0
+                loss, norm, lr, stop_now = self._train_step(elapsed, stop)
+                self.step += 1
+                at_end = self.step >= tc.max_steps
+                budget_over = tc.max_minutes > 0 and (
+                    self.elapsed0 + time.perf_counter() - t0 >= tc.max_minutes * 60
+                )
+                if stop_now:
+                    stopped_by = "signal"
+                elif budget_over:
+                    stopped_by = "max_minutes"
+                finishing = at_end or stop_now or budget_over
+                do_ckpt = finishing or self.step % tc.checkpoint_interval == 0
+                do_eval = do_ckpt or self.step % tc.eval_interval == 0
+                do_log = do_eval or self.step % tc.log_interval == 0 or self.step == start_step + 1
+                row: dict[str, Any] = {}
+                if do_log:
+                    now = time.perf_counter()
+                    tps = self.tokens_per_step * (self.step - last_row_step) / (now - last_row_t)
+                    row = {
+                        "step": self.step,
+                        "tokens": self.step * self.tokens_per_step,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": norm,
+                        "tokens_per_s": tps,
+                        "mfu": self.flops_per_token * tps / self.peak,
+                        "elapsed_s": self.elapsed0 + now - t0,
+                    }
+                    if self.skipped:
+                        row["skipped_steps"] = self.skipped
+                if do_eval:
+                    val = self.evaluate(tc.eval_steps)
+                    row.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+                    self._maybe_sample()
+                if do_log:
+                    hook_stop = self._report(row, do_eval, bar)
+                    if hook_stop and not finishing:
+                        stopped_by, finishing, do_ckpt = "hook", True, True
+                    last_row_t, last_row_step = time.perf_counter(), self.step
+                if do_ckpt:
+                    ckpt_path = self.save(val if do_eval else None, time.perf_counter() - t0)
+                if bar is not None:
+                    bar.update(1)
+                if finishing:
+                    break
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        ran = self.step - start_step
+        tps = self.tokens_per_step * ran / elapsed if ran else 0.0
+        if self.metrics is not None:
+            self.metrics.close()
+        if stopped_by == "signal":
+            self.log(
+                f"stopped by a signal after step {self.step}; checkpoint {ckpt_path}; "
+                f"continue with `gpt2lab train --out {self.run_dir} --resume`"
+            )
+        return TrainSummary(
+            run_dir=str(self.run_dir),
+            step=self.step,
+            tokens=self.step * self.tokens_per_step,
+            loss=loss,
+            val_loss=val,
+            val_ppl=math.exp(min(val, 50.0)) if val is not None else None,
+            best_val_loss=self.best_val,
+            tokens_per_s=tps,
+            mfu=self.flops_per_token * tps / self.peak,
+            elapsed_s=elapsed,
+            checkpoint=str(ckpt_path) if ckpt_path else None,
+            stopped_by=stopped_by,
+            skipped_steps=self.skipped,
+        )
+
+    def _train_step(self, elapsed: float, stop: _Stop) -> tuple[float, float, float, bool]:
+        """One optimizer step; returns (mean loss, grad norm, lr, stop requested on any rank)."""
+        tc, d = self.cfg.train, self.d
+        A = tc.grad_accum_steps
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(A):
+            x, y = self.loader.next_batch()
+            sync = micro == A - 1 or not d.enabled or tc.strategy == "fsdp"
+            no_sync = getattr(self.model, "no_sync", None)
+            ctx = no_sync() if not sync and no_sync is not None else contextlib.nullcontext()
+            with ctx:
+                with autocast(self.device, self.dtype):
+                    _, loss = self.model(x, y)
+                loss = loss / A
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.opt)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(
+            params, tc.grad_clip if tc.grad_clip > 0 else math.inf
+        )
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # one sync per step: the loss (for the NaN guard and the log) and the stop flag, all ranks
+        flags = torch.stack([loss_sum.float(), norm.float().to(self.device)])
+        flags = torch.cat([flags, torch.tensor([float(stop.signum > 0)], device=self.device)])
+        all_reduce_sum(flags, d)
+        loss_v, norm_v, stop_v = (
+            flags / torch.tensor([d.world_size, 1, 1.0], device=flags.device)
+        ).tolist()
+        if tc.warmup_steps <= self.step and self.warm_end_s is None:
+            self.warm_end_s = elapsed
+        frac = None
+        if tc.max_minutes > 0 and self.step >= tc.warmup_steps:
+            w = self.warm_end_s or 0.0
+            frac = (elapsed - w) / max(tc.max_minutes * 60 - w, 1e-9)
+        lr = lr_at(self.step, tc, frac)
+        # a float16 scaler expects overflowing gradients now and then and skips them itself
+        finite = math.isfinite(loss_v) and (self.scaler.is_enabled() or math.isfinite(norm_v))
+        if not finite:
+            if not tc.skip_nonfinite:
+                raise TrainingError(
+                    f"non-finite loss ({loss_v}) or gradient norm ({norm_v}) at step "
+                    f"{self.step + 1} of {self.run_dir}; the last good checkpoint is "
+                    f"{native.find_latest(self.run_dir)}",
+                    "finite values",
+                    "lower --train.lr, use --train.dtype=bfloat16/float32, raise warmup_steps, "
+                    "or pass --train.skip_nonfinite=true to skip such steps",
+                )
+            self.skipped += 1
+            self.log(
+                f"step {self.step + 1}: non-finite loss {loss_v}, skipped ({self.skipped} so far)"
+            )
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.update()
+            return loss_v, norm_v, lr, stop_v > 0
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        return loss_v, norm_v, lr, stop_v > 0
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int = 0) -> float:
+        """Mean validation loss over non-overlapping windows (0 batches = the whole split).
+
+        With a limit, the windows are spread evenly over the split and are the same at every
+        evaluation, so the curve compares like with like. Ranks share the windows.
+        """
+        T, B, d = self.cfg.model.block_size, self.cfg.train.micro_batch_size, self.d
+        toks = self.val_tokens
+        n = (len(toks) - 1) // T
+        if n < 1:
+            raise TrainingError(
+                f"the validation split of {self.cfg.data.dir} has {len(toks)} tokens, fewer than "
+                f"block_size+1 = {T + 1}",
+                "a longer validation split",
+                "prepare the data with a larger validation share or lower --model.block_size",
+            )
+        windows = np.arange(n)
+        if max_batches > 0 and max_batches * B * d.world_size < n:
+            k = max_batches * B * d.world_size
+            windows = np.linspace(0, n - 1, k).round().astype(np.int64)
+        mine = windows[d.rank :: d.world_size]
+        per_rank = math.ceil(len(windows) / d.world_size)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.model.eval()
+        for i in range(0, per_rank, B):
+            chunk = mine[i : i + B]
+            # every rank runs the same number of forwards (FSDP needs all ranks in each one)
+            weight = 1.0 if len(chunk) else 0.0
+            chunk = chunk if len(chunk) else windows[:1]
+            buf = np.stack([np.asarray(toks[w * T : w * T + T + 1]) for w in chunk])
+            t = torch.from_numpy(buf.astype(np.int64)).to(self.device)
+            with autocast(self.device, self.dtype):
+                _, loss = self.model(t[:, :-1], t[:, 1:])
+            total[0] += weight * loss.double() * t[:, 1:].numel()
+            total[1] += weight * t[:, 1:].numel()
+        all_reduce_sum(total, d)
+        self.model.train()
+        return (total[0] / total[1]).item()
+
+    def _maybe_sample(self) -> None:
+        tc = self.cfg.train
+        if tc.sample_interval <= 0 or not self.d.is_main or tc.strategy == "fsdp":
+            return
+        n_evals = self.step // max(1, tc.eval_interval)
+        if n_evals % tc.sample_interval:
+            return
+        ids = self.tok.encode_ordinary(tc.sample_prompt) or [self.tok.eot_token]
+        idx = torch.tensor([ids[-self.cfg.model.block_size :]], device=self.device)
+        # the sample's random draws must not shift training's, or resume would not be exact
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), autocast(self.device, self.dtype):
+            self.raw.eval()
+            out = self.raw.generate(idx, tc.sample_tokens, temperature=0.8, top_k=200)
+            self.raw.train()
+        text = self.tok.decode(out[0, len(ids[-self.cfg.model.block_size :]) :].tolist())
+        self.log(f"--- sample at step {self.step} ---\n{tc.sample_prompt}{text}\n---")
+
+    def _report(self, row: dict[str, Any], evaluated: bool, bar: Any) -> bool:
+        """Write the row, show it, run the hooks (rank 0); True if a hook asks to stop."""
+        stop = False
+        if self.d.is_main:
+            assert self.metrics is not None
+            self.metrics.write(row)
+            line = (
+                f"step {row['step']} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                f"{row['tokens_per_s']:,.0f} tok/s | mfu {100 * row['mfu']:.1f}%"
+            )
+            if evaluated:
+                line += f" | val {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f})"
+            if bar is not None:
+                bar.set_postfix_str(line.split(" | ", 1)[1], refresh=False)
+                if evaluated:
+                    bar.write(line)
+            elif evaluated or not self.progress:
+                self.log(line)
+            for hook, on in ((self.on_log, True), (self.on_eval, evaluated)):
+                if hook is not None and on and hook(dict(row)) is True:
+                    stop = True
+        flag = torch.tensor([float(stop)], device=self.device)
+        return bool(all_reduce_sum(flag, self.d).item() > 0)
+
+    def _bar(self) -> Any:
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.cfg.train.max_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+        )
+
+    def save(self, val: float | None, ran_s: float) -> Path | None:
+        """Checkpoint the current step (every rank joins: RNG states and shards are gathered)."""
+        tc, d = self.cfg.train, self.d
+        if val is not None and (self.best_val is None or val < self.best_val):
+            self.best_val = val
+        model_sd = _model_state(self.model, tc.strategy, d)
+        opt_sd = _opt_state(self.model, self.opt, tc.strategy, d)
+        rngs = gather(native.capture_rng(), d)
+        datas = gather(self.loader.state_dict(), d)
+        if not d.is_main:
+            return None
+        state = {
+            "config": C.to_dict(self.cfg),
+            "tokenizer": "tokenizer",
+            "val_loss": val,
+            "best_val_loss": self.best_val,
+            "rng_per_rank": rngs,
+            "data": datas[0],
+            "data_per_rank": datas,
+            "world_size": d.world_size,
+            "skipped_steps": self.skipped,
+            "elapsed_s": self.elapsed0 + ran_s,
+            "warmup_end_s": self.warm_end_s,
+            "tokens": self.step * self.tokens_per_step,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
+        return native.save_checkpoint(
+            self.run_dir, self.step, model_sd, opt_sd, state, keep_last=tc.keep_last
+        )

@@ -1,0 +1,79 @@
+"""The optimisation recipe: warmup + cosine LR schedule, AdamW groups, frozen parameters."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import math
+
+import torch
+from torch import nn
+
+from gpt2lab.config import TrainConfig
+from gpt2lab.errors import ConfigError
+
+
+def lr_at(step: int, cfg: TrainConfig, time_frac: float | None = None) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then cosine decay to `min_lr`.
+
+    Warmup rises as lr * (step + 1) / warmup_steps, so the last warmup step uses the full lr
+    (GPT-3 paper, sec. B). The cosine then runs from step warmup_steps to max_steps, or, with a
+    wall-clock budget, over `time_frac` (the share of the budget spent after warmup, 0..1).
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if time_frac is not None:
+        ratio = time_frac
+    else:
+        span = cfg.max_steps - cfg.warmup_steps
+        ratio = (step - cfg.warmup_steps) / span if span > 0 else 1.0
+    ratio = min(max(ratio, 0.0), 1.0)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def apply_freeze(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Set requires_grad=False on parameters whose name matches a glob; returns the names frozen."""
+    frozen: list[str] = []
+    for pattern in patterns:
+        hits = [n for n, _ in model.named_parameters() if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            names = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()})[:6]
+            raise ConfigError(
+                f"--train.freeze pattern {pattern!r} matches no parameter",
+                f"a glob over parameter names such as {', '.join(names)}",
+                "fix the pattern, e.g. --train.freeze='transformer.w?e.*'",
+            )
+        frozen += hits
+    params = dict(model.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)
+    if frozen and len(set(frozen)) == len(params):
+        raise ConfigError(
+            f"--train.freeze={','.join(patterns)} freezes every parameter",
+            "at least one trainable parameter",
+            "narrow the patterns",
+        )
+    return sorted(set(frozen))
+
+
+def configure_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights only (matmuls, embeddings); biases and norms get none.
+
+    Uses the fused kernel where this PyTorch has one for the device, else foreach.
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for _, p in params if p.dim() >= 2]
+    no_decay = [p for _, p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kwargs: dict = {}
+    is_dtensor = any(type(p).__name__ == "DTensor" for _, p in params)
+    if "fused" in inspect.signature(torch.optim.AdamW).parameters and not is_dtensor:
+        kwargs["fused"] = device.type in ("cuda", "cpu")
+    if not kwargs.get("fused"):
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kwargs)

@@ -1,0 +1,152 @@
+"""The training loop in one process: overfitting, metrics, checkpoints, the NaN guard, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from trainutil import cli_args, tiny_config, write_char_data
+
+from gpt2lab import cli
+from gpt2lab.checkpoint import native
+from gpt2lab.errors import ConfigError, DataError, TrainingError
+from gpt2lab.train import train
+
+
+def test_tiny_model_overfits_one_batch(tmp_path, tiny_shakespeare):
+    text = tiny_shakespeare.read_text(encoding="utf-8")
+    # a train split of exactly block_size + 1 tokens: every batch is the same window
+    data = write_char_data(tmp_path / "d", text[:33] + text[:2000], val_fraction=2000 / 2033)
+    cfg = tiny_config(
+        data,
+        "train.max_steps=150",
+        "train.warmup_steps=10",
+        "train.lr=1e-2",
+        "train.min_lr=1e-3",
+        "train.eval_interval=1000",
+        "train.log_interval=50",
+        "train.checkpoint_interval=1000",
+    )
+    s = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] > 3.0  # about ln(vocab) at the start
+    assert s.loss < 0.05, s
+
+
+def test_run_writes_metrics_checkpoints_and_pointers(tmp_path, char_data):
+    evals = []
+    cfg = tiny_config(char_data, "train.keep_last=1", "train.max_steps=12")
+    s = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None, on_eval=evals.append)
+    run = tmp_path / "run"
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    val_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val_rows] == [4, 8, 12] == [e["step"] for e in evals]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-5) for r in val_rows)
+    assert rows[-1]["tokens"] == 12 * 4 * 32
+    # keep_last=1 keeps the newest plus the best by validation loss
+    best = min(val_rows, key=lambda r: r["val_loss"])
+    kept = {p.name for p in native.list_checkpoints(run)}
+    assert kept == {"step_00000012", f"step_{best['step']:08d}"}
+    assert (run / "latest").read_text().strip() == "ckpt/step_00000012"
+    assert native.find_best(run).name == f"step_{best['step']:08d}"
+    state = native.load_state(native.find_latest(run))
+    assert state["step"] == 12 and state["config"]["model"]["n_layer"] == 2
+    assert state["tokenizer"] == "tokenizer" and (run / "tokenizer").is_dir()
+    assert state["val_loss"] == pytest.approx(s.val_loss)
+    assert (run / "config.toml").is_file()
+
+
+def test_evaluation_over_the_whole_validation_split_matches_a_direct_computation(
+    tmp_path, char_data
+):
+    import torch
+
+    from gpt2lab.checkpoint.weights import load_model_safetensors
+    from gpt2lab.data import load_tokens
+    from gpt2lab.model import GPT
+
+    cfg = tiny_config(char_data, "train.eval_steps=0", "train.max_steps=4")
+    s = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    state = native.load_state(native.find_latest(tmp_path / "run"))
+    mcfg = cfg.model.__class__(**state["config"]["model"])
+    model = GPT(mcfg)
+    load_model_safetensors(model, native.find_latest(tmp_path / "run") / "model.safetensors")
+    toks = load_tokens(char_data, "val").astype(np.int64)
+    n = (len(toks) - 1) // 32
+    x = torch.from_numpy(toks[: n * 32].reshape(n, 32))
+    y = torch.from_numpy(toks[1 : n * 32 + 1].reshape(n, 32))
+    with torch.no_grad():
+        logits, _ = model(x)
+        ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    assert s.val_loss == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_nan_guard_stops_with_last_good_checkpoint_intact(tmp_path, char_data):
+    # an absurd LR blows the weights up within a few steps: the loss becomes inf/NaN
+    cfg = tiny_config(
+        char_data,
+        "train.lr=1e30",
+        "train.min_lr=1e30",
+        "train.warmup_steps=0",
+        "train.checkpoint_interval=1",
+        "train.max_steps=50",
+    )
+    with pytest.raises(TrainingError, match="non-finite loss") as e:
+        train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    latest = native.find_latest(tmp_path / "run")
+    assert latest is not None and str(latest) in str(e.value)
+    assert e.value.exit_code == 1
+    cfg = tiny_config(
+        char_data,
+        "train.lr=1e30",
+        "train.min_lr=1e30",
+        "train.warmup_steps=0",
+        "train.skip_nonfinite=true",
+        "train.max_steps=6",
+    )
+    s = train(cfg, tmp_path / "run2", progress=False, log=lambda *a: None)
+    assert s.step == 6 and s.skipped_steps >= 1
+
+
+def test_bad_input_is_one_line_and_leaves_the_run_dir_alone(tmp_path, char_data, capsys):
+    run = tmp_path / "run"
+    base = cli_args(char_data, run, "--no-plot", "--train.max_steps=2")
+    assert cli.main(base) == 0
+    capsys.readouterr()
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    cases = [
+        (base, 2, "already exists"),  # no --resume / --overwrite
+        (["train", "--out", str(tmp_path / "none"), "--resume"], 1, "nothing to resume"),
+        ([*base, "--overwrite", "--train.lrr=1"], 2, "--train.lr"),
+        ([*base[:2], str(tmp_path), *base[3:], "--overwrite"], 1, "meta.json"),
+        ([*base, "--overwrite", "--train.micro_batch_size=100000000"], 1, "lower --train.micro"),
+        (["train", "--out", str(run), "--resume", "--model.n_layer=3"], 2, "differs from the run"),
+    ]
+    for argv, code, words in cases:
+        assert cli.main(argv) == code, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before
+    # a data dir without shards
+    empty = tmp_path / "empty"
+    (empty).mkdir()
+    with pytest.raises(DataError):
+        train(tiny_config(empty), tmp_path / "r2", progress=False)
+    with pytest.raises(ConfigError):
+        train(tiny_config(""), tmp_path / "r3", progress=False)
+
+
+def test_resume_continues_with_a_larger_max_steps(tmp_path, char_data, capsys):
+    run = tmp_path / "run"
+    base = cli_args(char_data, run, "--no-plot", "--train.max_steps=3")
+    assert cli.main(base) == 0
+    assert cli.main(["train", "--out", str(run), "--resume", "--train.max_steps=5"]) == 0
+    assert native.load_state(native.find_latest(run))["step"] == 5
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 5
+    assert (run / "curves.png").is_file()  # the plot is redrawn at the end of each run
