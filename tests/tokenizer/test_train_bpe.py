@@ -150,3 +150,24 @@ def test_bad_input(tmp_path):
     assert tok.n_vocab == 258
     with pytest.raises(DataError, match="does not exist"):
         train_bpe([tmp_path / "missing.txt"], 300)
+
+
+@pytest.mark.parametrize("source", ["gpt2", "trained"])
+def test_save_hf_loads_with_autotokenizer(source, shared_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = (shared_data / "tinyshakespeare.txt").read_text("utf-8")
+    if source == "gpt2":
+        tok = get_tokenizer("gpt2", special_tokens=["<|pad|>"])
+    else:
+        tok = train_bpe(text[:100_000], 500, special_tokens=["<|endoftext|>", "<|pad|>"])
+    tok.save_hf(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    sample = text[200_000:230_000] + " ünïcode 😀<|endoftext|>x<|pad|>"
+    assert hf(sample)["input_ids"] == tok.encode(sample, allowed_special="all")
+    assert hf.eos_token_id == tok.eot_token and len(hf) == tok.n_vocab
+    assert get_tokenizer(tmp_path).encode(sample, allowed_special="all") == tok.encode(
+        sample, allowed_special="all"
+    )
+    with pytest.raises(TokenizerError, match="not GPT-2's"):
+        train_bpe(text[:20_000], 300, pattern="gpt4").save_hf(tmp_path / "x")

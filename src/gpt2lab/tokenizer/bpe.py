@@ -237,6 +237,12 @@ class BPETokenizer(Tokenizer):
 
         save_bpe(self, directory)
 
+    def save_hf(self, directory: str | os.PathLike, model_max_length: int = 1024) -> None:
+        """Write vocab.json, merges.txt and tokenizer_config.json for `transformers`."""
+        from gpt2lab.tokenizer.io import save_hf
+
+        save_hf(self, directory, model_max_length)
+
 
 _WORKER_TOKENIZER: BPETokenizer | None = None
 

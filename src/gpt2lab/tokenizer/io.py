@@ -208,11 +208,17 @@ def load_dir(directory: str | os.PathLike, backend: str = "tiktoken") -> Any:
     return tok
 
 
-def save_bpe(tok: BPETokenizer, directory: str | os.PathLike) -> None:
-    """Write encoder.json, vocab.bpe (GPT-2's format, readable by HF) and tokenizer.json (ours)."""
+def _gpt2_files(tok: BPETokenizer) -> tuple[str, str]:
+    """The text of encoder.json and vocab.bpe for `tok`."""
     encoder = {token_to_str(t): i for t, i in sorted(tok.ranks.items(), key=lambda kv: kv[1])}
     encoder.update(tok.special_tokens)
     merges = "".join(f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in tok.merges)
+    return json.dumps(encoder, ensure_ascii=False), "#version: 0.2\n" + merges
+
+
+def save_bpe(tok: BPETokenizer, directory: str | os.PathLike) -> None:
+    """Write encoder.json, vocab.bpe (GPT-2's format, readable by HF) and tokenizer.json (ours)."""
+    encoder, merges = _gpt2_files(tok)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -225,6 +231,35 @@ def save_bpe(tok: BPETokenizer, directory: str | os.PathLike) -> None:
     # File by file (never replacing the directory, which may hold other things); tokenizer.json
     # goes last and its digest catches a vocabulary left half-updated by a crash.
     d = Path(directory)
-    atomic_write_text(d / "encoder.json", json.dumps(encoder, ensure_ascii=False))
-    atomic_write_text(d / "vocab.bpe", "#version: 0.2\n" + merges)
+    atomic_write_text(d / "encoder.json", encoder)
+    atomic_write_text(d / "vocab.bpe", merges)
     atomic_write_json(d / META_FILE, meta)
+
+
+def save_hf(tok: BPETokenizer, directory: str | os.PathLike, model_max_length: int = 1024) -> None:
+    """Write the files `transformers.AutoTokenizer.from_pretrained(dir)` reads for GPT-2.
+
+    vocab.json + merges.txt + tokenizer_config.json. HF's GPT2Tokenizer splits text with GPT-2's
+    own pattern, so only tokenizers with that pattern can be written this way.
+    """
+    if tok.pattern != GPT2_PATTERN:
+        raise TokenizerError(
+            "this tokenizer's pre-tokenization pattern is not GPT-2's",
+            "GPT-2's pattern for a Hugging Face GPT2Tokenizer directory",
+            "keep using gpt2lab's own tok.save(dir) for this vocabulary",
+        )
+    encoder, merges = _gpt2_files(tok)
+    eot = EOT if EOT in tok.special_tokens else None
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model_max_length,
+        "add_prefix_space": False,
+        "bos_token": eot,
+        "eos_token": eot,
+        "unk_token": eot,
+        "additional_special_tokens": [s for s in tok.special_tokens if s != EOT],
+    }
+    d = Path(directory)
+    atomic_write_text(d / "vocab.json", encoder)
+    atomic_write_text(d / "merges.txt", merges)
+    atomic_write_json(d / "tokenizer_config.json", config)
