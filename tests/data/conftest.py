@@ -32,3 +32,22 @@ def data_dir(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     splits = {"train": rng.integers(0, 1000, 5000), "val": rng.integers(0, 1000, 700)}
     return write_data_dir(tmp_path / "d", splits, vocab_size=1000, shard_tokens=1100)
+
+
+@pytest.fixture(scope="session")
+def gpt2_ref():
+    """tiktoken's GPT-2 encoding, built offline from GPT-2's own files: the reference."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+    from gpt2lab.tokenizer.io import gpt2_files_dir
+
+    d = gpt2_files_dir()
+    ranks = data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"))
+    return tiktoken.Encoding(
+        "gpt2-data-ref",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: 50256},
+    )

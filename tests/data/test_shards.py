@@ -83,7 +83,7 @@ def test_unfinished_shard_is_hidden_and_resumable(tmp_path):
     assert tmp.exists() and read_header_count(tmp) == 0  # a temp shard never claims its tokens
     w.abort()
     w2 = ShardWriter(tmp_path, "train", np.dtype("<u2"), 100, shard_tokens=10)
-    w2.resume(complete=2, tokens=23)  # keep 3 of the 5 tokens in the temp shard
+    w2.resume(23)  # keep 3 of the 5 tokens in the temp shard
     w2.write(np.arange(23, 30))
     assert w2.finish() == [f"train_{i:06d}.bin" for i in range(3)]
     assert np.array_equal(

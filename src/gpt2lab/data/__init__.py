@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gpt2lab.data.loader import BatchLoader
+from gpt2lab.data.pipeline import prepare
 from gpt2lab.data.shards import load_data_tokenizer, load_meta, load_tokens, read_header
+from gpt2lab.data.sources import SourceSpec
+
+if TYPE_CHECKING:
+    from gpt2lab.data.loader import BatchLoader
 
 __all__ = [
     "BatchLoader",
+    "SourceSpec",
     "load_data_tokenizer",
     "load_meta",
     "load_tokens",
@@ -17,8 +22,10 @@ __all__ = [
 ]
 
 
-def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Tokenize sources into DATA_DIR shards + meta.json; see `gpt2lab.data.prepare.prepare`."""
-    from gpt2lab.data.prepare import prepare as _prepare
+def __getattr__(name: str) -> Any:
+    # BatchLoader pulls in torch: imported on first use, so prepare's workers start fast
+    if name == "BatchLoader":
+        from gpt2lab.data.loader import BatchLoader
 
-    return _prepare(*args, **kwargs)
+        return BatchLoader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -171,14 +171,25 @@ class ShardWriter:
     def _tmp(self, index: int) -> Path:
         return self.out_dir / f".{shard_name(self.split, index)}.tmp"
 
-    def resume(self, complete: int, tokens: int) -> None:
-        """Keep `complete` finished shards and the first `tokens - complete*shard_tokens` after."""
+    def resume(self, tokens: int) -> None:
+        """Continue after the first `tokens` tokens already on disk (complete shards, then temp).
+
+        A shard completed past that point is reopened as the temp shard and cut back; everything
+        after it is removed (the resumed run writes the same tokens again).
+        """
+        complete, keep = divmod(tokens, self.shard_tokens)
         self.done = [shard_name(self.split, i) for i in range(complete)]
-        keep = tokens - complete * self.shard_tokens
-        tmp = self._tmp(complete)
-        assert 0 <= keep < self.shard_tokens or (keep == 0 and not tmp.exists())
+        for p in list_shards(self.out_dir, self.split)[complete:]:
+            if p.name == shard_name(self.split, complete) and keep:
+                os.replace(p, self._tmp(complete))
+            else:
+                p.unlink()
+        for p in self.out_dir.glob(f".{self.split}_*.bin.tmp"):
+            if p != self._tmp(complete) or not keep:
+                p.unlink()
         if keep:
-            self._f = open(tmp, "r+b")
+            self._f = open(self._tmp(complete), "r+b")
+            self._f.write(pack_header(self.dtype, self.vocab_size, 0))
             self._f.truncate(HEADER_BYTES + keep * self.dtype.itemsize)
             self._f.seek(0, os.SEEK_END)
             self.fill = keep

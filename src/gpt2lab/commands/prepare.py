@@ -1,0 +1,181 @@
+"""`gpt2lab prepare`: text files, tables or a Hugging Face dataset -> token shards + meta.json."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+
+from gpt2lab.errors import UsageError
+
+EXAMPLES = """
+gpt2lab prepare shakespeare-char --input input.txt --out data/shakespeare-char
+gpt2lab prepare shakespeare --input input.txt                 # GPT-2 BPE, last 10% is val
+gpt2lab prepare --input 'books/**/*.txt' --out data/books --val-docs 5
+gpt2lab prepare --input notes.txt --split-on-blank-lines --tokenizer char --out data/notes
+gpt2lab prepare --input chats.jsonl --field content --out data/chats --workers 8
+gpt2lab prepare --dataset json --data-files a.jsonl b.jsonl --out data/ab   # via `datasets`
+gpt2lab prepare openwebtext --out data/owt                     # needs the network
+gpt2lab prepare fineweb-edu-10B --input 'fineweb/*.parquet' --out data/fwe   # local copy
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from gpt2lab.data.presets import PRESETS
+
+    p.add_argument(
+        "preset", nargs="?", help=f"a known corpus: {', '.join(PRESETS)} (or none, with --input)"
+    )
+    src = p.add_argument_group("source")
+    src.add_argument(
+        "-i",
+        "--input",
+        nargs="+",
+        action="extend",
+        metavar="PATH",
+        help="text, .jsonl, .csv or .parquet files, directories or globs",
+    )
+    src.add_argument(
+        "--field",
+        "--column",
+        default="text",
+        help="jsonl field / csv or parquet column with the text (default: text)",
+    )
+    src.add_argument(
+        "--split-on-blank-lines",
+        action="store_true",
+        help="in text files, each blank-line-separated part is a document",
+    )
+    src.add_argument(
+        "--separator",
+        metavar="STR",
+        help=r"in text files, documents are separated by STR (e.g. '\n%%\n')",
+    )
+    src.add_argument(
+        "--errors",
+        choices=["strict", "replace"],
+        default="strict",
+        help="bytes that are not UTF-8: fail (default) or replace with U+FFFD",
+    )
+    src.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="a Hugging Face dataset, streamed (openwebtext; json with --data-files)",
+    )
+    src.add_argument("--dataset-config", metavar="NAME", help="its config, e.g. sample-10BT")
+    src.add_argument("--dataset-split", default="train", help="its split (default: train)")
+    src.add_argument("--data-files", nargs="+", metavar="PATH", help="data_files= for --dataset")
+    out = p.add_argument_group("output")
+    out.add_argument("-o", "--out", metavar="DIR", help="output directory (default: data/PRESET)")
+    out.add_argument("--tokenizer", help="gpt2 (default), char, or a saved tokenizer directory")
+    out.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="fraction of documents for val, chosen by seed (default 0.005)",
+    )
+    out.add_argument("--val-docs", type=int, metavar="N", help="exactly N val documents")
+    out.add_argument(
+        "--val-tail",
+        type=float,
+        metavar="F",
+        help="one text file: its last F of characters is val (nanoGPT style)",
+    )
+    out.add_argument("--seed", type=int, default=1337, help="seed of the val choice")
+    out.add_argument(
+        "--shard-size",
+        type=_count,
+        default=100_000_000,
+        metavar="N",
+        help="tokens per shard: 100M (default), 500K, 1e6 ...",
+    )
+    out.add_argument(
+        "--dtype",
+        choices=["auto", "uint16", "uint32"],
+        default="auto",
+        help="token dtype (auto: uint16 when the vocabulary fits)",
+    )
+    out.add_argument(
+        "--workers", type=int, metavar="N", help="tokenizer processes (default: all cores)"
+    )
+    out.add_argument("--force", action="store_true", help="start clean even if a run can resume")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _count(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.e+]+)\s*([kKmMgG]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 100M or 1e6")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()]
+    try:
+        return int(float(m.group(1)) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 100M") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from gpt2lab.data import SourceSpec, prepare
+    from gpt2lab.data.presets import PRESETS, download
+
+    preset = PRESETS.get(args.preset) if args.preset else {}
+    if args.preset and preset is None:
+        import difflib
+
+        close = difflib.get_close_matches(args.preset, list(PRESETS), n=1)
+        raise UsageError(
+            f"unknown preset {args.preset!r}",
+            f"one of {', '.join(PRESETS)}, or --input FILES without a preset",
+            f"did you mean `gpt2lab prepare {close[0]}`?"
+            if close
+            else "see `gpt2lab prepare --help`",
+        )
+    if not preset and not args.input and not args.dataset:
+        raise UsageError(
+            "nothing to prepare",
+            "a preset, --input or --dataset",
+            "e.g. `gpt2lab prepare --input notes.txt --out data/notes`",
+        )
+    out = args.out or (f"data/{args.preset}" if args.preset else None)
+    if out is None:
+        raise UsageError("no output directory", "--out DIR", "add --out data/NAME")
+    separator = args.separator
+    if separator is not None:
+        separator = separator.replace("\\n", "\n").replace("\\t", "\t")
+    spec = SourceSpec(
+        inputs=list(args.input or []),
+        field=args.field,
+        split_on_blank_lines=args.split_on_blank_lines,
+        separator=separator,
+        errors=args.errors,
+        dataset=args.dataset,
+        dataset_config=args.dataset_config,
+        dataset_split=args.dataset_split,
+        data_files=args.data_files,
+        preset=args.preset,
+    )
+    if not args.input and not args.dataset:  # the preset's own source
+        if "url" in preset:
+            spec.inputs = [str(download(args.preset, preset["url"]))]
+        else:
+            spec.dataset, spec.dataset_config = preset["dataset"], preset.get("dataset_config")
+    split = {k: getattr(args, k) for k in ("val_fraction", "val_docs", "val_tail")}
+    if all(v is None for v in split.values()):  # the preset's split, unless one is given
+        split = {k: preset.get(k) for k in split}
+        if split["val_tail"] is not None and (args.input and len(args.input) > 1 or args.dataset):
+            split = {"val_fraction": None, "val_docs": None, "val_tail": None}
+    prepare(
+        spec,
+        out,
+        args.tokenizer or preset.get("tokenizer", "gpt2"),
+        **split,
+        seed=args.seed,
+        shard_tokens=args.shard_size,
+        workers=args.workers,
+        dtype=args.dtype,
+        force=args.force,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        command="gpt2lab prepare " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
+    return 0

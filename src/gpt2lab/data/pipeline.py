@@ -1,0 +1,378 @@
+"""prepare(): stream documents, tokenize them in parallel, write train/val shards and meta.json.
+
+Memory stays bounded: documents are read in pieces, at most 2 tasks per worker are in flight, and
+tokens go straight to the shard files. After every task a journal line records how many tokens of
+each split are written, so a rerun after a crash resumes from the last complete task.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpt2lab.data import shards as S
+from gpt2lab.data.sources import (
+    ByteCounter,
+    SourceSpec,
+    expand_inputs,
+    iter_pieces,
+    iter_text,
+)
+from gpt2lab.data.split import Splitter
+from gpt2lab.errors import DataError
+from gpt2lab.io import atomic_dir, atomic_write_json
+
+TASK_CHARS = 1 << 20  # text per task sent to a worker
+JOURNAL = ".prepare.journal"
+TRAIN, VAL = 0, 1
+
+Task = list[tuple[int, str, bool]]  # (split, text, starts a document)
+
+
+def prepare(
+    source: SourceSpec | str | list[str],
+    out_dir: str | os.PathLike,
+    tokenizer: Any = "gpt2",
+    *,
+    val_fraction: float | None = None,
+    val_docs: int | None = None,
+    val_tail: float | None = None,
+    seed: int = 1337,
+    shard_tokens: int = 100_000_000,
+    workers: int | None = None,
+    dtype: str = "auto",
+    force: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Tokenize `source` into `out_dir`/{train,val}_NNNNNN.bin + meta.json + tokenizer/.
+
+    `tokenizer` is "gpt2", "char", a saved tokenizer directory or a tokenizer object. The val split
+    takes whole documents: a seeded `val_fraction` (default 0.005), exactly `val_docs` documents,
+    or, for one text file, its last `val_tail` of characters. Returns the meta.json contents.
+    """
+    log = log or (lambda msg: None)
+    spec = source if isinstance(source, SourceSpec) else SourceSpec(inputs=_as_list(source))
+    out = Path(out_dir)
+    if shard_tokens < 1:
+        raise DataError(
+            f"shard size {shard_tokens}", "a positive number of tokens", "fix --shard-size"
+        )
+    files = [] if spec.dataset else expand_inputs(spec.inputs)
+    splitter = Splitter.create(spec, files, val_fraction, val_docs, val_tail, seed)
+    tok = _build_tokenizer(tokenizer, spec)
+    token_dtype = S.dtype_for_vocab(tok.n_vocab, dtype)
+    settings = {
+        "format_version": S.VERSION,
+        "source": spec.describe(),
+        "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "tokenizer": tok.spec(),
+        "split": splitter.describe(),
+        "seed": seed,
+        "shard_tokens": shard_tokens,
+        "dtype": token_dtype.name,
+        "task_chars": TASK_CHARS,
+    }
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    meta_path = out / "meta.json"
+    if meta_path.exists() and not force:
+        try:
+            old = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        if old.get("fingerprint") == fingerprint:
+            log(f"{out} is already complete for these settings; nothing to do (--force redoes it)")
+            return old
+    resume = None if force else _read_journal(out, fingerprint)
+    if resume is None:
+        if _clean(out):
+            log(f"starting clean in {out} (removed the output of an earlier, different run)")
+        else:
+            log(f"starting clean in {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(out / "tokenizer") as d:
+            tok.save(d)
+        with open(out / JOURNAL, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+    writers = [
+        S.ShardWriter(out, name, token_dtype, tok.n_vocab, shard_tokens) for name in S.SPLITS
+    ]
+    state = {"task": 0, "tokens": [0, 0], "docs": [0, 0]}
+    if resume is not None:
+        state = _resume(out, writers, resume, fingerprint)
+        log(
+            f"resuming in {out} from task {state['task']}: {state['tokens'][TRAIN]:,} train and "
+            f"{state['tokens'][VAL]:,} val tokens already written"
+        )
+    try:
+        _run(spec, splitter, tok, out, writers, state, workers, progress, files)
+    except DataError:
+        for w in writers:
+            w.abort()
+        _clean(out)  # bad input: leave nothing behind (a rerun with fixed input starts clean)
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if empty
+        raise
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    if state["docs"][TRAIN] == 0 and state["docs"][VAL] == 0:
+        _clean(out)
+        with contextlib.suppress(OSError):
+            out.rmdir()
+        raise DataError(
+            f"the input has no text ({_where(spec)})",
+            "at least one non-empty document",
+            "check --input (and --field for tables)",
+        )
+    names = [w.finish() for w in writers]
+    meta = {
+        "format_version": S.VERSION,
+        "fingerprint": fingerprint,
+        "vocab_size": tok.n_vocab,
+        "eot_token": tok.eot_token,
+        "dtype": token_dtype.name,
+        "tokenizer": tok.spec(),
+        "documents": dict(zip(S.SPLITS, state["docs"])),
+        "tokens": dict(zip(S.SPLITS, state["tokens"])),
+        "shards": dict(zip(S.SPLITS, names)),
+        "shard_tokens": shard_tokens,
+        "source": spec.describe(),
+        "split": splitter.describe(),
+        "seed": seed,
+        "command": command,
+    }
+    atomic_write_json(meta_path, meta)
+    (out / JOURNAL).unlink(missing_ok=True)
+    if state["docs"][VAL] == 0:
+        log("warning: the val split is empty; use --val-docs N or --val-tail F for small inputs")
+    log(
+        f"wrote {out}: {state['tokens'][TRAIN]:,} train tokens "
+        f"({state['docs'][TRAIN]:,} documents, {len(names[TRAIN])} shards), "
+        f"{state['tokens'][VAL]:,} val tokens "
+        f"({state['docs'][VAL]:,} documents)"
+    )
+    return meta
+
+
+def _as_list(source: str | list[str]) -> list[str]:
+    return [os.fspath(source)] if isinstance(source, (str, os.PathLike)) else list(source)
+
+
+def _where(spec: SourceSpec) -> str:
+    return f"dataset {spec.dataset}" if spec.dataset else f"--input {' '.join(spec.inputs)}"
+
+
+def _build_tokenizer(tokenizer: Any, spec: SourceSpec) -> Any:
+    from gpt2lab.tokenizer import get_tokenizer
+
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    if os.fspath(tokenizer) == "char":
+        chars: set[str] = set()
+        for text in iter_text(spec):  # one pass over the input for its character set
+            chars.update(text)
+        if not chars:
+            raise DataError(f"the input has no text ({_where(spec)})", "some text", "check --input")
+        return get_tokenizer("char", text="".join(sorted(chars)))
+    return get_tokenizer(os.fspath(tokenizer))
+
+
+# --- the main loop ----------------------------------------------------------------------------
+
+
+def _tasks(spec: SourceSpec, splitter: Splitter, counter: ByteCounter) -> Iterator[Task]:
+    """Pieces with their split, grouped into tasks of ~TASK_CHARS characters (a fixed grouping)."""
+    task: Task = []
+    size = 0
+    for split, text, first in splitter.assign(iter_pieces(spec, counter)):
+        task.append((split, text, first))
+        size += len(text)
+        if size >= TASK_CHARS:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
+
+
+_TOKENIZER: Any = None
+
+
+def _init_worker(tok_dir: str) -> None:
+    global _TOKENIZER
+    from gpt2lab.tokenizer import get_tokenizer
+
+    _TOKENIZER = get_tokenizer(tok_dir)
+
+
+def _encode_task(task: Task, tok: Any = None) -> tuple[list[np.ndarray], list[int]]:
+    """Token arrays of the two splits and their document counts; every document starts with EOT."""
+    tok = tok or _TOKENIZER
+    eot = tok.eot_token
+    ids: list[list[int]] = [[], []]
+    docs = [0, 0]
+    for split, text, first in task:
+        if first:
+            ids[split].append(eot)
+            docs[split] += 1
+        ids[split] += tok.encode_ordinary(text)
+    dtype = np.uint32 if tok.n_vocab > 2**16 else np.uint16
+    return [np.asarray(x, dtype=dtype) for x in ids], docs
+
+
+def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> None:
+    counter = ByteCounter()
+    tasks = _tasks(spec, splitter, counter)
+    for _ in range(state["task"]):  # already written: read past them without tokenizing
+        next(tasks)
+    workers = workers or os.cpu_count() or 1
+    bar = _progress_bar(progress, sum(f.stat().st_size for f in files) if files else None)
+    bar_done = 0
+    journal = open(out / JOURNAL, "a", encoding="utf-8")
+    pool = None
+    try:
+        if workers > 1:
+            ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(out / "tokenizer"),))
+            results = _bounded_imap(pool, tasks, 2 * workers)
+        else:
+            results = (_encode_task(t, tok) for t in tasks)
+        for arrays, docs in results:
+            for s in (TRAIN, VAL):
+                writers[s].write(arrays[s])
+                writers[s].flush()
+                state["tokens"][s] += len(arrays[s])
+                state["docs"][s] += docs[s]
+            state["task"] += 1
+            journal.write(json.dumps(state) + "\n")
+            journal.flush()
+            if bar is not None:
+                bar.update(counter.n - bar_done)
+                bar_done = counter.n
+                bar.set_postfix(
+                    docs=f"{sum(state['docs']):,}",
+                    tokens=f"{sum(state['tokens']):,}",
+                    refresh=False,
+                )
+    finally:
+        journal.close()
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def _bounded_imap(pool: Any, tasks: Iterator[Task], max_in_flight: int) -> Iterator[Any]:
+    """Pool.imap in order, but never more than `max_in_flight` tasks read ahead (bounded memory)."""
+    pending: collections.deque = collections.deque()
+    for task in tasks:
+        pending.append(pool.apply_async(_encode_task, (task,)))
+        if len(pending) >= max_in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _progress_bar(enabled: bool, total_bytes: int | None) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    # unit B with unit_scale shows MB and MB/s; with a known total tqdm also shows the ETA
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", smoothing=0.1)
+
+
+# --- resuming and cleaning up -----------------------------------------------------------------
+
+
+def _read_journal(out: Path, fingerprint: str) -> list[dict[str, Any]] | None:
+    """The journal's entries if it belongs to a run with these settings, else None."""
+    try:
+        lines = (out / JOURNAL).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            break  # a line cut short by the crash
+    if not entries or entries[0].get("fingerprint") != fingerprint:
+        return None
+    return [{"task": 0, "tokens": [0, 0], "docs": [0, 0]}] + entries[1:]
+
+
+def _on_disk(out: Path, writer: S.ShardWriter) -> int:
+    """Tokens of a split that are on disk in order: complete shards, then the temp shard."""
+    n, i = 0, 0
+    while True:
+        path = out / S.shard_name(writer.split, i)
+        if not path.exists():
+            break
+        try:
+            h = S.read_header(path)
+        except DataError:
+            return n
+        n += h["count"]
+        if h["count"] != writer.shard_tokens:
+            return n  # a last, short shard: nothing can follow it
+        i += 1
+    tmp = out / f".{S.shard_name(writer.split, i)}.tmp"
+    if tmp.exists():
+        n += max(0, (tmp.stat().st_size - S.HEADER_BYTES) // writer.dtype.itemsize)
+    return n
+
+
+def _resume(
+    out: Path, writers: list[S.ShardWriter], entries: list[dict], fingerprint: str
+) -> dict[str, Any]:
+    """The newest journal entry whose tokens are all on disk; shards are cut back to it."""
+    have = [_on_disk(out, w) for w in writers]
+    k = max(i for i, e in enumerate(entries) if all(e["tokens"][s] <= have[s] for s in (0, 1)))
+    for s, w in enumerate(writers):
+        w.resume(entries[k]["tokens"][s])
+    lines = [{"fingerprint": fingerprint}] + entries[1 : k + 1]  # drop entries past the point
+    with open(out / JOURNAL, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in lines))
+    e = entries[k]
+    return {"task": e["task"], "tokens": list(e["tokens"]), "docs": list(e["docs"])}
+
+
+def _our_files(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    names = {"meta.json", JOURNAL, "tokenizer"}
+    found = []
+    for p in out.iterdir():
+        n = p.name
+        if n in names or (n.startswith((".train_", ".val_", ".tokenizer.", ".meta.json."))):
+            found.append(p)
+        elif any(n.startswith(f"{s}_") and n.endswith(".bin") for s in S.SPLITS):
+            found.append(p)
+    return found
+
+
+def _clean(out: Path) -> bool:
+    """Remove what prepare writes in `out` (and nothing else); True if there was something."""
+    found = _our_files(out)
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return bool(found)

@@ -1,0 +1,65 @@
+"""Named recipes for `gpt2lab prepare`: where each corpus comes from, its tokenizer, its split."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from gpt2lab.errors import DataError
+from gpt2lab.io import atomic_write_bytes
+
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+
+# source: a URL (downloaded once into the cache) or a Hugging Face dataset; split as in nanoGPT
+PRESETS: dict[str, dict[str, Any]] = {
+    "shakespeare-char": {"url": TINY_SHAKESPEARE_URL, "tokenizer": "char", "val_tail": 0.1},
+    "shakespeare": {"url": TINY_SHAKESPEARE_URL, "tokenizer": "gpt2", "val_tail": 0.1},
+    "openwebtext": {
+        "dataset": "Skylion007/openwebtext",
+        "tokenizer": "gpt2",
+        "val_fraction": 0.0005,  # nanoGPT's data/openwebtext/prepare.py test_size
+    },
+    "fineweb-edu-10B": {
+        "dataset": "HuggingFaceFW/fineweb-edu",
+        "dataset_config": "sample-10BT",
+        "tokenizer": "gpt2",
+        "val_fraction": 0.005,
+    },
+}
+
+
+def cache_dir() -> Path:
+    """Where downloaded corpora are kept ($XDG_CACHE_HOME/gpt2lab or ~/.cache/gpt2lab)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gpt2lab"
+
+
+def local_example(name: str) -> str:
+    """The command that runs preset `name` on local files."""
+    if "shakespeare" in name:
+        return f"`gpt2lab prepare {name} --input input.txt --out data/{name}`"
+    return f"`gpt2lab prepare {name} --input 'DIR/*.jsonl' --out data/{name}` (or .parquet, .txt)"
+
+
+def download(name: str, url: str, timeout: float = 20.0) -> Path:
+    """Fetch `url` into the cache once; without network, a one-line error showing --input."""
+    dest = cache_dir() / Path(url).name.replace("input.txt", f"{name.split('-')[0]}.txt")
+    if dest.is_file():
+        return dest
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            data = r.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise DataError(
+            f"preset {name} downloads {url}, which needs the network ({reason})",
+            None,
+            f"point the same preset at a local copy: {local_example(name)}",
+        ) from None
+    atomic_write_bytes(dest, data)
+    return dest
