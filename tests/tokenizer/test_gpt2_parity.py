@@ -176,11 +176,18 @@ def test_user_special_tokens_get_ids_after_the_vocabulary(backend, tmp_path):
     assert get_tokenizer(tok.spec()).special_tokens == tok.special_tokens
 
 
-def test_encode_batch_matches_single(gpt2_fast, gpt2_py, corpora):
+def test_encode_batch_matches_single(gpt2_fast, gpt2_py, corpora, monkeypatch):
+    from gpt2lab.tokenizer import bpe
+
     texts = corpora["tinyshakespeare"][:200_000].split("\n\n")
     want = [gpt2_fast.encode(t) for t in texts]
     assert gpt2_fast.encode_batch(texts) == want
+    assert gpt2_py.encode_batch(texts, num_threads=1) == want
+    monkeypatch.setattr(bpe, "_PARALLEL_MIN_CHARS", 0)  # worker processes even for small input
     assert gpt2_py.encode_batch(texts, num_threads=2) == want
+    with pytest.raises(TokenizerError, match="special token"):
+        gpt2_fast.encode_batch(["ok", "a<|endoftext|>"])
+    assert gpt2_fast.encode_batch(["a<|endoftext|>"], allowed_special="all") == [[64, 50256]]
 
 
 def test_saved_gpt2_loads_in_hf_and_back(gpt2_fast, tmp_path, ref_hf):

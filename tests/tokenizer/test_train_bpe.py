@@ -50,7 +50,7 @@ def merge_ids(tok) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize(
     ("name", "pattern", "size", "n_merges"),
-    [("gpt2", GPT2_PATTERN, 60_000, 300), ("gpt4", GPT4_PATTERN, 30_000, 150)],
+    [("gpt2", GPT2_PATTERN, 40_000, 200), ("gpt4", GPT4_PATTERN, 25_000, 120)],
 )
 def test_merges_equal_brute_force_on_real_text(shared_data, name, pattern, size, n_merges):
     text = (shared_data / "gutenberg_books/pg11.txt").read_text("utf-8")[:size]
@@ -163,7 +163,7 @@ def test_save_hf_loads_with_autotokenizer(source, shared_data, tmp_path):
         tok = train_bpe(text[:100_000], 500, special_tokens=["<|endoftext|>", "<|pad|>"])
     tok.save_hf(tmp_path)
     hf = AutoTokenizer.from_pretrained(str(tmp_path))
-    sample = text[200_000:230_000] + " ünïcode 😀<|endoftext|>x<|pad|>"
+    sample = text[200_000:210_000] + " ünïcode 😀<|endoftext|>x<|pad|>"
     assert hf(sample)["input_ids"] == tok.encode(sample, allowed_special="all")
     assert hf.eos_token_id == tok.eot_token and len(hf) == tok.n_vocab
     assert get_tokenizer(tmp_path).encode(sample, allowed_special="all") == tok.encode(

@@ -19,6 +19,7 @@ from gpt2lab.tokenizer.pretokenize import GPT2_PATTERN, compile_pattern
 BACKENDS = ("tiktoken", "python")
 _CACHE_MAX = 1 << 18  # pieces whose merges we remember; natural text repeats words a lot
 _NONE = 1 << 62  # the rank of a pair that never merges
+_PARALLEL_MIN_CHARS = 1 << 20  # below this, worker processes cost more than they save
 
 
 class BPETokenizer(Tokenizer):
@@ -157,7 +158,7 @@ class BPETokenizer(Tokenizer):
                 list(texts), num_threads=workers, allowed_special=allowed, disallowed_special=()
             )
         total = sum(len(t) for t in texts)
-        if workers < 2 or total < (1 << 20) or len(texts) < 2 or os.name != "posix":
+        if workers < 2 or total < _PARALLEL_MIN_CHARS or len(texts) < 2 or os.name != "posix":
             return super().encode_batch(texts, allowed_special, disallowed_special)
         global _WORKER_TOKENIZER
         _WORKER_TOKENIZER = self  # inherited by the forked workers, never pickled
