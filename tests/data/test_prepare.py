@@ -261,3 +261,10 @@ def test_source_spec_api(tmp_path):
         workers=1,
     )
     assert meta["documents"] == {"train": 2, "val": 1}
+
+
+def test_cli_takes_a_path_in_place_of_a_preset(tmp_path):
+    (tmp_path / "n.txt").write_text("hello\n\nworld\n")
+    argv = ["prepare", str(tmp_path / "n.txt"), "-o", str(tmp_path / "o"), "--tokenizer", "char"]
+    assert cli.main([*argv, "--split-on-blank-lines", "--val-docs", "1"]) == 0
+    assert load_meta(tmp_path / "o")["documents"] == {"train": 1, "val": 1}

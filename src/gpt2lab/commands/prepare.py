@@ -13,6 +13,7 @@ EXAMPLES = """
 gpt2lab prepare shakespeare-char --input input.txt --out data/shakespeare-char
 gpt2lab prepare shakespeare --input input.txt                 # GPT-2 BPE, last 10% is val
 gpt2lab prepare --input 'books/**/*.txt' --out data/books --val-docs 5
+gpt2lab prepare notes.txt --out data/notes --val-tail 0.1       # a path works in place of -i
 gpt2lab prepare --input notes.txt --split-on-blank-lines --tokenizer char --out data/notes
 gpt2lab prepare --input chats.jsonl --field content --out data/chats --workers 8
 gpt2lab prepare --dataset json --data-files a.jsonl b.jsonl --out data/ab   # via `datasets`
@@ -25,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from gpt2lab.data.presets import PRESETS
 
     p.add_argument(
-        "preset", nargs="?", help=f"a known corpus: {', '.join(PRESETS)} (or none, with --input)"
+        "preset",
+        nargs="?",
+        help=f"a known corpus: {', '.join(PRESETS)}; or a file/directory/glob (as --input)",
     )
     src = p.add_argument_group("source")
     src.add_argument(
@@ -114,10 +117,20 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 100M") from None
 
 
+def _looks_like_input(arg: str) -> bool:
+    import glob
+    import os
+
+    return os.path.exists(arg) or glob.has_magic(arg)
+
+
 def run(args: argparse.Namespace) -> int:
     from gpt2lab.data import SourceSpec, prepare
     from gpt2lab.data.presets import PRESETS, download
 
+    if args.preset and args.preset not in PRESETS and _looks_like_input(args.preset):
+        # `gpt2lab prepare notes.txt --out DIR`: a path where the preset goes is an input
+        args.input, args.preset = [args.preset, *(args.input or [])], None
     preset = PRESETS.get(args.preset) if args.preset else {}
     if args.preset and preset is None:
         import difflib

@@ -33,7 +33,7 @@ from gpt2lab.data.split import Splitter
 from gpt2lab.errors import DataError
 from gpt2lab.io import atomic_dir, atomic_write_json
 
-TASK_CHARS = 1 << 20  # text per task sent to a worker
+TASK_CHARS = 1 << 18  # text per task sent to a worker: small enough to balance the workers
 JOURNAL = ".prepare.journal"
 TRAIN, VAL = 0, 1
 
@@ -158,7 +158,7 @@ def prepare(
     }
     atomic_write_json(meta_path, meta)
     (out / JOURNAL).unlink(missing_ok=True)
-    if state["docs"][VAL] == 0:
+    if state["docs"][VAL] == 0 and splitter.value > 0:
         log("warning: the val split is empty; use --val-docs N or --val-tail F for small inputs")
     log(
         f"wrote {out}: {state['tokens'][TRAIN]:,} train tokens "
@@ -219,9 +219,18 @@ def _init_worker(tok_dir: str) -> None:
     _TOKENIZER = get_tokenizer(tok_dir)
 
 
+def _start_pool(workers: int, tok: Any, tok_dir: Path) -> Any:
+    """Worker processes holding the tokenizer: forked ones inherit it (no second load)."""
+    global _TOKENIZER
+    if sys.platform == "linux":
+        _TOKENIZER = tok
+        return mp.get_context("fork").Pool(workers)
+    return mp.get_context("spawn").Pool(workers, _init_worker, (str(tok_dir),))
+
+
 def _encode_task(task: Task, tok: Any = None) -> tuple[list[np.ndarray], list[int]]:
     """Token arrays of the two splits and their document counts; every document starts with EOT."""
-    tok = tok or _TOKENIZER
+    tok = tok if tok is not None else _TOKENIZER
     eot = tok.eot_token
     ids: list[list[int]] = [[], []]
     docs = [0, 0]
@@ -246,8 +255,7 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> 
     pool = None
     try:
         if workers > 1:
-            ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(str(out / "tokenizer"),))
+            pool = _start_pool(workers, tok, out / "tokenizer")
             results = _bounded_imap(pool, tasks, 2 * workers)
         else:
             results = (_encode_task(t, tok) for t in tasks)
