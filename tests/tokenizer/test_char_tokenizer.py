@@ -69,3 +69,19 @@ def test_bad_input():
         get_tokenizer("char")
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         get_tokenizer("char", text="ab").decode([0, 3])
+
+
+def test_tokenizers_pickle(tmp_path):
+    import pickle
+
+    from gpt2lab.tokenizer import train_bpe
+
+    toks = [
+        get_tokenizer("char", text="hello"),
+        get_tokenizer("gpt2", backend="python", special_tokens=["<|pad|>"]),
+        train_bpe("hello world, hello there " * 20, 270, progress=False),
+    ]
+    for tok in toks:
+        back = pickle.loads(pickle.dumps(tok))
+        assert back.spec() == tok.spec() and back.encode("hello") == tok.encode("hello")
+    assert len(pickle.dumps(toks[1])) < 1000  # GPT-2 travels by name

@@ -210,6 +210,15 @@ class BPETokenizer(Tokenizer):
             self.ranks, self.merges, self.pattern, self.special_tokens, backend, self.kind
         )
 
+    def __reduce__(self) -> tuple:
+        # Pickle (e.g. for DataLoader workers) the definition, not the caches and tiktoken state;
+        # GPT-2's own vocabulary travels as its name and is re-read from the package files.
+        if self.kind == "gpt2":
+            extra = [s for s in self.special_tokens if s != "<|endoftext|>"]
+            return (_load_gpt2, (self.backend, extra))
+        args = (self.ranks, self.merges, self.pattern, self.special_tokens, self.backend, self.kind)
+        return (BPETokenizer, args)
+
     def vocab_sha256(self) -> str:
         """A digest of the vocabulary and merges: equal digests mean identical encodings."""
         h = hashlib.sha256()
@@ -246,6 +255,12 @@ class BPETokenizer(Tokenizer):
 
 
 _WORKER_TOKENIZER: BPETokenizer | None = None
+
+
+def _load_gpt2(backend: str, extra: list[str]) -> BPETokenizer:
+    from gpt2lab.tokenizer.io import load_gpt2
+
+    return load_gpt2(backend, extra)
 
 
 def _encode_in_worker(text: str, allowed: Any, disallowed: Any) -> list[int]:
