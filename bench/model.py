@@ -28,6 +28,7 @@ def hf_twin(model: GPT):
     """transformers' GPT2LMHeadModel holding `model`'s weights (SDPA attention, its default)."""
     import transformers
 
+    transformers.logging.set_verbosity_error()
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(model.config)))
     missing, unexpected = hf.load_state_dict(to_hf_state(model), strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)

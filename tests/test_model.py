@@ -176,6 +176,12 @@ def test_too_long_input_is_a_clear_error(tiny_cfg):
     model = GPT(tiny_cfg)
     with pytest.raises(ConfigError, match="block_size=32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+    cache = KVCache(tiny_cfg, 1, 8)
+    model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+    with pytest.raises(ConfigError, match=r"attention_mask has shape \(1, 1\).*\(1, 5\)"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache, attention_mask=torch.ones(1, 1))
+    with pytest.raises(ConfigError, match="KV cache holds batch 1 x 8"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])

@@ -143,6 +143,12 @@ class GPT(nn.Module):
             )
         mask = None
         if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, pos + T):
+                raise ConfigError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}",
+                    f"(batch, cached + new tokens) = ({B}, {pos + T})",
+                    "pass the mask of every token so far, cached ones included",
+                )
             keep = attention_mask.to(device=idx.device, dtype=torch.bool)  # (B, pos+T)
             if position_ids is None:  # positions count real tokens, as if the padding weren't there
                 position_ids = (keep.long().cumsum(-1) - 1).clamp_(min=0)[:, pos:]
