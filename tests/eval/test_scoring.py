@@ -38,11 +38,11 @@ def test_bad_stride_is_a_config_error():
         sliding_windows(10, context=4, stride=5)
 
 
-@pytest.mark.parametrize("context,stride", [(32, 32), (32, 12), (7, 1)])
+@pytest.mark.parametrize("context,stride,n", [(32, 32, 99), (32, 12, 99), (7, 1, 20)])
 def test_perplexity_matches_transformers_over_the_same_windows(
-    hf_model, hf_window_nll, gpt2_enc, context, stride
+    hf_model, hf_window_nll, gpt2_enc, context, stride, n
 ):
-    ids = [gpt2_enc.eot_token, *gpt2_enc.encode_ordinary(TEXT)]
+    ids = [gpt2_enc.eot_token, *gpt2_enc.encode_ordinary(TEXT)][:n]
     # reference windows written out independently: window k ends at min(context + k*stride, n-1)
     ref_nll, prev_end, n = 0.0, 0, len(ids)
     while prev_end < n - 1:
@@ -109,3 +109,13 @@ def test_empty_or_too_long_continuation_is_a_data_error(hf_model):
         score_continuations(fn, [([1, 2], [])], context=8)
     with pytest.raises(DataError, match="longer than the context"):
         score_continuations(fn, [([1], list(range(9)))], context=8)
+
+
+def test_logits_of_the_last_positions_only(hf_model):
+    fn = as_logits_fn(hf_model)
+    x = torch.randint(0, 50257, (2, 10))
+    with torch.no_grad():
+        full = hf_model(input_ids=x).logits
+    assert fn(x, 3).shape == (2, 3, 50257)
+    torch.testing.assert_close(fn(x, 3), full[:, -3:], rtol=1e-5, atol=1e-5)
+    assert fn(x, 10).shape == full.shape

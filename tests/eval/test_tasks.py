@@ -29,7 +29,7 @@ def unigram(gpt2_enc):
     def logprob(text):  # what the model gives a text's tokens, written out by hand
         return sum(w[t].item() - logz for t in gpt2_enc.encode_ordinary(text))
 
-    return fn, logprob
+    return as_logits_fn(fn), logprob
 
 
 def settings(context=32, stride=16, **kw):

@@ -17,24 +17,37 @@ from torch import Tensor
 from gpt2lab.device import autocast
 from gpt2lab.errors import ConfigError, DataError
 
-LogitsFn = Callable[[Tensor], Tensor]  # (B, T) int64 -> (B, T, V) float
+LogitsFn = Callable[[Tensor, int], Tensor]  # (B, T) ids, keep -> (B, keep, V) float logits
 
 
 def as_logits_fn(model, dtype: torch.dtype = torch.float32) -> LogitsFn:
-    """Wrap our GPT (returns `(logits, loss)`), a transformers LM (`.logits`) or a callable."""
+    """Wrap our GPT (returns `(logits, loss)`), a transformers LM (`.logits`) or a callable.
+
+    `fn(idx, keep)` gives the logits of the last `keep` positions; a model with an `lm_head`
+    module computes only those (a pre-hook trims the head's input), which saves its matmul and
+    the memory of a (B, T, V) tensor where most predictions would go unscored.
+    """
     params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = params.device if params is not None else torch.device("cpu")
     if hasattr(model, "eval"):
         model.eval()
+    head = getattr(model, "lm_head", None)
 
-    def fn(idx: Tensor) -> Tensor:
-        with torch.inference_mode(), autocast(device, dtype):
-            out = model(idx.to(device))
+    def fn(idx: Tensor, keep: int) -> Tensor:
+        hook = None
+        if isinstance(head, torch.nn.Module):
+            hook = head.register_forward_pre_hook(lambda _, args: (args[0][:, -keep:], *args[1:]))
+        try:
+            with torch.inference_mode(), autocast(device, dtype):
+                out = model(idx.to(device))
+        finally:
+            if hook is not None:
+                hook.remove()
         if isinstance(out, tuple):
             out = out[0]
         elif hasattr(out, "logits"):
             out = out.logits
-        return out
+        return out[:, -keep:]
 
     return fn
 
@@ -109,10 +122,12 @@ def score_ids(
             x = torch.zeros(len(group), width, dtype=torch.long)
             for b, w in enumerate(group):  # right padding: causal attention never sees it
                 x[b, : w.end - w.start] = data[w.start : w.end]
-            logits = fn(x)
+            # logits only from the earliest scored position on (padded coordinates)
+            keep = max(width - (w.end - w.start) + w.scored for w in group)
+            logits = fn(x, keep)
             for b, w in enumerate(group):
-                length = w.end - w.start
-                pred = logits[b, length - w.scored : length].float()
+                stop = w.end - w.start - width + keep
+                pred = logits[b, stop - w.scored : stop].float()
                 target = data[w.end - w.scored + 1 : w.end + 1].to(pred.device)
                 nll += F.cross_entropy(pred, target, reduction="sum").item()
                 tokens += w.scored
@@ -165,10 +180,12 @@ def score_continuations(
             x = torch.zeros(len(group), width, dtype=torch.long)
             for b, j in enumerate(group):
                 x[b, : len(seqs[j]) - 1] = torch.as_tensor(seqs[j][:-1])
-            logits = fn(x)
+            # only the span from the earliest continuation start to the end needs logits
+            keep = width - min(len(seqs[j]) - 1 - len(requests[j][1]) for j in group)
+            logits = fn(x, keep)
             for b, j in enumerate(group):
-                k, length = len(requests[j][1]), len(seqs[j]) - 1
-                logp = torch.log_softmax(logits[b, length - k : length].float(), dim=-1)
+                k, stop = len(requests[j][1]), len(seqs[j]) - 1 - width + keep
+                logp = torch.log_softmax(logits[b, stop - k : stop].float(), dim=-1)
                 target = torch.as_tensor(seqs[j][-k:], device=logp.device)
                 picked = logp.gather(1, target[:, None]).squeeze(1)
                 greedy = bool((logp.argmax(-1) == target).all())
