@@ -109,14 +109,16 @@ def train(
     """
     d, device = setup_ddp(cfg.train.device)
     try:
-        return _Trainer(
+        return Trainer(
             cfg, Path(run_dir), d, device, resume, overwrite, on_log, on_eval, progress, log
         ).run()
     finally:
         teardown()
 
 
-class _Trainer:
+class Trainer:
+    """One run: model, optimizer, data and state; `train()` drives it, benchmarks time steps."""
+
     def __init__(
         self,
         cfg: C.Config,
@@ -261,7 +263,7 @@ class _Trainer:
         with _Stop() as stop:
             while self.step < tc.max_steps:
                 elapsed = self.elapsed0 + time.perf_counter() - t0
-                loss, norm, lr, stop_now = self._train_step(elapsed, stop)
+                loss, norm, lr, stop_now = self.train_step(elapsed, stop)
                 self.step += 1
                 at_end = self.step >= tc.max_steps
                 budget_over = tc.max_minutes > 0 and (
@@ -334,7 +336,9 @@ class _Trainer:
             skipped_steps=self.skipped,
         )
 
-    def _train_step(self, elapsed: float, stop: _Stop) -> tuple[float, float, float, bool]:
+    def train_step(
+        self, elapsed: float = 0.0, stop: _Stop | None = None
+    ) -> tuple[float, float, float, bool]:
         """One optimizer step; returns (mean loss, grad norm, lr, stop requested on any rank)."""
         tc, d = self.cfg.train, self.d
         A = tc.grad_accum_steps
@@ -359,7 +363,9 @@ class _Trainer:
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         # one sync per step: the loss (for the NaN guard and the log) and the stop flag, all ranks
         flags = torch.stack([loss_sum.float(), norm.float().to(self.device)])
-        flags = torch.cat([flags, torch.tensor([float(stop.signum > 0)], device=self.device)])
+        flags = torch.cat(
+            [flags, torch.tensor([float(stop is not None and stop.signum > 0)], device=self.device)]
+        )
         all_reduce_sum(flags, d)
         loss_v, norm_v, stop_v = (
             flags / torch.tensor([d.world_size, 1, 1.0], device=flags.device)
