@@ -91,6 +91,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250
     eval_steps: int = 20  # validation batches per evaluation; 0 = the whole validation split
+    final_eval_steps: int = -1  # batches for the run's last evaluation; -1 = eval_steps, 0 = all
     log_interval: int = 10
     checkpoint_interval: int = 1000
     seed: int = 1337

@@ -70,7 +70,9 @@ def test_evaluation_over_the_whole_validation_split_matches_a_direct_computation
     from gpt2lab.data import load_tokens
     from gpt2lab.model import GPT
 
-    cfg = tiny_config(char_data, "train.eval_steps=0", "train.max_steps=4")
+    cfg = tiny_config(
+        char_data, "train.eval_steps=1", "train.final_eval_steps=0", "train.max_steps=4"
+    )
     s = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
     state = native.load_state(native.find_latest(tmp_path / "run"))
     mcfg = cfg.model.__class__(**state["config"]["model"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -135,6 +136,7 @@ class Trainer:
         self.d, self.device, self.run_dir = d, device, run_dir
         self.on_log, self.on_eval, self.progress = on_log, on_eval, progress and d.is_main
         self.log = log if log is not None else (lambda *a: log0(d, *a))
+        self.log_is_default = log is None
         tc = cfg.train
         self.dtype = pick_dtype(tc.dtype, device)
         # ---- checks that only read: nothing in RUN_DIR changes before they all pass ----
@@ -260,6 +262,8 @@ class Trainer:
         stopped_by = "max_steps"
         ckpt_path: Path | None = None
         bar = self._bar()
+        if bar is not None and self.log_is_default:  # print above the bar, not through it
+            self.log = lambda *a: bar.write(" ".join(map(str, a)), file=sys.stderr)
         with _Stop() as stop:
             while self.step < tc.max_steps:
                 elapsed = self.elapsed0 + time.perf_counter() - t0
@@ -294,7 +298,8 @@ class Trainer:
                     if self.skipped:
                         row["skipped_steps"] = self.skipped
                 if do_eval:
-                    val = self.evaluate(tc.eval_steps)
+                    last = finishing and tc.final_eval_steps >= 0
+                    val = self.evaluate(tc.final_eval_steps if last else tc.eval_steps)
                     row.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
                     self._maybe_sample()
                 if do_log:
@@ -476,7 +481,7 @@ class Trainer:
             if bar is not None:
                 bar.set_postfix_str(line.split(" | ", 1)[1], refresh=False)
                 if evaluated:
-                    bar.write(line)
+                    bar.write(line, file=sys.stderr)
             elif evaluated or not self.progress:
                 self.log(line)
             for hook, on in ((self.on_log, True), (self.on_eval, evaluated)):
