@@ -54,7 +54,7 @@ def ours(cfg: C.Config, run_dir: Path, steps: int, warmup: int) -> tuple[list[fl
     times, losses = [], []
     for i in range(warmup + steps):
         t = time.perf_counter()
-        loss, *_ = tr.train_step()
+        loss = tr.train_step().loss
         tr.step += 1
         if i >= warmup:
             times.append(time.perf_counter() - t)

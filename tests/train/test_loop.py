@@ -152,3 +152,21 @@ def test_resume_continues_with_a_larger_max_steps(tmp_path, char_data, capsys):
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 5
     assert (run / "curves.png").is_file()  # the plot is redrawn at the end of each run
+
+
+def test_wall_clock_budget_stops_the_run_and_the_lr_follows_time(tmp_path, char_data):
+    cfg = tiny_config(
+        char_data,
+        "train.max_minutes=0.02",
+        "train.max_steps=1000000",
+        "train.eval_interval=1000000",
+        "train.checkpoint_interval=1000000",
+    )
+    s = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert s.stopped_by == "max_minutes" and 2 < s.step < 1_000_000
+    assert 1.2 <= s.elapsed_s < 30
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows][2:]  # after the 2 warmup steps: cosine over wall time
+    assert lrs == sorted(lrs, reverse=True)
+    assert lrs[-1] == pytest.approx(cfg.train.min_lr, rel=0.05)
+    assert native.find_latest(tmp_path / "run").name == f"step_{s.step:08d}"

@@ -68,6 +68,17 @@ class TrainSummary:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, as every rank agreed on it."""
+
+    loss: float  # mean over micro-batches and ranks
+    grad_norm: float  # before clipping
+    lr: float
+    stop: bool  # a signal reached some rank
+    out_of_time: bool  # the wall-clock budget (train.max_minutes) is spent
+
+
 class _Stop:
     """SIGINT/SIGTERM: the first asks the loop to stop after this step; a second exits at once."""
 
@@ -171,6 +182,7 @@ class Trainer:
         self.skipped = int(self.state.get("skipped_steps", 0))
         self.best_val = self.state.get("best_val_loss")
         self.elapsed0 = float(self.state.get("elapsed_s", 0.0))
+        self.t0 = time.perf_counter()  # run() resets it; the wall-clock budget counts from here
         self.warm_end_s = self.state.get("warmup_end_s")
         self.tokens_per_step = (
             tc.micro_batch_size * cfg.model.block_size * tc.grad_accum_steps * d.world_size
@@ -256,6 +268,7 @@ class Trainer:
             f"step ~ {self.mem} | {self.device} {str(self.dtype).replace('torch.', '')}"
         )
         start_step, t0 = self.step, time.perf_counter()
+        self.t0 = t0
         last_row_t, last_row_step = t0, self.step
         loss = float("nan")
         val = None
@@ -266,13 +279,11 @@ class Trainer:
             self.log = lambda *a: bar.write(" ".join(map(str, a)), file=sys.stderr)
         with _Stop() as stop:
             while self.step < tc.max_steps:
-                elapsed = self.elapsed0 + time.perf_counter() - t0
-                loss, norm, lr, stop_now = self.train_step(elapsed, stop)
+                res = self.train_step(stop)
+                loss, norm, lr = res.loss, res.grad_norm, res.lr
+                stop_now, budget_over = res.stop, res.out_of_time
                 self.step += 1
                 at_end = self.step >= tc.max_steps
-                budget_over = tc.max_minutes > 0 and (
-                    self.elapsed0 + time.perf_counter() - t0 >= tc.max_minutes * 60
-                )
                 if stop_now:
                     stopped_by = "signal"
                 elif budget_over:
@@ -341,19 +352,20 @@ class Trainer:
             skipped_steps=self.skipped,
         )
 
-    def train_step(
-        self, elapsed: float = 0.0, stop: _Stop | None = None
-    ) -> tuple[float, float, float, bool]:
-        """One optimizer step; returns (mean loss, grad norm, lr, stop requested on any rank)."""
+    def train_step(self, stop: _Stop | None = None) -> StepResult:
+        """One optimizer step: A micro-batches, clip, the NaN guard, AdamW at the scheduled LR."""
         tc, d = self.cfg.train, self.d
         A = tc.grad_accum_steps
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(A):
             x, y = self.loader.next_batch()
-            sync = micro == A - 1 or not d.enabled or tc.strategy == "fsdp"
-            no_sync = getattr(self.model, "no_sync", None)
-            ctx = no_sync() if not sync and no_sync is not None else contextlib.nullcontext()
+            last = micro == A - 1
+            ctx: Any = contextlib.nullcontext()
+            if d.enabled and tc.strategy == "fsdp":
+                self.raw.set_requires_gradient_sync(last)  # type: ignore[operator]
+            elif d.enabled and not last:
+                ctx = self.model.no_sync()  # type: ignore[operator]
             with ctx:
                 with autocast(self.device, self.dtype):
                     _, loss = self.model(x, y)
@@ -366,22 +378,24 @@ class Trainer:
             params, tc.grad_clip if tc.grad_clip > 0 else math.inf
         )
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        # one sync per step: the loss (for the NaN guard and the log) and the stop flag, all ranks
-        flags = torch.stack([loss_sum.float(), norm.float().to(self.device)])
-        flags = torch.cat(
-            [flags, torch.tensor([float(stop is not None and stop.signum > 0)], device=self.device)]
-        )
+        # one sync per step, so every rank takes the same decisions: the loss (NaN guard, log),
+        # the stop flag and the clock (the wall-time LR and budget)
+        signalled = float(stop is not None and stop.signum > 0)
+        clock = self.elapsed0 + time.perf_counter() - self.t0
+        extra = torch.tensor([signalled, clock], device=self.device)
+        flags = torch.cat([loss_sum.float().view(1), norm.float().view(1).to(self.device), extra])
         all_reduce_sum(flags, d)
-        loss_v, norm_v, stop_v = (
-            flags / torch.tensor([d.world_size, 1, 1.0], device=flags.device)
-        ).tolist()
+        loss_v, norm_v, stop_v, clock = flags.tolist()
+        loss_v, clock = loss_v / d.world_size, clock / d.world_size
         if tc.warmup_steps <= self.step and self.warm_end_s is None:
-            self.warm_end_s = elapsed
+            self.warm_end_s = clock
         frac = None
-        if tc.max_minutes > 0 and self.step >= tc.warmup_steps:
+        budget = tc.max_minutes * 60
+        if budget > 0 and self.step >= tc.warmup_steps:
             w = self.warm_end_s or 0.0
-            frac = (elapsed - w) / max(tc.max_minutes * 60 - w, 1e-9)
+            frac = (clock - w) / max(budget - w, 1e-9)
         lr = lr_at(self.step, tc, frac)
+        result = StepResult(loss_v, norm_v, lr, stop_v > 0, 0 < budget <= clock)
         # a float16 scaler expects overflowing gradients now and then and skips them itself
         finite = math.isfinite(loss_v) and (self.scaler.is_enabled() or math.isfinite(norm_v))
         if not finite:
@@ -400,13 +414,13 @@ class Trainer:
             )
             self.opt.zero_grad(set_to_none=True)
             self.scaler.update()
-            return loss_v, norm_v, lr, stop_v > 0
+            return result
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        return loss_v, norm_v, lr, stop_v > 0
+        return result
 
     @torch.no_grad()
     def evaluate(self, max_batches: int = 0) -> float:
