@@ -67,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
     }
     overrides = [*args.overrides, *(f"eval.{k}={v}" for k, v in flags.items() if v is not None)]
     cfg = resolve(None, args.config, overrides).eval
+    if not Path(args.data).is_file():
+        raise DataError(
+            f"--data {args.data} is not a file",
+            f"the {args.task} file",
+            f"download it from {DOWNLOADS[args.task]}"
+            if args.task in DOWNLOADS
+            else "fix the path",
+        )
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     model, tok = _load(args.model, device)
@@ -85,14 +93,6 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         limit=cfg.limit,
     )
-    if not Path(args.data).is_file():
-        raise DataError(
-            f"--data {args.data} is not a file",
-            f"the {args.task} file",
-            f"download it from {DOWNLOADS[args.task]}"
-            if args.task in DOWNLOADS
-            else "fix the path",
-        )
     started = time.perf_counter()
     metrics = TASKS[args.task](as_logits_fn(model, dtype), tok, args.data, settings)
     seconds = time.perf_counter() - started
