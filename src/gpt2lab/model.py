@@ -100,6 +100,9 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017)
+        pad = torch.zeros(cfg.padded_vocab_size)
+        pad[cfg.vocab_size :] = float("-inf")
+        self.register_buffer("vocab_pad", pad, persistent=False)  # a bias masking the padding
         self.apply(self._init_weights)
         # residual projections get std 0.02/sqrt(2*n_layer): two residual adds per block (sec. 2.3)
         for name, p in self.named_parameters():
@@ -182,13 +185,18 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None and last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # drop the padding rows
+        if self.config.padded_vocab_size > self.config.vocab_size:
+            # padding columns come out -inf: softmax and loss give them nothing, and no slice
+            # copies the logits (or, backwards, their gradient)
+            logits = F.linear(x, self.lm_head.weight, self.vocab_pad).float()
+        else:
+            logits = self.lm_head(x).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
-        return logits, loss
+        return logits[..., : self.config.vocab_size], loss  # the padding is never visible
 
     @torch.no_grad()
     def generate(
@@ -253,7 +261,7 @@ class GPT(nn.Module):
             raise ConfigError(
                 f"unknown optimizer {optimizer!r}", f"one of {', '.join(states)}", "fix the name"
             )
-        B, C, L, V = batch, cfg.n_embd, cfg.n_layer, cfg.vocab_size
+        B, C, L, V = batch, cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
         if cfg.dropout > 0:
             per_layer = B * T * C * (20 + 13 * w) + B * cfg.n_head * T * T * 12
             acts = L * per_layer + B * T * C * 4  # plus the embedding dropout's mask
