@@ -136,9 +136,10 @@ def _print_table(args, metrics: dict, size: str | None, s, seconds: float) -> No
     )
     print(f"{args.task} | {args.model} | {counts} | context {s.context} | {seconds:.1f} s")
     width = max(len(r[0]) for r in rows)
-    print(f"{'metric':<{width}}  {'ours':>10}  {theirs:>12}")
+    has_paper = any(column for *_, column, _ in paper.ROWS[args.task])  # perplexity has none
+    print(f"{'metric':<{width}}  {'ours':>10}" + (f"  {theirs:>12}" if has_paper else ""))
     for label, ours, published in rows:
         shown = "-" if published is None else f"{published:g}"
-        print(f"{label:<{width}}  {ours:>10.4g}  {shown:>12}")
-    if not size and any(r[2] is None for r in rows) and args.task != "perplexity":
-        print("(paper figures are shown for GPT-2's own shapes: 117M, 345M, 762M, 1542M)")
+        print(f"{label:<{width}}  {ours:>10.4g}" + (f"  {shown:>12}" if has_paper else ""))
+    if has_paper and not size:
+        print("(the paper's figures are for GPT-2's shapes: 117M, 345M, 762M, 1542M)")
