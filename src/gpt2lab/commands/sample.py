@@ -1,0 +1,386 @@
+"""`gpt2lab sample`: continue prompts with a trained model, batched, streamed or as JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gpt2lab.config import SampleConfig
+from gpt2lab.errors import CheckpointError, DataError, UsageError
+
+EXAMPLES = """
+gpt2lab sample --model runs/sc -p 'ROMEO:' -m 200 --temperature 0.8 --top-k 200
+gpt2lab sample --model gpt2 -p 'Being a founder' --stream --top-p 0.9 --seed 1
+gpt2lab sample --model hf/gpt2 -p 'Q: What is 2+2?' --stop $'\\n' --temperature 0   # greedy
+gpt2lab sample --model runs/owt --num-samples 100 --out samples/ --json             # a dataset
+gpt2lab sample --model runs/owt --prompt-file prompts.txt --lines --json > out.jsonl
+echo 'Once upon a time' | gpt2lab sample --model runs/sc
+gpt2lab sample --model runs/sc --interactive
+"""
+
+_DEFAULTS = SampleConfig()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH",
+        help="a gpt2lab run or checkpoint directory, a Hugging Face GPT-2 directory, or a hub "
+        "name already in the local cache (gpt2); its tokenizer comes with it",
+    )
+    g = p.add_argument_group("prompts (none: start from <|endoftext|>)")
+    g.add_argument(
+        "-p",
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="text to continue; repeat for several prompts (batched together)",
+    )
+    g.add_argument(
+        "--prompt-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file whose whole text is one prompt ('-' = stdin); repeatable. "
+        "Without -p or --prompt-file, text piped on stdin is the prompt",
+    )
+    g.add_argument(
+        "--lines",
+        action="store_true",
+        help="each non-empty line of the prompt files is a separate prompt",
+    )
+    g.add_argument(
+        "--allow-special",
+        action="store_true",
+        help="encode special-token text such as <|endoftext|> in a prompt as the "
+        "special token (default: as plain text)",
+    )
+    g = p.add_argument_group("decoding")
+    g.add_argument(
+        "-m",
+        "--max-new-tokens",
+        type=int,
+        help=f"tokens to generate per sample (default {_DEFAULTS.max_new_tokens})",
+    )
+    g.add_argument(
+        "--temperature", type=float, help="divide logits by this; 0 = greedy (default 1.0)"
+    )
+    g.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    g.add_argument(
+        "--top-p",
+        type=float,
+        help="nucleus sampling: the fewest most likely tokens with probability >= p, 0 < p <= 1",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        help="> 1 makes tokens already in the text less likely (default 1.0 = off)",
+    )
+    g.add_argument("--seed", type=int, help="seed for reproducible samples")
+    g.add_argument("--num-samples", type=int, help="samples per prompt (default 1)")
+    g.add_argument(
+        "--stop",
+        action="append",
+        metavar="STR",
+        help="end a sample before this text (repeatable); it is not printed",
+    )
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="go on past <|endoftext|> instead of ending the sample there",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--stream",
+        action="store_true",
+        help="print text as it is generated (the first sample of each batch live)",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per sample: prompt, text, ids, finish_reason",
+    )
+    g.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write one file per sample (sample_00000.txt, .json with --json)",
+    )
+    g.add_argument("--interactive", action="store_true", help="a prompt loop (Ctrl-D quits)")
+    g = p.add_argument_group("speed")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"samples generated together (default {_DEFAULTS.batch_size})",
+    )
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and compute dtype. auto (default): bfloat16 on GPUs and on "
+        "CPUs with native bfloat16 (AVX512-BF16/AMX; about twice as fast), else "
+        "float32; --dtype float32 for exact results",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = sample_config(args)
+    _check_flags(args)
+    with _warnings_to_stderr():
+        model, tok = _load(args.model, cfg)
+        if args.interactive:
+            return _interactive(model, tok, cfg, args)
+        texts = _read_prompts(args)
+        prompts = [_encode(tok, t, args.allow_special) for t in texts]
+        rows = [
+            (i, t, ids)
+            for i, (t, ids) in enumerate(zip(texts, prompts))
+            for _ in range(cfg.num_samples)
+        ]
+        writer = _Writer(args, len(rows))
+        for completion, (i, text, _) in zip(
+            _run_batches(model, tok, cfg, args, rows, writer), rows
+        ):
+            writer.done(text, i, completion)
+        writer.finish()
+    return 0
+
+
+def sample_config(args: argparse.Namespace) -> SampleConfig:
+    """The run's [sample] settings (config.toml beside the model, if any) < the flags given."""
+    from gpt2lab import config as C
+
+    base = SampleConfig()
+    toml = Path(args.model) / "config.toml"
+    if toml.is_file():
+        section = C.load_toml(toml).get("sample")
+        if isinstance(section, dict):
+            base = C.merge(base, section, source=str(toml))
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SampleConfig)}
+    flags["stop"] = tuple(args.stop) if args.stop else None
+    return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    if args.stream and args.json:
+        raise UsageError("--stream and --json cannot go together", fix="drop one of them")
+    if args.interactive and (args.json or args.out or args.prompt or args.prompt_file):
+        raise UsageError(
+            "--interactive reads prompts from the keyboard and prints as it goes",
+            "no -p, --prompt-file, --json or --out with it",
+            "drop those flags, or drop --interactive",
+        )
+    if args.lines and not args.prompt_file:
+        raise UsageError("--lines needs --prompt-file", fix="add --prompt-file FILE (or -)")
+
+
+def _load(path: str, cfg: SampleConfig) -> tuple[Any, Any]:
+    import torch
+
+    from gpt2lab.checkpoint.load import load_model
+    from gpt2lab.device import pick_device, pick_dtype
+
+    p = Path(path)
+    if p.is_dir() and not any(p.iterdir()):
+        raise CheckpointError(
+            f"model directory {p} is empty",
+            "a gpt2lab run or checkpoint directory, or a Hugging Face GPT-2 directory",
+            "point --model at a trained run such as runs/sc",
+        )
+    device = pick_device(cfg.device)
+    if cfg.dtype == "float16" and device.type == "cpu":
+        raise UsageError(
+            "--dtype float16 is not supported on the CPU",
+            "bfloat16 or float32",
+            "use --dtype bfloat16 (or float32)",
+        )
+    dtype = pick_dtype(cfg.dtype, device)
+    model, tok = load_model(p, device=device, dtype=dtype)
+    if tok is None:
+        raise CheckpointError(
+            f"{p} has no tokenizer and its vocabulary ({model.config.vocab_size} tokens) is not "
+            "GPT-2's",
+            "the tokenizer/ directory of the run, or vocab.json + merges.txt beside the weights",
+            "copy the tokenizer the model was trained with into the model directory",
+        )
+    torch.set_grad_enabled(False)
+    return model, tok
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    texts = list(args.prompt)
+    for name in args.prompt_file:
+        text = _read_text(name)
+        if args.lines:
+            texts += [ln for ln in text.splitlines() if ln.strip()]
+        else:
+            texts.append(text)
+    if not args.prompt and not args.prompt_file and not _stdin_is_terminal():
+        try:
+            piped = sys.stdin.read()
+        except OSError:  # stdin closed or not readable: no prompt
+            piped = ""
+        if piped.strip():
+            texts.append(piped.rstrip("\n"))
+    return texts or [""]
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin is None or sys.stdin.isatty()
+    except (OSError, ValueError):
+        return True
+
+
+def _read_text(name: str) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    try:
+        return Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"cannot read prompt file {name} ({e})",
+            "a UTF-8 text file",
+            "check the path given to --prompt-file",
+        ) from e
+
+
+def _encode(tok: Any, text: str, allow_special: bool) -> list[int]:
+    """Prompt ids; an empty prompt is <|endoftext|>, as GPT-2 starts unconditional samples."""
+    if not text:
+        return [tok.eot_token]
+    if allow_special:
+        return tok.encode(text, allowed_special="all")
+    found = [s for s in tok.special_tokens if s in text]
+    if found:
+        warnings.warn(
+            f"the prompt contains {found[0]!r}, encoded as plain text; add "
+            "--allow-special to encode it as the special token",
+            stacklevel=2,
+        )
+    return tok.encode_ordinary(text)
+
+
+def _run_batches(model, tok, cfg: SampleConfig, args, rows, writer) -> Iterator[Any]:
+    """Completions of every row, in order, generated cfg.batch_size at a time."""
+    import torch
+
+    from gpt2lab.generate import complete
+
+    generator = None
+    if cfg.seed is not None:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = rows[start : start + cfg.batch_size]
+        on_text = None
+        if args.stream:
+            writer.begin(batch[0][1])
+            on_text = writer.live  # row 0 of each batch is shown live, the rest when it ends
+        yield from complete(
+            model,
+            tok,
+            [ids for _, _, ids in batch],
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            cfg.repetition_penalty,
+            generator,
+            stop=cfg.stop,
+            stop_at_eos=not args.ignore_eos,
+            on_text=on_text,
+        )
+
+
+class _Writer:
+    """Prints samples (plain, streamed or JSON lines) or writes them to --out, in order."""
+
+    def __init__(self, args: argparse.Namespace, total: int) -> None:
+        self.args, self.total, self.count, self.streamed = args, total, 0, False
+
+    def begin(self, prompt: str) -> None:
+        """A streamed sample starts: show its prompt."""
+        self._separator()
+        print(prompt, end="", flush=True)
+        self.streamed = True
+
+    def live(self, row: int, piece: str) -> None:
+        if row == 0:
+            print(piece, end="", flush=True)
+
+    def done(self, prompt: str, prompt_index: int, c: Any) -> None:
+        record = {
+            "index": self.count,
+            "prompt_index": prompt_index,
+            "prompt": prompt,
+            "text": c.text,
+            "ids": c.ids,
+            "prompt_ids": c.prompt_ids,
+            "finish_reason": c.finish_reason,
+        }
+        if self.args.out:
+            from gpt2lab.io import atomic_write_json, atomic_write_text
+
+            stem = Path(self.args.out) / f"sample_{self.count:05d}"
+            atomic_write_text(stem.with_suffix(".txt"), prompt + c.text)
+            if self.args.json:
+                atomic_write_json(stem.with_suffix(".json"), record)
+        elif self.args.json:
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        elif self.streamed:
+            print(flush=True)
+            self.streamed = False
+        else:
+            self._separator()
+            print(prompt + c.text, flush=True)
+        self.count += 1
+
+    def _separator(self) -> None:
+        if self.count and not self.args.out:
+            print("-" * 40, flush=True)
+
+    def finish(self) -> None:
+        if self.args.out:
+            print(f"wrote {self.count} samples to {self.args.out}", file=sys.stderr)
+
+
+def _interactive(model: Any, tok: Any, cfg: SampleConfig, args: argparse.Namespace) -> int:
+    """Read a prompt, stream its samples, repeat; Ctrl-C stops one answer, Ctrl-D quits."""
+    args.stream = True
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        rows = [(0, text, _encode(tok, text, args.allow_special))] * cfg.num_samples
+        writer = _Writer(args, len(rows))
+        try:
+            for completion, (i, prompt, _) in zip(
+                _run_batches(model, tok, cfg, args, rows, writer), rows
+            ):
+                writer.done(prompt, i, completion)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr() -> Iterator[None]:
+    """Show warnings as one `gpt2lab: warning: ...` line each."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"gpt2lab: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():  # restores showwarning and the filters on the way out
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
