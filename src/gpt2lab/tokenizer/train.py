@@ -110,27 +110,49 @@ def learn_merges(
         delta: dict[tuple[int, int], int] = {}  # net change of each pair's count
         for w in where.pop(best):
             ids = words[w]
-            out, i, n = [], 0, len(ids)
-            while i < n:  # left to right, so (a, a) in "aaa" gives [aa, a]
-                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            if len(out) == n:
-                continue  # a stale entry: this word lost the pair to an earlier merge
-            c = freq[w]
-            for p in zip(ids, ids[1:]):
-                delta[p] = delta.get(p, 0) - c
-            for p in zip(out, out[1:]):
-                delta[p] = delta.get(p, 0) + c
-                if p[0] == new or p[1] == new:  # the only pairs this word did not hold before
-                    s = where.get(p)
-                    if s is None:
-                        where[p] = {w}
+            n = len(ids)
+            pos = []  # where the pair starts, found left to right: (a, a) in "aaa" only at 0
+            i = 0
+            try:
+                while True:
+                    i = ids.index(a, i)
+                    if i + 1 < n and ids[i + 1] == b:
+                        pos.append(i)
+                        i += 2
                     else:
-                        s.add(w)
+                        i += 1
+            except ValueError:
+                pass
+            if not pos:
+                continue  # a stale entry: this word lost the pair to an earlier merge
+            out: list[int] = []
+            prev = 0
+            for i in pos:
+                out += ids[prev:i]
+                out.append(new)
+                prev = i + 2
+            out += ids[prev:]
+            # Only the pairs that touch a merged position change: the old ones go...
+            c, last = freq[w], -1
+            for i in pos:
+                for k in (i - 1, i, i + 1):
+                    if last < k < n - 1 and k >= 0:
+                        p = (ids[k], ids[k + 1])
+                        delta[p] = delta.get(p, 0) - c
+                        last = k
+            # ...and the pairs holding the new id come, the only ones new to this word.
+            m, last = len(out), -1
+            for t, i in enumerate(pos):
+                for k in (i - t - 1, i - t):  # the new token sits at i - t in `out`
+                    if last < k < m - 1 and k >= 0:
+                        p = (out[k], out[k + 1])
+                        delta[p] = delta.get(p, 0) + c
+                        last = k
+                        s = where.get(p)
+                        if s is None:
+                            where[p] = {w}
+                        else:
+                            s.add(w)
             words[w] = out
         for p, d in delta.items():
             if d:
@@ -180,7 +202,10 @@ def count_pretokens(
     for blocks in _texts(source, errors, progress):
         carry = ""
         for block, last in blocks:
-            parts = splitter.split(carry + block) if splitter else [carry + block]
+            text = carry + block
+            # split only where a special token's text occurs: splitting copies the whole block
+            has_special = splitter is not None and any(s in text for s in special_tokens)
+            parts = splitter.split(text) if has_special else [text]
             for part in parts[:-1]:
                 counts.update(pat.findall(part))
             pieces = pat.findall(parts[-1])
