@@ -140,7 +140,7 @@ def test_exported_tokenizer_loads_in_transformers(tmp_path, tiny_cfg):
 
     tok = get_tokenizer("gpt2")
     cfg = GPTConfig(**{**tiny_cfg.__dict__, "vocab_size": tok.n_vocab})
-    GPT(cfg).save_pretrained(tmp_path / "out", tokenizer=tok)
+    GPT(cfg).save_pretrained(tmp_path / "out")  # 50257 tokens and no tokenizer: GPT-2's
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     text = "Hello world, it's 2019!<|endoftext|> Ünïcode  spaces\n"
     assert hf_tok(text)["input_ids"] == tok.encode(text, allowed_special="all")

@@ -50,6 +50,8 @@ def test_run_and_checkpoint_directories_load_with_their_tokenizer(tmp_path, tiny
     same_logits(model, models[10], cfg)  # `latest`, not the first checkpoint
     assert loaded_tok.decode(loaded_tok.encode("hear me")) == "hear me"
     assert loaded_tok.n_vocab == tok.n_vocab
+    GPT.from_pretrained(tmp_path / "run").save_pretrained(tmp_path / "hf")  # keeps the tokenizer
+    assert load_model(tmp_path / "hf")[1].encode("hear me") == tok.encode("hear me")
     older = tmp_path / "run" / "ckpt" / "step_00000005"
     for path in (older, older / "model.safetensors"):
         model, loaded_tok = load_model(path)

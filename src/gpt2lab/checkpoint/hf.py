@@ -20,6 +20,7 @@ from gpt2lab.errors import CheckpointError
 from gpt2lab.io import atomic_dir, atomic_write_json
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_VOCAB = 50257  # a model of this vocabulary without a tokenizer of its own speaks GPT-2's
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # config.json fields that change the function computed; GPT-2's values are the only ones we build
 _FIXED = {
@@ -217,11 +218,19 @@ def load_hf(path: str | Path, pad_vocab_to: int = 1):
 
 
 def save_hf(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> None:
-    """Write a HF GPT-2 directory (config.json, model.safetensors, tokenizer files) atomically."""
+    """Write a HF GPT-2 directory (config.json, model.safetensors, tokenizer files) atomically.
+
+    Without `tokenizer`: the one `load_model` attached to the model, else GPT-2's when the model
+    has its 50257 tokens, else none (weights and config only).
+    """
     cfg: GPTConfig = model.config  # type: ignore[assignment]
-    eot = getattr(tokenizer, "eot_token", None) if tokenizer is not None else None
-    if tokenizer is None and cfg.vocab_size == 50257:
-        eot = 50256  # GPT-2's <|endoftext|>
+    if tokenizer is None:  # the one load_model found with the model, else GPT-2's if it fits
+        tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None and cfg.vocab_size == GPT2_VOCAB:
+        from gpt2lab.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer("gpt2")
+    eot = getattr(tokenizer, "eot_token", None)
     with atomic_dir(path) as tmp:
         atomic_write_json(tmp / "config.json", config_to_hf(cfg, eot))
         gen = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}

@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 
-from gpt2lab.checkpoint.hf import WEIGHT_FILES, is_hf_dir, load_hf
+from gpt2lab.checkpoint.hf import GPT2_VOCAB, WEIGHT_FILES, is_hf_dir, load_hf
 from gpt2lab.checkpoint.weights import load_model_safetensors
 from gpt2lab.config import GPTConfig, from_dict
 from gpt2lab.errors import CheckpointError
 
-GPT2_VOCAB = 50257  # a model of this vocabulary without a tokenizer of its own speaks GPT-2's
 _TOKENIZER_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 
 
@@ -46,6 +45,7 @@ def load_model(
 
         dtype = DTYPES[dtype]
     model.to(device=device, dtype=dtype)
+    model.tokenizer = tok  # so that save_pretrained() keeps it
     return model.eval(), tok
 
 
