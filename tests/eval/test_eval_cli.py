@@ -22,6 +22,14 @@ def hf_dir(hf_model, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def loaded(hf_dir):
+    """(our GPT, tokenizer) as `load_model` gives them for the HF directory."""
+    from gpt2lab.checkpoint.load import load_model
+
+    return load_model(hf_dir)
+
+
 def _eval(capsys, *args):
     code = cli.main(["eval", *args, "--no-progress"])
     out, err = capsys.readouterr()
@@ -66,3 +74,36 @@ def test_task_table_shows_the_paper_column_and_bad_files_fail_in_one_line(tmp_pa
         capsys, "perplexity", "-m", str(hf_dir), "--data", str(good), "--context", "65"
     )
     assert code == 2 and "block_size 64" in err
+
+
+CBT = [f"{i} Line {i} of the story ." for i in range(1, 21)] + [
+    "21 The XXXXX ran .\tdog\t\tcat|dog"
+]
+FILES = {
+    "wikitext2": (
+        " = Lobster = \n \n The lobster @-@ like animal , it said .\n",
+        "word_perplexity",
+    ),
+    "wikitext103": (" = Lobster = \n The claws are 1 @,@ 000 mm .\n", "word_perplexity"),
+    "ptb": (" the lobster 's claws are N mm\n it ran\n", "word_perplexity"),
+    "lambada": ('{"text": "the lobster bears a pair of claws"}\n', "accuracy"),
+    "cbt-cn": ("\n".join(CBT) + "\n", "accuracy"),
+    "cbt-ne": ("\n".join(CBT) + "\n", "accuracy"),
+    "enwik8": ("<page><title>Lobster</title></page>", "bits_per_byte"),
+    "text8": ("the lobster is a crustacean", "bits_per_char"),
+    "hellaswag": ('{"ctx": "A man", "endings": ["runs.", "sits."], "label": 1}\n', "acc_norm"),
+}
+
+
+@pytest.mark.parametrize("task", list(FILES))
+def test_every_task_runs_from_the_command_line(task, tmp_path, hf_dir, loaded, capsys, monkeypatch):
+    from gpt2lab.commands import eval as eval_cmd
+
+    monkeypatch.setattr(eval_cmd, "_load", lambda path, device: loaded)  # load once for all
+    text, key = FILES[task]
+    data = tmp_path / task
+    data.write_text(text, encoding="utf-8")
+    code, out, err = _eval(capsys, task, "-m", str(hf_dir), "--data", str(data), "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["task"] == task and math.isfinite(result[key]) and result["context"] == 64
