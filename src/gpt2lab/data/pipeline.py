@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -212,11 +213,20 @@ def _tasks(spec: SourceSpec, splitter: Splitter, counter: ByteCounter) -> Iterat
 _TOKENIZER: Any = None
 
 
-def _init_worker(tok_dir: str) -> None:
+def _init_worker(tok_dir: str | None = None) -> None:
     global _TOKENIZER
-    from gpt2lab.tokenizer import get_tokenizer
+    # Ctrl-C reaches the whole process group: the parent handles it and stops the pool
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if sys.platform == "linux":  # and a worker whose parent died (SIGKILL) goes too
+        with contextlib.suppress(Exception):
+            import ctypes
 
-    _TOKENIZER = get_tokenizer(tok_dir)
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if tok_dir is not None:
+        from gpt2lab.tokenizer import get_tokenizer
+
+        _TOKENIZER = get_tokenizer(tok_dir)
 
 
 def _start_pool(workers: int, tok: Any, tok_dir: Path) -> Any:
@@ -224,7 +234,7 @@ def _start_pool(workers: int, tok: Any, tok_dir: Path) -> Any:
     global _TOKENIZER
     if sys.platform == "linux":
         _TOKENIZER = tok
-        return mp.get_context("fork").Pool(workers)
+        return mp.get_context("fork").Pool(workers, _init_worker)
     return mp.get_context("spawn").Pool(workers, _init_worker, (str(tok_dir),))
 
 
@@ -255,7 +265,12 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> 
     pool = None
     try:
         if workers > 1:
-            pool = _start_pool(workers, tok, out / "tokenizer")
+            # Ctrl-C while Pool() forks would orphan its workers: hold it until `pool` is set
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                pool = _start_pool(workers, tok, out / "tokenizer")
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             results = _bounded_imap(pool, tasks, 2 * workers)
         else:
             results = (_encode_task(t, tok) for t in tasks)
