@@ -354,3 +354,21 @@ def test_long_prompt_is_cropped_from_the_left_with_a_warning(models):
         out = generate(ours, torch.tensor([prompt]), BLOCK + 5, temperature=0)
     assert out.shape == (1, 2 * BLOCK + 14)
     assert out[0, len(prompt)].item() == hf_greedy(hf, prompt[-BLOCK:], 1)[0]
+
+
+def test_the_decoding_head_copy_follows_weight_updates(models):
+    ours, _ = models
+    idx = torch.tensor([[5, 6, 7]])
+    w = ours.transformer.wte.weight
+    saved = w.detach().clone()
+    try:
+        for scale in (1.0, -2.0):
+            with torch.no_grad():
+                w.mul_(scale)  # an in-place update, as an optimizer step makes
+                fast = ours(idx, last_only=True)[0]  # one position without grad: the copy
+            with torch.enable_grad():
+                ref = ours(idx, last_only=True)[0]
+            assert torch.allclose(fast, ref, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
