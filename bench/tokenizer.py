@@ -34,11 +34,11 @@ CORPORA = [
 ]
 
 
-def corpus(n_bytes: int) -> str:
+def corpus(n_bytes: int, names: list[str] = CORPORA) -> str:
     """About n_bytes of real UTF-8 text from ../shared/data (repeated if it runs out)."""
     parts, size = [], 0
     while size < n_bytes:
-        for name in CORPORA:
+        for name in names:
             text = (DATA / name).read_text("utf-8", errors="replace")
             parts.append(text)
             size += len(text.encode())
@@ -207,7 +207,13 @@ def bench_big(n_mb: int, vocab: int, rows: list) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.txt"
-        path.write_text(corpus(n_mb * 1_000_000), encoding="utf-8")
+        # every plain-text file of ../shared/data (about 40 MB), repeated up to the size
+        names = sorted(
+            str(f.relative_to(DATA))
+            for f in DATA.rglob("*")
+            if f.is_file() and f.suffix not in (".gz", ".tgz", ".md")
+        )
+        path.write_text(corpus(n_mb * 1_000_000, names), encoding="utf-8")
         t0 = time.perf_counter()
         train_bpe([path], vocab, progress=None)
         dt = time.perf_counter() - t0
