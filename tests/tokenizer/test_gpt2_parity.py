@@ -151,6 +151,7 @@ def test_special_tokens_like_tiktoken(backend, ref_tiktoken):
         text, allowed_special="all"
     )
     assert tok.encode(text, allowed_special={"<|endoftext|>"}).count(50256) == 2
+    assert tok.encode(text, allowed_special="<|endoftext|>").count(50256) == 2  # one name
     assert tok.encode_ordinary(text) == ref_tiktoken.encode_ordinary(text)
     assert tok.encode(text, disallowed_special=()) == ref_tiktoken.encode(
         text, disallowed_special=()

@@ -67,11 +67,7 @@ class Tokenizer:
         by default every special token is disallowed and its text raises TokenizerError.
         """
         allowed = self._allowed(allowed_special)
-        disallowed = (
-            set(self.special_tokens) - allowed
-            if disallowed_special == "all"
-            else set(disallowed_special)
-        )
+        disallowed = self._disallowed(allowed, disallowed_special)
         for s in sorted(disallowed):
             if s in text:
                 raise TokenizerError(
@@ -87,7 +83,7 @@ class Tokenizer:
     def _allowed(self, allowed_special: AllowedSpecial) -> set[str]:
         if allowed_special == "all":
             return set(self.special_tokens)
-        allowed = set(allowed_special)
+        allowed = _as_set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
             raise TokenizerError(
@@ -96,6 +92,11 @@ class Tokenizer:
                 "add them with special_tokens=... when building the tokenizer",
             )
         return allowed
+
+    def _disallowed(self, allowed: set[str], disallowed_special: AllowedSpecial) -> set[str]:
+        if disallowed_special == "all":
+            return set(self.special_tokens) - allowed
+        return _as_set(disallowed_special)
 
     def _encode_with_special(self, text: str, allowed: set[str]) -> list[int]:
         # Longest first, so that a special token that is a prefix of another never wins wrongly.
@@ -134,3 +135,8 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n_vocab={self.n_vocab}, spec={self.spec()!r})"
+
+
+def _as_set(tokens: Collection[str]) -> set[str]:
+    # a lone string names one token; set("<|pad|>") would be its characters
+    return {tokens} if isinstance(tokens, str) else set(tokens)

@@ -169,11 +169,7 @@ class BPETokenizer(Tokenizer):
             )
 
     def _check_disallowed_batch(self, texts, allowed, disallowed_special) -> None:
-        disallowed = (
-            set(self.special_tokens) - allowed
-            if disallowed_special == "all"
-            else disallowed_special
-        )
+        disallowed = self._disallowed(allowed, disallowed_special)
         if disallowed:
             for t in texts:
                 if any(s in t for s in disallowed):
