@@ -258,7 +258,7 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> 
     tasks = _tasks(spec, splitter, counter)
     for _ in range(state["task"]):  # already written: read past them without tokenizing
         next(tasks)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or _cores()
     bar = _progress_bar(progress, sum(f.stat().st_size for f in files) if files else None)
     bar_done = 0
     journal = open(out / JOURNAL, "a", encoding="utf-8")
@@ -298,6 +298,14 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> 
         if pool is not None:
             pool.terminate()
             pool.join()
+
+
+def _cores() -> int:
+    """CPUs this process may use (the affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _bounded_imap(pool: Any, tasks: Iterator[Task], max_in_flight: int) -> Iterator[Any]:
