@@ -135,6 +135,17 @@ def test_invalid_utf8_at_a_token_boundary_becomes_replacement_char(gpt2_py, ref_
     assert gpt2_py.decode(ids) == ref_tiktoken.decode(ids) and "\ufffd" in gpt2_py.decode(ids)
 
 
+def test_decode_takes_numpy_torch_and_generators(gpt2_py, gpt2_fast):
+    import numpy as np
+    import torch
+
+    ids = gpt2_fast.encode("Hello world")
+    for seq in (np.array(ids), torch.tensor(ids), (i for i in ids), tuple(ids)):
+        assert gpt2_py.decode(seq) == "Hello world"
+    with pytest.raises(TokenizerError, match="50257"):
+        gpt2_py.decode(i for i in [1, 50257])
+
+
 @pytest.mark.parametrize("bad", [-1, 50257, 10**9, "7"])
 def test_decode_rejects_ids_outside_the_vocabulary(gpt2_py, bad):
     with pytest.raises(TokenizerError, match="outside the vocabulary"):

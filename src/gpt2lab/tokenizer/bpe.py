@@ -178,10 +178,11 @@ class BPETokenizer(Tokenizer):
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The raw bytes of a token sequence (special tokens as their text)."""
         dec = self._decoder
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy / torch -> ints
         try:
             return b"".join([dec[i] for i in ids])
         except (KeyError, TypeError):
-            bad = next(i for i in ids if i not in dec)
+            bad = next(i for i in ids if not isinstance(i, int) or i not in dec)
             raise self._bad_id(bad) from None
 
     def token_bytes(self, i: int) -> bytes:

@@ -72,6 +72,7 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         """Token ids -> text (special tokens as their text)."""
         itos, n = self._itos, self.n_vocab
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids  # numpy / torch -> ints
         out = []
         for i in ids:
             if not isinstance(i, int) or not 0 <= i < n:
