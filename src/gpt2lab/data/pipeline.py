@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from gpt2lab.data import shards as S
+from gpt2lab.data import sources
 from gpt2lab.data.sources import (
     ByteCounter,
     SourceSpec,
@@ -84,7 +85,9 @@ def prepare(
         "seed": seed,
         "shard_tokens": shard_tokens,
         "dtype": token_dtype.name,
-        "task_chars": TASK_CHARS,
+        "task_chars": TASK_CHARS,  # tasks and pieces must be cut the same way to resume
+        "piece_chars": sources.PIECE_CHARS,
+        "read_bytes": sources._READ_BYTES,
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 

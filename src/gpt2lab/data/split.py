@@ -36,10 +36,28 @@ def doc_uniform(seed: int, index: int) -> float:
 class Splitter:
     """Assigns each piece of the document stream to train or val."""
 
-    def __init__(self, method: str, value: float, seed: int, cut: int = 0, val_set=None) -> None:
+    def __init__(
+        self, method: str, value: float, seed: int, cut: int = 0, spec: SourceSpec | None = None
+    ) -> None:
         self.method, self.value, self.seed = method, value, seed
         self.cut = cut  # val_tail: characters before the val part
-        self.val_set: set[int] = val_set or set()
+        self.spec = spec  # val_docs: the source whose documents are counted
+        self._val_set: set[int] | None = None
+
+    def val_set(self) -> set[int]:
+        """val_docs: the N documents with the smallest draws (counted on first use)."""
+        if self._val_set is None:
+            assert self.spec is not None
+            n = _count_documents(self.spec)
+            if self.value >= n:
+                raise DataError(
+                    f"--val-docs {self.value} asks for all {n} documents of the input",
+                    "fewer val documents than documents",
+                    "lower --val-docs (or use --val-tail for a single file)",
+                )
+            key = lambda i: doc_uniform(self.seed, i)  # noqa: E731
+            self._val_set = set(heapq.nsmallest(int(self.value), range(n), key=key))
+        return self._val_set
 
     @classmethod
     def create(
@@ -75,15 +93,7 @@ class Splitter:
         if val_docs is not None:
             if val_docs < 0:
                 raise DataError(f"--val-docs {val_docs}", "N >= 0", "e.g. --val-docs 100")
-            n = _count_documents(spec)
-            if val_docs >= n:
-                raise DataError(
-                    f"--val-docs {val_docs} asks for all {n} documents of the input",
-                    "fewer val documents than documents",
-                    "lower --val-docs (or use --val-tail for a single file)",
-                )
-            val = heapq.nsmallest(val_docs, range(n), key=lambda i: doc_uniform(seed, i))
-            return cls("val_docs", val_docs, seed, val_set=set(val))
+            return cls("val_docs", val_docs, seed, spec=spec)  # counted when first needed
         frac = 0.005 if val_fraction is None else val_fraction
         if not 0 <= frac < 1:
             raise DataError(f"--val-fraction {frac}", "0 <= F < 1", "e.g. --val-fraction 0.005")
@@ -99,11 +109,12 @@ class Splitter:
             yield from self._tail(pieces)
             return
         doc, split = -1, TRAIN
+        val_set = self.val_set() if self.method == "val_docs" else set()
         for text, first in pieces:
             if first:
                 doc += 1
                 if self.method == "val_docs":
-                    split = VAL if doc in self.val_set else TRAIN
+                    split = VAL if doc in val_set else TRAIN
                 else:
                     split = VAL if doc_uniform(self.seed, doc) < self.value else TRAIN
             yield split, text, first
