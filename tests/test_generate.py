@@ -209,6 +209,18 @@ def test_streamed_text_equals_the_text_cut_before_the_first_stop(text, cuts, sto
         assert not any(x in released for x in stops)  # no stop string ever reaches the screen
 
 
+def test_gpt2_tokens_that_split_characters_stream_whole_characters():
+    from gpt2lab.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("gpt2")
+    text = "naïve 😀🤖 世界, ok"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens hold part of a character
+    s = TextStream(tok.decode_bytes)
+    pieces = [s.push(i) for i in ids] + [s.close()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
 def test_byte_tokens_round_trip():
     s = TextStream(byte_tokens)
     text = "naïve café 😀"
@@ -253,12 +265,13 @@ def models():
     return ours, hf
 
 
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+def hf_greedy(hf, prompt: list[int], n: int, penalty: float = 1.0) -> list[int]:
     out = hf.generate(
         torch.tensor([prompt]),
         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         max_new_tokens=n,
         do_sample=False,
+        repetition_penalty=penalty,
         pad_token_id=0,
         eos_token_id=None,
     )
@@ -268,24 +281,27 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 PROMPTS = [[5, 17, 3], [40], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [60, 61]]
 
 
-def test_greedy_ids_equal_transformers(models):
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_greedy_ids_equal_transformers(models, penalty):
     from gpt2lab.generate import generate
 
     ours, hf = models
     for prompt in PROMPTS:
         n = BLOCK - len(prompt)  # up to the full context
-        got = generate(ours, torch.tensor([prompt]), n, temperature=0)[0, len(prompt) :]
-        assert got.tolist() == hf_greedy(hf, prompt, n)
+        got = generate(ours, torch.tensor([prompt]), n, temperature=0, repetition_penalty=penalty)
+        assert got[0, len(prompt) :].tolist() == hf_greedy(hf, prompt, n, penalty)
 
 
-def test_batched_left_padded_greedy_equals_one_by_one(models):
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_batched_left_padded_greedy_equals_one_by_one(models, penalty):
     from gpt2lab.generate import generate, left_pad
 
     ours, _ = models
-    ids, mask = left_pad(PROMPTS, pad_id=0)
-    batched = generate(ours, ids, 15, temperature=0, attention_mask=mask)[:, ids.size(1) :]
+    kw = {"temperature": 0, "repetition_penalty": penalty}
+    ids, mask = left_pad(PROMPTS, pad_id=5)  # 5 is also a real token of the padded row 0
+    batched = generate(ours, ids, 15, attention_mask=mask, **kw)[:, ids.size(1) :]
     for row, prompt in zip(batched, PROMPTS):
-        alone = generate(ours, torch.tensor([prompt]), 15, temperature=0)[0, len(prompt) :]
+        alone = generate(ours, torch.tensor([prompt]), 15, **kw)[0, len(prompt) :]
         assert row.tolist() == alone.tolist()
 
 

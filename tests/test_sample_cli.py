@@ -215,6 +215,8 @@ def test_a_prompt_longer_than_the_context_is_cropped_with_a_warning(char_run, ca
         (["--top-p", "0"], "sample.top_p=0.0"),
         (["-m", "-1"], "sample.max_new_tokens=-1"),
         (["--stream", "--json"], "--stream and --json"),
+        (["--stream", "--out", "samples"], "--stream and --out"),
+        (["--lines"], "--lines needs --prompt-file"),
     ],
 )
 def test_bad_flags_are_one_line_usage_errors(char_run, capsys, flags, needle):

@@ -159,8 +159,9 @@ def iter_tokens(
         full_mask[:, :T] = mask
     seen = None
     if repetition_penalty != 1.0:
-        seen = torch.zeros((B, cfg.vocab_size), dtype=torch.bool, device=device)
-        seen.scatter_(1, idx, mask if mask is not None else True)
+        real = torch.ones_like(idx, dtype=torch.float) if mask is None else mask.float()
+        counts = torch.zeros((B, cfg.vocab_size), device=device).scatter_add_(1, idx, real)
+        seen = counts > 0  # padding ids count only where they are real tokens too
     vocab_limit = min(vocab_size or cfg.vocab_size, cfg.vocab_size)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     runner = _CachedRunner(model, B, min(cfg.block_size, T + max_new_tokens), device)
@@ -343,7 +344,10 @@ class _CachedRunner:
 
     def _forward(self, ids: Tensor, mask: Tensor | None, pos: Tensor | None) -> Tensor:
         kw = {"last_only": True} if self.last_only else {}
-        logits, _ = self.model(ids, cache=self.cache, attention_mask=mask, position_ids=pos, **kw)
+        with torch.no_grad():  # here, not around the loop: a generator must not leak grad mode
+            logits, _ = self.model(
+                ids, cache=self.cache, attention_mask=mask, position_ids=pos, **kw
+            )
         return logits[:, -1, :]
 
 

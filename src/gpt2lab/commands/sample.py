@@ -170,8 +170,11 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    if args.stream and args.json:
-        raise UsageError("--stream and --json cannot go together", fix="drop one of them")
+    if args.stream and (args.json or args.out):
+        raise UsageError(
+            f"--stream and {'--json' if args.json else '--out'} cannot go together",
+            fix="drop one of them",
+        )
     if args.interactive and (args.json or args.out or args.prompt or args.prompt_file):
         raise UsageError(
             "--interactive reads prompts from the keyboard and prints as it goes",
