@@ -268,3 +268,11 @@ def test_cli_takes_a_path_in_place_of_a_preset(tmp_path):
     argv = ["prepare", str(tmp_path / "n.txt"), "-o", str(tmp_path / "o"), "--tokenizer", "char"]
     assert cli.main([*argv, "--split-on-blank-lines", "--val-docs", "1"]) == 0
     assert load_meta(tmp_path / "o")["documents"] == {"train": 1, "val": 1}
+
+
+def test_progress_bar_shows_documents_tokens_rate_and_eta(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("some text\n" * 100)
+    prepare(str(tmp_path / "p.txt"), tmp_path / "o", "char", workers=1, progress=True)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in last and "B/s" in last and "docs=1" in last and "tokens=1,001" in last
+    assert "<00:00" in last  # tqdm's time left

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from gpt2lab.data.sources import (
     expand_inputs,
     iter_pieces,
     iter_text,
+    open_hf_dataset,
 )
 from gpt2lab.data.split import Splitter
 from gpt2lab.errors import DataError
@@ -262,8 +264,7 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> 
     for _ in range(state["task"]):  # already written: read past them without tokenizing
         next(tasks)
     workers = workers or _cores()
-    bar = _progress_bar(progress, sum(f.stat().st_size for f in files) if files else None)
-    bar_done = 0
+    bar = _Progress(spec, files, counter.n, sum(state["docs"])) if progress else None
     journal = open(out / JOURNAL, "a", encoding="utf-8")
     pool = None
     try:
@@ -287,13 +288,7 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> 
             journal.write(json.dumps(state) + "\n")
             journal.flush()
             if bar is not None:
-                bar.update(counter.n - bar_done)
-                bar_done = counter.n
-                bar.set_postfix(
-                    docs=f"{sum(state['docs']):,}",
-                    tokens=f"{sum(state['tokens']):,}",
-                    refresh=False,
-                )
+                bar.update(counter.n, sum(state["docs"]), sum(state["tokens"]))
     finally:
         journal.close()
         if bar is not None:
@@ -322,13 +317,39 @@ def _bounded_imap(pool: Any, tasks: Iterator[Task], max_in_flight: int) -> Itera
         yield pending.popleft().get()
 
 
-def _progress_bar(enabled: bool, total_bytes: int | None) -> Any:
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class _Progress:
+    """tqdm over input bytes (local files: MB, MB/s, ETA) or documents (HF datasets)."""
 
-    # unit B with unit_scale shows MB and MB/s; with a known total tqdm also shows the ETA
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", smoothing=0.1)
+    def __init__(self, spec: SourceSpec, files: list[Path], done_bytes: int, done_docs: int):
+        from tqdm import tqdm
+
+        self.by_docs = bool(spec.dataset)
+        self.t0, self.bytes0 = time.perf_counter(), done_bytes
+        if self.by_docs:  # a streamed dataset: its card may say how many documents it has
+            total, initial, unit = _hf_num_docs(spec), done_docs, "doc"
+        else:
+            total, initial, unit = sum(f.stat().st_size for f in files), done_bytes, "B"
+        self.bar = tqdm(total=total, initial=initial, unit=unit, unit_scale=True, desc="prepare")
+
+    def update(self, n_bytes: int, docs: int, tokens: int) -> None:
+        if self.by_docs:
+            rate = (n_bytes - self.bytes0) / max(1e-9, time.perf_counter() - self.t0) / 1e6
+            self.bar.update(docs - self.bar.n)
+            self.bar.set_postfix(tokens=f"{tokens:,}", MBps=f"{rate:.1f}", refresh=False)
+        else:
+            self.bar.update(n_bytes - self.bar.n)
+            self.bar.set_postfix(docs=f"{docs:,}", tokens=f"{tokens:,}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _hf_num_docs(spec: SourceSpec) -> int | None:
+    try:
+        splits = open_hf_dataset(spec).info.splits or {}
+        return int(splits[spec.dataset_split].num_examples) or None
+    except Exception:  # no card, no split info: a bar without an ETA
+        return None
 
 
 # --- resuming and cleaning up -----------------------------------------------------------------
