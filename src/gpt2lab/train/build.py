@@ -17,10 +17,11 @@ from gpt2lab.checkpoint import native
 from gpt2lab.errors import ConfigError, DataError, TokenizerError, TrainingError
 
 # Keys a resumed run may not change: they decide the weights' shapes, the optimizer's groups or
-# which data each step reads, so the continuation would not be the same run.
+# which data each step reads, so the continuation would not be the same run. (data.dir may move:
+# the loader checks the token count.)
 FIXED_ON_RESUME = (
     "model.",
-    "data.",
+    "data.sampling",
     "train.micro_batch_size",
     "train.grad_accum_steps",
     "train.seed",

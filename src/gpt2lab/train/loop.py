@@ -236,8 +236,7 @@ class Trainer:
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         model = GPT(cfg.model)
         if init_state is not None:
-            model.load_state_dict(init_state, strict=False)
-            model.lm_head.weight = model.transformer.wte.weight
+            model.load_state_dict(init_state)  # same config but dropout: every key fits
         if ckpt is not None:
             load_model_safetensors(model, ckpt / "model.safetensors")
         self.frozen = apply_freeze(model, tc.freeze)
