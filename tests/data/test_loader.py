@@ -33,7 +33,8 @@ def test_batches_are_slices_of_the_split_across_shard_boundaries(data_dir, sampl
     loader = BatchLoader(data_dir, block_size=64, batch_size=4, sampling=sampling, seed=3)
     for _ in range(10):
         x, y = loader.next_batch()
-        assert x.shape == y.shape == (4, 64) and x.dtype == torch.int64
+        assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.int64
+        assert x.is_contiguous() and y.is_contiguous()
         pos = _positions(tokens, x, y)
         assert all(0 <= p <= len(tokens) - 65 for p in pos)
         if sampling == "sequential":

@@ -83,11 +83,11 @@ class BatchLoader:
         self.micro += 1
         if self.micro == self.A:
             self.step, self.micro = self.step + 1, 0
-        t = torch.from_numpy(buf)
+        # separate contiguous tensors: callers may .view(-1) them
+        x, y = torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
         if self._pin:  # pinned host memory lets the copy overlap with compute
-            t = t.pin_memory()
-        t = t.to(self.device, non_blocking=self._pin)
-        return t[:, :-1], t[:, 1:]
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=self._pin), y.to(self.device, non_blocking=self._pin)
 
     def _window_starts(self, step: int, slot: int) -> np.ndarray:
         """Start positions of the B windows in `slot` of `step` (a function of seed, step, slot)."""
