@@ -229,3 +229,9 @@ def test_bad_flags_are_one_line_usage_errors(char_run, capsys, flags, needle):
 def test_empty_model_directory_is_a_one_line_error(tmp_path, capsys):
     code, _, err = sample(capsys, "--model", str(tmp_path), "-p", "x")
     assert code == 1 and err.count("\n") == 1 and f"{tmp_path} is empty" in err
+
+
+def test_sampling_leaves_the_process_grad_mode_alone(char_run, capsys):
+    run, _, _ = char_run
+    assert sample(capsys, "--model", str(run), "-p", "a", "-m", "2")[0] == 0
+    assert torch.is_grad_enabled()
