@@ -1,8 +1,8 @@
 """prepare(): stream documents, tokenize them in parallel, write train/val shards and meta.json.
 
 Memory stays bounded: documents are read in pieces, at most 2 tasks per worker are in flight, and
-tokens go straight to the shard files. After every task a journal line records how many tokens of
-each split are written, so a rerun after a crash resumes from the last complete task.
+tokens go straight to the shard files. After every task a journal line (see journal.py) records how
+many tokens of each split are written, so a rerun after a crash resumes from the last task.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 
 from gpt2lab.data import shards as S
 from gpt2lab.data import sources
+from gpt2lab.data.journal import JOURNAL, clean, read_journal, resume_from
 from gpt2lab.data.sources import (
     ByteCounter,
     SourceSpec,
@@ -38,7 +38,6 @@ from gpt2lab.errors import DataError
 from gpt2lab.io import atomic_dir, atomic_write_json
 
 TASK_CHARS = 1 << 18  # text per task sent to a worker: small enough to balance the workers
-JOURNAL = ".prepare.journal"
 TRAIN, VAL = 0, 1
 
 Task = list[tuple[int, str, bool]]  # (split, text, starts a document)
@@ -102,9 +101,9 @@ def prepare(
         if old.get("fingerprint") == fingerprint:
             log(f"{out} is already complete for these settings; nothing to do (--force redoes it)")
             return old
-    resume = None if force else _read_journal(out, fingerprint)
+    resume = None if force else read_journal(out, fingerprint)
     if resume is None:
-        if _clean(out):
+        if clean(out):
             log(f"starting clean in {out} (removed the output of an earlier, different run)")
         else:
             log(f"starting clean in {out}")
@@ -118,7 +117,7 @@ def prepare(
     ]
     state = {"task": 0, "tokens": [0, 0], "docs": [0, 0]}
     if resume is not None:
-        state = _resume(out, writers, resume, fingerprint)
+        state = resume_from(out, writers, resume, fingerprint)
         log(
             f"resuming in {out} from task {state['task']}: {state['tokens'][TRAIN]:,} train and "
             f"{state['tokens'][VAL]:,} val tokens already written"
@@ -128,7 +127,7 @@ def prepare(
     except DataError:
         for w in writers:
             w.abort()
-        _clean(out)  # bad input: leave nothing behind (a rerun with fixed input starts clean)
+        clean(out)  # bad input: leave nothing behind (a rerun with fixed input starts clean)
         with contextlib.suppress(OSError):
             out.rmdir()  # only if empty
         raise
@@ -137,7 +136,7 @@ def prepare(
             w.abort()
         raise
     if state["docs"][TRAIN] == 0 and state["docs"][VAL] == 0:
-        _clean(out)
+        clean(out)
         with contextlib.suppress(OSError):
             out.rmdir()
         raise DataError(
@@ -350,84 +349,3 @@ def _hf_num_docs(spec: SourceSpec) -> int | None:
         return int(splits[spec.dataset_split].num_examples) or None
     except Exception:  # no card, no split info: a bar without an ETA
         return None
-
-
-# --- resuming and cleaning up -----------------------------------------------------------------
-
-
-def _read_journal(out: Path, fingerprint: str) -> list[dict[str, Any]] | None:
-    """The journal's entries if it belongs to a run with these settings, else None."""
-    try:
-        lines = (out / JOURNAL).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    entries = []
-    for line in lines:
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            break  # a line cut short by the crash
-    if not entries or entries[0].get("fingerprint") != fingerprint:
-        return None
-    return [{"task": 0, "tokens": [0, 0], "docs": [0, 0]}] + entries[1:]
-
-
-def _on_disk(out: Path, writer: S.ShardWriter) -> int:
-    """Tokens of a split that are on disk in order: complete shards, then the temp shard."""
-    n, i = 0, 0
-    while True:
-        path = out / S.shard_name(writer.split, i)
-        if not path.exists():
-            break
-        try:
-            h = S.read_header(path)
-        except DataError:
-            return n
-        n += h["count"]
-        if h["count"] != writer.shard_tokens:
-            return n  # a last, short shard: nothing can follow it
-        i += 1
-    tmp = out / f".{S.shard_name(writer.split, i)}.tmp"
-    if tmp.exists():
-        n += max(0, (tmp.stat().st_size - S.HEADER_BYTES) // writer.dtype.itemsize)
-    return n
-
-
-def _resume(
-    out: Path, writers: list[S.ShardWriter], entries: list[dict], fingerprint: str
-) -> dict[str, Any]:
-    """The newest journal entry whose tokens are all on disk; shards are cut back to it."""
-    have = [_on_disk(out, w) for w in writers]
-    k = max(i for i, e in enumerate(entries) if all(e["tokens"][s] <= have[s] for s in (0, 1)))
-    for s, w in enumerate(writers):
-        w.resume(entries[k]["tokens"][s])
-    lines = [{"fingerprint": fingerprint}] + entries[1 : k + 1]  # drop entries past the point
-    with open(out / JOURNAL, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(e) + "\n" for e in lines))
-    e = entries[k]
-    return {"task": e["task"], "tokens": list(e["tokens"]), "docs": list(e["docs"])}
-
-
-def _our_files(out: Path) -> list[Path]:
-    if not out.is_dir():
-        return []
-    names = {"meta.json", JOURNAL, "tokenizer"}
-    found = []
-    for p in out.iterdir():
-        n = p.name
-        if n in names or (n.startswith((".train_", ".val_", ".tokenizer.", ".meta.json."))):
-            found.append(p)
-        elif any(n.startswith(f"{s}_") and n.endswith(".bin") for s in S.SPLITS):
-            found.append(p)
-    return found
-
-
-def _clean(out: Path) -> bool:
-    """Remove what prepare writes in `out` (and nothing else); True if there was something."""
-    found = _our_files(out)
-    for p in found:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return bool(found)

@@ -1,0 +1,96 @@
+"""The journal that lets an interrupted `prepare` resume, and the clean-up of prepare's files.
+
+After each task `prepare` appends {"task", "tokens", "docs"} (per split) to `.prepare.journal`,
+whose first line holds the fingerprint of the settings. A rerun with the same fingerprint resumes
+from the newest entry whose tokens are all on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from gpt2lab.data import shards as S
+from gpt2lab.errors import DataError
+
+JOURNAL = ".prepare.journal"
+
+
+def read_journal(out: Path, fingerprint: str) -> list[dict[str, Any]] | None:
+    """The journal's entries if it belongs to a run with these settings, else None."""
+    try:
+        lines = (out / JOURNAL).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            break  # a line cut short by the crash
+    if not entries or entries[0].get("fingerprint") != fingerprint:
+        return None
+    return [{"task": 0, "tokens": [0, 0], "docs": [0, 0]}] + entries[1:]
+
+
+def _on_disk(out: Path, writer: S.ShardWriter) -> int:
+    """Tokens of a split that are on disk in order: complete shards, then the temp shard."""
+    n, i = 0, 0
+    while True:
+        path = out / S.shard_name(writer.split, i)
+        if not path.exists():
+            break
+        try:
+            h = S.read_header(path)
+        except DataError:
+            return n
+        n += h["count"]
+        if h["count"] != writer.shard_tokens:
+            return n  # a last, short shard: nothing can follow it
+        i += 1
+    tmp = out / f".{S.shard_name(writer.split, i)}.tmp"
+    if tmp.exists():
+        n += max(0, (tmp.stat().st_size - S.HEADER_BYTES) // writer.dtype.itemsize)
+    return n
+
+
+def resume_from(
+    out: Path, writers: list[S.ShardWriter], entries: list[dict], fingerprint: str
+) -> dict[str, Any]:
+    """The newest journal entry whose tokens are all on disk; shards are cut back to it."""
+    have = [_on_disk(out, w) for w in writers]
+    k = max(i for i, e in enumerate(entries) if all(e["tokens"][s] <= have[s] for s in (0, 1)))
+    for s, w in enumerate(writers):
+        w.resume(entries[k]["tokens"][s])
+    lines = [{"fingerprint": fingerprint}] + entries[1 : k + 1]  # drop entries past the point
+    with open(out / JOURNAL, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in lines))
+    e = entries[k]
+    return {"task": e["task"], "tokens": list(e["tokens"]), "docs": list(e["docs"])}
+
+
+def _our_files(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    names = {"meta.json", JOURNAL, "tokenizer"}
+    found = []
+    for p in out.iterdir():
+        n = p.name
+        if n in names or (n.startswith((".train_", ".val_", ".tokenizer.", ".meta.json."))):
+            found.append(p)
+        elif any(n.startswith(f"{s}_") and n.endswith(".bin") for s in S.SPLITS):
+            found.append(p)
+    return found
+
+
+def clean(out: Path) -> bool:
+    """Remove what prepare writes in `out` (and nothing else); True if there was something."""
+    found = _our_files(out)
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return bool(found)
