@@ -226,7 +226,10 @@ def test_cli_preset_with_local_input_and_hf_local_files(tiny_shakespeare, tmp_pa
     assert cli.main([*argv, "--shard-size", "20K"]) == 0
     meta = load_meta(out)
     assert meta["split"]["method"] == "val_tail" and len(meta["shards"]["train"]) == 3
-    assert meta["command"].startswith("gpt2lab prepare")
+    assert (
+        meta["command"]
+        == f"gpt2lab prepare shakespeare --input {part} --shard-size 20000 --out {out}"
+    )
     jsonl = tmp_path / "t.jsonl"
     jsonl.write_text('{"text": "one doc"}\n{"text": "two docs"}\n')
     a, b = tmp_path / "a", tmp_path / "b"

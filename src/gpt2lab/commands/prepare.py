@@ -117,6 +117,31 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 100M") from None
 
 
+_FLAGS = [
+    ("--input", "input"), ("--field", "field"), ("--separator", "separator"),
+    ("--errors", "errors"), ("--dataset", "dataset"), ("--dataset-config", "dataset_config"),
+    ("--dataset-split", "dataset_split"), ("--data-files", "data_files"),
+    ("--tokenizer", "tokenizer"), ("--val-fraction", "val_fraction"), ("--val-docs", "val_docs"),
+    ("--val-tail", "val_tail"), ("--seed", "seed"), ("--shard-size", "shard_size"),
+    ("--dtype", "dtype"),
+]  # fmt: skip
+_DEFAULTS = {"field": "text", "errors": "strict", "dataset_split": "train", "seed": 1337,
+             "shard_size": 100_000_000, "dtype": "auto"}  # fmt: skip
+
+
+def _command_line(args: argparse.Namespace, out: str) -> str:
+    """The command that re-creates this data directory (quoted in error messages)."""
+    parts = ["gpt2lab", "prepare", *([args.preset] if args.preset else [])]
+    for flag, key in _FLAGS:
+        value = getattr(args, key)
+        if value is None or value == _DEFAULTS.get(key):
+            continue
+        parts += [flag, *(value if isinstance(value, list) else [str(value)])]
+    if args.split_on_blank_lines:
+        parts.append("--split-on-blank-lines")
+    return " ".join(shlex.quote(p) for p in [*parts, "--out", out])
+
+
 def _looks_like_input(arg: str) -> bool:
     import glob
     import os
@@ -188,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         force=args.force,
         progress=not args.no_progress and sys.stderr.isatty(),
-        command="gpt2lab prepare " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        command=_command_line(args, out),
         log=lambda msg: print(msg, file=sys.stderr),
     )
     return 0

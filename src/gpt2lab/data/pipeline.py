@@ -74,13 +74,14 @@ def prepare(
             f"shard size {shard_tokens}", "a positive number of tokens", "fix --shard-size"
         )
     files = [] if spec.dataset else expand_inputs(spec.inputs)
+    local_data = [Path(f) for f in spec.data_files or [] if Path(f).is_file()]  # changes restart
     splitter = Splitter.create(spec, files, val_fraction, val_docs, val_tail, seed)
     tok = _build_tokenizer(tokenizer, spec)
     token_dtype = S.dtype_for_vocab(tok.n_vocab, dtype)
     settings = {
         "format_version": S.VERSION,
         "source": spec.describe(),
-        "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files + local_data],
         "tokenizer": tok.spec(),
         "split": splitter.describe(),
         "seed": seed,
