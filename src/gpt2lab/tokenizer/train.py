@@ -83,11 +83,16 @@ def learn_merges(
     words = [list(w) for w in counts]
     freq = list(counts.values())
     pair_count: dict[tuple[int, int], int] = {}
-    where: dict[tuple[int, int], set[int]] = {}
+    # pair -> the pre-tokens that hold it (or held it: entries go stale, and may repeat)
+    where: dict[tuple[int, int], list[int]] = {}
     for w, (ids, c) in enumerate(zip(words, freq)):
         for p in zip(ids, ids[1:]):
             pair_count[p] = pair_count.get(p, 0) + c
-            where.setdefault(p, set()).add(w)
+            s = where.get(p)
+            if s is None:
+                where[p] = [w]
+            else:
+                s.append(w)
     # Max-heap of (count, pair) by pushing (-count, left, right): ties pop the smallest pair.
     # Entries may be stale (counts only fall between pushes), so a popped entry is re-checked.
     heap = [(-c, a, b) for (a, b), c in pair_count.items()]
@@ -108,6 +113,7 @@ def learn_merges(
         new = 256 + len(merges)
         merges.append(best)
         delta: dict[tuple[int, int], int] = {}  # net change of each pair's count
+        get = delta.get
         for w in where.pop(best):
             ids = words[w]
             n = len(ids)
@@ -124,8 +130,29 @@ def learn_merges(
             except ValueError:
                 pass
             if not pos:
-                continue  # a stale entry: this word lost the pair to an earlier merge
-            out: list[int] = []
+                continue  # stale or repeated entry: the word no longer holds the pair
+            c = freq[w]
+            if len(pos) == 1:  # the common case, written out
+                i = pos[0]
+                out = ids[:i]
+                out.append(new)
+                out += ids[i + 2 :]
+                delta[best] = get(best, 0) - c
+                if i > 0:
+                    p = (ids[i - 1], a)
+                    delta[p] = get(p, 0) - c
+                    p = (ids[i - 1], new)
+                    delta[p] = get(p, 0) + c
+                    _add(where, p, w)
+                if i + 2 < n:
+                    p = (b, ids[i + 2])
+                    delta[p] = get(p, 0) - c
+                    p = (new, ids[i + 2])
+                    delta[p] = get(p, 0) + c
+                    _add(where, p, w)
+                words[w] = out
+                continue
+            out = []
             prev = 0
             for i in pos:
                 out += ids[prev:i]
@@ -133,12 +160,12 @@ def learn_merges(
                 prev = i + 2
             out += ids[prev:]
             # Only the pairs that touch a merged position change: the old ones go...
-            c, last = freq[w], -1
+            last = -1
             for i in pos:
                 for k in (i - 1, i, i + 1):
                     if last < k < n - 1 and k >= 0:
                         p = (ids[k], ids[k + 1])
-                        delta[p] = delta.get(p, 0) - c
+                        delta[p] = get(p, 0) - c
                         last = k
             # ...and the pairs holding the new id come, the only ones new to this word.
             m, last = len(out), -1
@@ -146,13 +173,9 @@ def learn_merges(
                 for k in (i - t - 1, i - t):  # the new token sits at i - t in `out`
                     if last < k < m - 1 and k >= 0:
                         p = (out[k], out[k + 1])
-                        delta[p] = delta.get(p, 0) + c
+                        delta[p] = get(p, 0) + c
                         last = k
-                        s = where.get(p)
-                        if s is None:
-                            where[p] = {w}
-                        else:
-                            s.add(w)
+                        _add(where, p, w)
             words[w] = out
         for p, d in delta.items():
             if d:
@@ -164,6 +187,14 @@ def learn_merges(
         bar.update()
     bar.close()
     return merges
+
+
+def _add(where: dict[tuple[int, int], list[int]], p: tuple[int, int], w: int) -> None:
+    s = where.get(p)
+    if s is None:
+        where[p] = [w]
+    else:
+        s.append(w)
 
 
 def _pop_best(heap: list, pair_count: dict[tuple[int, int], int]) -> tuple[int, int] | None:
