@@ -261,7 +261,8 @@ class GPT(nn.Module):
         fused SDPA kernels keep no T x T scores. With dropout, SDPA on the CPU uses its math
         kernel (float32 q/k/v, three T x T tensors per head) and each dropout keeps a mask.
         Then the final LayerNorm, the float32 log-softmax and autocast's `dtype` weight copies.
-        `logits` is the float32 logits the caller holds and their gradient.
+        `logits`, a part of `activations`, is the float32 logits the caller holds and their
+        gradient.
         """
         cfg = self.config
         T = seq or cfg.block_size
@@ -282,7 +283,8 @@ class GPT(nn.Module):
             acts = L * B * T * C * (8 + 14 * w)
         acts += B * T * C * (4 + w) + B * T * V * 4  # final LayerNorm, log-softmax
         acts += n * w if w < 4 else 0  # autocast's low-precision weight copies
-        return MemoryEstimate(4 * n, 4 * n, 4 * n * states[optimizer], acts, B * T * V * 8)
+        logits = B * T * V * 8
+        return MemoryEstimate(4 * n, 4 * n, 4 * n * states[optimizer], acts + logits, logits)
 
     @classmethod
     def from_pretrained(
@@ -315,12 +317,12 @@ class MemoryEstimate:
     params: int
     grads: int
     optimizer: int
-    activations: int
-    logits: int
+    activations: int  # everything that grows with batch x seq, logits included
+    logits: int  # of which: the float32 logits and their gradient
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.logits
+        return self.params + self.grads + self.optimizer + self.activations
 
     def __str__(self) -> str:
         parts = [f"{k} {getattr(self, k) / 2**30:.2f}" for k in self.__dataclass_fields__]
