@@ -173,6 +173,12 @@ def read_hf_tensors(path: str | Path) -> dict[str, Tensor]:
             ) from e
         tensors: dict[str, Tensor] = {}
         for shard in shards:
+            if Path(shard).name != shard:  # a shard outside the directory is not this model's
+                raise CheckpointError(
+                    f"{index} names shard {shard!r} outside {p}",
+                    "file names in the same directory",
+                    "re-save the model with save_pretrained",
+                )
             tensors.update(read_tensors(p / shard))
         return tensors
     if (p / "pytorch_model.bin").is_file():

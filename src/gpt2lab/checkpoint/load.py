@@ -163,7 +163,7 @@ def hub_snapshot(name: str) -> Path:
         if is_hf_dir(snap):
             return snap
     offline = any(
-        os.environ.get(v, "") in ("1", "true", "ON")
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
         for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
     why = "HF_HUB_OFFLINE is set"
