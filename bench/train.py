@@ -10,8 +10,8 @@ timed steps, MFU against this machine's measured matmul peak, the mean loss of t
   defaults vs float32    ours with our CPU default (bfloat16 autocast where the CPU has it)
                          / reference float32 (goal >= 2)
 
-Shapes: the shakespeare-char preset (6 x 384, context 256, char vocabulary) and the gpt2 shape
-(12 x 768, 50257 tokens) at a short context.
+Shapes: the shakespeare-char preset (6 x 384, context 256, char vocabulary; with biases, as the
+reference always has them) and the gpt2 shape (12 x 768, 50257 tokens) at a short context.
 
     .venv/bin/python bench/train.py            # full run (tens of minutes on 2 cores)
     .venv/bin/python bench/train.py --quick    # a short run that checks everything works
@@ -197,7 +197,13 @@ def main() -> int:
         "shakespeare-char": C.resolve(
             "shakespeare-char",
             None,
-            [*common, f"data.dir={char}", f"train.micro_batch_size={4 if args.quick else 16}"],
+            # biases on, as GPT2LMHeadModel always has them: the same parameters, the same curve
+            [
+                *common,
+                f"data.dir={char}",
+                "model.bias=true",
+                f"train.micro_batch_size={4 if args.quick else 16}",
+            ],
         ),
         "gpt2 @ T=128": C.resolve(
             "gpt2",

@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer for a text-file --data without --init-from: gpt2 or char (default char)",
+        help="tokenizer for a text-file --data without --init-from: gpt2 (default), char or a "
+        "saved tokenizer directory",
     )
     p.add_argument(
         "--resume",
