@@ -191,10 +191,10 @@ def main() -> None:
         tokens = _count_tokens(t, repeats)
         print(f"tokens: {tokens:,} (the three methods wrote identical ids: checked)")
         ours = rows[0][1]
-        print(f"{'method':<28} {'seconds':>8} {'tokens/s':>12} {'ours/peer':>10} {'peak MB':>9}")
+        print(f"{'method':<28} {'seconds':>8} {'tokens/s':>12} {'our speedup':>12} {'peak MB':>9}")
         for name, secs, peak in rows:
             ratio = "-" if name.startswith("gpt2lab") else f"{secs / ours:.2f}x"
-            print(f"{name:<28} {secs:8.2f} {tokens / secs:12,.0f} {ratio:>10} {peak:9.0f}")
+            print(f"{name:<28} {secs:8.2f} {tokens / secs:12,.0f} {ratio:>12} {peak:9.0f}")
 
 
 def _count_tokens(t: Path, repeats: int) -> int:
