@@ -279,3 +279,17 @@ def test_progress_bar_shows_documents_tokens_rate_and_eta(tmp_path, capsys):
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert "100%" in last and "B/s" in last and "docs=1" in last and "tokens=1,001" in last
     assert "<00:00" in last  # tqdm's time left
+
+
+def test_a_vocabulary_over_65536_ids_needs_uint32(tmp_path, capsys):
+    chars = "".join(chr(0x10000 + i) for i in range(70000))  # 70,000 distinct characters
+    (tmp_path / "big.txt").write_text(chars[::-1], encoding="utf-8")
+    argv = ["prepare", "-i", str(tmp_path / "big.txt"), "-o", str(tmp_path / "o"), "--tokenizer"]
+    assert cli.main([*argv, "char", "--dtype", "uint16"]) == 1
+    err = capsys.readouterr().err
+    assert "vocabulary of 70001 tokens does not fit --dtype uint16" in err
+    assert not (tmp_path / "o").exists()
+    assert cli.main([*argv, "char", "--val-fraction", "0"]) == 0
+    tokens = load_tokens(tmp_path / "o")
+    assert tokens.dtype == np.uint32
+    assert tokens.tolist() == [70000, *range(69999, -1, -1)]  # <|endoftext|>, then the text
