@@ -28,7 +28,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	touch $@ $(VENV)/.installed-base
 
 demo: $(VENV)/.installed-base
-	$(VENV)/bin/gpt2lab demo $(DEMO_ARGS) 2>/dev/null || $(VENV)/bin/gpt2lab config --preset shakespeare-char
+	$(VENV)/bin/gpt2lab demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

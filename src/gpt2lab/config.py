@@ -240,6 +240,29 @@ PRESETS["finetune"] = {
         checkpoint_interval=100,
     )
 }
+# `gpt2lab demo`: a character model for a few minutes of CPU, its LR cosine following wall time
+# (train.max_minutes); settings and the curve they give are in README.md ("The demo's recipe").
+PRESETS["demo"] = {
+    "model": dict(
+        block_size=128, n_layer=4, n_head=4, n_embd=256, dropout=0.0, bias=False, pad_vocab_to=1
+    ),
+    "train": dict(
+        max_steps=10**9,  # the clock ends the run
+        micro_batch_size=32,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=100,
+        beta2=0.99,
+        eval_interval=250,
+        eval_steps=8,
+        final_eval_steps=0,
+        checkpoint_interval=2000,
+        keep_last=1,
+        sample_interval=2,
+        sample_tokens=200,
+        max_minutes=5.0,
+    ),
+}
 
 
 def resolve(
