@@ -12,13 +12,7 @@ from gpt2lab.errors import DataError
 
 
 def _docs(spec: SourceSpec) -> list[str]:
-    docs: list[str] = []
-    for text, first in iter_pieces(spec):
-        if first:
-            docs.append(text)
-        else:
-            docs[-1] += text
-    return docs
+    return _docs_of(iter_pieces(spec))
 
 
 def test_long_documents_are_cut_where_gpt2_tokens_do_not_change(
@@ -107,3 +101,29 @@ def test_records_with_other_types_fail(tmp_path):
     (tmp_path / "n.jsonl").write_text(json.dumps({"text": 3}) + "\n")
     with pytest.raises(DataError, match="line 1: field 'text' is a int, not text"):
         _docs(SourceSpec([str(tmp_path / "n.jsonl")]))
+
+
+def test_long_parts_between_separators_come_in_pieces_and_join_back(tiny_shakespeare, monkeypatch):
+    monkeypatch.setattr(sources, "PIECE_CHARS", 400)  # many speeches are longer than a piece
+    monkeypatch.setattr(sources, "_READ_BYTES", 300)
+    text = tiny_shakespeare.read_text(encoding="utf-8")
+    pieces, size = [], 0
+    for piece in iter_pieces(SourceSpec([str(tiny_shakespeare)], separator="\n\n")):
+        pieces.append(piece)
+        size += len(piece[0])
+        if size > 200_000:
+            break
+    docs = _docs_of(pieces)[:-1]  # the last one may be cut short by the break
+    want = text.split("\n\n")[: len(docs)]
+    assert docs == want and sum(not f for _, f in pieces) > 50
+
+
+def _docs_of(pieces) -> list[str]:
+    """Join continuation pieces onto the document they belong to."""
+    docs: list[str] = []
+    for text, first in pieces:
+        if first:
+            docs.append(text)
+        else:
+            docs[-1] += text
+    return docs
