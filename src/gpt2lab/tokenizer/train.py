@@ -118,17 +118,22 @@ def learn_merges(
             ids = words[w]
             n = len(ids)
             pos = []  # where the pair starts, found left to right: (a, a) in "aaa" only at 0
-            i = 0
-            try:
-                while True:
-                    i = ids.index(a, i)
-                    if i + 1 < n and ids[i + 1] == b:
-                        pos.append(i)
-                        i += 2
-                    else:
-                        i += 1
-            except ValueError:
-                pass
+            if ids.count(a) == 1:  # most words: one search, no exception
+                i = ids.index(a)
+                if i + 1 < n and ids[i + 1] == b:
+                    pos.append(i)
+            else:
+                i = 0
+                try:
+                    while True:
+                        i = ids.index(a, i)
+                        if i + 1 < n and ids[i + 1] == b:
+                            pos.append(i)
+                            i += 2
+                        else:
+                            i += 1
+                except ValueError:
+                    pass
             if not pos:
                 continue  # stale or repeated entry: the word no longer holds the pair
             c = freq[w]
@@ -143,13 +148,19 @@ def learn_merges(
                     delta[p] = get(p, 0) - c
                     p = (ids[i - 1], new)
                     delta[p] = get(p, 0) + c
-                    _add(where, p, w)
+                    if p in where:
+                        where[p].append(w)
+                    else:
+                        where[p] = [w]
                 if i + 2 < n:
                     p = (b, ids[i + 2])
                     delta[p] = get(p, 0) - c
                     p = (new, ids[i + 2])
                     delta[p] = get(p, 0) + c
-                    _add(where, p, w)
+                    if p in where:
+                        where[p].append(w)
+                    else:
+                        where[p] = [w]
                 words[w] = out
                 continue
             out = []
