@@ -209,7 +209,9 @@ def test_presets_without_network_show_input(tmp_path, monkeypatch, capsys):
     from gpt2lab.data import presets
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(
+        sources, "_hub_reachable", lambda *a, **kw: False
+    )  # offline even with a net
     monkeypatch.setitem(presets.PRESETS["shakespeare"], "url", "http://127.0.0.1:9/input.txt")
     for name in ("shakespeare", "openwebtext"):
         assert cli.main(["prepare", name, "--out", str(tmp_path / name)]) == 1

@@ -8,6 +8,7 @@ pre-tokenizer splits anyway, so the pieces encode to exactly the tokens of the w
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import glob
 import gzip
@@ -326,10 +327,11 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 def open_hf_dataset(spec: SourceSpec) -> Any:
     """`datasets.load_dataset(..., streaming=True)`; offline, an error that shows --input."""
-    if spec.dataset not in _LOCAL_BUILDERS and not Path(spec.dataset).exists():
-        if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
-            # fail in seconds from the local cache instead of a minute of retries
-            os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    offline = (
+        spec.dataset not in _LOCAL_BUILDERS
+        and not Path(spec.dataset).exists()
+        and not _hub_reachable()
+    )
     try:
         import datasets
     except ImportError:
@@ -342,13 +344,14 @@ def open_hf_dataset(spec: SourceSpec) -> Any:
         # the hub's own retries print tracebacks-worth of warnings; our error says it in one line
         datasets.logging.set_verbosity_error()
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-        return datasets.load_dataset(
-            spec.dataset,
-            spec.dataset_config,
-            split=spec.dataset_split,
-            streaming=True,
-            data_files=spec.data_files,
-        )
+        with _hub_offline(offline):  # fail in seconds from the cache, not after minutes of retries
+            return datasets.load_dataset(
+                spec.dataset,
+                spec.dataset_config,
+                split=spec.dataset_split,
+                streaming=True,
+                data_files=spec.data_files,
+            )
     except Exception as e:  # offline, unknown name, bad config: datasets raises many types
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         raise DataError(
@@ -357,6 +360,30 @@ def open_hf_dataset(spec: SourceSpec) -> Any:
             None,
             offline_fix(spec),
         ) from None
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """HF offline mode for a while: the flags are read at import time, so set the modules' too."""
+    if not offline:
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    flags = [
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+    ]
+    saved = [(m, name, getattr(m, name)) for m, name in flags if hasattr(m, name)]
+    for m, name, _ in saved:
+        setattr(m, name, True)
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
 
 
 def _iter_hf(spec: SourceSpec, counter: ByteCounter) -> Iterator[Piece]:
