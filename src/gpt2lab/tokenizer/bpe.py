@@ -57,7 +57,7 @@ class BPETokenizer(Tokenizer):
             self._decoder[i] = s.encode("utf-8")
         self.n_vocab = max(self._decoder) + 1
         self._byte_ids = [self.ranks[bytes([b])] for b in range(256)]
-        # pair of ids -> (merge rank, id of the merged token); GPT-2 applies the lowest rank first
+        # pair of ids -> merge rank (GPT-2 applies the lowest first); rank -> id of the result
         self._merge_rank: dict[tuple[int, int], int] = {}
         self._rank_to_id: list[int] = []
         for rank, (a, b) in enumerate(self.merges):
