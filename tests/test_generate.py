@@ -388,3 +388,18 @@ def test_the_decoding_head_copy_follows_weight_updates(models):
     finally:
         with torch.no_grad():
             w.copy_(saved)
+
+
+def test_generation_past_the_context_slides_with_one_warning(models):
+    from gpt2lab.generate import ContextWarning, generate
+
+    ours, hf = models
+    prompt = PROMPTS[0]
+    with pytest.warns(ContextWarning, match="filled the model's context") as record:
+        out = generate(ours, torch.tensor([prompt]), 2 * BLOCK, temperature=0)
+    assert len(record) == 1 and out.shape == (1, len(prompt) + 2 * BLOCK)
+    within = BLOCK - len(prompt)
+    assert out[0, len(prompt) : BLOCK].tolist() == hf_greedy(hf, prompt, within)
+    # the first token after the slide sees the window's last 3/4 of the context, from position 0
+    window = out[0, BLOCK + 1 - (BLOCK - BLOCK // 4) : BLOCK + 1].tolist()
+    assert out[0, BLOCK + 1].item() == hf_greedy(hf, window, 1)[0]

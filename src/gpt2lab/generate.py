@@ -184,6 +184,13 @@ def iter_tokens(
         if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
             return
         if runner.full():
+            if T <= cfg.block_size and length == cfg.block_size + 1:  # the first slide only
+                warnings.warn(
+                    f"the sample filled the model's context of {cfg.block_size} tokens; it goes "
+                    "on seeing only the latest ones (a sliding window)",
+                    ContextWarning,
+                    stacklevel=2,
+                )
             window = cfg.block_size - cfg.block_size // 4
             logits = runner.prefill(
                 seq[:, length - window : length], _cols(full_mask, length, window)
