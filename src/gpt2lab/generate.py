@@ -255,11 +255,11 @@ def complete(
 ) -> list[Completion]:
     """Continue token-id prompts as one left-padded batch, decoding text as it comes.
 
-    Each sample ends at <|endoftext|> (unless `stop_at_eos=False`), before its first stop string,
-    or after `max_new_tokens`. `on_text(row, text)` receives each row's text as soon as it is
-    whole characters and cannot be the start of a stop string (for streaming).
+    Each sample ends at <|endoftext|> (if the tokenizer has it, unless `stop_at_eos=False`),
+    before its first stop string, or after `max_new_tokens`. `on_text(row, text)` receives each
+    row's text as soon as it is whole characters and cannot start a stop string (for streaming).
     """
-    eos = tokenizer.eot_token if stop_at_eos else None
+    eos = tokenizer.special_tokens.get("<|endoftext|>") if stop_at_eos else None
     pad = eos if eos is not None else 0
     idx, mask = left_pad(prompts, pad)
     streams = [TextStream(tokenizer.decode_bytes, stop) for _ in prompts]
