@@ -112,8 +112,8 @@ def learn_merges(
         a, b = best
         new = 256 + len(merges)
         merges.append(best)
-        delta: dict[tuple[int, int], int] = {}  # net change of each pair's count
-        get = delta.get
+        grown: set[tuple[int, int]] = set()  # pairs holding the new id: they need heap entries
+        get = pair_count.get
         for w in where.pop(best):
             ids = words[w]
             n = len(ids)
@@ -142,21 +142,23 @@ def learn_merges(
                 out = ids[:i]
                 out.append(new)
                 out += ids[i + 2 :]
-                delta[best] = get(best, 0) - c
+                pair_count[best] -= c
                 if i > 0:
                     p = (ids[i - 1], a)
-                    delta[p] = get(p, 0) - c
+                    pair_count[p] -= c
                     p = (ids[i - 1], new)
-                    delta[p] = get(p, 0) + c
+                    pair_count[p] = get(p, 0) + c
+                    grown.add(p)
                     if p in where:
                         where[p].append(w)
                     else:
                         where[p] = [w]
                 if i + 2 < n:
                     p = (b, ids[i + 2])
-                    delta[p] = get(p, 0) - c
+                    pair_count[p] -= c
                     p = (new, ids[i + 2])
-                    delta[p] = get(p, 0) + c
+                    pair_count[p] = get(p, 0) + c
+                    grown.add(p)
                     if p in where:
                         where[p].append(w)
                     else:
@@ -176,7 +178,7 @@ def learn_merges(
                 for k in (i - 1, i, i + 1):
                     if last < k < n - 1 and k >= 0:
                         p = (ids[k], ids[k + 1])
-                        delta[p] = get(p, 0) - c
+                        pair_count[p] -= c
                         last = k
             # ...and the pairs holding the new id come, the only ones new to this word.
             m, last = len(out), -1
@@ -184,16 +186,13 @@ def learn_merges(
                 for k in (i - t - 1, i - t):  # the new token sits at i - t in `out`
                     if last < k < m - 1 and k >= 0:
                         p = (out[k], out[k + 1])
-                        delta[p] = get(p, 0) + c
+                        pair_count[p] = get(p, 0) + c
+                        grown.add(p)
                         last = k
                         _add(where, p, w)
             words[w] = out
-        for p, d in delta.items():
-            if d:
-                c = pair_count.get(p, 0) + d
-                pair_count[p] = c
-                if d > 0:  # only pairs with the new id grow; they need a fresh heap entry
-                    heapq.heappush(heap, (-c, p[0], p[1]))
+        for p in grown:
+            heapq.heappush(heap, (-pair_count[p], p[0], p[1]))
         pair_count.pop(best, None)
         bar.update()
     bar.close()
