@@ -188,6 +188,12 @@ def test_held_text_is_released_when_the_stop_string_does_not_complete():
     assert out == ["a", "\nENX", "y", ""] and not s.stopped
 
 
+def test_the_stop_string_completed_first_ends_the_sample():
+    # "a" completes with the first token; "\naa" would start earlier but is not there yet
+    out, s = stream_all([b"\na", b"a"], stop=["a", "\naa"])
+    assert "".join(out) == s.text == "\n" and s.stopped
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     text=st.text(alphabet="ab\n😀é", max_size=30),
@@ -199,10 +205,17 @@ def test_streamed_text_equals_the_text_cut_before_the_first_stop(text, cuts, sto
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
     pieces = [data[a:b] for a, b in zip(bounds, bounds[1:])]
     out, s = stream_all(pieces, stop=stops)
-    first = min((text.find(x) for x in stops if x in text), default=-1)
-    expected = text if first < 0 else text[:first]
+    # reference: after each token, the whole characters so far; the first token after which some
+    # stop string occurs ends the sample, cut where the earliest occurrence starts
+    expected, stopped = text, False
+    for end in bounds[1:]:
+        so_far = data[:end].decode("utf-8", errors="ignore")  # drops a trailing partial character
+        hits = [so_far.find(x) for x in stops if x in so_far]
+        if hits:
+            expected, stopped = so_far[: min(hits)], True
+            break
     assert "".join(out) == expected == s.text
-    assert s.stopped == (first >= 0)
+    assert s.stopped == stopped
     released = ""
     for piece in out:
         released += piece
