@@ -366,7 +366,7 @@ class TextStream:
     `push(token)` returns the text that is now safe to show; `close()` returns the rest.
     """
 
-    decode_bytes: object  # the tokenizer's decode_bytes(list[int]) -> bytes
+    decode_bytes: Callable[[list[int]], bytes]  # the tokenizer's decode_bytes
     stop: Sequence[str] = ()
     text: str = ""  # everything decoded so far, up to (not including) a stop string
     stopped: bool = False
@@ -379,7 +379,7 @@ class TextStream:
         """Add one token; return the newly safe text ('' while a stop string may be forming)."""
         if self.stopped:
             return ""
-        self.text += self._decoder.decode(self.decode_bytes([token]))  # type: ignore[operator]
+        self.text += self._decoder.decode(self.decode_bytes([token]))
         return self._release(final=False)
 
     def close(self) -> str:
