@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
 import shutil
@@ -132,7 +133,10 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
     if keep_last > 0:
         for old in found[:-keep_last]:
             if old not in keep:
-                shutil.rmtree(old, ignore_errors=True)
+                # rename first: a kill during rmtree must not leave a half-deleted step_* behind
+                doomed = old.with_name(f".{old.name}.deleting")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
     # leftovers of writes killed half-way (atomic_dir names them .step_X.*.tmp)
     for tmp in (run_dir / CKPT_DIR).glob(".step_*"):
         shutil.rmtree(tmp, ignore_errors=True)

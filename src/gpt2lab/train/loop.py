@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from gpt2lab import config as C
@@ -40,6 +39,7 @@ from gpt2lab.train.dist import (
 from gpt2lab.train.dist import load_optimizer_state as _load_opt
 from gpt2lab.train.dist import model_state as _model_state
 from gpt2lab.train.dist import optimizer_state as _opt_state
+from gpt2lab.train.evaluate import val_loss
 from gpt2lab.train.metrics import MetricsLog, peak_flops
 from gpt2lab.train.recipe import apply_freeze, configure_optimizer, lr_at
 
@@ -421,45 +421,19 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         return result
 
-    @torch.no_grad()
     def evaluate(self, max_batches: int = 0) -> float:
-        """Mean validation loss over non-overlapping windows (0 batches = the whole split).
-
-        With a limit, the windows are spread evenly over the split and are the same at every
-        evaluation, so the curve compares like with like. Ranks share the windows.
-        """
-        T, B, d = self.cfg.model.block_size, self.cfg.train.micro_batch_size, self.d
-        toks = self.val_tokens
-        n = (len(toks) - 1) // T
-        if n < 1:
-            raise TrainingError(
-                f"the validation split of {self.cfg.data.dir} has {len(toks)} tokens, fewer than "
-                f"block_size+1 = {T + 1}",
-                "a longer validation split",
-                "prepare the data with a larger validation share or lower --model.block_size",
-            )
-        windows = np.arange(n)
-        if max_batches > 0 and max_batches * B * d.world_size < n:
-            k = max_batches * B * d.world_size
-            windows = np.linspace(0, n - 1, k).round().astype(np.int64)
-        mine = windows[d.rank :: d.world_size]
-        per_rank = math.ceil(len(windows) / d.world_size)
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        self.model.eval()
-        for i in range(0, per_rank, B):
-            chunk = mine[i : i + B]
-            # every rank runs the same number of forwards (FSDP needs all ranks in each one)
-            weight = 1.0 if len(chunk) else 0.0
-            chunk = chunk if len(chunk) else windows[:1]
-            buf = np.stack([np.asarray(toks[w * T : w * T + T + 1]) for w in chunk])
-            t = torch.from_numpy(buf.astype(np.int64)).to(self.device)
-            with autocast(self.device, self.dtype):
-                _, loss = self.model(t[:, :-1], t[:, 1:])
-            total[0] += weight * loss.double() * t[:, 1:].numel()
-            total[1] += weight * t[:, 1:].numel()
-        all_reduce_sum(total, d)
-        self.model.train()
-        return (total[0] / total[1]).item()
+        """Mean validation loss of the model now (0 batches = the whole validation split)."""
+        return val_loss(
+            self.model,
+            self.val_tokens,
+            self.cfg.model.block_size,
+            self.cfg.train.micro_batch_size,
+            max_batches,
+            self.device,
+            self.dtype,
+            self.d,
+            source=self.cfg.data.dir,
+        )
 
     def _maybe_sample(self) -> None:
         tc = self.cfg.train
