@@ -2,9 +2,10 @@
 
 Both models start from the same weights and see the same batches (gpt2lab's BatchLoader on Tiny
 Shakespeare), with the same AdamW groups, LR, gradient clipping and autocast dtype; each step ends
-with the loss read back (one sync), as a training loop does. Reported: median tokens/s over the
-timed steps, MFU against this machine's measured matmul peak, the mean loss of the last steps
-(the curves must match), and the ratios:
+with the loss read back (one sync), as a training loop does. The four runs of a shape (ours and
+the reference, float32 and bfloat16) take turns step by step, so a busy machine slows them alike.
+Reported: median tokens/s over the timed steps, MFU against this machine's measured matmul peak,
+the mean loss of the last steps (the curves must match), and the ratios:
 
   same dtype             ours / reference, float32 and bfloat16 (goal >= 1)
   defaults vs float32    ours with our CPU default (bfloat16 autocast where the CPU has it)
@@ -25,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,24 +50,20 @@ def prepare_data(root: Path, tokenizer: str) -> Path:
     return out
 
 
-def ours(cfg: C.Config, run_dir: Path, steps: int, warmup: int) -> tuple[list[float], list[float]]:
-    """Per-step seconds and losses of gpt2lab's own training step (Trainer.train_step)."""
+def ours(cfg: C.Config, run_dir: Path) -> Callable[[], float]:
+    """One step of gpt2lab's own training loop (Trainer.train_step); returns the loss."""
     tr = Trainer(cfg, run_dir, *_single(cfg), False, True, None, None, False, lambda *a: None)
-    times, losses = [], []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
+
+    def step() -> float:
         loss = tr.train_step().loss
         tr.step += 1
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-        losses.append(loss)
-    return times, losses
+        return loss
+
+    return step
 
 
-def reference(
-    cfg: C.Config, init: dict, steps: int, warmup: int
-) -> tuple[list[float], list[float]]:
-    """The same loop with transformers.GPT2LMHeadModel (weights from `init`, HF layout)."""
+def reference(cfg: C.Config, init: dict) -> Callable[[], float]:
+    """The same step with transformers.GPT2LMHeadModel (weights from `init`, HF layout)."""
     import transformers
 
     from gpt2lab.data import BatchLoader
@@ -95,11 +93,10 @@ def reference(
         seed=tc.seed,
         sampling=cfg.data.sampling,
     )
-    torch.manual_seed(tc.seed)
     model.train()
-    times, losses = [], []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
+    done = [0]
+
+    def step() -> float:
         total = torch.zeros(())
         for _ in range(tc.grad_accum_steps):
             x, y = loader.next_batch()
@@ -112,13 +109,27 @@ def reference(
             total += loss.detach() / tc.grad_accum_steps
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         for g in opt.param_groups:
-            g["lr"] = lr_at(i, tc)
+            g["lr"] = lr_at(done[0], tc)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(total.item())
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return times, losses
+        done[0] += 1
+        return total.item()
+
+    return step
+
+
+def alternate(steps: dict, n: int, warmup: int) -> dict:
+    """Run the step functions in turn, n + warmup times each: load on a shared machine then
+    slows both alike. Returns name -> (seconds per timed step, losses)."""
+    out: dict = {k: ([], []) for k in steps}
+    for i in range(warmup + n):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            loss = step()
+            if i >= warmup:
+                out[name][0].append(time.perf_counter() - t)
+            out[name][1].append(loss)
+    return out
 
 
 def _single(cfg: C.Config) -> tuple:
@@ -134,32 +145,32 @@ def bench_shape(name: str, cfg: C.Config, root: Path, steps: int, warmup: int) -
     rows = []
     tokens = cfg.train.micro_batch_size * cfg.model.block_size * cfg.train.grad_accum_steps
     default = str(pick_dtype("auto", torch.device("cpu"))).replace("torch.", "")
+    funcs: dict[tuple[str, str], Callable[[], float]] = {}
     for dtype in ("float32", "bfloat16"):
         c = C.merge(cfg, {"train": {"dtype": dtype}})
-        run = Path(tempfile.mkdtemp(dir=root))
-        t_ours, l_ours = ours(c, run, steps, warmup)
+        funcs[dtype, "gpt2lab"] = ours(c, Path(tempfile.mkdtemp(dir=root)))
         # the reference starts from our initial weights (same seed => same init as `ours`)
         torch.manual_seed(c.train.seed)
-        init = to_hf_state(GPT(C.merge(c, {"model": {"vocab_size": _vocab(c)}}).model))
-        t_ref, l_ref = reference(
-            C.merge(c, {"model": {"vocab_size": _vocab(c)}}), init, steps, warmup
-        )
+        c = C.merge(c, {"model": {"vocab_size": _vocab(c)}})
+        funcs[dtype, "transformers"] = reference(c, to_hf_state(GPT(c.model)))
+    # all four take turns, step by step: a busy machine slows each of them alike
+    got = alternate(funcs, steps, warmup)
+    flops = GPT.flops_per_token(_meta(cfg), cfg.model.block_size)
+    for (dtype, who), (t, losses) in got.items():
+        tps = tokens / statistics.median(t)
+        tail = losses[-max(1, len(losses) // 4) :]
         peak = peak_flops(torch.device("cpu"), getattr(torch, dtype))
-        flops = GPT.flops_per_token(_meta(c), c.model.block_size)
-        for who, t, losses in (("gpt2lab", t_ours, l_ours), ("transformers", t_ref, l_ref)):
-            tps = tokens / statistics.median(t)
-            tail = losses[-max(1, len(losses) // 4) :]
-            rows.append(
-                dict(
-                    shape=name,
-                    dtype=dtype,
-                    impl=who,
-                    tokens_per_s=tps,
-                    mfu=flops * tps / peak,
-                    loss=sum(tail) / len(tail),
-                    default=dtype == default,
-                )
+        rows.append(
+            dict(
+                shape=name,
+                dtype=dtype,
+                impl=who,
+                tokens_per_s=tps,
+                mfu=flops * tps / peak,
+                loss=sum(tail) / len(tail),
+                default=dtype == default,
             )
+        )
     return rows
 
 
@@ -205,7 +216,7 @@ def main() -> int:
                 f"train.micro_batch_size={4 if args.quick else 16}",
             ],
         ),
-        "gpt2 @ T=128": C.resolve(
+        f"gpt2 @ T={64 if args.quick else 128}": C.resolve(
             "gpt2",
             None,
             [

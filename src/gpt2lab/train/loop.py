@@ -266,6 +266,11 @@ class Trainer:
             f"{tc.grad_accum_steps} x {d.world_size} = {self.tokens_per_step:,} | memory per "
             f"step ~ {self.mem} | {self.device} {str(self.dtype).replace('torch.', '')}"
         )
+        if self.step >= tc.max_steps:
+            self.log(
+                f"{self.run_dir} is already at step {self.step} (train.max_steps="
+                f"{tc.max_steps}); raise --train.max_steps to train on"
+            )
         start_step, t0 = self.step, time.perf_counter()
         self.t0 = t0
         last_row_t, last_row_step = t0, self.step
