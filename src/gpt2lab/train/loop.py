@@ -29,6 +29,7 @@ from gpt2lab.train import build
 from gpt2lab.train.dist import (
     Dist,
     all_reduce_sum,
+    barrier,
     gather,
     log0,
     setup_ddp,
@@ -168,7 +169,8 @@ class Trainer:
             )
         self.cfg, tc = cfg, cfg.train
         self.mem = build.check_memory(cfg.model, tc, self.dtype, device, d.world_size)
-        # ---- from here on the run directory is ours ----
+        # ---- from here on the run directory is ours (once every rank has checked it) ----
+        barrier(d)
         if d.is_main:
             if overwrite and not resume:
                 build.clear_run_dir(run_dir)
