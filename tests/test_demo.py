@@ -142,6 +142,32 @@ def test_the_clock_ends_training_and_the_whole_demo_stays_near_it(text_file, tmp
     assert "validation loss" in summary_text(r) and len(r.samples) == 1
 
 
+def test_gpt2_tokenizer_trains_on_bpe_tokens(text_file, tmp_path):
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    from gpt2lab.data import load_tokens
+    from gpt2lab.tokenizer.io import gpt2_files_dir
+
+    r = run_demo(
+        tmp_path / "run",
+        text_file,
+        tokenizer="gpt2",
+        overrides=[o[2:] for o in TINY] + ["train.max_steps=2"],
+        num_samples=0,
+        progress=False,
+    )
+    text = text_file.read_text(encoding="utf-8")
+    val = text[int(len(text) * 0.9) :]
+    d = gpt2_files_dir()  # the reference: tiktoken built offline from GPT-2's own files
+    ranks = data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"))
+    enc = tiktoken.Encoding("ref", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={})
+    assert load_tokens(tmp_path / "run" / "data", "val").tolist() == [50256, *enc.encode(val)]
+    assert r.steps == 2 and r.val_loss is not None and r.samples == []
+    assert "nats per token" in summary_text(r)
+
+
 def test_default_run_dir_never_reuses_an_earlier_run(tmp_path):
     assert default_run_dir(tmp_path) == tmp_path / "demo"
     (tmp_path / "demo").mkdir()

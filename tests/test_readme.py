@@ -102,13 +102,13 @@ def workdir(tmp_path_factory, shared_data: Path) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     d = tmp_path_factory.mktemp("readme")
-    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
+    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:8_000]
     (d / "notes.txt").write_text(text, encoding="utf-8")
     (d / "tinyshakespeare.txt").write_text(text, encoding="utf-8")
     wiki = (shared_data / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8")
     (d / "wikitext-2").mkdir()
     (d / "wikitext-2" / "wiki.valid.tokens").write_text(
-        "".join(wiki.splitlines(keepends=True)[:40]), encoding="utf-8"
+        "".join(wiki.splitlines(keepends=True)[:20]), encoding="utf-8"
     )
     paragraphs = [p.strip() for p in text.split("\n\n") if len(p.split()) > 8]
     with open(d / "lambada_test.jsonl", "w", encoding="utf-8") as f:
