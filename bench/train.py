@@ -5,7 +5,8 @@ Shakespeare), with the same AdamW groups, LR, gradient clipping and autocast dty
 with the loss read back (one sync), as a training loop does. The four runs of a shape (ours and
 the reference, float32 and bfloat16) take turns step by step, so a busy machine slows them alike.
 Reported: median tokens/s over the timed steps, MFU against this machine's measured matmul peak,
-the mean loss of the last steps (the curves must match), and the ratios:
+the median loss of the last half of the steps and the median per-step loss difference between
+the two implementations (the curves must match), and the ratios:
 
   same dtype             ours / reference, float32 and bfloat16 (goal >= 1)
   defaults vs float32    ours with our CPU default (bfloat16 autocast where the CPU has it)
@@ -158,7 +159,9 @@ def bench_shape(name: str, cfg: C.Config, root: Path, steps: int, warmup: int) -
     flops = GPT.flops_per_token(_meta(cfg), cfg.model.block_size)
     for (dtype, who), (t, losses) in got.items():
         tps = tokens / statistics.median(t)
-        tail = losses[-max(1, len(losses) // 4) :]
+        # the median of the last half: one-step bfloat16 spikes (both models show them on
+        # the CPU) do not decide whether the curves agree
+        tail = losses[len(losses) // 2 :]
         peak = peak_flops(torch.device("cpu"), getattr(torch, dtype))
         rows.append(
             dict(
@@ -167,7 +170,8 @@ def bench_shape(name: str, cfg: C.Config, root: Path, steps: int, warmup: int) -
                 impl=who,
                 tokens_per_s=tps,
                 mfu=flops * tps / peak,
-                loss=sum(tail) / len(tail),
+                loss=statistics.median(tail),
+                losses=losses,
                 default=dtype == default,
             )
         )
@@ -248,13 +252,22 @@ def main() -> int:
             ratio = (
                 get[dtype, "gpt2lab"]["tokens_per_s"] / get[dtype, "transformers"]["tokens_per_s"]
             )
-            print(f"{name}: {dtype} ours/reference = {ratio:.2f}x (goal >= 1)")
+            gap = statistics.median(
+                abs(a - b)
+                for a, b in zip(
+                    get[dtype, "gpt2lab"]["losses"], get[dtype, "transformers"]["losses"]
+                )
+            )
+            print(
+                f"{name}: {dtype} ours/reference = {ratio:.2f}x (goal >= 1); "
+                f"median per-step loss difference {gap:.1e}"
+            )
         d = next(r for r in rows if r["shape"] == name and r["default"] and r["impl"] == "gpt2lab")
         ratio = d["tokens_per_s"] / get["float32", "transformers"]["tokens_per_s"]
         same = math.isclose(d["loss"], get["float32", "transformers"]["loss"], rel_tol=0.02)
         print(
             f"{name}: ours {d['dtype']} (default) / reference float32 = {ratio:.2f}x (goal >= 2)"
-            f"; final loss {d['loss']:.4f} vs {get['float32', 'transformers']['loss']:.4f}"
+            f"; late loss {d['loss']:.4f} vs {get['float32', 'transformers']['loss']:.4f}"
             f" ({'same' if same else 'DIFFERENT'} curve)"
         )
     return 0
