@@ -170,3 +170,25 @@ def test_wall_clock_budget_stops_the_run_and_the_lr_follows_time(tmp_path, char_
     assert lrs == sorted(lrs, reverse=True)
     assert lrs[-1] == pytest.approx(cfg.train.min_lr, rel=0.05)
     assert native.find_latest(tmp_path / "run").name == f"step_{s.step:08d}"
+
+
+def test_frozen_parameters_keep_their_initial_values(tmp_path, char_data):
+    import torch
+    from safetensors.torch import load_file
+
+    from gpt2lab.model import GPT
+
+    cfg = tiny_config(char_data, "train.freeze=transformer.w?e.*", "train.max_steps=3")
+    train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    saved = load_file(native.find_latest(tmp_path / "run") / "model.safetensors")
+    torch.manual_seed(cfg.train.seed)  # the run's initial weights
+    init = GPT(
+        cfg.model.__class__(
+            **native.load_state(native.find_latest(tmp_path / "run"))["config"]["model"]
+        )
+    ).state_dict()
+    for key in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert torch.equal(saved[key], init[key]), key
+    assert not torch.equal(
+        saved["transformer.h.0.attn.c_attn.weight"], init["transformer.h.0.attn.c_attn.weight"]
+    )

@@ -58,7 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gpt2lab.train import build, train
-    from gpt2lab.train.dist import Dist
 
     out = Path(args.out)
     overrides = list(args.overrides)
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
-    if Dist(**_rank()).is_main:
+    if summary.rank == 0:
         if not args.no_plot and summary.step > 0:
             from gpt2lab.plot import plot_runs
 
@@ -96,12 +95,6 @@ def run(args: argparse.Namespace) -> int:
             f"{summary.tokens_per_s:,.0f} tokens/s, checkpoint {summary.checkpoint}"
         )
     return 130 if summary.stopped_by == "signal" else 0
-
-
-def _rank() -> dict[str, int]:
-    import os
-
-    return {"rank": int(os.environ.get("RANK", "0")), "world_size": 1}
 
 
 def _data_dir(args: argparse.Namespace, out: Path) -> str:

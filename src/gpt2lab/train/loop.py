@@ -64,6 +64,7 @@ class TrainSummary:
     checkpoint: str | None
     stopped_by: str  # "max_steps", "max_minutes", "signal", "hook"
     skipped_steps: int = 0
+    rank: int = 0  # this process's rank under torchrun (only rank 0 logs and writes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -356,6 +357,7 @@ class Trainer:
             checkpoint=str(ckpt_path) if ckpt_path else None,
             stopped_by=stopped_by,
             skipped_steps=self.skipped,
+            rank=self.d.rank,
         )
 
     def train_step(self, stop: _Stop | None = None) -> StepResult:
