@@ -244,17 +244,17 @@ PRESETS["finetune"] = {
 # (train.max_minutes); settings and the curve they give are in README.md ("The demo's recipe").
 PRESETS["demo"] = {
     "model": dict(
-        block_size=128, n_layer=4, n_head=4, n_embd=256, dropout=0.0, bias=False, pad_vocab_to=1
+        block_size=128, n_layer=4, n_head=2, n_embd=128, dropout=0.0, bias=False, pad_vocab_to=1
     ),
     "train": dict(
         max_steps=10**9,  # the clock ends the run
-        micro_batch_size=32,
-        lr=2e-3,
-        min_lr=2e-4,
+        micro_batch_size=12,  # small batches, many steps: what 5 CPU minutes learn most from
+        lr=3e-3,
+        min_lr=3e-4,
         warmup_steps=100,
         beta2=0.99,
-        eval_interval=250,
-        eval_steps=8,
+        eval_interval=500,
+        eval_steps=16,
         final_eval_steps=0,
         checkpoint_interval=2000,
         keep_last=1,
