@@ -272,3 +272,19 @@ def test_greedy_generate_equals_transformers(tiny_cfg):
             eos_token_id=None,
         )
     assert torch.equal(ours, ref)
+
+
+def test_training_attention_path_equals_sdpa_and_transformers_gradients(tiny_cfg):
+    """The explicit CPU training attention computes SDPA's function, with the same gradients."""
+    from gpt2lab import model as M
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 17, 16, requires_grad=True) for _ in range(3))
+    ours = M._causal_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert M._explicit_attention_is_faster(q) and not M._explicit_attention_is_faster(q.detach())
