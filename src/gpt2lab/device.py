@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import sys
 
 import torch
 
@@ -72,3 +74,22 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing each step's freed activations back to the OS (Linux CPUs).
+
+    By default glibc serves blocks over its mmap threshold with mmap and unmaps them when freed,
+    so every training step page-faults its activations in anew; fixed thresholds keep the memory
+    for reuse (the demo's step ran 1.25x faster on 2 cores). Returns whether it applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30)
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    return bool(ok)

@@ -22,7 +22,7 @@ import torch
 
 from gpt2lab import config as C
 from gpt2lab.checkpoint import native
-from gpt2lab.device import autocast, pick_dtype
+from gpt2lab.device import autocast, keep_freed_memory, pick_dtype
 from gpt2lab.errors import TrainingError
 from gpt2lab.io import atomic_write_text
 from gpt2lab.train import build
@@ -122,6 +122,8 @@ def train(
     metrics row; returning True from either stops the run (with a checkpoint).
     """
     d, device = setup_ddp(cfg.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     try:
         return Trainer(
             cfg, Path(run_dir), d, device, resume, overwrite, on_log, on_eval, progress, log
