@@ -85,10 +85,15 @@ class TrainConfig:
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "wsd"] = "cosine"  # the decay after warmup (see recipe.lr_at)
+    cooldown_frac: float = 0.4  # wsd: the share of the run (after warmup) spent decaying
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the blocks' matrices, AdamW else
+    muon_lr: float = 0.02  # Muon's peak LR (follows the same warmup and decay as lr)
+    muon_momentum: float = 0.95
     eval_interval: int = 250
     eval_steps: int = 20  # validation batches per evaluation; 0 = the whole validation split
     final_eval_steps: int = -1  # batches for the run's last evaluation; -1 = eval_steps, 0 = all
@@ -240,7 +245,7 @@ PRESETS["finetune"] = {
         checkpoint_interval=100,
     )
 }
-# `gpt2lab demo`: a character model for a few minutes of CPU, its LR cosine following wall time
+# `gpt2lab demo`: a character model for a few minutes of CPU, its LR schedule following wall time
 # (train.max_minutes); settings and the curve they give are in README.md ("The demo's recipe").
 PRESETS["demo"] = {
     "model": dict(
@@ -248,15 +253,19 @@ PRESETS["demo"] = {
     ),
     "train": dict(
         max_steps=10**9,  # the clock ends the run
-        micro_batch_size=12,  # small batches, many steps: what 5 CPU minutes learn most from
+        micro_batch_size=36,  # Muon's per-step matmuls pay off over 36 x 128 characters
+        optimizer="muon",  # the blocks' matrices; AdamW (lr below) for embeddings and norms
+        muon_lr=0.015,
         lr=3e-3,
-        min_lr=3e-4,
+        min_lr=0.0,
+        lr_schedule="wsd",  # hold the peak, then decay to 0 over the last 60% of the budget
+        cooldown_frac=0.6,
         warmup_steps=100,
         beta2=0.99,
-        eval_interval=500,
-        eval_steps=16,
+        eval_interval=250,
+        eval_steps=6,
         final_eval_steps=0,
-        checkpoint_interval=2000,
+        checkpoint_interval=500,
         keep_last=1,
         sample_interval=2,
         sample_tokens=200,

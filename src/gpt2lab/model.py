@@ -63,9 +63,10 @@ def _explicit_attention_is_faster(q: Tensor) -> bool:
 def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(hs) + causal mask) v written out: the function of SDPA's causal path."""
     T = q.size(-2)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return att.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+    # scaling q (T x hs) and adding a -inf mask is cheaper than scaling and filling T x T scores
+    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    att = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1) + future  # (B, nh, T, T)
+    return att.softmax(dim=-1) @ v
 
 
 class MLP(nn.Module):
@@ -284,7 +285,7 @@ class GPT(nn.Module):
             dtype = getattr(torch, dtype)
         w = torch.empty((), dtype=dtype).element_size()
         n = sum(p.numel() for p in self.parameters())
-        states = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
+        states = {"adamw": 2, "adam": 2, "muon": 2, "sgd": 1, "none": 0}  # muon: at most 2
         if optimizer not in states:
             raise ConfigError(
                 f"unknown optimizer {optimizer!r}", f"one of {', '.join(states)}", "fix the name"

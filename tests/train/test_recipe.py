@@ -32,6 +32,19 @@ def test_warmup_then_cosine_values(step, expected):
     assert lr_at(step, TC) == pytest.approx(expected, rel=1e-12)
 
 
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_cooldown():
+    wsd = C.TrainConfig(
+        lr=1e-3, min_lr=0.0, warmup_steps=10, max_steps=110, lr_schedule="wsd", cooldown_frac=0.4
+    )
+    assert lr_at(9, wsd) == pytest.approx(1e-3)
+    assert lr_at(70, wsd) == pytest.approx(1e-3)  # 60% of the 100 steps after warmup: still flat
+    assert lr_at(90, wsd) == pytest.approx(5e-4)  # half way through the cooldown
+    assert lr_at(110, wsd) == 0.0 and lr_at(200, wsd) == 0.0
+    assert lr_at(50, wsd, time_frac=0.8) == pytest.approx(5e-4)  # over wall time, the same shape
+    lrs = [lr_at(s, wsd) for s in range(10, 111)]
+    assert lrs == sorted(lrs, reverse=True)
+
+
 def test_wall_clock_schedule_follows_the_time_fraction():
     assert lr_at(50, TC, time_frac=0.0) == pytest.approx(1e-3)
     assert lr_at(50, TC, time_frac=0.5) == pytest.approx(5.5e-4)

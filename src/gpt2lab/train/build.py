@@ -28,6 +28,7 @@ FIXED_ON_RESUME = (
     "train.init_from",
     "train.freeze",
     "train.strategy",
+    "train.optimizer",
 )
 
 _PROBE = "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n\tÉtude naïve."
@@ -131,7 +132,9 @@ def check_memory(
 
     with torch.device("meta"):
         model = GPT(model_cfg)
-    est = model.estimate_memory(tcfg.micro_batch_size, model_cfg.block_size, dtype)
+    est = model.estimate_memory(
+        tcfg.micro_batch_size, model_cfg.block_size, dtype, optimizer=tcfg.optimizer
+    )
     need = est.total
     if tcfg.strategy == "fsdp" and world > 1:  # weights, grads and optimizer state are sharded
         need = (est.params + est.grads + est.optimizer) // world + est.activations

@@ -14,11 +14,13 @@ from gpt2lab.errors import ConfigError
 
 
 def lr_at(step: int, cfg: TrainConfig, time_frac: float | None = None) -> float:
-    """LR for optimizer step `step` (0-based): linear warmup, then cosine decay to `min_lr`.
+    """LR for optimizer step `step` (0-based): linear warmup, then a decay to `min_lr`.
 
     Warmup rises as lr * (step + 1) / warmup_steps, so the last warmup step uses the full lr
-    (GPT-3 paper, sec. B). The cosine then runs from step warmup_steps to max_steps, or, with a
-    wall-clock budget, over `time_frac` (the share of the budget spent after warmup, 0..1).
+    (GPT-3 paper, sec. B). The decay then runs from step warmup_steps to max_steps, or, with a
+    wall-clock budget, over `time_frac` (the share of the budget spent after warmup, 0..1):
+    `lr_schedule="cosine"` is GPT-3's half cosine; `"wsd"` (warmup-stable-decay) holds the peak
+    and decays linearly over the last `cooldown_frac` of the run (Hu et al. 2024, MiniCPM).
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -28,6 +30,9 @@ def lr_at(step: int, cfg: TrainConfig, time_frac: float | None = None) -> float:
         span = cfg.max_steps - cfg.warmup_steps
         ratio = (step - cfg.warmup_steps) / span if span > 0 else 1.0
     ratio = min(max(ratio, 0.0), 1.0)
+    if cfg.lr_schedule == "wsd":
+        left = (1.0 - ratio) / cfg.cooldown_frac if cfg.cooldown_frac > 0 else float(ratio < 1)
+        return cfg.min_lr + min(1.0, left) * (cfg.lr - cfg.min_lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
@@ -58,12 +63,15 @@ def apply_freeze(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
 
 def configure_optimizer(
     model: nn.Module, cfg: TrainConfig, device: torch.device
-) -> torch.optim.AdamW:
+) -> torch.optim.Optimizer:
     """AdamW with weight decay on 2-D weights only (matmuls, embeddings); biases and norms get none.
 
-    Uses the fused kernel where this PyTorch has one for the device, else foreach.
+    Uses the fused kernel where this PyTorch has one for the device, else foreach. With
+    `optimizer="muon"` the blocks' weight matrices get Muon instead (see train/muon.py).
     """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        return _muon(params, cfg)
     decay = [p for _, p in params if p.dim() >= 2]
     no_decay = [p for _, p in params if p.dim() < 2]
     groups = [
@@ -77,3 +85,33 @@ def configure_optimizer(
     if not kwargs.get("fused"):
         kwargs["foreach"] = True
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kwargs)
+
+
+def _muon(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    from gpt2lab.train.muon import Muon
+
+    if any(type(p).__name__ == "DTensor" for _, p in params):
+        raise ConfigError(
+            "--train.optimizer=muon with --train.strategy=fsdp",
+            "Muon orthogonalizes whole matrices, which FSDP shards",
+            "use --train.strategy=ddp or --train.optimizer=adamw",
+        )
+    # the matrices inside the blocks; nn.Linear in a GPT's blocks is the only 2-D kind there
+    hidden = [(n, p) for n, p in params if p.dim() == 2 and ".h." in f".{n}"]
+    fused_qkv = [p for n, p in hidden if n.endswith("attn.c_attn.weight")]
+    others = [p for n, p in hidden if not n.endswith("attn.c_attn.weight")]
+    ids = {id(p) for _, p in hidden}
+    rest = [p for _, p in params if id(p) not in ids]
+    scale, wd = cfg.muon_lr / cfg.lr, cfg.weight_decay
+    groups = [
+        {"params": others, "muon": True, "lr_scale": scale, "weight_decay": wd},
+        {"params": fused_qkv, "muon": True, "split": 3, "lr_scale": scale, "weight_decay": wd},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": wd},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return Muon(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        momentum=cfg.muon_momentum,
+        betas=(cfg.beta1, cfg.beta2),
+    )
