@@ -166,6 +166,9 @@ def test_gpt2_tokenizer_trains_on_bpe_tokens(text_file, tmp_path):
     assert load_tokens(tmp_path / "run" / "data", "val").tolist() == [50256, *enc.encode(val)]
     assert r.steps == 2 and r.val_loss is not None and r.samples == []
     assert "nats per token" in summary_text(r)
+    r.minutes = 1.5  # the resume hint doubles the budget: the same time again
+    assert "--resume --train.max_minutes=3 " in summary_text(r)
+    assert "# train 1.5 min more" in summary_text(r)
 
 
 def test_default_run_dir_never_reuses_an_earlier_run(tmp_path):

@@ -42,6 +42,7 @@ class DemoResult:
     total_s: float
     samples: list[str]
     plot: str | None
+    minutes: float = 5.0  # the training budget
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,6 +168,7 @@ def run_demo(
         total_s=time.perf_counter() - t_start,
         samples=samples,
         plot=plot,
+        minutes=cfg.train.max_minutes,
     )
     atomic_write_json(run_dir / "demo.json", result.to_dict())
     return result
@@ -199,7 +201,8 @@ def summary_text(r: DemoResult) -> str:
         "",
         "next:",
         f"  gpt2lab sample --model {d} -p 'ROMEO:' -m 500 --temperature 0.8   # sample more",
-        f"  gpt2lab train --out {d} --resume --train.max_minutes=10          # train 5 min more",
+        f"  gpt2lab train --out {d} --resume --train.max_minutes={2 * r.minutes:g}"
+        f"          # train {r.minutes:g} min more",
         f"  gpt2lab eval perplexity --model {d} --data FILE                 # score other text",
         "  gpt2lab train --init-from gpt2 --data FILE --out runs/ft --preset finetune"
         "   # fine-tune GPT-2",
