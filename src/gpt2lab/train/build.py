@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from gpt2lab import config as C
 from gpt2lab.checkpoint import native
@@ -225,3 +226,86 @@ def prepare_text(
     out = run_dir / "data"
     prepare(str(src), out, tok, val_tail=0.1, force=True)
     return out
+
+
+def train_loader(cfg: C.Config, rank: int, world_size: int, device: torch.device) -> Any:
+    """This rank's BatchLoader over the training split, as the config lays out the batches."""
+    from gpt2lab.data import BatchLoader
+
+    tc = cfg.train
+    return BatchLoader(
+        cfg.data.dir,
+        "train",
+        block_size=cfg.model.block_size,
+        batch_size=tc.micro_batch_size,
+        grad_accum_steps=tc.grad_accum_steps,
+        rank=rank,
+        world_size=world_size,
+        seed=tc.seed,
+        sampling=cfg.data.sampling,
+        device=device,
+        vocab_size=cfg.model.vocab_size,
+    )
+
+
+def restore_data_and_rng(
+    loader: Any, state: dict[str, Any], rank: int, world_size: int, log: Any
+) -> None:
+    """Put the loader and the RNGs where a checkpoint left them (its own rank's, when it can)."""
+    data = state.get("data_per_rank") or [state["data"]]
+    loader.load_state_dict(data[rank] if len(data) == world_size else data[0])
+    rngs = state.get("rng_per_rank") or []
+    if len(rngs) == world_size:
+        native.restore_rng(rngs[rank])
+    else:
+        log(
+            f"note: resuming on {world_size} ranks, saved on {len(rngs)}: "
+            "dropout draws will differ from an uninterrupted run"
+        )
+
+
+class RunParts(NamedTuple):
+    """The trainable pieces of a run."""
+
+    raw: nn.Module  # the plain GPT
+    model: nn.Module  # what steps call: DDP/FSDP and torch.compile wrappers around `raw`
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled for float16 only
+    frozen: list[str]  # names of the parameters kept fixed
+
+
+def model_and_optimizer(
+    cfg: C.Config,
+    init_state: dict[str, torch.Tensor] | None,
+    ckpt: Path | None,
+    d: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> RunParts:
+    """The GPT (fresh, pretrained or from `ckpt`), wrapped for torchrun, with its optimizer."""
+    from gpt2lab.checkpoint.weights import load_model_safetensors
+    from gpt2lab.model import GPT
+    from gpt2lab.train.dist import load_optimizer_state, wrap
+    from gpt2lab.train.recipe import apply_freeze, configure_optimizer
+
+    tc = cfg.train
+    raw = GPT(cfg.model)
+    if init_state is not None:
+        raw.load_state_dict(init_state)  # same config but dropout: every key fits
+    if ckpt is not None:
+        load_model_safetensors(raw, ckpt / "model.safetensors")
+    frozen = apply_freeze(raw, tc.freeze)
+    raw.to(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = wrap(raw, tc.strategy, d, device)
+    opt = configure_optimizer(model, tc, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if ckpt is not None:
+        load_optimizer_state(model, opt, native.load_optimizer_state(ckpt), tc.strategy, d)
+        if saved := native.load_state(ckpt).get("scaler"):
+            scaler.load_state_dict(saved)
+    if tc.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    return RunParts(raw, model, opt, scaler, frozen)

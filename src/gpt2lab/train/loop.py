@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,6 +24,7 @@ from gpt2lab.device import autocast, keep_freed_memory, pick_dtype
 from gpt2lab.errors import TrainingError
 from gpt2lab.io import atomic_write_text
 from gpt2lab.train import build
+from gpt2lab.train.console import StopSignal, progress_bar, row_line, training_sample
 from gpt2lab.train.dist import (
     Dist,
     all_reduce_sum,
@@ -35,14 +34,12 @@ from gpt2lab.train.dist import (
     setup_ddp,
     teardown,
     unwrap,
-    wrap,
 )
-from gpt2lab.train.dist import load_optimizer_state as _load_opt
 from gpt2lab.train.dist import model_state as _model_state
 from gpt2lab.train.dist import optimizer_state as _opt_state
 from gpt2lab.train.evaluate import val_loss
 from gpt2lab.train.metrics import MetricsLog, peak_flops
-from gpt2lab.train.recipe import apply_freeze, configure_optimizer, lr_at
+from gpt2lab.train.recipe import budget_fraction, lr_at
 
 Hook = Callable[[dict[str, Any]], Any]
 
@@ -79,29 +76,6 @@ class StepResult:
     lr: float
     stop: bool  # a signal reached some rank
     out_of_time: bool  # the wall-clock budget (train.max_minutes) is spent
-
-
-class _Stop:
-    """SIGINT/SIGTERM: the first asks the loop to stop after this step; a second exits at once."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Stop:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum:
-            raise KeyboardInterrupt  # second signal: leave now (a half checkpoint is discarded)
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def train(
@@ -181,7 +155,10 @@ class Trainer:
             atomic_write_text(run_dir / "config.toml", C.to_toml(cfg))
             if not (run_dir / "tokenizer").is_dir():
                 self.tok.save(str(run_dir / "tokenizer"))
-        self._build_model(init_state, ckpt)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
+        parts = build.model_and_optimizer(cfg, init_state, ckpt, d, device, self.dtype)
+        torch.manual_seed(tc.seed + d.rank)  # dropout differs between ranks
+        self.raw, self.model, self.opt, self.scaler, self.frozen = parts
         self.state = native.load_state(ckpt) if ckpt is not None else {}
         self.step = int(self.state.get("step", 0))
         self.skipped = int(self.state.get("skipped_steps", 0))
@@ -192,33 +169,12 @@ class Trainer:
         self.tokens_per_step = (
             tc.micro_batch_size * cfg.model.block_size * tc.grad_accum_steps * d.world_size
         )
-        from gpt2lab.data import BatchLoader, load_tokens
+        from gpt2lab.data import load_tokens
 
-        self.loader = BatchLoader(
-            cfg.data.dir,
-            "train",
-            block_size=cfg.model.block_size,
-            batch_size=tc.micro_batch_size,
-            grad_accum_steps=tc.grad_accum_steps,
-            rank=d.rank,
-            world_size=d.world_size,
-            seed=tc.seed,
-            sampling=cfg.data.sampling,
-            device=device,
-            vocab_size=cfg.model.vocab_size,
-        )
+        self.loader = build.train_loader(cfg, d.rank, d.world_size, device)
         self.val_tokens = load_tokens(cfg.data.dir, "val")
         if ckpt is not None:
-            data = self.state.get("data_per_rank") or [self.state["data"]]
-            self.loader.load_state_dict(data[d.rank] if len(data) == d.world_size else data[0])
-            rngs = self.state.get("rng_per_rank") or []
-            if len(rngs) == d.world_size:
-                native.restore_rng(rngs[d.rank])
-            else:
-                self.log(
-                    f"note: resuming on {d.world_size} ranks, saved on {len(rngs)}: "
-                    "dropout draws will differ from an uninterrupted run"
-                )
+            build.restore_data_and_rng(self.loader, self.state, d.rank, d.world_size, self.log)
         self.metrics = (
             MetricsLog(
                 run_dir,
@@ -232,34 +188,6 @@ class Trainer:
         )
         self.flops_per_token = unwrap(self.model).flops_per_token(cfg.model.block_size)
         self.peak = peak_flops(device, self.dtype, tc.peak_flops) * d.world_size
-
-    def _build_model(self, init_state: dict | None, ckpt: Path | None) -> None:
-        from gpt2lab.checkpoint.weights import load_model_safetensors
-        from gpt2lab.model import GPT
-
-        cfg, tc, d = self.cfg, self.cfg.train, self.d
-        torch.manual_seed(tc.seed)  # the same initial weights on every rank
-        model = GPT(cfg.model)
-        if init_state is not None:
-            model.load_state_dict(init_state)  # same config but dropout: every key fits
-        if ckpt is not None:
-            load_model_safetensors(model, ckpt / "model.safetensors")
-        self.frozen = apply_freeze(model, tc.freeze)
-        model.to(self.device)
-        torch.manual_seed(tc.seed + d.rank)  # dropout differs between ranks
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.raw = model
-        self.model = wrap(model, tc.strategy, d, self.device)
-        self.opt = configure_optimizer(self.model, tc, self.device)
-        if ckpt is not None:
-            _load_opt(self.model, self.opt, native.load_optimizer_state(ckpt), tc.strategy, d)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        if ckpt is not None and "scaler" in (st := native.load_state(ckpt)) and st["scaler"]:
-            self.scaler.load_state_dict(st["scaler"])
-        if tc.compile:
-            self.model = torch.compile(self.model)  # type: ignore[assignment]
 
     # ---------------------------------------------------------------- the loop
 
@@ -283,10 +211,10 @@ class Trainer:
         val = None
         stopped_by = "max_steps"
         ckpt_path: Path | None = None
-        bar = self._bar()
+        bar = progress_bar(tc.max_steps, self.step) if self.progress else None
         if bar is not None and self.log_is_default:  # print above the bar, not through it
             self.log = lambda *a: bar.write(" ".join(map(str, a)), file=sys.stderr)
-        with _Stop() as stop:
+        with StopSignal() as stop:
             while self.step < tc.max_steps:
                 res = self.train_step(stop)
                 loss, norm, lr = res.loss, res.grad_norm, res.lr
@@ -362,7 +290,7 @@ class Trainer:
             rank=self.d.rank,
         )
 
-    def train_step(self, stop: _Stop | None = None) -> StepResult:
+    def train_step(self, stop: StopSignal | None = None) -> StepResult:
         """One optimizer step: A micro-batches, clip, the NaN guard, AdamW at the scheduled LR."""
         tc, d = self.cfg.train, self.d
         A = tc.grad_accum_steps
@@ -399,13 +327,8 @@ class Trainer:
         loss_v, clock = loss_v / d.world_size, clock / d.world_size
         if tc.warmup_steps <= self.step and self.warm_end_s is None:
             self.warm_end_s = clock
-        frac = None
-        budget = tc.max_minutes * 60
-        if budget > 0 and self.step >= tc.warmup_steps:
-            w = self.warm_end_s or 0.0
-            frac = (clock - w) / max(budget - w, 1e-9)
-        lr = lr_at(self.step, tc, frac)
-        result = StepResult(loss_v, norm_v, lr, stop_v > 0, 0 < budget <= clock)
+        lr = lr_at(self.step, tc, budget_fraction(self.step, tc, clock, self.warm_end_s))
+        result = StepResult(loss_v, norm_v, lr, stop_v > 0, 0 < tc.max_minutes * 60 <= clock)
         # a float16 scaler expects overflowing gradients now and then and skips them itself
         finite = math.isfinite(loss_v) and (self.scaler.is_enabled() or math.isfinite(norm_v))
         if not finite:
@@ -450,18 +373,11 @@ class Trainer:
         tc = self.cfg.train
         if tc.sample_interval <= 0 or not self.d.is_main or tc.strategy == "fsdp":
             return
-        n_evals = self.step // max(1, tc.eval_interval)
-        if n_evals % tc.sample_interval:
+        if (self.step // max(1, tc.eval_interval)) % tc.sample_interval:
             return
-        ids = self.tok.encode_ordinary(tc.sample_prompt) or [self.tok.eot_token]
-        idx = torch.tensor([ids[-self.cfg.model.block_size :]], device=self.device)
-        # the sample's random draws must not shift training's, or resume would not be exact
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), autocast(self.device, self.dtype):
-            self.raw.eval()
-            out = self.raw.generate(idx, tc.sample_tokens, temperature=0.8, top_k=200)
-            self.raw.train()
-        text = self.tok.decode(out[0, len(ids[-self.cfg.model.block_size :]) :].tolist())
+        text = training_sample(
+            self.raw, self.tok, tc.sample_prompt, tc.sample_tokens, self.device, self.dtype
+        )
         self.log(f"--- sample at step {self.step} ---\n{tc.sample_prompt}{text}\n---")
 
     def _report(self, row: dict[str, Any], evaluated: bool, bar: Any) -> bool:
@@ -470,12 +386,7 @@ class Trainer:
         if self.d.is_main:
             assert self.metrics is not None
             self.metrics.write(row)
-            line = (
-                f"step {row['step']} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-                f"{row['tokens_per_s']:,.0f} tok/s | mfu {100 * row['mfu']:.1f}%"
-            )
-            if evaluated:
-                line += f" | val {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f})"
+            line = row_line(row, evaluated)
             if bar is not None:
                 bar.set_postfix_str(line.split(" | ", 1)[1], refresh=False)
                 if evaluated:
@@ -487,19 +398,6 @@ class Trainer:
                     stop = True
         flag = torch.tensor([float(stop)], device=self.device)
         return bool(all_reduce_sum(flag, self.d).item() > 0)
-
-    def _bar(self) -> Any:
-        if not self.progress:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(
-            total=self.cfg.train.max_steps,
-            initial=self.step,
-            unit="step",
-            dynamic_ncols=True,
-            leave=True,
-        )
 
     def save(self, val: float | None, ran_s: float) -> Path | None:
         """Checkpoint the current step (every rank joins: RNG states and shards are gathered)."""

@@ -36,6 +36,17 @@ def lr_at(step: int, cfg: TrainConfig, time_frac: float | None = None) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
+def budget_fraction(
+    step: int, cfg: TrainConfig, clock_s: float, warmup_end_s: float | None
+) -> float | None:
+    """The share of the wall-clock budget spent since warmup ended (None: no budget, or warming)."""
+    budget = cfg.max_minutes * 60
+    if budget <= 0 or step < cfg.warmup_steps:
+        return None
+    w = warmup_end_s or 0.0
+    return (clock_s - w) / max(budget - w, 1e-9)
+
+
 def apply_freeze(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
     """Set requires_grad=False on parameters whose name matches a glob; returns the names frozen."""
     frozen: list[str] = []
