@@ -14,7 +14,7 @@ from gpt2lab import config as C
 from gpt2lab.checkpoint import native
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT
-from gpt2lab.train import build, train
+from gpt2lab.train import build, muon, train
 from gpt2lab.train.muon import Muon, orthogonalize
 from gpt2lab.train.recipe import _muon, configure_optimizer
 
@@ -32,11 +32,15 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
+@pytest.mark.parametrize("bf16", [True, False], ids=["bfloat16", "float32"])
 @pytest.mark.parametrize("shape", [(48, 48), (32, 96), (96, 32), (3, 40, 24)])
-def test_newton_schulz_approximates_the_polar_factor(shape):
+def test_newton_schulz_approximates_the_polar_factor(shape, bf16, monkeypatch):
+    monkeypatch.setattr(muon, "_fast_bf16", lambda device_type: bf16)
     torch.manual_seed(0)
     g = torch.randn(shape) * 1e-3  # gradients are small; the result must not depend on scale
-    o = orthogonalize(g).double()
+    o = orthogonalize(g)
+    assert o.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    o = o.double()
     assert o.shape == g.shape
     exact = polar(g)
     for got, want in zip(o.reshape(-1, *shape[-2:]), exact.reshape(-1, *shape[-2:])):

@@ -13,6 +13,7 @@ all groups), so Muon's larger LR follows the same warmup and decay.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -20,15 +21,25 @@ from typing import Any
 
 import torch
 
+from gpt2lab.device import cpu_has_native_bf16
+
 # quintic Newton-Schulz coefficients from the Muon write-up: they push every singular value of a
 # norm-1 matrix into roughly [0.7, 1.2] in five iterations, which is as good as exact for training
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+@functools.cache
+def _fast_bf16(device_type: str) -> bool:
+    return device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
+
+
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """About U V^T for each matrix U S V^T in g (..., m, n); bfloat16 is accurate enough here."""
+    """About U V^T for each matrix U S V^T in g (..., m, n).
+
+    bfloat16 is accurate enough for this and 2x faster where the hardware has it; else float32.
+    """
     a, b, c = NS_COEFFS
-    x = g.to(torch.bfloat16)
+    x = g.to(torch.bfloat16 if _fast_bf16(g.device.type) else torch.float32)
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
         x = x.mT
