@@ -83,14 +83,19 @@ def test_run_interrupted_by_sigint_then_resumed_equals_uninterrupted_run(tmp_pat
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_gloo_ranks_equal_one_rank_with_twice_the_accumulation(tmp_path, char_data, strategy):
+@pytest.mark.parametrize(
+    "strategy, optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("ddp", "muon")]
+)
+def test_two_gloo_ranks_equal_one_rank_with_twice_the_accumulation(
+    tmp_path, char_data, strategy, optimizer
+):
     cfg = _config_file(
         tmp_path,
         char_data,
         "train.max_steps=4",
         "train.micro_batch_size=4",
         f"train.strategy={strategy}",
+        f"train.optimizer={optimizer}",
         "train.eval_steps=0",
     )
     one = tmp_path / "one"
@@ -129,8 +134,11 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_accumulation(tmp_path, cha
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _weights(one), _weights(two)
     assert a.keys() == b.keys()
+    # Muon rounds its update to bfloat16 (on this CPU): a last-bit difference in the summed
+    # gradients may move an element by one bf16 step of a ~4e-3 update; a missing sync, by far more
+    atol = 1e-4 if optimizer == "muon" else 1e-5
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=k)
     rows = [json.loads(ln) for ln in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 5))  # rank 0 alone logs
     ref = [json.loads(ln) for ln in (one / "metrics.jsonl").read_text().splitlines()]
