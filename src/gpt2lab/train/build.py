@@ -304,6 +304,9 @@ def model_and_optimizer(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if ckpt is not None:
         load_optimizer_state(model, opt, native.load_optimizer_state(ckpt), tc.strategy, d)
+        for group in opt.param_groups:  # the saved groups came back: re-apply Muon's overrides
+            if group.get("muon"):
+                group.update(lr_scale=tc.muon_lr / tc.lr, momentum=tc.muon_momentum)
         if saved := native.load_state(ckpt).get("scaler"):
             scaler.load_state_dict(saved)
     if tc.compile:
