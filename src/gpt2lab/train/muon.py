@@ -34,7 +34,7 @@ def _fast_bf16(device_type: str) -> bool:
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """About U V^T for each matrix U S V^T in g (..., m, n).
+    """About U V^T for each matrix U S V^T in g, shaped (m, n) or (batch, m, n).
 
     bfloat16 is accurate enough for this and 2x faster where the hardware has it; else float32.
     """
