@@ -15,7 +15,7 @@ gpt2lab prepare shakespeare-char --input input.txt --out data/sc
 gpt2lab train --data data/sc --out runs/sc --preset shakespeare-char
 gpt2lab train --data data/sc --out runs/small --preset shakespeare-char --train.max_steps=500 \\
     --model.n_layer=4 --train.dtype=float32
-gpt2lab train --data data/sc --out runs/muon --preset shakespeare-char --train.optimizer=muon \
+gpt2lab train --data data/sc --out runs/muon --preset shakespeare-char --train.optimizer=muon \\
     --train.muon_lr=0.02 --train.lr_schedule=wsd --train.min_lr=0   # Muon + warmup-stable-decay
 gpt2lab train --out runs/sc --resume --train.max_steps=8000     # continue, with more steps
 gpt2lab train --init-from gpt2 --data my.txt --out runs/ft --preset finetune   # fine-tune
