@@ -416,3 +416,43 @@ def test_generation_past_the_context_slides_with_one_warning(models):
     # the first token after the slide sees the window's last 3/4 of the context, from position 0
     window = out[0, BLOCK + 1 - (BLOCK - BLOCK // 4) : BLOCK + 1].tolist()
     assert out[0, BLOCK + 1].item() == hf_greedy(hf, window, 1)[0]
+
+
+def test_packed_decoding_weights_follow_updates_and_the_model_still_copies(models):
+    import copy
+    import pickle
+
+    from gpt2lab.model import KVCache
+
+    ours, _ = models
+    idx = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    w = ours.transformer.h[0].mlp.c_fc.weight
+    saved = w.detach().clone()
+    try:
+        for scale in (1.0, -2.0):
+            with torch.no_grad():
+                w.mul_(scale)  # an in-place update: the packed copy must be remade
+                cache = KVCache(ours.config, 2, 4)
+                ours(idx, cache=cache)
+                fast = ours(idx[:, :1], cache=cache)[0]  # a cached step: packed weights
+            with torch.enable_grad():
+                ref = ours(torch.cat([idx, idx[:, :1]], dim=1))[0][:, -1:]
+            assert torch.allclose(fast, ref, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    twin = copy.deepcopy(ours)  # packed oneDNN tensors are kept off the modules
+    assert pickle.loads(pickle.dumps(twin)).config == ours.config
+
+
+def test_packed_bfloat16_linear_is_bit_equal_to_f_linear():
+    from gpt2lab.model import _packable, _packed_linear
+
+    lin = torch.nn.Linear(48, 80).to(torch.bfloat16)
+    x = torch.randn(3, 1, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        if not _packable(x):
+            pytest.skip("no oneDNN on this build")
+        assert torch.equal(
+            _packed_linear(lin, x, 3), torch.nn.functional.linear(x, lin.weight, lin.bias)
+        )
