@@ -198,3 +198,41 @@ def test_loads_a_vocabulary_trained_by_hf(shared_data, tmp_path):
         assert tok.special_tokens == {"<|endoftext|>": 0, "<pad token>": 1}
         assert tok.encode(sample) == hf.encode(sample).ids
         assert tok.decode(tok.encode(sample)) == sample
+
+
+def test_whitespace_table_is_regex_s():
+    every = "".join(map(chr, range(0x110000)))
+    assert sorted(train_mod._WHITESPACE) == regex.findall(r"\s", every)
+
+
+# Text where whitespace runs, letters, digits, punctuation, contractions and the placeholder
+# characters of the word-by-word counting meet in every order.
+_ALPHABET = list(" \n\t\r\x0b\xa0\u3000\x1c" + "ab'sé1,!😀" + "\x00\x01\ue000")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([*_ALPHABET, " ", " ", "  ", " ll", "\n "]), max_size=1600))
+def test_counting_by_words_equals_findall(chars):
+    # long enough (>= 1024 characters) to be counted by words; the odd text at both ends
+    text = "".join(chars) + " the cat's mat, 12 \n" * 60 + "".join(reversed(chars))
+    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
+        got = train_mod.count_pretokens(text, pattern)
+        assert got == Counter(p.encode() for p in regex.findall(pattern, text))
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+def test_counting_by_words_on_real_text_and_blocks(shared_data, tmp_path, monkeypatch, pattern):
+    text = (shared_data / "wikitext2/wiki.valid.tokens").read_text("utf-8")[:300_000]
+    text += (shared_data / "gutenberg_books/pg11.txt").read_text("utf-8")[:100_000] + "  \n "
+    want = Counter(p.encode() for p in regex.findall(pattern, text))
+    assert train_mod.count_pretokens(text, pattern) == want
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(train_mod, "_BLOCK", 50_000)
+    assert train_mod.count_pretokens([tmp_path / "a.txt"], pattern) == want
+
+
+def test_several_occurrences_in_a_word_match_brute_force():
+    # "abab", "aaaa" and "abcabc" hold the merged pair twice or overlapping
+    text = " ".join(["abab", "aaaa", "abcabc", "aaab", "baaa", "abababa", "xaaay"] * 7) + " ab"
+    tok = train_bpe(text, 257 + 12, progress=False)
+    assert merge_ids(tok) == brute_force_merges(text, GPT2_PATTERN, 12)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -20,10 +20,16 @@ import regex
 from gpt2lab.errors import DataError, TokenizerError
 from gpt2lab.tokenizer.base import EOT
 from gpt2lab.tokenizer.bpe import BPETokenizer
-from gpt2lab.tokenizer.pretokenize import compile_pattern, resolve_pattern
+from gpt2lab.tokenizer.pretokenize import (
+    GPT2_PATTERN,
+    GPT4_PATTERN,
+    compile_pattern,
+    resolve_pattern,
+)
 
 TextSource = str | os.PathLike | Sequence[str | os.PathLike]
 _BLOCK = 1 << 22  # bytes read from a file at a time
+_MAX_ID = 0x10FFFF  # ids are held as characters (see learn_merges)
 
 
 def train_bpe(
@@ -79,23 +85,23 @@ def train_bpe(
 def learn_merges(
     counts: dict[bytes, int], n_merges: int, progress: bool | None = None
 ) -> list[tuple[int, int]]:
-    """The first `n_merges` merges (as id pairs; merge k makes id 256 + k) of pre-token counts."""
-    words = [list(w) for w in counts]
+    """The first `n_merges` merges (as id pairs; merge k makes id 256 + k) of pre-token counts.
+
+    A pre-token is held as a `str` whose characters are its ids (`chr(id)`), and a pair as the
+    2-character string of its ids: finding a pair (`str.find`) and merging it (`str.replace`, left
+    to right, without overlaps: "aaa" -> [aa, a]) run in C, and comparing two pairs compares
+    (left id, right id), the tie-break of the rule.
+    """
+    if n_merges > _MAX_ID - 256:
+        raise TokenizerError(f"{n_merges} merges is too many", f"at most {_MAX_ID - 256}")
+    words = [w.decode("latin-1") for w in counts]  # byte b -> chr(b)
     freq = list(counts.values())
-    pair_count: dict[tuple[int, int], int] = {}
-    # pair -> the pre-tokens that hold it (or held it: entries go stale, and may repeat)
-    where: dict[tuple[int, int], list[int]] = {}
-    for w, (ids, c) in enumerate(zip(words, freq)):
-        for p in zip(ids, ids[1:]):
-            pair_count[p] = pair_count.get(p, 0) + c
-            s = where.get(p)
-            if s is None:
-                where[p] = [w]
-            else:
-                s.append(w)
-    # Max-heap of (count, pair) by pushing (-count, left, right): ties pop the smallest pair.
+    # pair -> its count, and the pre-tokens that hold it (or held it: entries go stale, and may
+    # repeat)
+    pair_count, where = _pair_index(list(counts), freq)
+    # Max-heap of (count, pair) by pushing (-count, pair): ties pop the smallest pair.
     # Entries may be stale (counts only fall between pushes), so a popped entry is re-checked.
-    heap = [(-c, a, b) for (a, b), c in pair_count.items()]
+    heap = [(-c, p) for p, c in pair_count.items()]
     heapq.heapify(heap)
     merges: list[tuple[int, int]] = []
     bar = _progress(n_merges, "merges", progress)
@@ -109,113 +115,102 @@ def learn_merges(
                 f"vocab_size <= {256 + len(merges)} + the number of special tokens",
                 "use a smaller --vocab-size or more text",
             )
-        a, b = best
-        new = 256 + len(merges)
-        merges.append(best)
-        grown: set[tuple[int, int]] = set()  # pairs holding the new id: they need heap entries
-        get = pair_count.get
+        new = chr(256 + len(merges))
+        merges.append((ord(best[0]), ord(best[1])))
+        left, right = best
+        # The one-occurrence words are summed by the id beside the pair: x before it turns
+        # (x, left) into (x, new), and y after it (right, y) into (new, y), at the word's count.
+        before: defaultdict[str, int] = defaultdict(int)
+        after: defaultdict[str, int] = defaultdict(int)
+        before_w: defaultdict[str, list[int]] = defaultdict(list)
+        after_w: defaultdict[str, list[int]] = defaultdict(list)
+        grown: defaultdict[str, int] = defaultdict(int)  # new pairs of the other words
+        grown_w: defaultdict[str, list[int]] = defaultdict(list)
         for w in where.pop(best):
-            ids = words[w]
-            n = len(ids)
-            pos = []  # where the pair starts, found left to right: (a, a) in "aaa" only at 0
-            if ids.count(a) == 1:  # most words: one search, no exception
-                i = ids.index(a)
-                if i + 1 < n and ids[i + 1] == b:
-                    pos.append(i)
-            else:
-                i = 0
-                try:
-                    while True:
-                        i = ids.index(a, i)
-                        if i + 1 < n and ids[i + 1] == b:
-                            pos.append(i)
-                            i += 2
-                        else:
-                            i += 1
-                except ValueError:
-                    pass
-            if not pos:
+            s = words[w]
+            i = s.find(best)
+            if i < 0:
                 continue  # stale or repeated entry: the word no longer holds the pair
             c = freq[w]
-            if len(pos) == 1:  # the common case, written out
-                i = pos[0]
-                out = ids[:i]
-                out.append(new)
-                out += ids[i + 2 :]
-                pair_count[best] -= c
-                if i > 0:
-                    p = (ids[i - 1], a)
-                    pair_count[p] -= c
-                    p = (ids[i - 1], new)
-                    pair_count[p] = get(p, 0) + c
-                    grown.add(p)
-                    if p in where:
-                        where[p].append(w)
-                    else:
-                        where[p] = [w]
-                if i + 2 < n:
-                    p = (b, ids[i + 2])
-                    pair_count[p] -= c
-                    p = (new, ids[i + 2])
-                    pair_count[p] = get(p, 0) + c
-                    grown.add(p)
-                    if p in where:
-                        where[p].append(w)
-                    else:
-                        where[p] = [w]
+            out = s.replace(best, new)
+            if len(out) == len(s) - 1:  # one occurrence, the common case, written out
+                if i:
+                    x = s[i - 1]
+                    before[x] += c
+                    before_w[x].append(w)
+                if i + 2 < len(s):
+                    y = s[i + 2]
+                    after[y] += c
+                    after_w[y].append(w)
                 words[w] = out
                 continue
-            out = []
-            prev = 0
-            for i in pos:
-                out += ids[prev:i]
-                out.append(new)
-                prev = i + 2
-            out += ids[prev:]
-            # Only the pairs that touch a merged position change: the old ones go...
-            last = -1
-            for i in pos:
-                for k in (i - 1, i, i + 1):
-                    if last < k < n - 1 and k >= 0:
-                        p = (ids[k], ids[k + 1])
-                        pair_count[p] -= c
-                        last = k
-            # ...and the pairs holding the new id come, the only ones new to this word.
-            m, last = len(out), -1
-            for t, i in enumerate(pos):
-                for k in (i - t - 1, i - t):  # the new token sits at i - t in `out`
-                    if last < k < m - 1 and k >= 0:
-                        p = (out[k], out[k + 1])
-                        pair_count[p] = get(p, 0) + c
-                        grown.add(p)
-                        last = k
-                        _add(where, p, w)
+            # Several occurrences (rare): the old word's pairs go, the new word's come; the
+            # pairs away from the merged positions cancel out, and the ones holding the new id
+            # are the only ones new to this word.
+            for k in range(len(s) - 1):
+                pair_count[s[k : k + 2]] -= c
+            for k in range(len(out) - 1):
+                p = out[k : k + 2]
+                if new in p:
+                    grown[p] += c
+                    grown_w[p].append(w)
+                else:
+                    pair_count[p] += c
             words[w] = out
-        for p in grown:
-            heapq.heappush(heap, (-pair_count[p], p[0], p[1]))
+        for x, c in before.items():
+            pair_count[x + left] -= c
+            grown[x + new] += c
+            grown_w[x + new] += before_w[x]
+        for y, c in after.items():
+            pair_count[right + y] -= c
+            grown[new + y] += c
+            grown_w[new + y] += after_w[y]
+        for p, c in grown.items():  # pairs holding the new id are new: no count or list yet
+            pair_count[p] = c
+            where[p] = grown_w[p]
+            heapq.heappush(heap, (-c, p))
         pair_count.pop(best, None)
         bar.update()
     bar.close()
     return merges
 
 
-def _add(where: dict[tuple[int, int], list[int]], p: tuple[int, int], w: int) -> None:
-    s = where.get(p)
-    if s is None:
-        where[p] = [w]
-    else:
-        s.append(w)
+def _pair_index(
+    words: list[bytes], freq: list[int]
+) -> tuple[defaultdict[str, int], defaultdict[str, list[int]]]:
+    """Each adjacent byte pair's count (pre-token counts summed) and the pre-tokens holding it.
+
+    Built with numpy: one array of every pre-token's bytes, the pairs that do not straddle two
+    pre-tokens sorted by pair, then summed and cut per pair.
+    """
+    import numpy as np
+
+    lens = np.fromiter(map(len, words), np.int64, len(words))
+    flat = np.frombuffer(b"".join(words), np.uint8).astype(np.uint16)
+    codes = (flat[:-1] << 8) | flat[1:]  # the pair starting at each position...
+    word = np.repeat(np.arange(len(words)), lens)
+    inside = word[:-1] == word[1:]  # ...that ends in the same pre-token
+    codes, word = codes[inside], word[:-1][inside]
+    order = np.argsort(codes, kind="stable")  # a radix sort, for 16-bit keys
+    codes, word = codes[order], word[order]
+    starts = np.flatnonzero(np.diff(codes.astype(np.int32), prepend=-1))
+    totals = np.add.reduceat(np.asarray(freq, np.int64)[word], starts) if len(codes) else []
+    keys = [chr(k >> 8) + chr(k & 255) for k in codes[starts].tolist()]
+    pair_count = defaultdict(int, zip(keys, totals.tolist() if len(codes) else []))
+    where = defaultdict(list, zip(keys, (w.tolist() for w in np.split(word, starts[1:]))))
+    return pair_count, where
 
 
-def _pop_best(heap: list, pair_count: dict[tuple[int, int], int]) -> tuple[int, int] | None:
+def _pop_best(heap: list, pair_count: dict[str, int]) -> str | None:
+    get = pair_count.get
     while heap:
-        negc, a, b = heapq.heappop(heap)
-        c = pair_count.get((a, b), 0)
+        negc, p = heapq.heappop(heap)
+        c = get(p, 0)
         if c <= 0:
             continue
         if c == -negc:
-            return a, b
-        heapq.heappush(heap, (-c, a, b))
+            return p
+        heapq.heappush(heap, (-c, p))
     return None
 
 
@@ -240,6 +235,14 @@ def count_pretokens(
     )
     tail = max([16, *(len(s) for s in special_tokens)])
     counts: Counter[str] = Counter()
+    dedup = pattern in (GPT2_PATTERN, GPT4_PATTERN)  # the patterns _count_words holds for
+
+    def count(counts: Counter[str], text: str) -> None:
+        if dedup:
+            _count_words(counts, pat, text)
+        else:
+            counts.update(pat.findall(text))
+
     for blocks in _texts(source, errors, progress):
         carry = ""
         for block, last in blocks:
@@ -248,16 +251,71 @@ def count_pretokens(
             has_special = splitter is not None and any(s in text for s in special_tokens)
             parts = splitter.split(text) if has_special else [text]
             for part in parts[:-1]:
-                counts.update(pat.findall(part))
-            pieces = pat.findall(parts[-1])
+                count(counts, part)
+            end = parts[-1]
+            if dedup:  # count the block but its last few hundred characters by distinct words
+                cut = _last_cut(end, len(end) - 2 * tail - 256) if not last else len(end)
+                count(counts, end[:cut])
+                end = end[cut:]
+            pieces = pat.findall(end)
             k, carried = len(pieces), 0
-            if not last and sum(map(len, pieces)) == len(parts[-1]):
+            if not last and sum(map(len, pieces)) == len(end):
                 while k > 0 and carried < tail:
                     k -= 1
                     carried += len(pieces[k])
             counts.update(pieces[:k] if k < len(pieces) else pieces)
             carry = "".join(pieces[k:]) if k < len(pieces) else ""
     return Counter({piece.encode("utf-8"): c for piece, c in counts.items() if piece})
+
+
+# What `\s` matches in the `regex` module (a test checks it against every code point)
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+_WHITESPACE += "\u2028\u2029\u202f\u205f\u3000"
+_PLACEHOLDERS = "\x00\x01\x02\x03\ue000\ue001\ue002\ue003"
+
+
+def _last_cut(text: str, stop: int) -> int:
+    """The last position <= `stop` (or 0) of a space after a non-space: see `_count_words`."""
+    i = text.rfind(" ", 0, max(stop, 0) + 1)
+    while i > 0 and text[i - 1] in _WHITESPACE:
+        i = text.rfind(" ", 0, i)
+    return max(i, 0)
+
+
+def _count_words(counts: Counter[str], pat: regex.Pattern, text: str) -> None:
+    r"""Add the pre-tokens of `text` (GPT-2's or GPT-4's pattern) to `counts`, as findall would.
+
+    Each distinct space-separated word is cut into pre-tokens once, not once per occurrence. For
+    both patterns a space that follows a non-space starts a pre-token (no pre-token holds a
+    non-space and then a space), and no match before it looks past it (the only lookahead, `$`
+    and `(?!\S)`, follows whitespace); so the text cut before such spaces gives the same
+    pre-tokens piece by piece, and joined pieces ending in a non-space can be matched together.
+    Spaces that follow whitespace are hidden first behind a placeholder, so `split(" ")` cuts
+    only before the others.
+    """
+    ph = next((c for c in _PLACEHOLDERS if c not in text), None)
+    if ph is None or len(text) < 1024:
+        counts.update(pat.findall(text))
+        return
+    for w in _WHITESPACE:
+        if w != " " and w in text:  # (a search for one character is the fast one)
+            text = text.replace(w + " ", w + ph)
+    # "  " -> " ph" leaves no two spaces side by side; then each space after ph is hidden too
+    text = text.replace("  ", " " + ph).replace(ph + " ", ph + ph)
+    words = text.split(" ")
+    counts.update(pat.findall(words[0].replace(ph, " ")))
+    # the last word may end in whitespace (followed by the end of the text): on its own
+    counts.update(pat.findall((" " + words.pop()).replace(ph, " ")) if len(words) > 1 else ())
+    by_count: dict[int, list[str]] = defaultdict(list)
+    for word, n in Counter(words[1:]).items():
+        by_count[n].append(word)
+    for n, same in by_count.items():  # one findall for all the words seen n times
+        pieces = pat.findall((" " + " ".join(same)).replace(ph, " "))
+        if n == 1:
+            counts.update(pieces)
+        else:
+            for piece, k in Counter(pieces).items():
+                counts[piece] += k * n
 
 
 def _texts(source: TextSource, errors: str, progress: bool | None) -> Iterator[Iterator]:
