@@ -456,3 +456,26 @@ def test_packed_bfloat16_linear_is_bit_equal_to_f_linear():
         assert torch.equal(
             _packed_linear(lin, x, 3), torch.nn.functional.linear(x, lin.weight, lin.bias)
         )
+
+
+def test_packed_decoding_under_cpu_autocast_matches_the_unpacked_path(models, monkeypatch):
+    """A float32 model sampled under bfloat16 autocast (the training loop's samples): oneDNN
+    refuses mixed operands, so the packed path must compute in autocast's dtype as F.linear does."""
+    import gpt2lab.model as model_mod
+
+    ours, _ = models
+    idx = torch.tensor([PROMPTS[0]])
+    lin = ours.transformer.h[0].attn.c_proj
+    x = torch.randn(1, 1, lin.in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        if not model_mod._packable(x):
+            pytest.skip("no oneDNN bfloat16 on this machine")
+        y = model_mod._packed_linear(lin, x, 1)
+        ref = lin(x)
+        assert y.dtype == ref.dtype == torch.bfloat16
+        assert torch.allclose(y.float(), ref.float(), atol=1e-2)
+        fast = ours.generate(idx, 12, temperature=0)
+    monkeypatch.setattr(model_mod, "_packable", lambda x: False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        slow = ours.generate(idx, 12, temperature=0)
+    assert fast.tolist() == slow.tolist()
