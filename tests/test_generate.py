@@ -479,3 +479,25 @@ def test_packed_decoding_under_cpu_autocast_matches_the_unpacked_path(models, mo
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         slow = ours.generate(idx, 12, temperature=0)
     assert fast.tolist() == slow.tolist()
+
+
+def test_a_onednn_refusal_falls_back_to_f_linear_for_good(models, monkeypatch):
+    """On a CPU or build whose oneDNN has no kernel, decoding still works: plain F.linear."""
+    import gpt2lab.model as model_mod
+
+    ours, _ = models
+    idx = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        if not model_mod._packable(idx.float()):
+            pytest.skip("no oneDNN on this build")
+        ref = ours.generate(idx, 8, temperature=0)
+        model_mod._PACKED.clear()
+
+        def refuse(*args):
+            raise RuntimeError("could not create a primitive descriptor")
+
+        monkeypatch.setattr(model_mod, "_onednn_pack", refuse)
+        monkeypatch.setattr(model_mod, "_ONEDNN_LINEAR_WORKS", [True])
+        out = ours.generate(idx, 8, temperature=0)
+        assert out.tolist() == ref.tolist()
+        assert not model_mod._packable(idx.float())  # not tried again

@@ -64,12 +64,14 @@ def _explicit_attention_is_faster(q: Tensor) -> bool:
 
 # packed weights by module, kept off the modules: oneDNN tensors can be neither copied nor pickled
 _PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Tensor]] = weakref.WeakKeyDictionary()
+# cleared on the first oneDNN refusal (a CPU or build it does not support): F.linear from then on
+_ONEDNN_LINEAR_WORKS = [torch.backends.mkldnn.is_available()]
 
 
 def _packable(x: Tensor) -> bool:
     """Whether `_packed_linear` may run on `x`: no gradients, a oneDNN CPU, and a float32 or
     bfloat16 product (bfloat16 only where oneDNN has it; autocast's dtype where it is on)."""
-    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if x.device.type != "cpu" or not _ONEDNN_LINEAR_WORKS[0]:
         return False
     dtype = _compute_dtype(x)
     bf16 = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -94,11 +96,22 @@ def _packed_linear(lin: nn.Linear, x: Tensor, rows: int, weight: Tensor | None =
     dtype = _compute_dtype(x)
     key = (w.data_ptr(), w._version, w.shape, w.dtype, dtype, rows)
     cached = _PACKED.get(lin)
-    if cached is None or cached[0] != key:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), rows)
-        cached = _PACKED[lin] = (key, packed)
-    b = None if b is None else b.to(dtype)
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), cached[1], b, "none", [], "")
+    try:
+        if cached is None or cached[0] != key:
+            cached = _PACKED[lin] = (key, _onednn_pack(w.detach().to(dtype), rows))
+        return _onednn_linear(x.to(dtype), cached[1], None if b is None else b.to(dtype))
+    except RuntimeError:  # oneDNN has no kernel for this CPU or dtype: the plain path, for good
+        _ONEDNN_LINEAR_WORKS[0] = False
+        _PACKED.pop(lin, None)
+        return F.linear(x, w, b)
+
+
+def _onednn_pack(w: Tensor, rows: int) -> Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w, rows)
+
+
+def _onednn_linear(x: Tensor, packed: Tensor, b: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
 def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
