@@ -497,7 +497,7 @@ def test_a_onednn_refusal_falls_back_to_f_linear_for_good(models, monkeypatch):
             raise RuntimeError("could not create a primitive descriptor")
 
         monkeypatch.setattr(model_mod, "_onednn_pack", refuse)
-        monkeypatch.setattr(model_mod, "_ONEDNN_LINEAR_WORKS", [True])
+        monkeypatch.setattr(model_mod, "_ONEDNN_LINEAR_WORKS", True)
         out = ours.generate(idx, 8, temperature=0)
         assert out.tolist() == ref.tolist()
         assert not model_mod._packable(idx.float())  # not tried again

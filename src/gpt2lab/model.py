@@ -6,6 +6,7 @@ Conv1D transpose happens in `gpt2lab.checkpoint.hf`). No I/O and no printing her
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -65,17 +66,22 @@ def _explicit_attention_is_faster(q: Tensor) -> bool:
 # packed weights by module, kept off the modules: oneDNN tensors can be neither copied nor pickled
 _PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Tensor]] = weakref.WeakKeyDictionary()
 # cleared on the first oneDNN refusal (a CPU or build it does not support): F.linear from then on
-_ONEDNN_LINEAR_WORKS = [torch.backends.mkldnn.is_available()]
+_ONEDNN_LINEAR_WORKS = torch.backends.mkldnn.is_available()
 
 
 def _packable(x: Tensor) -> bool:
     """Whether `_packed_linear` may run on `x`: no gradients, a oneDNN CPU, and a float32 or
     bfloat16 product (bfloat16 only where oneDNN has it; autocast's dtype where it is on)."""
-    if x.device.type != "cpu" or not _ONEDNN_LINEAR_WORKS[0]:
+    if x.device.type != "cpu" or not _ONEDNN_LINEAR_WORKS:
         return False
     dtype = _compute_dtype(x)
-    bf16 = dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    bf16 = dtype == torch.bfloat16 and _onednn_has_bfloat16()
     return not torch.is_grad_enabled() and (dtype == torch.float32 or bf16)
+
+
+@functools.cache
+def _onednn_has_bfloat16() -> bool:  # asked once: `_packable` runs for every layer of every step
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -101,7 +107,8 @@ def _packed_linear(lin: nn.Linear, x: Tensor, rows: int, weight: Tensor | None =
             cached = _PACKED[lin] = (key, _onednn_pack(w.detach().to(dtype), rows))
         return _onednn_linear(x.to(dtype), cached[1], None if b is None else b.to(dtype))
     except RuntimeError:  # oneDNN has no kernel for this CPU or dtype: the plain path, for good
-        _ONEDNN_LINEAR_WORKS[0] = False
+        global _ONEDNN_LINEAR_WORKS
+        _ONEDNN_LINEAR_WORKS = False
         _PACKED.pop(lin, None)
         return F.linear(x, w, b)
 
