@@ -16,8 +16,25 @@ from torch import Tensor
 from gpt2lab.config import SampleConfig
 
 
+# The settings of the short previews shown while training and after the demo.
+PREVIEW_SAMPLING = SampleConfig(temperature=0.8, top_k=200)
+
+
 class ContextWarning(UserWarning):
     """A prompt or a generation ran past the model's context and was cropped from the left."""
+
+
+def prompt_ids(tokenizer, text: str, allow_special: bool = False) -> list[int]:
+    """A prompt's ids; an empty prompt is `<|endoftext|>`, as GPT-2 starts unconditional samples.
+
+    `allow_special=True` encodes special-token text (`<|endoftext|>`) as the special id; otherwise
+    it is plain text.
+    """
+    if not text:
+        return [tokenizer.eot_token]
+    if allow_special:
+        return tokenizer.encode(text, allowed_special="all")
+    return tokenizer.encode_ordinary(text)
 
 
 def check_sampling(
