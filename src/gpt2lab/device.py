@@ -26,13 +26,13 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(
-            f"unknown device {name!r}", "auto, cpu, cuda, cuda:N or mps", "fix --train.device"
+            f"unknown device {name!r}", "auto, cpu, cuda, cuda:N or mps", "fix train.device"
         ) from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {name!r} asked for but CUDA is not available",
             "a machine with a CUDA GPU and a CUDA build of PyTorch",
-            "use --train.device=cpu or install a CUDA build of torch",
+            "use train.device=cpu or install a CUDA build of torch",
         )
     return device
 
@@ -58,13 +58,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name not in DTYPES:
         raise ConfigError(
-            f"unknown dtype {name!r}", "auto, float32, bfloat16 or float16", "fix --train.dtype"
+            f"unknown dtype {name!r}", "auto, float32, bfloat16 or float16", "fix train.dtype"
         )
     if name == "float16" and device.type == "cpu":
         raise ConfigError(
             "float16 autocast is not supported on the CPU",
             "bfloat16 or float32",
-            "use --train.dtype=bfloat16 (or float32)",
+            "use train.dtype=bfloat16 (or float32)",
         )
     return DTYPES[name]
 

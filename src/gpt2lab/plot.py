@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 from gpt2lab.errors import DataError
+from gpt2lab.io import atomic_open
+from gpt2lab.train.metrics import read_metrics
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
@@ -17,9 +19,6 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path
 
     matplotlib.use("Agg")  # files only: no display needed, and no GUI backend to import
     import matplotlib.pyplot as plt
-
-    from gpt2lab.io import atomic_open
-    from gpt2lab.train.metrics import read_metrics
 
     runs = [Path(r) for r in run_dirs]
     if not runs:

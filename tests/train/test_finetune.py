@@ -79,5 +79,5 @@ def test_finetuning_a_transformers_checkpoint_on_a_text_file_lowers_its_loss(
 def test_data_with_another_tokenizer_is_refused(tmp_path, hf_dir, char_data):
     cfg = tiny_config(char_data, f"train.init_from={hf_dir}")
     with pytest.raises(TokenizerError, match="tokenized with char"):
-        train(cfg, tmp_path / "run", progress=False)
+        train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()

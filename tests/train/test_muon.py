@@ -130,14 +130,13 @@ def test_muon_refuses_sharded_parameters():
 
 def test_a_muon_run_learns_and_resumes_exactly(tmp_path, char_data):
     cfg = tiny_config(char_data, "train.optimizer=muon", "train.max_steps=8")
-    quiet = {"progress": False, "log": lambda *a: None}
-    full = train(cfg, tmp_path / "full", **quiet)
+    full = train(cfg, tmp_path / "full")
     # stopped by a hook after step 4 (as a signal would): same config, so the same LR schedule
-    first = train(cfg, tmp_path / "split", on_log=lambda row: row["step"] >= 4, **quiet)
+    first = train(cfg, tmp_path / "split", on_log=lambda row: row["step"] >= 4)
     assert first.step == 4 and first.stopped_by == "hook"
     resumed, _ = build.resume_config(tmp_path / "split", ["train.max_steps=8"])
     assert resumed.train.optimizer == "muon"
-    train(resumed, tmp_path / "split", resume=True, **quiet)
+    train(resumed, tmp_path / "split", resume=True)
     got = load_file(native.find_latest(tmp_path / "split") / "model.safetensors")
     want = load_file(native.find_latest(tmp_path / "full") / "model.safetensors")
     for k in want:
@@ -148,10 +147,9 @@ def test_a_muon_run_learns_and_resumes_exactly(tmp_path, char_data):
 
 
 def test_a_resumed_run_takes_a_new_muon_lr(tmp_path, char_data):
-    quiet = {"progress": False, "log": lambda *a: None}
-    train(tiny_config(char_data, "train.optimizer=muon", "train.max_steps=2"), tmp_path, **quiet)
+    train(tiny_config(char_data, "train.optimizer=muon", "train.max_steps=2"), tmp_path)
     again, _ = build.resume_config(tmp_path, ["train.max_steps=3", "train.muon_lr=0.01"])
-    train(again, tmp_path, resume=True, **quiet)
+    train(again, tmp_path, resume=True)
     saved = native.load_optimizer_state(native.find_latest(tmp_path))["param_groups"]
     scales = [g["lr_scale"] for g in saved if g["muon"]]
     assert scales == [pytest.approx(0.01 / 3e-3)] * 2  # not the 0.02 / 3e-3 it was saved with

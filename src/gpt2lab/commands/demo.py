@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt2lab.commands.train_console import StopSignal, TrainConsole, tune_allocator
+from gpt2lab.demo import (
+    DataEvent,
+    NoteEvent,
+    default_run_dir,
+    demo_config,
+    run_demo,
+    summary_text,
+)
+from gpt2lab.train.events import Event
+
 ACCEPTS_OVERRIDES = True
 EXAMPLES = """
 gpt2lab demo                                   # Shakespeare's plays, 5 minutes, into runs/demo
@@ -61,20 +72,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2lab.demo import default_run_dir, run_demo, summary_text
-
-    result = run_demo(
-        args.out or default_run_dir(),
-        args.input,
-        minutes=args.minutes,
-        tokenizer=args.tokenizer,
-        config_file=args.config,
-        overrides=args.overrides,
-        prompts=args.prompt,
-        num_samples=args.samples,
-        sample_tokens=args.sample_tokens,
-        overwrite=args.overwrite,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    cfg = demo_config(args.minutes, args.config, args.overrides)
+    tune_allocator(cfg.train.device)
+    console = DemoConsole(progress=not args.no_progress and sys.stderr.isatty())
+    with StopSignal() as stop:
+        result = run_demo(
+            args.out or default_run_dir(),
+            args.input,
+            minutes=args.minutes,
+            tokenizer=args.tokenizer,
+            config_file=args.config,
+            overrides=args.overrides,
+            prompts=args.prompt,
+            num_samples=args.samples,
+            sample_tokens=args.sample_tokens,
+            overwrite=args.overwrite,
+            on_event=console,
+            should_stop=stop.requested,
+        )
     print(summary_text(result))
     return 0
+
+
+class DemoConsole(TrainConsole):
+    """The demo's lines: the corpus and data first, then training as a bar over the time budget
+    with the evaluations and samples above it (no per-step lines)."""
+
+    def __init__(self, progress: bool) -> None:
+        super().__init__(progress, over="time", every_step=False)
+
+    def __call__(self, event: Event | NoteEvent | DataEvent) -> None:
+        if isinstance(event, NoteEvent):
+            self.print(event.message)
+        elif isinstance(event, DataEvent):
+            self.print(f"corpus: {event.corpus}")
+            self.print(
+                f"data: {event.train_tokens:,} train and {event.val_tokens:,} validation tokens, "
+                f"vocabulary {event.vocab_size} ({event.tokenizer}) in {event.data_dir}"
+            )
+        else:
+            super().__call__(event)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from gpt2lab.plot import plot_runs
+
 EXAMPLES = """
 gpt2lab plot runs/sc                              # writes runs/sc/curves.png
 gpt2lab plot runs/sc runs/sc-bf16 --out cmp.png   # several runs on one figure
@@ -16,7 +18,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2lab.plot import plot_runs
-
     print(plot_runs(args.runs, args.out))
     return 0

@@ -6,8 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2lab import config as C
+from gpt2lab.commands.train_console import StopSignal, TrainConsole, tune_allocator
+from gpt2lab.config import PRESETS, resolve
 from gpt2lab.errors import UsageError
+from gpt2lab.plot import plot_runs
+from gpt2lab.train import build, train
 
 ACCEPTS_OVERRIDES = True
 EXAMPLES = """
@@ -34,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "RUN_DIR/data with the model's tokenizer)",
     )
     p.add_argument("--out", metavar="RUN_DIR", required=True, help="the run directory")
-    p.add_argument("--preset", help=f"start from a preset: {', '.join(C.PRESETS)}")
+    p.add_argument("--preset", help=f"start from a preset: {', '.join(PRESETS)}")
     p.add_argument("--config", metavar="FILE", help="a TOML file with [model], [train] tables")
     p.add_argument(
         "--init-from",
@@ -59,8 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2lab.train import build, train
-
     out = Path(args.out)
     overrides = list(args.overrides)
     if args.init_from:
@@ -78,18 +79,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.data:
             overrides.insert(0, f"data.dir={_data_dir(args, out)}")
-        cfg = C.resolve(args.preset, args.config, overrides)
-    summary = train(
-        cfg,
-        out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+        cfg = resolve(args.preset, args.config, overrides)
+    tune_allocator(cfg.train.device)
+    console = TrainConsole(progress=not args.no_progress and sys.stderr.isatty())
+    with StopSignal() as stop:
+        summary = train(
+            cfg,
+            out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            on_event=console,
+            should_stop=stop.requested,
+        )
     if summary.rank == 0:
         if not args.no_plot and summary.step > 0:
-            from gpt2lab.plot import plot_runs
-
             print(f"plot: {plot_runs([out])}", file=sys.stderr)
         val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "-"
         print(
@@ -104,6 +107,4 @@ def _data_dir(args: argparse.Namespace, out: Path) -> str:
     src = Path(args.data)
     if not src.is_file():
         return str(src)
-    from gpt2lab.train.build import prepare_text
-
-    return str(prepare_text(src, out, args.init_from, args.tokenizer, args.overwrite))
+    return str(build.prepare_text(src, out, args.init_from, args.tokenizer, args.overwrite))

@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from gpt2lab import config as C
 from gpt2lab.checkpoint import native
+from gpt2lab.checkpoint.load import load_model
+from gpt2lab.checkpoint.weights import load_model_safetensors
+from gpt2lab.config import Config, GPTConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from gpt2lab.data import BatchLoader, load_data_tokenizer, load_meta, prepare
 from gpt2lab.errors import ConfigError, DataError, TokenizerError, TrainingError
+from gpt2lab.model import GPT
+from gpt2lab.train.dist import Dist, launched_world_size, load_optimizer_state, wrap
+from gpt2lab.train.memory import estimate_memory
+from gpt2lab.train.recipe import apply_freeze, configure_optimizer
+from gpt2lab.train.state import TrainState
 
 # Keys a resumed run may not change: they decide the weights' shapes, the optimizer's groups or
 # which data each step reads, so the continuation would not be the same run. (data.dir may move:
@@ -35,19 +44,19 @@ FIXED_ON_RESUME = (
 _PROBE = "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n\tÉtude naïve."
 
 
-def resume_config(run_dir: Path, overrides: list[str]) -> tuple[C.Config, Path]:
+def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, Path]:
     """The latest checkpoint's saved config with `overrides` on top; refuses incompatible ones."""
     ckpt = native.require_latest(run_dir)
-    saved = C.from_dict(C.Config, native.load_state(ckpt)["config"], source=str(ckpt))
-    cfg = C.apply_overrides(saved, overrides)
-    before, after = _flat(C.to_dict(saved)), _flat(C.to_dict(cfg))
+    saved = from_dict(Config, native.load_state(ckpt)["config"], source=str(ckpt))
+    cfg = apply_overrides(saved, overrides)
+    before, after = _flat(to_dict(saved)), _flat(to_dict(cfg))
     for key in before:
         if before[key] != after[key] and key.startswith(FIXED_ON_RESUME):
             raise ConfigError(
-                f"--{key}={after[key]!r} differs from the run being resumed ({before[key]!r})",
+                f"{key}={after[key]!r} differs from the run being resumed ({before[key]!r})",
                 "overrides that leave the model, data and batch layout alone (e.g. "
-                "--train.max_steps)",
-                f"drop --{key}, or start a new run with another --out",
+                "train.max_steps)",
+                f"drop {key}, or start a new run in another directory",
             )
     return cfg, ckpt
 
@@ -64,13 +73,11 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_data(data_dir: str) -> tuple[dict[str, Any], Any]:
     """meta.json and the tokenizer of a prepared data directory with train and val shards."""
-    from gpt2lab.data import load_data_tokenizer, load_meta
-
     if not data_dir:
         raise ConfigError(
             "no training data given",
-            "--data DIR (a directory written by `gpt2lab prepare`) or a text file",
-            "add --data",
+            "data.dir (a directory written by `gpt2lab prepare`) or a text file",
+            "set data.dir",
         )
     meta = load_meta(data_dir)
     for split in ("train", "val"):
@@ -93,10 +100,19 @@ def tokenizers_match(a: Any, b: Any) -> bool:
         return a.spec() == b.spec()
 
 
-def pretrained(cfg: C.Config, data_tok: Any, meta: dict[str, Any]) -> tuple[C.Config, dict]:
-    """Weights and model config of `train.init_from`; the data's tokenizer must be the model's."""
-    from gpt2lab.checkpoint.load import load_model
+def check_resumed_vocab(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
+    """A resumed run's data may not hold token ids beyond the vocabulary it was trained with."""
+    if meta["vocab_size"] > cfg.model.vocab_size:
+        raise TrainingError(
+            f"the data in {cfg.data.dir} has {meta['vocab_size']} token ids but the run "
+            f"in {run_dir} was trained with {cfg.model.vocab_size}",
+            "the data the run was started on",
+            "resume with the original data.dir",
+        )
 
+
+def pretrained(cfg: Config, data_tok: Any, meta: dict[str, Any]) -> tuple[Config, dict]:
+    """Weights and model config of `train.init_from`; the data's tokenizer must be the model's."""
     src = cfg.train.init_from
     model, tok = load_model(src, device="cpu", dtype=torch.float32)
     mcfg = model.config
@@ -106,14 +122,14 @@ def pretrained(cfg: C.Config, data_tok: Any, meta: dict[str, Any]) -> tuple[C.Co
             f"({data_tok.n_vocab} tokens) but {src} uses {tok.spec().get('kind')} "
             f"({tok.n_vocab} tokens)",
             "data prepared with the model's own tokenizer",
-            f"prepare the text again with --tokenizer {src}",
+            f"prepare the text again with the tokenizer of {src}",
         )
     if meta["vocab_size"] > mcfg.vocab_size:
         raise TokenizerError(
             f"the data in {cfg.data.dir} has {meta['vocab_size']} token ids but {src} knows only "
             f"{mcfg.vocab_size}",
             "data prepared with the model's own tokenizer",
-            f"prepare the text again with --tokenizer {src}",
+            f"prepare the text again with the tokenizer of {src}",
         )
     # the architecture comes from the weights; dropout is a training choice of this run
     mcfg = dataclasses.replace(mcfg, dropout=cfg.model.dropout)
@@ -122,19 +138,15 @@ def pretrained(cfg: C.Config, data_tok: Any, meta: dict[str, Any]) -> tuple[C.Co
 
 
 def check_memory(
-    model_cfg: C.GPTConfig,
-    tcfg: C.TrainConfig,
+    model_cfg: GPTConfig,
+    tcfg: TrainConfig,
     dtype: torch.dtype,
     device: torch.device,
     world: int,
 ) -> str:
     """Estimate one step's memory on a meta-device model; refuse before allocating if too large."""
-    from gpt2lab.model import GPT
-
-    with torch.device("meta"):
-        model = GPT(model_cfg)
-    est = model.estimate_memory(
-        tcfg.micro_batch_size, model_cfg.block_size, dtype, optimizer=tcfg.optimizer
+    est = estimate_memory(
+        model_cfg, tcfg.micro_batch_size, model_cfg.block_size, dtype, optimizer=tcfg.optimizer
     )
     need = est.total
     if tcfg.strategy == "fsdp" and world > 1:  # weights, grads and optimizer state are sharded
@@ -145,9 +157,9 @@ def check_memory(
             f"one training step needs about {need / 2**30:.1f} GiB ({est}) but {device} has "
             f"{have / 2**30:.1f} GiB free",
             "a batch that fits",
-            f"lower --train.micro_batch_size (now {tcfg.micro_batch_size}) and raise "
-            "--train.grad_accum_steps to keep the batch, or lower --model.block_size, or use "
-            "--train.dtype=bfloat16 or --train.strategy=fsdp on several GPUs",
+            f"lower train.micro_batch_size (now {tcfg.micro_batch_size}) and raise "
+            "train.grad_accum_steps to keep the batch, or lower model.block_size, or use "
+            "train.dtype=bfloat16 or train.strategy=fsdp on several GPUs",
         )
     return str(est)
 
@@ -166,23 +178,23 @@ def _free_memory(device: torch.device) -> int | None:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to reuse a run directory silently: it needs --resume or --overwrite."""
+    """Refuse to reuse a run directory silently: it needs resume or overwrite."""
     # a lone data/ is what `--data FILE` prepared a moment ago for this very run
     used = run_dir.is_dir() and any(p.name != "data" for p in run_dir.iterdir())
     if used and not (resume or overwrite):
         raise ConfigError(
             f"run directory {run_dir} already exists and is not empty",
-            "a new --out, or an explicit choice",
+            "a new run directory, or an explicit choice",
             "add --resume to continue it, or --overwrite to start it again",
         )
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file", "a directory", "choose another --out")
+        raise ConfigError(
+            f"run directory {run_dir} is a file", "a directory", "choose another run directory"
+        )
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """--overwrite: remove what an earlier run wrote (only our own files and folders)."""
-    import shutil
-
+    """overwrite: remove what an earlier run wrote (only our own files and folders)."""
     for name in ("ckpt", "tokenizer", "tb", "latest", "best", "metrics.jsonl", "config.toml"):
         p = run_dir / name
         if p.is_dir():
@@ -197,9 +209,7 @@ def prepare_text(
     src: Path, run_dir: Path, init_from: str | None, tokenizer: str | None, overwrite: bool
 ) -> Path:
     """One text file given as --data: tokenize it into RUN_DIR/data (last 10% held out)."""
-    from gpt2lab.data import prepare
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise ConfigError(
             f"--data {src} is a text file, which torchrun's ranks would all prepare at once",
             "a prepared data directory under torchrun",
@@ -208,8 +218,6 @@ def prepare_text(
     prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
     tok: Any = tokenizer or "gpt2"
     if init_from:
-        from gpt2lab.checkpoint.load import load_model
-
         if tokenizer:
             raise ConfigError(
                 "--tokenizer with --init-from",
@@ -228,10 +236,8 @@ def prepare_text(
     return out
 
 
-def train_loader(cfg: C.Config, rank: int, world_size: int, device: torch.device) -> Any:
+def train_loader(cfg: Config, rank: int, world_size: int, device: torch.device) -> BatchLoader:
     """This rank's BatchLoader over the training split, as the config lays out the batches."""
-    from gpt2lab.data import BatchLoader
-
     tc = cfg.train
     return BatchLoader(
         cfg.data.dir,
@@ -248,20 +254,20 @@ def train_loader(cfg: C.Config, rank: int, world_size: int, device: torch.device
     )
 
 
-def restore_data_and_rng(
-    loader: Any, state: dict[str, Any], rank: int, world_size: int, log: Any
-) -> None:
-    """Put the loader and the RNGs where a checkpoint left them (its own rank's, when it can)."""
-    data = state.get("data_per_rank") or [state["data"]]
-    loader.load_state_dict(data[rank] if len(data) == world_size else data[0])
-    rngs = state.get("rng_per_rank") or []
-    if len(rngs) == world_size:
-        native.restore_rng(rngs[rank])
-    else:
-        log(
-            f"note: resuming on {world_size} ranks, saved on {len(rngs)}: "
-            "dropout draws will differ from an uninterrupted run"
-        )
+def restore_loader_and_rng(loader: BatchLoader, state: TrainState, d: Dist) -> str | None:
+    """Put the loader and the RNGs where a checkpoint left them (its own rank's, when it can).
+
+    Returns a note when the RNGs cannot be restored (saved on another number of ranks).
+    """
+    data = state.data_per_rank
+    loader.load_state_dict(data[d.rank] if len(data) == d.world_size else data[0])
+    if len(state.rng_per_rank) == d.world_size:
+        native.restore_rng(state.rng_per_rank[d.rank])
+        return None
+    return (
+        f"note: resuming on {d.world_size} ranks, saved on {len(state.rng_per_rank)}: "
+        "dropout draws will differ from an uninterrupted run"
+    )
 
 
 class RunParts(NamedTuple):
@@ -275,23 +281,19 @@ class RunParts(NamedTuple):
 
 
 def model_and_optimizer(
-    cfg: C.Config,
-    init_state: dict[str, torch.Tensor] | None,
+    cfg: Config,
+    init_weights: dict[str, torch.Tensor] | None,
     ckpt: Path | None,
-    d: Any,
+    state: TrainState,
+    d: Dist,
     device: torch.device,
     dtype: torch.dtype,
 ) -> RunParts:
     """The GPT (fresh, pretrained or from `ckpt`), wrapped for torchrun, with its optimizer."""
-    from gpt2lab.checkpoint.weights import load_model_safetensors
-    from gpt2lab.model import GPT
-    from gpt2lab.train.dist import load_optimizer_state, wrap
-    from gpt2lab.train.recipe import apply_freeze, configure_optimizer
-
     tc = cfg.train
     raw = GPT(cfg.model)
-    if init_state is not None:
-        raw.load_state_dict(init_state)  # same config but dropout: every key fits
+    if init_weights is not None:
+        raw.load_state_dict(init_weights)  # same config but dropout: every key fits
     if ckpt is not None:
         load_model_safetensors(raw, ckpt / "model.safetensors")
     frozen = apply_freeze(raw, tc.freeze)
@@ -307,8 +309,8 @@ def model_and_optimizer(
         for group in opt.param_groups:  # the saved groups came back: re-apply Muon's overrides
             if group.get("muon"):
                 group.update(lr_scale=tc.muon_lr / tc.lr, momentum=tc.muon_momentum)
-        if saved := native.load_state(ckpt).get("scaler"):
-            scaler.load_state_dict(saved)
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
     if tc.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     return RunParts(raw, model, opt, scaler, frozen)

@@ -1,12 +1,11 @@
 """Distributed training through PyTorch's own engines: DDP (NCCL/gloo) and FSDP2, under torchrun.
 
-Only `setup_ddp()` reads the environment (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`), which torchrun sets.
+Only this module reads the environment that torchrun sets (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +34,14 @@ class Dist:
         return self.rank == 0
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun started for this job (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_ddp(device_name: str = "auto") -> tuple[Dist, torch.device]:
     """Join the torchrun job if any (NCCL on GPUs, gloo on CPUs); pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if world <= 1:
         return Dist(), pick_device(device_name)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -62,12 +66,6 @@ def teardown() -> None:
     """Leave the process group (a no-op for a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def log0(d: Dist, *parts: Any) -> None:
-    """Print on rank 0 only (to stderr, so stdout stays clean for pipes)."""
-    if d.is_main:
-        print(*parts, file=sys.stderr, flush=True)
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:

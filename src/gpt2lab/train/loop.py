@@ -1,70 +1,75 @@
 """The training loop: `train(cfg, run_dir)` from one CPU to torchrun's many GPUs, resumable exactly.
 
 Step s (1-based) = A micro-batches per rank, gradients synced on the last one, then clip and
-AdamW. After step s: log, evaluate, checkpoint as their intervals say; a signal, the wall-clock
-budget or max_steps ends the run with a checkpoint.
+the optimizer. After step s: log, evaluate, sample, checkpoint as their intervals say; a stop
+request, the wall-clock budget or max_steps ends the run with a checkpoint. Nothing is printed:
+the run reports through events (gpt2lab.train.events) to the caller's `on_event`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gpt2lab import config as C
 from gpt2lab.checkpoint import native
-from gpt2lab.device import autocast, keep_freed_memory, pick_dtype
+from gpt2lab.config import Config, merge, to_dict, to_toml
+from gpt2lab.data import load_tokens
+from gpt2lab.device import autocast, pick_dtype
 from gpt2lab.errors import TrainingError
+from gpt2lab.generate import PREVIEW_SAMPLING, generate, prompt_ids
 from gpt2lab.io import atomic_write_text
 from gpt2lab.train import build
-from gpt2lab.train.console import StopSignal, progress_bar, row_line, training_sample
 from gpt2lab.train.dist import (
     Dist,
     all_reduce_sum,
     barrier,
     gather,
-    log0,
+    model_state,
+    optimizer_state,
     setup_ddp,
     teardown,
     unwrap,
 )
-from gpt2lab.train.dist import model_state as _model_state
-from gpt2lab.train.dist import optimizer_state as _opt_state
-from gpt2lab.train.evaluate import val_loss
+from gpt2lab.train.events import (
+    CheckpointEvent,
+    DoneEvent,
+    EvalEvent,
+    Event,
+    EventHandler,
+    SampleEvent,
+    StartEvent,
+    StepEvent,
+    TrainSummary,
+    WarningEvent,
+    broadcast,
+)
+from gpt2lab.train.memory import flops_per_token
 from gpt2lab.train.metrics import MetricsLog, peak_flops
+from gpt2lab.train.progress import ProgressBar
 from gpt2lab.train.recipe import budget_fraction, lr_at
+from gpt2lab.train.state import TrainState
+from gpt2lab.train.validation import val_loss
 
 Hook = Callable[[dict[str, Any]], Any]
 
 
-@dataclass
-class TrainSummary:
-    """What a finished (or stopped) run reports."""
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to run (not what to train: that is the config)."""
 
-    run_dir: str
-    step: int
-    tokens: int
-    loss: float  # train loss of the last step
-    val_loss: float | None
-    val_ppl: float | None
-    best_val_loss: float | None
-    tokens_per_s: float  # mean over the steps this process ran
-    mfu: float
-    elapsed_s: float
-    checkpoint: str | None
-    stopped_by: str  # "max_steps", "max_minutes", "signal", "hook"
-    skipped_steps: int = 0
-    rank: int = 0  # this process's rank under torchrun (only rank 0 logs and writes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    resume: bool = False  # continue RUN_DIR from its latest checkpoint
+    overwrite: bool = False  # start RUN_DIR over if it holds an earlier run
+    on_event: EventHandler | None = None  # every event of the run (rank 0)
+    on_log: Hook | None = None  # each metrics row; returning True stops the run (rank 0)
+    on_eval: Hook | None = None  # each row with an evaluation; True stops the run (rank 0)
+    should_stop: Callable[[], bool] | None = None  # polled once a step, e.g. set by a signal
 
 
 @dataclass(frozen=True)
@@ -74,34 +79,49 @@ class StepResult:
     loss: float  # mean over micro-batches and ranks
     grad_norm: float  # before clipping
     lr: float
-    stop: bool  # a signal reached some rank
+    stop: bool  # some rank was asked to stop
     out_of_time: bool  # the wall-clock budget (train.max_minutes) is spent
 
 
 def train(
-    cfg: C.Config,
+    cfg: Config,
     run_dir: str | Path,
     *,
     resume: bool = False,
     overwrite: bool = False,
+    on_event: EventHandler | None = None,
     on_log: Hook | None = None,
     on_eval: Hook | None = None,
-    progress: bool = True,
-    log: Callable[..., None] | None = None,
+    progress: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainSummary:
     """Train (or fine-tune, or continue) a GPT as `cfg` says, writing RUN_DIR; returns a summary.
 
     `cfg` is the resolved config; with `resume=True` pass the one `build.resume_config` returns.
-    `on_log(row)` / `on_eval(row)` run on rank 0 after each logged step / evaluation with the
-    metrics row; returning True from either stops the run (with a checkpoint).
+    The run prints nothing: `on_event(event)` receives its events (gpt2lab.train.events),
+    `progress=True` draws a bar, `log(message)` receives its warnings as text. `on_log(row)` /
+    `on_eval(row)` run after each logged step / evaluation with the metrics row; returning True
+    from either stops the run (with a checkpoint). `should_stop()` is asked once a step.
     """
+
+    def log_warnings(event: Event) -> None:
+        if log is not None and isinstance(event, WarningEvent):
+            log(event.message)
+
+    options = TrainOptions(
+        resume=resume,
+        overwrite=overwrite,
+        on_event=broadcast(
+            on_event, ProgressBar() if progress else None, log_warnings if log else None
+        ),
+        on_log=on_log,
+        on_eval=on_eval,
+        should_stop=should_stop,
+    )
     d, device = setup_ddp(cfg.train.device)
-    if device.type == "cpu":
-        keep_freed_memory()
     try:
-        return Trainer(
-            cfg, Path(run_dir), d, device, resume, overwrite, on_log, on_eval, progress, log
-        ).run()
+        return Trainer(cfg, Path(run_dir), options, d, device).run()
     finally:
         teardown()
 
@@ -111,203 +131,154 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: C.Config,
+        cfg: Config,
         run_dir: Path,
-        d: Dist,
-        device: torch.device,
-        resume: bool,
-        overwrite: bool,
-        on_log: Hook | None,
-        on_eval: Hook | None,
-        progress: bool,
-        log: Callable[..., None] | None,
+        options: TrainOptions | None = None,
+        d: Dist | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        self.d, self.device, self.run_dir = d, device, run_dir
-        self.on_log, self.on_eval, self.progress = on_log, on_eval, progress and d.is_main
-        self.log = log if log is not None else (lambda *a: log0(d, *a))
-        self.log_is_default = log is None
+        """Check everything, then build the run (on `device`, CPU by default; one process)."""
+        options, d = options or TrainOptions(), d or Dist()
+        device = device or torch.device("cpu")
+        self.d, self.device, self.run_dir, self.options = d, device, run_dir, options
         tc = cfg.train
         self.dtype = pick_dtype(tc.dtype, device)
         # ---- checks that only read: nothing in RUN_DIR changes before they all pass ----
-        build.prepare_run_dir(run_dir, resume, overwrite)
-        ckpt = native.require_latest(run_dir) if resume else None
+        build.prepare_run_dir(run_dir, options.resume, options.overwrite)
+        ckpt = native.require_latest(run_dir) if options.resume else None
         self.meta, self.tok = build.check_data(cfg.data.dir)
-        init_state: dict[str, torch.Tensor] | None = None
-        if ckpt is None and tc.init_from:
-            cfg, init_state = build.pretrained(cfg, self.tok, self.meta)
-        elif ckpt is None:  # from scratch: the data decides the vocabulary
-            cfg = C.merge(cfg, {"model": {"vocab_size": int(self.meta["vocab_size"])}})
-        elif self.meta["vocab_size"] > cfg.model.vocab_size:
-            raise TrainingError(
-                f"the data in {cfg.data.dir} has {self.meta['vocab_size']} token ids but the run "
-                f"in {run_dir} was trained with {cfg.model.vocab_size}",
-                "the data the run was started on",
-                "resume with the original --data",
-            )
+        self.state = TrainState()
+        init_weights: dict[str, torch.Tensor] | None = None
+        if ckpt is not None:
+            self.state = TrainState.from_json(native.load_state(ckpt))
+            build.check_resumed_vocab(cfg, self.meta, run_dir)
+        elif tc.init_from:
+            cfg, init_weights = build.pretrained(cfg, self.tok, self.meta)
+        else:  # from scratch: the data decides the vocabulary
+            cfg = merge(cfg, {"model": {"vocab_size": int(self.meta["vocab_size"])}})
         self.cfg, tc = cfg, cfg.train
-        self.mem = build.check_memory(cfg.model, tc, self.dtype, device, d.world_size)
+        self.memory = build.check_memory(cfg.model, tc, self.dtype, device, d.world_size)
         # ---- from here on the run directory is ours (once every rank has checked it) ----
         barrier(d)
         if d.is_main:
-            if overwrite and not resume:
-                build.clear_run_dir(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.toml", C.to_toml(cfg))
-            if not (run_dir / "tokenizer").is_dir():
-                self.tok.save(str(run_dir / "tokenizer"))
+            self._write_run_dir(options.overwrite and not options.resume)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
-        parts = build.model_and_optimizer(cfg, init_state, ckpt, d, device, self.dtype)
+        parts = build.model_and_optimizer(
+            cfg, init_weights, ckpt, self.state, d, device, self.dtype
+        )
         torch.manual_seed(tc.seed + d.rank)  # dropout differs between ranks
         self.raw, self.model, self.opt, self.scaler, self.frozen = parts
-        self.state = native.load_state(ckpt) if ckpt is not None else {}
-        self.step = int(self.state.get("step", 0))
-        self.skipped = int(self.state.get("skipped_steps", 0))
-        self.best_val = self.state.get("best_val_loss")
-        self.elapsed0 = float(self.state.get("elapsed_s", 0.0))
-        self.t0 = time.perf_counter()  # run() resets it; the wall-clock budget counts from here
-        self.warm_end_s = self.state.get("warmup_end_s")
         self.tokens_per_step = (
             tc.micro_batch_size * cfg.model.block_size * tc.grad_accum_steps * d.world_size
         )
-        from gpt2lab.data import load_tokens
-
         self.loader = build.train_loader(cfg, d.rank, d.world_size, device)
         self.val_tokens = load_tokens(cfg.data.dir, "val")
-        if ckpt is not None:
-            build.restore_data_and_rng(self.loader, self.state, d.rank, d.world_size, self.log)
-        self.metrics = (
-            MetricsLog(
-                run_dir,
-                self.step if ckpt is not None else None,
-                tc.tensorboard,
-                tc.wandb,
-                C.to_dict(cfg),
-            )
-            if d.is_main
-            else None
-        )
-        self.flops_per_token = unwrap(self.model).flops_per_token(cfg.model.block_size)
+        if ckpt is not None and (note := build.restore_loader_and_rng(self.loader, self.state, d)):
+            self.emit(WarningEvent(note))
+        self.metrics = None
+        if d.is_main:
+            resumed_at = self.state.step if ckpt is not None else None
+            self.metrics = MetricsLog(run_dir, resumed_at, tc.tensorboard, tc.wandb, to_dict(cfg))
+        self.flops_per_token = flops_per_token(unwrap(self.model), cfg.model.block_size)
         self.peak = peak_flops(device, self.dtype, tc.peak_flops) * d.world_size
+        self.resumed_s = self.state.elapsed_s  # training time of the earlier sessions
+        self.t0 = time.perf_counter()  # run() resets it; the wall-clock budget counts from here
+
+    def _write_run_dir(self, clear: bool) -> None:
+        if clear:
+            build.clear_run_dir(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+        if not (self.run_dir / "tokenizer").is_dir():
+            self.tok.save(str(self.run_dir / "tokenizer"))
 
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> TrainSummary:
-        cfg, tc, d = self.cfg, self.cfg.train, self.d
-        self.log(
-            f"model: {unwrap(self.model).num_params():,} parameters ({len(self.frozen)} tensors "
-            f"frozen) | tokens per step = {tc.micro_batch_size} x {cfg.model.block_size} x "
-            f"{tc.grad_accum_steps} x {d.world_size} = {self.tokens_per_step:,} | memory per "
-            f"step ~ {self.mem} | {self.device} {str(self.dtype).replace('torch.', '')}"
-        )
-        if self.step >= tc.max_steps:
-            self.log(
-                f"{self.run_dir} is already at step {self.step} (train.max_steps="
-                f"{tc.max_steps}); raise --train.max_steps to train on"
+        """Step until max_steps, the budget, a stop request or a hook; checkpoint; summarize."""
+        tc = self.cfg.train
+        self.emit(self.start_event())
+        if self.state.step >= tc.max_steps:
+            already = f"{self.run_dir} is already at step {self.state.step}"
+            self.emit(
+                WarningEvent(
+                    f"{already} (train.max_steps={tc.max_steps}); raise train.max_steps to train on"
+                )
             )
-        start_step, t0 = self.step, time.perf_counter()
-        self.t0 = t0
-        last_row_t, last_row_step = t0, self.step
-        loss = float("nan")
-        val = None
-        stopped_by = "max_steps"
-        ckpt_path: Path | None = None
-        bar = progress_bar(tc.max_steps, self.step) if self.progress else None
-        if bar is not None and self.log_is_default:  # print above the bar, not through it
-            self.log = lambda *a: bar.write(" ".join(map(str, a)), file=sys.stderr)
-        with StopSignal() as stop:
-            while self.step < tc.max_steps:
-                res = self.train_step(stop)
-                loss, norm, lr = res.loss, res.grad_norm, res.lr
-                stop_now, budget_over = res.stop, res.out_of_time
-                self.step += 1
-                at_end = self.step >= tc.max_steps
-                if stop_now:
-                    stopped_by = "signal"
-                elif budget_over:
-                    stopped_by = "max_minutes"
-                finishing = at_end or stop_now or budget_over
-                do_ckpt = finishing or self.step % tc.checkpoint_interval == 0
-                do_eval = do_ckpt or self.step % tc.eval_interval == 0
-                do_log = do_eval or self.step % tc.log_interval == 0 or self.step == start_step + 1
-                row: dict[str, Any] = {}
-                if do_log:
-                    now = time.perf_counter()
-                    tps = self.tokens_per_step * (self.step - last_row_step) / (now - last_row_t)
-                    row = {
-                        "step": self.step,
-                        "tokens": self.step * self.tokens_per_step,
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": norm,
-                        "tokens_per_s": tps,
-                        "mfu": self.flops_per_token * tps / self.peak,
-                        "elapsed_s": self.elapsed0 + now - t0,
-                    }
-                    if self.skipped:
-                        row["skipped_steps"] = self.skipped
-                if do_eval:
-                    last = finishing and tc.final_eval_steps >= 0
-                    val = self.evaluate(tc.final_eval_steps if last else tc.eval_steps)
-                    row.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
-                    self._maybe_sample()
-                if do_log:
-                    hook_stop = self._report(row, do_eval, bar)
-                    if hook_stop and not finishing:
-                        stopped_by, finishing, do_ckpt = "hook", True, True
-                    last_row_t, last_row_step = time.perf_counter(), self.step
-                if do_ckpt:
-                    ckpt_path = self.save(val if do_eval else None, time.perf_counter() - t0)
-                if bar is not None:
-                    bar.update(1)
-                if finishing:
-                    break
-        if bar is not None:
-            bar.close()
-        elapsed = time.perf_counter() - t0
-        ran = self.step - start_step
-        tps = self.tokens_per_step * ran / elapsed if ran else 0.0
+        self.first_step, self.t0 = self.state.step + 1, time.perf_counter()
+        self.last_row = (self.t0, self.state.step)  # time and step of the last metrics row
+        loss, val, checkpoint, stopped_by = math.nan, None, None, None
+        while self.state.step < tc.max_steps:
+            result = self.train_step()
+            self.state.step += 1
+            step, loss = self.state.step, result.loss
+            stopped_by = self.stop_reason(step, result)
+            row = self.metrics_row(result) if self.should_log(step, stopped_by) else None
+            evaluated = self.should_eval(step, stopped_by)
+            if evaluated:
+                val = self.evaluate(self.eval_batches(stopped_by))
+                assert row is not None
+                row.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+                if self.should_sample(step):
+                    self.emit(SampleEvent(step, tc.sample_prompt, self.sample()))
+            if self.report(step, row, evaluated) and stopped_by is None:
+                stopped_by = "hook"
+            if self.should_checkpoint(step, stopped_by):
+                checkpoint = self.save(val if evaluated else None)
+            if stopped_by is not None:
+                break
+        summary = self.summary(loss, val, checkpoint, stopped_by or "max_steps")
         if self.metrics is not None:
             self.metrics.close()
-        if stopped_by == "signal":
-            self.log(
-                f"stopped by a signal after step {self.step}; checkpoint {ckpt_path}; "
-                f"continue with `gpt2lab train --out {self.run_dir} --resume`"
-            )
-        return TrainSummary(
-            run_dir=str(self.run_dir),
-            step=self.step,
-            tokens=self.step * self.tokens_per_step,
-            loss=loss,
-            val_loss=val,
-            val_ppl=math.exp(min(val, 50.0)) if val is not None else None,
-            best_val_loss=self.best_val,
-            tokens_per_s=tps,
-            mfu=self.flops_per_token * tps / self.peak,
-            elapsed_s=elapsed,
-            checkpoint=str(ckpt_path) if ckpt_path else None,
-            stopped_by=stopped_by,
-            skipped_steps=self.skipped,
-            rank=self.d.rank,
-        )
+        self.emit(DoneEvent(summary))
+        return summary
 
-    def train_step(self, stop: StopSignal | None = None) -> StepResult:
-        """One optimizer step: A micro-batches, clip, the NaN guard, AdamW at the scheduled LR."""
+    # What happens after step `step` (1-based). `stopped_by` is why the run ends after it, if it
+    # does: the last step is always evaluated and checkpointed, and every checkpoint evaluated.
+
+    def should_checkpoint(self, step: int, stopped_by: str | None) -> bool:
+        return stopped_by is not None or step % self.cfg.train.checkpoint_interval == 0
+
+    def should_eval(self, step: int, stopped_by: str | None) -> bool:
+        return self.should_checkpoint(step, stopped_by) or step % self.cfg.train.eval_interval == 0
+
+    def should_log(self, step: int, stopped_by: str | None) -> bool:
+        every = self.cfg.train.log_interval
+        return self.should_eval(step, stopped_by) or step % every == 0 or step == self.first_step
+
+    def should_sample(self, step: int) -> bool:
+        """Every sample_interval-th evaluation, on rank 0 (FSDP's shards need every rank)."""
+        tc = self.cfg.train
+        if tc.sample_interval <= 0 or not self.d.is_main or tc.strategy == "fsdp":
+            return False
+        return (step // max(1, tc.eval_interval)) % tc.sample_interval == 0
+
+    def eval_batches(self, stopped_by: str | None) -> int:
+        """train.eval_steps, or for the last evaluation train.final_eval_steps (if >= 0)."""
+        tc = self.cfg.train
+        return tc.final_eval_steps if stopped_by and tc.final_eval_steps >= 0 else tc.eval_steps
+
+    def stop_reason(self, step: int, result: StepResult) -> str | None:
+        """Why the run ends after this step, or None to go on."""
+        if result.stop:
+            return "signal"
+        if result.out_of_time:
+            return "max_minutes"
+        return "max_steps" if step >= self.cfg.train.max_steps else None
+
+    # ---------------------------------------------------------------- one step
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: A micro-batches, clip, the NaN guard, a step at the scheduled LR."""
         tc, d = self.cfg.train, self.d
-        A = tc.grad_accum_steps
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(A):
+        for micro in range(tc.grad_accum_steps):
             x, y = self.loader.next_batch()
-            last = micro == A - 1
-            ctx: Any = contextlib.nullcontext()
-            if d.enabled and tc.strategy == "fsdp":
-                self.raw.set_requires_gradient_sync(last)  # type: ignore[operator]
-            elif d.enabled and not last:
-                ctx = self.model.no_sync()  # type: ignore[operator]
-            with ctx:
+            with self.gradient_sync(last=micro == tc.grad_accum_steps - 1):
                 with autocast(self.device, self.dtype):
                     _, loss = self.model(x, y)
-                loss = loss / A
+                loss = loss / tc.grad_accum_steps
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.opt)
@@ -317,43 +288,59 @@ class Trainer:
         )
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         # one sync per step, so every rank takes the same decisions: the loss (NaN guard, log),
-        # the stop flag and the clock (the wall-time LR and budget)
-        signalled = float(stop is not None and stop.signum > 0)
-        clock = self.elapsed0 + time.perf_counter() - self.t0
-        extra = torch.tensor([signalled, clock], device=self.device)
+        # the stop request and the clock (the wall-time LR and budget)
+        asked = self.options.should_stop is not None and self.options.should_stop()
+        extra = torch.tensor([float(asked), self.clock()], device=self.device)
         flags = torch.cat([loss_sum.float().view(1), norm.float().view(1).to(self.device), extra])
-        all_reduce_sum(flags, d)
-        loss_v, norm_v, stop_v, clock = flags.tolist()
+        loss_v, norm_v, stop_v, clock = all_reduce_sum(flags, d).tolist()
         loss_v, clock = loss_v / d.world_size, clock / d.world_size
-        if tc.warmup_steps <= self.step and self.warm_end_s is None:
-            self.warm_end_s = clock
-        lr = lr_at(self.step, tc, budget_fraction(self.step, tc, clock, self.warm_end_s))
+        if tc.warmup_steps <= self.state.step and self.state.warmup_end_s is None:
+            self.state.warmup_end_s = clock
+        time_frac = budget_fraction(self.state.step, tc, clock, self.state.warmup_end_s)
+        lr = lr_at(self.state.step, tc, time_frac)
         result = StepResult(loss_v, norm_v, lr, stop_v > 0, 0 < tc.max_minutes * 60 <= clock)
         # a float16 scaler expects overflowing gradients now and then and skips them itself
-        finite = math.isfinite(loss_v) and (self.scaler.is_enabled() or math.isfinite(norm_v))
-        if not finite:
-            if not tc.skip_nonfinite:
-                raise TrainingError(
-                    f"non-finite loss ({loss_v}) or gradient norm ({norm_v}) at step "
-                    f"{self.step + 1} of {self.run_dir}; the last good checkpoint is "
-                    f"{native.find_latest(self.run_dir)}",
-                    "finite values",
-                    "lower --train.lr, use --train.dtype=bfloat16/float32, raise warmup_steps, "
-                    "or pass --train.skip_nonfinite=true to skip such steps",
-                )
-            self.skipped += 1
-            self.log(
-                f"step {self.step + 1}: non-finite loss {loss_v}, skipped ({self.skipped} so far)"
-            )
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.update()
-            return result
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.scaler.step(self.opt)
+        if math.isfinite(loss_v) and (self.scaler.is_enabled() or math.isfinite(norm_v)):
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self.scaler.step(self.opt)
+        else:
+            self.skip_nonfinite(loss_v, norm_v)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         return result
+
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Under torchrun, gradients are reduced on the last micro-batch of a step only."""
+        if self.d.enabled and self.cfg.train.strategy == "fsdp":
+            self.raw.set_requires_gradient_sync(last)  # type: ignore[operator]
+        elif self.d.enabled and not last:
+            return self.model.no_sync()  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def skip_nonfinite(self, loss: float, norm: float) -> None:
+        """The NaN guard: stop with the last good checkpoint, or skip (train.skip_nonfinite)."""
+        step = self.state.step + 1
+        if not self.cfg.train.skip_nonfinite:
+            raise TrainingError(
+                f"non-finite loss ({loss}) or gradient norm ({norm}) at step {step} of "
+                f"{self.run_dir}; the last good checkpoint is {native.find_latest(self.run_dir)}",
+                "finite values",
+                "lower train.lr, use train.dtype=bfloat16/float32, raise train.warmup_steps, "
+                "or set train.skip_nonfinite=true to skip such steps",
+            )
+        self.state.skipped_steps += 1
+        self.emit(
+            WarningEvent(
+                f"step {step}: non-finite loss {loss}, skipped ({self.state.skipped_steps} so far)"
+            )
+        )
+
+    def clock(self) -> float:
+        """Seconds of training in this run directory, earlier sessions included."""
+        return self.resumed_s + time.perf_counter() - self.t0
+
+    # ---------------------------------------------------------------- around the steps
 
     def evaluate(self, max_batches: int = 0) -> float:
         """Mean validation loss of the model now (0 batches = the whole validation split)."""
@@ -369,62 +356,130 @@ class Trainer:
             source=self.cfg.data.dir,
         )
 
-    def _maybe_sample(self) -> None:
-        tc = self.cfg.train
-        if tc.sample_interval <= 0 or not self.d.is_main or tc.strategy == "fsdp":
-            return
-        if (self.step // max(1, tc.eval_interval)) % tc.sample_interval:
-            return
-        text = training_sample(
-            self.raw, self.tok, tc.sample_prompt, tc.sample_tokens, self.device, self.dtype
-        )
-        self.log(f"--- sample at step {self.step} ---\n{tc.sample_prompt}{text}\n---")
+    def sample(self) -> str:
+        """A short continuation of train.sample_prompt by the model being trained.
 
-    def _report(self, row: dict[str, Any], evaluated: bool, bar: Any) -> bool:
-        """Write the row, show it, run the hooks (rank 0); True if a hook asks to stop."""
+        Its random draws come from a forked RNG: sampling must not shift training's draws, or a
+        resumed run would differ from an uninterrupted one.
+        """
+        tc, model = self.cfg.train, self.raw
+        ids = prompt_ids(self.tok, tc.sample_prompt)[-self.cfg.model.block_size :]
+        idx = torch.tensor([ids], device=self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), autocast(self.device, self.dtype):
+            model.eval()
+            try:
+                s = PREVIEW_SAMPLING
+                out = generate(model, idx, tc.sample_tokens, s.temperature, s.top_k, s.top_p)
+            finally:
+                model.train()
+        return self.tok.decode(out[0, len(ids) :].tolist())
+
+    def metrics_row(self, result: StepResult) -> dict[str, Any]:
+        """The metrics.jsonl row of the step just taken; speed is measured since the last row."""
+        now, step = time.perf_counter(), self.state.step
+        last_t, last_step = self.last_row
+        tps = self.tokens_per_step * (step - last_step) / (now - last_t)
+        row: dict[str, Any] = {
+            "step": step,
+            "tokens": step * self.tokens_per_step,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": tps,
+            "mfu": self.flops_per_token * tps / self.peak,
+            "elapsed_s": self.clock(),
+        }
+        if self.state.skipped_steps:
+            row["skipped_steps"] = self.state.skipped_steps
+        return row
+
+    def report(self, step: int, row: dict[str, Any] | None, evaluated: bool) -> bool:
+        """Tell the caller about the step; write its metrics row. True if a hook asks to stop."""
+        if row is None:
+            self.emit(StepEvent(step, None))
+            return False
         stop = False
         if self.d.is_main:
             assert self.metrics is not None
             self.metrics.write(row)
-            line = row_line(row, evaluated)
-            if bar is not None:
-                bar.set_postfix_str(line.split(" | ", 1)[1], refresh=False)
-                if evaluated:
-                    bar.write(line, file=sys.stderr)
-            elif evaluated or not self.progress:
-                self.log(line)
-            for hook, on in ((self.on_log, True), (self.on_eval, evaluated)):
-                if hook is not None and on and hook(dict(row)) is True:
-                    stop = True
+            self.emit(StepEvent(step, dict(row)))
+            if evaluated:
+                self.emit(EvalEvent(step, dict(row)))
+            hooks = ((self.options.on_log, True), (self.options.on_eval, evaluated))
+            stop = any(hook(dict(row)) is True for hook, on in hooks if hook is not None and on)
+        self.last_row = (time.perf_counter(), step)
         flag = torch.tensor([float(stop)], device=self.device)
         return bool(all_reduce_sum(flag, self.d).item() > 0)
 
-    def save(self, val: float | None, ran_s: float) -> Path | None:
+    def emit(self, event: Event) -> None:
+        if self.options.on_event is not None and self.d.is_main:
+            self.options.on_event(event)
+
+    def start_event(self) -> StartEvent:
+        tc, mcfg = self.cfg.train, self.cfg.model
+        return StartEvent(
+            run_dir=str(self.run_dir),
+            step=self.state.step,
+            max_steps=tc.max_steps,
+            max_minutes=tc.max_minutes,
+            params=unwrap(self.model).num_params(),
+            frozen=len(self.frozen),
+            micro_batch_size=tc.micro_batch_size,
+            block_size=mcfg.block_size,
+            grad_accum_steps=tc.grad_accum_steps,
+            world_size=self.d.world_size,
+            tokens_per_step=self.tokens_per_step,
+            memory=self.memory,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+        )
+
+    def save(self, val: float | None) -> Path | None:
         """Checkpoint the current step (every rank joins: RNG states and shards are gathered)."""
-        tc, d = self.cfg.train, self.d
-        if val is not None and (self.best_val is None or val < self.best_val):
-            self.best_val = val
-        model_sd = _model_state(self.model, tc.strategy, d)
-        opt_sd = _opt_state(self.model, self.opt, tc.strategy, d)
-        rngs = gather(native.capture_rng(), d)
-        datas = gather(self.loader.state_dict(), d)
+        tc, d, state = self.cfg.train, self.d, self.state
+        state.val_loss = val
+        if val is not None and (state.best_val_loss is None or val < state.best_val_loss):
+            state.best_val_loss = val
+        state.tokens = state.step * self.tokens_per_step
+        state.elapsed_s = self.clock()
+        state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
+        model_sd = model_state(self.model, tc.strategy, d)
+        opt_sd = optimizer_state(self.model, self.opt, tc.strategy, d)
+        state.rng_per_rank = gather(native.capture_rng(), d)
+        state.data_per_rank = gather(self.loader.state_dict(), d)
         if not d.is_main:
             return None
-        state = {
-            "config": C.to_dict(self.cfg),
-            "tokenizer": "tokenizer",
-            "val_loss": val,
-            "best_val_loss": self.best_val,
-            "rng_per_rank": rngs,
-            "data": datas[0],
-            "data_per_rank": datas,
-            "world_size": d.world_size,
-            "skipped_steps": self.skipped,
-            "elapsed_s": self.elapsed0 + ran_s,
-            "warmup_end_s": self.warm_end_s,
-            "tokens": self.step * self.tokens_per_step,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-        }
-        return native.save_checkpoint(
-            self.run_dir, self.step, model_sd, opt_sd, state, keep_last=tc.keep_last
+        path = native.save_checkpoint(
+            self.run_dir,
+            state.step,
+            model_sd,
+            opt_sd,
+            state.to_json(to_dict(self.cfg)),
+            keep_last=tc.keep_last,
+        )
+        self.emit(CheckpointEvent(state.step, str(path)))
+        return path
+
+    def summary(
+        self, loss: float, val: float | None, checkpoint: Path | None, stopped_by: str
+    ) -> TrainSummary:
+        elapsed = time.perf_counter() - self.t0
+        ran = self.state.step - (self.first_step - 1)
+        tps = self.tokens_per_step * ran / elapsed if ran else 0.0
+        return TrainSummary(
+            run_dir=str(self.run_dir),
+            step=self.state.step,
+            tokens=self.state.step * self.tokens_per_step,
+            loss=loss,
+            val_loss=val,
+            val_ppl=math.exp(min(val, 50.0)) if val is not None else None,
+            best_val_loss=self.state.best_val_loss,
+            tokens_per_s=tps,
+            mfu=self.flops_per_token * tps / self.peak,
+            elapsed_s=elapsed,
+            checkpoint=str(checkpoint) if checkpoint else None,
+            stopped_by=stopped_by,
+            skipped_steps=self.state.skipped_steps,
+            rank=self.d.rank,
         )

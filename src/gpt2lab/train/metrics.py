@@ -83,7 +83,7 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ConfigError(
-                    "--train.tensorboard=true needs the tensorboard package",
+                    "train.tensorboard=true needs the tensorboard package",
                     "tensorboard installed",
                     "pip install 'gpt2lab[log]' or drop the flag",
                 ) from e
@@ -93,7 +93,7 @@ class MetricsLog:
                 import wandb as wandb_lib
             except ImportError as e:
                 raise ConfigError(
-                    f"--train.wandb={wandb} needs the wandb package",
+                    f"train.wandb={wandb} needs the wandb package",
                     "wandb installed",
                     "pip install 'gpt2lab[log]' or drop the flag",
                 ) from e

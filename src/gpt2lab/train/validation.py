@@ -40,7 +40,7 @@ def val_loss(
             f"the validation split of {source} has {len(tokens)} tokens, fewer than "
             f"block_size+1 = {T + 1}",
             "a longer validation split",
-            "prepare the data with a larger validation share or lower --model.block_size",
+            "prepare the data with a larger validation share or lower model.block_size",
         )
     windows = np.arange(n)
     if max_batches > 0 and max_batches * B * d.world_size < n:

@@ -1,0 +1,113 @@
+"""What `gpt2lab train` and `gpt2lab demo` show while training, and how they touch the process:
+the metrics lines, the bar, the samples, the warnings, stop signals and the allocator.
+
+The library reports through events (gpt2lab.train.events); this module prints them on stderr,
+so stdout stays clean for pipes.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Any
+
+from gpt2lab.device import keep_freed_memory, pick_device
+from gpt2lab.train.events import (
+    DoneEvent,
+    EvalEvent,
+    Event,
+    SampleEvent,
+    StartEvent,
+    StepEvent,
+    WarningEvent,
+)
+from gpt2lab.train.progress import ProgressBar, metrics_line
+
+
+class StopSignal:
+    """SIGINT/SIGTERM: the first asks the run to stop after this step; a second exits at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            raise KeyboardInterrupt  # second signal: leave now (a half checkpoint is discarded)
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def requested(self) -> bool:
+        """Whether a signal arrived (what `train(should_stop=...)` polls once a step)."""
+        return self.signum > 0
+
+
+def tune_allocator(device_name: str) -> None:
+    """On a CPU, keep glibc from returning each step's freed activations to the OS.
+
+    A process-wide change, made here in the command and not by the library: every training step
+    would otherwise page-fault its activations in anew.
+    """
+    if pick_device(device_name).type == "cpu":
+        keep_freed_memory()
+
+
+class TrainConsole:
+    """Turns a run's events into lines on stderr, above a progress bar when there is one.
+
+    `gpt2lab train`: a bar over steps with the metrics beside it, or without a bar a line per
+    logged step. `gpt2lab demo` (`every_step=False`): a bar over the time budget, and only the
+    evaluation lines. Both print the header, the samples, warnings and the stop-signal hint.
+    """
+
+    def __init__(self, progress: bool, over: str = "steps", every_step: bool = True) -> None:
+        self.bar = ProgressBar(over) if progress else None
+        self.every_step = every_step
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StartEvent):
+            self.print(start_line(event))
+        elif isinstance(event, StepEvent):
+            row = event.metrics
+            if self.bar is None and self.every_step and row is not None and "val_loss" not in row:
+                self.print(metrics_line(row))
+        elif isinstance(event, EvalEvent):
+            self.print(metrics_line(event.metrics))
+        elif isinstance(event, SampleEvent):
+            self.print(f"--- sample at step {event.step} ---\n{event.prompt}{event.text}\n---")
+        elif isinstance(event, WarningEvent):
+            self.print(event.message)
+        if self.bar is not None:
+            self.bar(event)  # after the header: the bar opens below it
+        if isinstance(event, DoneEvent) and event.summary.stopped_by == "signal":
+            s = event.summary
+            self.print(
+                f"stopped by a signal after step {s.step}; checkpoint {s.checkpoint}; "
+                f"continue with `gpt2lab train --out {s.run_dir} --resume`"
+            )
+
+    def print(self, line: str) -> None:
+        """A line on stderr, above the bar if one is open."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def start_line(e: StartEvent) -> str:
+    """`model: 10,745,088 parameters (0 tensors frozen) | tokens per step = ... | cpu bfloat16`."""
+    return (
+        f"model: {e.params:,} parameters ({e.frozen} tensors frozen) | tokens per step = "
+        f"{e.micro_batch_size} x {e.block_size} x {e.grad_accum_steps} x {e.world_size} = "
+        f"{e.tokens_per_step:,} | memory per step ~ {e.memory} | {e.device} {e.dtype}"
+    )
