@@ -204,7 +204,9 @@ def test_frozen_parameters_keep_their_initial_values(tmp_path, char_data):
 
 
 def test_train_prints_nothing_unless_asked(tmp_path, char_data, capfd):
-    cfg = tiny_config(char_data, "train.max_steps=4", "train.sample_interval=1")
+    cfg = tiny_config(
+        char_data, "train.max_steps=4", "train.sample_interval=1", "train.sample_tokens=8"
+    )
     train(cfg, tmp_path / "run")
     assert capfd.readouterr() == ("", "")
 
@@ -212,7 +214,11 @@ def test_train_prints_nothing_unless_asked(tmp_path, char_data, capfd):
 def test_events_tell_the_caller_what_the_run_does(tmp_path, char_data, capfd):
     events = []
     cfg = tiny_config(
-        char_data, "train.max_steps=8", "train.log_interval=2", "train.sample_interval=2"
+        char_data,
+        "train.max_steps=8",
+        "train.log_interval=2",
+        "train.sample_interval=1",
+        "train.sample_tokens=8",
     )
     s = train(cfg, tmp_path / "run", on_event=events.append)
     assert capfd.readouterr() == ("", "")
