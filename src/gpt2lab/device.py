@@ -81,8 +81,10 @@ def keep_freed_memory() -> bool:
     """Stop glibc from handing each step's freed activations back to the OS (Linux CPUs).
 
     By default glibc serves blocks over its mmap threshold with mmap and unmaps them when freed,
-    so every training step page-faults its activations in anew; fixed thresholds keep the memory
-    for reuse (the demo's step ran 1.25x faster on 2 cores). Returns whether it applied.
+    and trims a large free heap top, so every training step page-faults its activations in anew;
+    fixed thresholds keep the memory for reuse. A process-wide change: the commands make it
+    (gpt2lab.commands.train_console.tune_allocator), the library never does. Returns whether it
+    applied.
     """
     if not sys.platform.startswith("linux"):
         return False
