@@ -5,6 +5,7 @@ The model is seen only as a callable from token ids (B, T) to logits (B, T, V): 
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -23,26 +24,21 @@ LogitsFn = Callable[[Tensor, int], Tensor]  # (B, T) ids, keep -> (B, keep, V) f
 def as_logits_fn(model, dtype: torch.dtype = torch.float32) -> LogitsFn:
     """Wrap our GPT (returns `(logits, loss)`), a transformers LM (`.logits`) or a callable.
 
-    `fn(idx, keep)` gives the logits of the last `keep` positions; a model with an `lm_head`
-    module computes only those (a pre-hook trims the head's input), which saves its matmul and
-    the memory of a (B, T, V) tensor where most predictions would go unscored.
+    `fn(idx, keep)` gives the logits of the last `keep` positions. A model whose forward takes
+    `logits_to_keep` (ours, and transformers' GPT-2) computes only those, which saves the head's
+    matmul and the memory of a (B, T, V) tensor where most predictions would go unscored.
     """
     params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = params.device if params is not None else torch.device("cpu")
     if hasattr(model, "eval"):
         model.eval()
-    head = getattr(model, "lm_head", None)
+    forward = getattr(model, "forward", model)
+    trims = "logits_to_keep" in inspect.signature(forward).parameters
 
     def fn(idx: Tensor, keep: int) -> Tensor:
-        hook = None
-        if isinstance(head, torch.nn.Module):
-            hook = head.register_forward_pre_hook(lambda _, args: (args[0][:, -keep:], *args[1:]))
-        try:
-            with torch.inference_mode(), autocast(device, dtype):
-                out = model(idx.to(device))
-        finally:
-            if hook is not None:
-                hook.remove()
+        kw = {"logits_to_keep": keep} if trims else {}
+        with torch.inference_mode(), autocast(device, dtype):
+            out = model(idx.to(device), **kw)
         if isinstance(out, tuple):
             out = out[0]
         elif hasattr(out, "logits"):
