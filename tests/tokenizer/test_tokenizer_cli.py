@@ -77,7 +77,7 @@ def test_bad_input_is_one_line_errors(capsys, tmp_path):
     bad.write_bytes(b"ok\n" + "caf\xe9".encode("latin-1"))
     code, _, err = run(capsys, "count", str(bad))
     assert code == 1 and len(err.strip().splitlines()) == 1
-    assert "latin1.txt is not UTF-8: byte offset 6" in err and "--errors replace" in err
+    assert "latin1.txt is not UTF-8: byte 0xe9 at offset 6 (line 2)" in err and "--errors replace" in err
     code, out, _ = run(capsys, "count", str(bad), "--errors", "replace")
     assert code == 0
     code, _, err = run(
