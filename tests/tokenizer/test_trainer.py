@@ -224,7 +224,10 @@ def test_reference_and_incremental_agree_on_real_text(shared_data, source, patte
     [
         ("aaaa aaaaa aaa a aaaaaaaa", []),  # one pair overlapping itself
         ("abababa abab bababab", ["<|endoftext|>"]),
-        ("<|endoftext|>hello<|pad|>world hello world<|endoftext|>" * 5, ["<|endoftext|>", "<|pad|>"]),
+        (
+            "<|endoftext|>hello<|pad|>world hello world<|endoftext|>" * 5,
+            ["<|endoftext|>", "<|pad|>"],
+        ),
         ("héllo wörld 日本語 日本 😀😀 😀 ünïcode " * 3, ["<|endoftext|>"]),
     ],
 )
