@@ -160,7 +160,7 @@ def bench_train(
     from gpt2lab.tokenizer import GPT2_PATTERN, train_bpe
 
     sys.path.insert(0, str(REPO / "tests" / "tokenizer"))
-    from test_train_bpe import brute_force_merges  # the plain trainer the tests compare with
+    from test_trainer import brute_force_merges  # the plain trainer the tests compare with
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.txt"
