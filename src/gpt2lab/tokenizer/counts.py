@@ -1,4 +1,4 @@
-r"""How often each pre-token occurs in a text or in files streamed block by block.
+"""How often each pre-token occurs in a text or in files streamed block by block.
 
 The counts are what BPE training starts from (trainer.py). Natural text repeats its words, so the
 GPT-2 and GPT-4 patterns are run once per distinct space-separated word, not once per occurrence.
