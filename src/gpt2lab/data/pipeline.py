@@ -11,7 +11,6 @@ import collections
 import contextlib
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ from gpt2lab.data.sources import (
 from gpt2lab.data.split import Splitter
 from gpt2lab.errors import DataError
 from gpt2lab.io import atomic_dir, atomic_write_json
+from gpt2lab.tokenizer.parallel import start_pool, worker_tokenizer
 
 TASK_CHARS = 1 << 18  # text per task sent to a worker: small enough to balance the workers
 TRAIN, VAL = 0, 1
@@ -215,11 +215,7 @@ def _tasks(spec: SourceSpec, splitter: Splitter, counter: ByteCounter) -> Iterat
         yield task
 
 
-_TOKENIZER: Any = None
-
-
-def _init_worker(tok_dir: str | None = None) -> None:
-    global _TOKENIZER
+def _init_worker() -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and stops the pool
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -228,24 +224,11 @@ def _init_worker(tok_dir: str | None = None) -> None:
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if tok_dir is not None:
-        from gpt2lab.tokenizer import get_tokenizer
-
-        _TOKENIZER = get_tokenizer(tok_dir)
-
-
-def _start_pool(workers: int, tok: Any, tok_dir: Path) -> Any:
-    """Worker processes holding the tokenizer: forked ones inherit it (no second load)."""
-    global _TOKENIZER
-    if sys.platform == "linux":
-        _TOKENIZER = tok
-        return mp.get_context("fork").Pool(workers, _init_worker)
-    return mp.get_context("spawn").Pool(workers, _init_worker, (str(tok_dir),))
 
 
 def _encode_task(task: Task, tok: Any = None) -> tuple[list[np.ndarray], list[int]]:
     """Token arrays of the two splits and their document counts; every document starts with EOT."""
-    tok = tok if tok is not None else _TOKENIZER
+    tok = tok if tok is not None else worker_tokenizer()
     eot = tok.eot_token
     ids: list[list[int]] = [[], []]
     docs = [0, 0]
@@ -272,7 +255,7 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> 
             # Ctrl-C while Pool() forks would orphan its workers: hold it until `pool` is set
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                pool = _start_pool(workers, tok, out / "tokenizer")
+                pool = start_pool(tok, workers, _init_worker)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             results = _bounded_imap(pool, tasks, 2 * workers)

@@ -7,7 +7,6 @@ pre-tokenizer splits anyway, so the pieces encode to exactly the tokens of the w
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import csv
 import glob
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2lab.errors import DataError
+from gpt2lab.io import UTF8Decoder
 
 PIECE_CHARS = 1 << 18  # aim for pieces of ~256K characters
 HARD_PIECE_CHARS = 1 << 24  # a 16M-character line is cut anywhere (the only inexact cut)
@@ -140,7 +140,7 @@ def _open_binary(path: Path) -> Any:
 
 def _decoded_chunks(path: Path, errors: str, counter: ByteCounter) -> Iterator[str]:
     """A text file decoded as UTF-8 in chunks; binary files and bad bytes are one-line errors."""
-    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=errors)
+    decoder = UTF8Decoder(path, errors, skip_bom=True)
     offset = 0
     with _open_binary(path) as f:
         while True:
@@ -151,14 +151,7 @@ def _decoded_chunks(path: Path, errors: str, counter: ByteCounter) -> Iterator[s
                     "a UTF-8 text file",
                     "leave it out of --input (or pick the right --field for tables)",
                 )
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path} is not UTF-8: byte {raw[e.start]:#04x} at offset {offset + e.start}",
-                    "UTF-8 text",
-                    "convert it to UTF-8 or pass --errors replace",
-                ) from None
+            text = decoder.decode(raw, final=not raw)
             offset += len(raw)
             counter.n += len(raw)
             if text:

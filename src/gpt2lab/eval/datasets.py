@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2lab.errors import DataError
+from gpt2lab.io import decode_utf8
 
+_FIX = "pass the right file to --data"
 TEST_SPLIT_BYTES = 5_000_000  # enwik8 and text8: the last 5M bytes (characters) are the test split
 
 # where each task's file comes from (fetch it yourself: gpt2lab never downloads)
@@ -62,21 +64,12 @@ def read_bytes(path: str | Path) -> bytes:
 
 
 def read_text(path: str | Path, expected: str = "UTF-8 text") -> str:
-    """A file as UTF-8 text; an undecodable byte is reported with its line number."""
-    data = read_bytes(path)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: byte {data[e.start]:#04x} is not UTF-8",
-            expected,
-            "pass the right file to --data",
-        ) from None
+    """A file as UTF-8 text; an undecodable byte is reported with its offset and line number."""
+    return decode_utf8(read_bytes(path), path, expected=expected, fix=_FIX)
 
 
 def _bad(path: str | Path, line: int, what: str, expected: str) -> DataError:
-    return DataError(f"{path}:{line}: {what}", expected, "pass the right file to --data")
+    return DataError(f"{path}:{line}: {what}", expected, _FIX)
 
 
 def read_tokenized(path: str | Path, name: str) -> list[str]:
