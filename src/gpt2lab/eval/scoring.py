@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from gpt2lab.device import autocast
 from gpt2lab.errors import ConfigError, DataError
@@ -195,7 +195,6 @@ def bits(nll: float, units: int) -> float:
     return nll / math.log(2) / max(units, 1)
 
 
-def _bar(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, file=sys.stderr, leave=False)
+def _bar(total: int, enabled: bool, desc: str) -> tqdm:
+    """A progress bar (on stderr, tqdm's default) only when the caller asked for one."""
+    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)
