@@ -33,7 +33,7 @@ def test_large_vocab_uses_uint32_and_too_small_dtype_fails(tmp_path):
     assert read_header(d / "train_000000.bin")["dtype"] == np.uint32
     assert np.array_equal(load_tokens(d), tokens)
     assert dtype_for_vocab(65536) == np.uint16
-    with pytest.raises(DataError, match="does not fit --dtype uint16"):
+    with pytest.raises(DataError, match="does not fit `dtype=uint16`"):
         dtype_for_vocab(100000, "uint16")
 
 
