@@ -157,6 +157,18 @@ def _split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
     return overrides, unknown
 
 
+# arguments whose flag is not `--` + the name with dashes
+_FLAG_NAMES = {"inputs": "--input", "shard_tokens": "--shard-size"}
+
+
+def as_flag(name: str, value: str | None = None) -> str:
+    """The flag that sets key `name`: `train.lr` -> `--train.lr`, `val_docs` -> `--val-docs`."""
+    if "." in name:  # a config key: a dotted override
+        return f"--{name}" if value is None else f"--{name}={value}"
+    flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))  # a command's own option
+    return flag if value is None else f"{flag} {value}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gpt2lab` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except GPT2LabError as e:
         if debug:
             traceback.print_exc()
-        print(f"gpt2lab: error: {e}", file=sys.stderr)
+        print(f"gpt2lab: error: {e.render(as_flag)}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # e.g. `gpt2lab sample | head`
         return 0

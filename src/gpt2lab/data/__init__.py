@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
+from gpt2lab.data import events
 from gpt2lab.data.pipeline import prepare
 from gpt2lab.data.shards import load_data_tokenizer, load_meta, load_tokens, read_header
 from gpt2lab.data.sources import SourceSpec
@@ -14,6 +16,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchLoader",
     "SourceSpec",
+    "events",
     "load_data_tokenizer",
     "load_meta",
     "load_tokens",
@@ -23,9 +26,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # BatchLoader pulls in torch: imported on first use, so prepare's workers start fast
+    # BatchLoader needs torch (about a second to import): `gpt2lab prepare` and its workers never
+    # load it. The same lazy export as the package's own __init__.py.
     if name == "BatchLoader":
-        from gpt2lab.data.loader import BatchLoader
-
-        return BatchLoader
+        return importlib.import_module("gpt2lab.data.loader").BatchLoader
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
