@@ -1,17 +1,19 @@
 """The `gpt2lab` command line: a table of subcommands; parse, call one function, map errors.
 
 Each subcommand lives in `gpt2lab.commands.<name>` and defines `add_arguments(parser)` and
-`run(args)`; it is imported only when used, so `gpt2lab --help` is instant.
+`run(args)`; it is imported by name only when that command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import os
 import sys
 import traceback
+from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
 from gpt2lab.errors import ConfigError, GPT2LabError, UsageError
@@ -86,8 +88,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("gpt2lab")
     except PackageNotFoundError:  # running from a source tree
@@ -193,8 +193,6 @@ def _dispatch(argv: list[str]) -> int:
     if name is None or name not in COMMANDS:
         top = _top_parser(commands)
         if name is not None:
-            import difflib
-
             close = difflib.get_close_matches(name, list(commands), n=1)
             hint = f"did you mean `gpt2lab {close[0]}`?" if close else "see `gpt2lab --help`"
             raise UsageError(f"unknown command {name!r}", f"one of {', '.join(commands)}", hint)
