@@ -19,7 +19,7 @@ from gpt2lab.checkpoint.native import find_latest
 from gpt2lab.checkpoint.weights import load_model_safetensors
 from gpt2lab.config import GPTConfig, from_dict
 from gpt2lab.device import DTYPES
-from gpt2lab.errors import CheckpointError
+from gpt2lab.errors import CheckpointError, mark_key
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import get_tokenizer
 
@@ -75,7 +75,7 @@ def find_checkpoint(path: Path) -> Path:
         f"{path} is not a model directory: it has no model.safetensors, config.json or latest",
         "a gpt2lab run or checkpoint directory, or a Hugging Face GPT-2 directory "
         f"(config.json with one of {', '.join(WEIGHT_FILES)})",
-        "point --model at a run directory such as runs/sc",
+        f"point {mark_key('model')} at a run directory such as runs/sc",
     )
 
 

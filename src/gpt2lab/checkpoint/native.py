@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from gpt2lab.checkpoint.weights import load_pickle_safely, save_tensors
-from gpt2lab.errors import CheckpointError, TrainingError
+from gpt2lab.errors import CheckpointError, TrainingError, mark_key
 from gpt2lab.io import atomic_dir, atomic_write_text
 
 CKPT_DIR = "ckpt"
@@ -77,7 +77,7 @@ def require_latest(run_dir: str | Path) -> Path:
         raise TrainingError(
             f"nothing to resume in {run_dir}: no complete checkpoint in {Path(run_dir) / CKPT_DIR}",
             "a run directory written by `gpt2lab train`",
-            "check --out, or start a new run without --resume",
+            f"check {mark_key('out')}, or start a new run without {mark_key('resume')}",
         )
     return ckpt
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gpt2lab.config import to_dict
-from gpt2lab.errors import CheckpointError
+from gpt2lab.errors import CheckpointError, mark_key
 from gpt2lab.io import fsync_dir
 
 TIED = "lm_head.weight"  # the head shares transformer.wte.weight; files store it once
@@ -102,7 +102,7 @@ def assign_state(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -
             + "; ".join(problems)
             + (f" ({hint})" if hint else ""),
             "the weights of a model with the same config",
-            "load it with the config it was saved with (or fix the --model.* overrides)",
+            f"load it with the config it was saved with (or fix {mark_key('model.*')})",
         )
     with torch.no_grad():
         for k, p in own.items():

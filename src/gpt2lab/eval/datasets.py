@@ -10,10 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2lab.errors import DataError
+from gpt2lab.errors import DataError, mark_key
 from gpt2lab.io import decode_utf8
 
-_FIX = "pass the right file to --data"
+_FIX = f"pass the right file to {mark_key('data')}"
 TEST_SPLIT_BYTES = 5_000_000  # enwik8 and text8: the last 5M bytes (characters) are the test split
 
 # where each task's file comes from (fetch it yourself: gpt2lab never downloads)
@@ -56,10 +56,14 @@ def read_bytes(path: str | Path) -> bytes:
     """A file's bytes, or a DataError that names it."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file {p} does not exist", "a local file", "check the path in --data")
+        raise DataError(
+            f"data file {p} does not exist", "a local file", f"check the path in {mark_key('data')}"
+        )
     data = p.read_bytes()
     if not data.strip():
-        raise DataError(f"data file {p} is empty", "some text", "give a non-empty --data file")
+        raise DataError(
+            f"data file {p} is empty", "some text", f"give a non-empty {mark_key('data')} file"
+        )
     return data
 
 

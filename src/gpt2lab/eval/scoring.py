@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from gpt2lab.device import autocast
-from gpt2lab.errors import ConfigError, DataError
+from gpt2lab.errors import ConfigError, DataError, mark_key
 
 LogitsFn = Callable[[Tensor, int], Tensor]  # (B, T) ids, keep -> (B, keep, V) float logits
 
@@ -73,7 +73,8 @@ Window(start=4, end=8, scored=2), Window(start=5, end=9, scored=1)]
         raise ConfigError(
             f"context={context}, stride={stride} cannot slide",
             "context >= 1 and 1 <= stride <= context",
-            "set --stride to at most --context (stride = context scores disjoint windows)",
+            f"set {mark_key('stride')} to at most {mark_key('context')} "
+            "(stride = context scores disjoint windows)",
         )
     if n < 2:
         return []

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from gpt2lab.errors import DataError, TokenizerError
+from gpt2lab.errors import DataError, TokenizerError, mark_key
 from gpt2lab.tokenizer.base import EOT
 from gpt2lab.tokenizer.bpe import BPETokenizer
 from gpt2lab.tokenizer.counts import TextSource, count_pretokens, progress_bar
@@ -131,7 +131,7 @@ def _no_pairs_left(n_done: int, n_merges: int) -> TokenizerError:
         f"the text supports only {256 + n_done} ids before specials: after "
         f"{n_done} merges no adjacent pair is left, but {n_merges} were asked for",
         f"vocab_size <= {256 + n_done} + the number of special tokens",
-        "use a smaller --vocab-size or more text",
+        f"use a smaller {mark_key('vocab_size')} or more text",
     )
 
 
