@@ -30,7 +30,7 @@ _ENCODING = """
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
-from gpt2lab.tokenizer.io import gpt2_files_dir
+from gpt2lab.tokenizer.files import gpt2_files_dir
 d = gpt2_files_dir()
 ranks = data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json"))
 enc = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,

@@ -63,7 +63,7 @@ def references(gpt2_dir: Path):
     from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from gpt2lab.tokenizer.io import GPT2_SHA256
+    from gpt2lab.tokenizer.files import GPT2_SHA256
 
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")  # "" = no cache; files are local anyway
     ranks = data_gym_to_mergeable_bpe_ranks(
@@ -84,7 +84,7 @@ def references(gpt2_dir: Path):
 
 def bench_encode(n_bytes: int, repeats: int, rows: list) -> None:
     from gpt2lab.tokenizer import get_tokenizer
-    from gpt2lab.tokenizer.io import gpt2_files_dir
+    from gpt2lab.tokenizer.files import gpt2_files_dir
 
     text = corpus(n_bytes)
     mb = len(text.encode()) / 1e6
@@ -160,7 +160,7 @@ def bench_train(
     from gpt2lab.tokenizer import GPT2_PATTERN, train_bpe
 
     sys.path.insert(0, str(REPO / "tests" / "tokenizer"))
-    from test_train_bpe import brute_force_merges  # the plain trainer the tests compare with
+    from test_trainer import brute_force_merges  # the plain trainer the tests compare with
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.txt"

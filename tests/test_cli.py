@@ -46,6 +46,31 @@ def test_misspelled_override_exits_2_with_one_line_suggestion():
     assert lines[0].startswith("gpt2lab: error: ") and "--train.lr" in lines[0]
 
 
+def test_cli_shows_the_keys_that_library_errors_name_as_flags(monkeypatch, capsys):
+    from gpt2lab.commands import config as config_cmd
+    from gpt2lab.errors import ConfigError, mark_key
+
+    def fail(args):
+        raise ConfigError(
+            f"{mark_key('val_docs', 5)} is too many",
+            f"{mark_key('train.lr')} or {mark_key('inputs')}",
+            f"try {mark_key('train.lr', '3e-4')} or {mark_key('shard_tokens', '1M')}",
+        )
+
+    monkeypatch.setattr(config_cmd, "run", fail)
+    with pytest.raises(ConfigError) as e:
+        fail(None)
+    assert str(e.value) == (
+        "`val_docs=5` is too many, expected `train.lr` or `inputs`, "
+        "try `train.lr=3e-4` or `shard_tokens=1M`"
+    )
+    assert cli.main(["config"]) == 2
+    assert capsys.readouterr().err == (
+        "gpt2lab: error: --val-docs 5 is too many, expected --train.lr or --input, "
+        "try --train.lr=3e-4 or --shard-size 1M\n"
+    )
+
+
 def test_unknown_command_and_flag_exit_2(capsys):
     assert cli.main(["no-such-command"]) == 2
     assert cli.main(["config", "--no-such-flag"]) == 2

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from gpt2lab import config as C
+from gpt2lab import config
 from gpt2lab.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 
 def test_defaults_then_preset_then_file_then_overrides(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text("[train]\nlr = 1e-3\nmax_steps = 7\n[model]\nn_layer = 5\n")
-    cfg = C.resolve("gpt2-medium", toml, ["train.lr=3e-4", "--model.dropout=0.1"])
+    cfg = config.resolve("gpt2-medium", toml, ["train.lr=3e-4", "--model.dropout=0.1"])
     assert cfg.model.n_layer == 5  # file beats preset
     assert cfg.model.n_embd == 1024  # preset beats default
     assert cfg.train.lr == 3e-4  # flag beats file
@@ -32,48 +39,75 @@ def test_defaults_then_preset_then_file_then_overrides(tmp_path):
 )
 def test_override_values_follow_the_field_type(override, value):
     section, key = override.split("=")[0].split(".")
-    assert getattr(getattr(C.resolve(overrides=[override]), section), key) == value
+    assert getattr(getattr(config.resolve(overrides=[override]), section), key) == value
+
+
+def test_flags_beat_overrides_and_a_file_gives_only_the_sections_asked_for(tmp_path):
+    toml = tmp_path / "config.toml"
+    toml.write_text("[sample]\ntop_k = 5\ntemperature = 0.5\n[train]\nlr = 1e-3\n")
+    cfg = config.resolve(
+        config_file=toml,
+        overrides=["sample.top_k=7"],
+        flags={"sample.top_k": 9, "sample.stop": ("a,b", "\n"), "sample.seed": None},
+        sections=["sample"],
+    )
+    assert cfg.sample.top_k == 9 and cfg.sample.temperature == 0.5
+    assert cfg.sample.stop == ("a,b", "\n")  # typed flags are not split like override strings
+    assert cfg.sample.seed is None and cfg.train.lr == config.TrainConfig().lr
+
+
+def test_flatten_and_unflatten_are_inverses():
+    tree = config.to_dict(config.Config())
+    flat = config.flatten(tree)
+    assert flat["train.lr"] == config.TrainConfig().lr and "model" not in flat
+    assert config.unflatten(flat) == tree
+    assert config.all_keys(config.Config()) == list(flat)
 
 
 def test_misspelled_override_suggests_the_real_key():
-    with pytest.raises(ConfigError, match=r"did you mean --train\.lr\?"):
-        C.resolve(overrides=["train.lrr=1"])
-    with pytest.raises(ConfigError, match=r"--model\.n_layer"):
-        C.resolve(overrides=["model.nlayer=2"])
+    # the library names keys; cli.py shows them as flags (tests/test_cli.py)
+    with pytest.raises(ConfigError, match=r"did you mean `train\.lr`\?"):
+        config.resolve(overrides=["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"model\.n_layer"):
+        config.resolve(overrides=["model.nlayer=2"])
+    with pytest.raises(ConfigError) as e:
+        config.resolve(overrides=["train.lrr=1"])
+    assert "--" not in str(e.value)
 
 
 def test_bad_values_and_sections_fail():
     with pytest.raises(ConfigError, match="not a valid int"):
-        C.resolve(overrides=["train.max_steps=lots"])
+        config.resolve(overrides=["train.max_steps=lots"])
     with pytest.raises(ConfigError, match="one of random, sequential"):
-        C.resolve(overrides=["data.sampling=shuffle"])
+        config.resolve(overrides=["data.sampling=shuffle"])
     with pytest.raises(ConfigError, match="divisible"):
-        C.resolve(overrides=["model.n_head=5"])
+        config.resolve(overrides=["model.n_head=5"])
     with pytest.raises(ConfigError, match="unknown preset"):
-        C.resolve("gtp2")
+        config.resolve("gtp2")
 
 
 def test_toml_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nlr=")
     with pytest.raises(ConfigError, match="bad.toml"):
-        C.resolve(config_file=bad)
+        config.resolve(config_file=bad)
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[trian]\nlr = 1\n")
     with pytest.raises(ConfigError, match="did you mean train"):
-        C.resolve(config_file=unknown)
+        config.resolve(config_file=unknown)
 
 
 def test_toml_round_trip():
-    cfg = C.resolve("gpt2", overrides=["train.lr=2e-4", "sample.top_p=0.9"])
-    import tomllib
+    cfg = config.resolve("gpt2", overrides=["train.lr=2e-4", "sample.top_p=0.9"])
 
-    again = C.merge(C.Config(), tomllib.loads(C.to_toml(cfg)))
+    again = config.merge(config.Config(), tomllib.loads(config.to_toml(cfg)))
     assert again == cfg
-    assert C.from_dict(C.Config, C.to_dict(cfg)) == cfg
+    assert config.from_dict(config.Config, config.to_dict(cfg)) == cfg
 
 
 def test_gpt2_preset_shapes_match_the_paper():
-    shapes = {k: (v.n_layer, v.n_embd) for k, v in C.MODEL_PRESETS.items() if k.startswith("gpt2")}
+    shapes = {
+        k: (v.n_layer, v.n_embd) for k, v in config.MODEL_PRESETS.items() if k.startswith("gpt2")
+    }
     assert shapes["gpt2"] == (12, 768) and shapes["gpt2-medium"] == (24, 1024)
     assert shapes["gpt2-large"] == (36, 1280) and shapes["gpt2-xl"] == (48, 1600)

@@ -149,7 +149,7 @@ def test_gpt2_tokenizer_trains_on_bpe_tokens(text_file, tmp_path):
     from tiktoken_ext.openai_public import r50k_pat_str
 
     from gpt2lab.data import load_tokens
-    from gpt2lab.tokenizer.io import gpt2_files_dir
+    from gpt2lab.tokenizer.files import gpt2_files_dir
 
     r = run_demo(
         tmp_path / "run",

@@ -11,7 +11,14 @@ from torch import Tensor
 from gpt2lab.checkpoint.hf import from_hf_state
 from gpt2lab.checkpoint.weights import assign_state
 from gpt2lab.config import MODEL_PRESETS, GPTConfig
-from gpt2lab.model import GPT, KVCache
+from gpt2lab.model import (
+    GPT,
+    KVCache,
+    attention,
+    causal_mask,
+    explicit_attention_is_faster,
+    padding_mask,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -205,50 +212,6 @@ def test_small_presets_have_the_sizes_their_names_say():
         assert 10e6 < GPT(MODEL_PRESETS["shakespeare-char"]).num_params() < 11e6  # nanoGPT's
 
 
-def test_flops_and_memory_estimates():
-    with torch.device("meta"):
-        model = GPT(MODEL_PRESETS["gpt2"])
-    n = model.num_params() - 1024 * 768
-    assert model.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
-    est = model.estimate_memory(8, 1024, torch.bfloat16, "adamw")
-    assert est.params == est.grads == 4 * 124_475_904 and est.optimizer == 2 * est.params
-    assert est.logits == 8 * 1024 * 50304 * 8  # float32 logits and gradient, padding included
-    assert est.total == est.params + est.grads + est.optimizer + est.activations
-    assert est.activations > est.logits
-    assert "GiB" in str(est)
-
-
-def saved_for_backward(model: GPT, idx: Tensor, dtype: torch.dtype) -> int:
-    """Bytes autograd keeps for backward (parameters themselves left out), measured by hooks."""
-    from gpt2lab.device import autocast
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with autocast(torch.device("cpu"), dtype):
-            model(idx, idx)
-    return sum(seen.values())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_activation_estimate_matches_what_autograd_saves(dtype, dropout):
-    cfg = GPTConfig(block_size=64, vocab_size=300, n_layer=3, n_head=2, n_embd=64, dropout=dropout)
-    model = GPT(cfg).train()
-    idx = torch.randint(0, cfg.vocab_size, (4, 64))
-    measured = saved_for_backward(model, idx, dtype)
-    est = model.estimate_memory(4, 64, dtype)
-    estimate = est.activations - est.logits  # what autograd keeps; the logits are the caller's
-    assert abs(estimate - measured) / measured < 0.1, (estimate, measured)
-
-
 def _generate_available() -> bool:
     try:
         from gpt2lab.generate import generate  # noqa: F401
@@ -274,17 +237,66 @@ def test_greedy_generate_equals_transformers(tiny_cfg):
     assert torch.equal(ours, ref)
 
 
-def test_training_attention_path_equals_sdpa_and_transformers_gradients(tiny_cfg):
-    """The explicit CPU training attention computes SDPA's function, with the same gradients."""
-    from gpt2lab import model as M
-
+def test_explicit_attention_equals_sdpa_with_the_same_gradients():
+    """The explicit softmax(QK^T)V path (CPU training, attention maps) is SDPA's function."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 17, 16, requires_grad=True) for _ in range(3))
-    ours = M._causal_attention(q, k, v)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ours, probs = attention(q, k, v, explicit=True)
+    ref, none = attention(q, k, v)
+    assert none is None and probs.shape == (2, 2, 17, 17)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
     g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))
     g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert M._explicit_attention_is_faster(q) and not M._explicit_attention_is_faster(q.detach())
+    assert explicit_attention_is_faster(q) and not explicit_attention_is_faster(q.detach())
+
+
+@pytest.mark.parametrize("T, pos", [(5, 0), (3, 4), (1, 6)])
+def test_explicit_attention_equals_sdpa_under_masks(T, pos):
+    torch.manual_seed(1)
+    q = torch.randn(2, 3, T, 8)
+    k, v = torch.randn(2, 3, pos + T, 8), torch.randn(2, 3, pos + T, 8)
+    keep = torch.ones(2, pos + T, dtype=torch.bool)
+    keep[1, :2] = False  # a left-padded row
+    for mask in (padding_mask(keep, T, pos), causal_mask(T, pos, q.device) if pos else None):
+        ours, probs = attention(q, k, v, mask, explicit=True)
+        ref, _ = attention(q, k, v, mask)
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=["1layer", "pad64"])
+def test_attention_probabilities_equal_transformers(cfg):
+    """`attentions=` gives each layer's probabilities, as transformers' output_attentions does
+    (eager attention), on odd configs and on a left-padded batch."""
+    hf, ours = hf_pair(cfg, seed=4)
+    hf.config._attn_implementation = "eager"  # its SDPA path returns no probabilities
+    idx = torch.randint(0, cfg.vocab_size, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :4] = 0  # the second row is left-padded
+    for attention_mask in (None, mask):
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+        position_ids = None if attention_mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            ref = hf(idx, output_attentions=True, position_ids=position_ids, **kw).attentions
+            got: list[Tensor] = []
+            logits, _ = ours(idx, attention_mask=attention_mask, attentions=got)
+        assert len(got) == cfg.n_layer
+        for layer, (a, b) in enumerate(zip(got, ref)):
+            assert a.shape == (2, cfg.n_head, 11, 11)
+            real = slice(None) if attention_mask is None else mask.bool()[:, None, :, None]
+            a, b = (a * real, b * real) if attention_mask is not None else (a, b)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=f"layer {layer}")
+
+
+def test_logits_to_keep_computes_only_the_last_positions(tiny_cfg):
+    model = GPT(tiny_cfg).eval()
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        full, _ = model(idx)
+        last3, _ = model(idx, logits_to_keep=3)
+        last1, _ = model(idx, last_only=True)
+    assert last3.shape == (2, 3, tiny_cfg.vocab_size)
+    torch.testing.assert_close(last3, full[:, -3:])
+    torch.testing.assert_close(last1, full[:, -1:])

@@ -1,17 +1,19 @@
 """The `gpt2lab` command line: a table of subcommands; parse, call one function, map errors.
 
 Each subcommand lives in `gpt2lab.commands.<name>` and defines `add_arguments(parser)` and
-`run(args)`; it is imported only when used, so `gpt2lab --help` is instant.
+`run(args)`; it is imported by name only when that command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import os
 import sys
 import traceback
+from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
 from gpt2lab.errors import ConfigError, GPT2LabError, UsageError
@@ -86,8 +88,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("gpt2lab")
     except PackageNotFoundError:  # running from a source tree
@@ -157,6 +157,18 @@ def _split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
     return overrides, unknown
 
 
+# arguments whose flag is not `--` + the name with dashes
+_FLAG_NAMES = {"inputs": "--input", "shard_tokens": "--shard-size"}
+
+
+def as_flag(name: str, value: str | None = None) -> str:
+    """The flag that sets key `name`: `train.lr` -> `--train.lr`, `val_docs` -> `--val-docs`."""
+    if "." in name:  # a config key: a dotted override
+        return f"--{name}" if value is None else f"--{name}={value}"
+    flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))  # a command's own option
+    return flag if value is None else f"{flag} {value}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gpt2lab` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except GPT2LabError as e:
         if debug:
             traceback.print_exc()
-        print(f"gpt2lab: error: {e}", file=sys.stderr)
+        print(f"gpt2lab: error: {e.render(as_flag)}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # e.g. `gpt2lab sample | head`
         return 0
@@ -181,8 +193,6 @@ def _dispatch(argv: list[str]) -> int:
     if name is None or name not in COMMANDS:
         top = _top_parser(commands)
         if name is not None:
-            import difflib
-
             close = difflib.get_close_matches(name, list(commands), n=1)
             hint = f"did you mean `gpt2lab {close[0]}`?" if close else "see `gpt2lab --help`"
             raise UsageError(f"unknown command {name!r}", f"one of {', '.join(commands)}", hint)

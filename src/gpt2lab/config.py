@@ -1,6 +1,7 @@
 """Typed, frozen configs for every command, their presets, TOML files and dotted overrides.
 
-Precedence: dataclass defaults < preset < TOML file < command-line overrides (`--train.lr=3e-4`).
+Precedence: dataclass defaults < preset < TOML file < command-line overrides (`--train.lr=3e-4`)
+< a command's own flags; `resolve()` applies them in that order for every command.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import ConfigError, mark_key
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -42,19 +43,19 @@ class GPTConfig:
                 raise ConfigError(
                     f"model.{name}={getattr(self, name)} is not positive",
                     "an integer >= 1",
-                    f"set --model.{name} to a positive value",
+                    f"set {mark_key('model.' + name)} to a positive value",
                 )
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}",
                 "n_embd = n_head x head size",
-                "change --model.n_embd or --model.n_head",
+                f"change {mark_key('model.n_embd')} or {mark_key('model.n_head')}",
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(
                 f"model.dropout={self.dropout} is out of range",
                 "0 <= dropout < 1",
-                "set --model.dropout=0.0 for pretraining or 0.1 for fine-tuning",
+                f"set {mark_key('model.dropout', 0.0)} for pretraining or 0.1 for fine-tuning",
             )
 
     @property
@@ -145,9 +146,8 @@ class SampleConfig:
         ]
         for key, ok, expected, example in checks:
             if not ok:
-                flag = "--" + key.replace("_", "-")
                 value = getattr(self, key)
-                fix = f"e.g. {flag} {example}" if example else f"change {flag}"
+                fix = f"e.g. {mark_key(key, example)}" if example else f"change {mark_key(key)}"
                 raise ConfigError(f"sample.{key}={value!r} is out of range", expected, fix)
 
 
@@ -169,7 +169,7 @@ class EvalConfig:
                 raise ConfigError(
                     f"eval.{name}={value} is not positive",
                     "an integer >= 1",
-                    f"set --eval.{name} to a positive value",
+                    f"set {mark_key('eval.' + name)} to a positive value",
                 )
 
 
@@ -279,8 +279,16 @@ def resolve(
     config_file: str | Path | None = None,
     overrides: typing.Sequence[str] = (),
     base: Config | None = None,
+    *,
+    flags: typing.Mapping[str, Any] | None = None,
+    sections: typing.Collection[str] | None = None,
 ) -> Config:
-    """Build a Config: defaults (or `base`) < preset < TOML file < `section.key=value` strings."""
+    """The one way every command builds its Config.
+
+    Defaults (or `base`) < `preset` < TOML `config_file` (only its `sections`, if given) <
+    `overrides` (`section.key=value` strings) < `flags` ({"eval.context": 512}: a command's own
+    options, already typed; None means not given).
+    """
     cfg = base or Config()
     if preset:
         if preset not in PRESETS:
@@ -291,8 +299,13 @@ def resolve(
             )
         cfg = merge(cfg, PRESETS[preset], source=f"preset {preset}")
     if config_file:
-        cfg = merge(cfg, load_toml(config_file), source=str(config_file))
-    return apply_overrides(cfg, overrides)
+        tables = load_toml(config_file)
+        if sections is not None:
+            tables = {k: v for k, v in tables.items() if k in sections}
+        cfg = merge(cfg, tables, source=str(config_file))
+    cfg = apply_overrides(cfg, overrides)
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    return merge(cfg, unflatten(given), source="the command line") if given else cfg
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -300,7 +313,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(
-            f"config file {p} does not exist", "a TOML file", "check the path given to --config"
+            f"config file {p} does not exist",
+            "a TOML file",
+            f"check the path given to {mark_key('config')}",
         )
     try:
         return tomllib.loads(p.read_text(encoding="utf-8"))
@@ -340,52 +355,67 @@ def merge(cfg: Any, updates: dict[str, Any], source: str = "config") -> Any:
 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
     """Apply `section.key=value` strings (a leading `--` is allowed) to a Config."""
-    nested: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for raw in overrides:
         text = raw[2:] if raw.startswith("--") else raw
         key, sep, value = text.partition("=")
         if not sep:
             raise ConfigError(
                 f"override {raw!r} has no value",
-                "--section.key=value",
-                f"write it as --{key}=VALUE",
+                mark_key("section.key", "value"),
+                f"write it as {mark_key(key, 'VALUE')}",
             )
-        path = key.split(".")
-        node: Any = cfg
-        for i, part in enumerate(path):
-            valid = (
-                [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
-            )
-            if part not in valid:
-                raise ConfigError(
-                    f"unknown config key --{key}",
-                    "a key such as --train.lr",
-                    _did_you_mean(key, all_keys(cfg)),
-                )
-            node = getattr(node, part)
-            if i == len(path) - 1 and dataclasses.is_dataclass(node):
-                raise ConfigError(
-                    f"--{key} is a section, not a key",
-                    "--section.key=value",
-                    _did_you_mean(key + ".", all_keys(cfg)),
-                )
-        d = nested
-        for part in path[:-1]:
-            d = d.setdefault(part, {})
-        d[path[-1]] = value
-    return merge(cfg, nested, source="the command line") if nested else cfg
+        _check_key(cfg, key)
+        given[key] = value
+    return merge(cfg, unflatten(given), source="the command line") if given else cfg
 
 
-def all_keys(cfg: Any, prefix: str = "") -> list[str]:
-    """Every dotted leaf key of a config, e.g. `train.lr`."""
-    keys = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            keys += all_keys(value, f"{prefix}{f.name}.")
+def _check_key(cfg: Config, key: str) -> None:
+    """Fail unless `key` is a dotted leaf key of `cfg`, naming the closest real key."""
+    node: Any = cfg
+    for part in key.split("."):
+        valid = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+        if part not in valid:
+            raise ConfigError(
+                f"unknown config key {mark_key(key)}",
+                f"a key such as {mark_key('train.lr')}",
+                _did_you_mean(key, all_keys(cfg)),
+            )
+        node = getattr(node, part)
+    if dataclasses.is_dataclass(node):
+        raise ConfigError(
+            f"{mark_key(key)} is a section, not a key",
+            mark_key("section.key", "value"),
+            _did_you_mean(key + ".", all_keys(cfg)),
+        )
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
         else:
-            keys.append(prefix + f.name)
-    return keys
+            flat[prefix + k] = v
+    return flat
+
+
+def unflatten(flat: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys back to nested dicts: {"train.lr": 1} -> {"train": {"lr": 1}}."""
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *sections, leaf = dotted.split(".")
+        node = tree
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def all_keys(cfg: Any) -> list[str]:
+    """Every dotted leaf key of a config, e.g. `train.lr`."""
+    return list(flatten(to_dict(cfg)))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -424,10 +454,11 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def _did_you_mean(key: str, choices: typing.Iterable[str], prefix: str = "--") -> str:
+def _did_you_mean(key: str, choices: typing.Iterable[str], prefix: str | None = None) -> str:
+    """The closest choice as a hint: a config key (marked, shown as a flag) unless `prefix`."""
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
     if close:
-        return f"did you mean {prefix}{close[0]}?"
+        return f"did you mean {mark_key(close[0]) if prefix is None else prefix + close[0]}?"
     return "see `gpt2lab config --list` for every key"
 
 
@@ -459,8 +490,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return value
     if origin in (tuple, list):
         (inner, *_) = get_args(tp) or (str,)
-        items = value.split(",") if isinstance(value, str) else list(value)
-        items = [x.strip() if isinstance(x, str) else x for x in items if x != ""]
+        if isinstance(value, str):  # "a, b" from the command line
+            items = [x.strip() for x in value.split(",") if x.strip()]
+        else:  # a TOML array or a typed flag: kept exactly (a stop string may be "\n")
+            items = list(value)
         return tuple(_coerce(x, inner, key, source) for x in items)
     try:
         if tp is bool:

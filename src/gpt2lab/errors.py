@@ -1,9 +1,27 @@
 """Errors that gpt2lab raises. Library code raises these; only cli.py prints them and exits.
 
-Each message is one line: what is wrong, what was expected, and how to fix it.
+Each message is one line: what is wrong, what was expected, and how to fix it. A message names
+a setting by its key (`mark_key("train.device")`): `str(error)` shows the key as a Python caller
+writes it (`train.device`, `val_docs=5`), and `error.render(flag)` lets cli.py show the flag
+(`--train.device`, `--val-docs 5`).
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+_KEY = re.compile("\x1f([^\x1f\x1e]*)(?:\x1e([^\x1f]*))?\x1f")  # mark_key's marks
+
+
+def mark_key(name: str, value: object = None) -> str:
+    """`name` (a config key such as `train.device`, or an argument such as `val_docs`) marked
+    for an error message, with an example `value` if given: `train.lr=3e-4`, `--train.lr=3e-4`."""
+    return f"\x1f{name}\x1f" if value is None else f"\x1f{name}\x1e{value}\x1f"
+
+
+def _as_key(name: str, value: str | None) -> str:
+    return f"`{name}`" if value is None else f"`{name}={value}`"
 
 
 class GPT2LabError(Exception):
@@ -17,7 +35,12 @@ class GPT2LabError(Exception):
             parts.append(expected if expected.startswith("expected") else f"expected {expected}")
         if fix:
             parts.append(fix)
-        super().__init__(", ".join(parts))
+        self.marked = ", ".join(parts)
+        super().__init__(self.render(_as_key))
+
+    def render(self, flag: Callable[[str, str | None], str]) -> str:
+        """The message with every marked key written as `flag(name, value)` (value may be None)."""
+        return _KEY.sub(lambda m: flag(m.group(1), m.group(2)), self.marked)
 
 
 class ConfigError(GPT2LabError):

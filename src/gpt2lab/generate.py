@@ -5,6 +5,7 @@ a KV-cached generation loop with left-padded batches, and streaming decode with 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +15,8 @@ import torch
 from torch import Tensor
 
 from gpt2lab.config import SampleConfig
-
+from gpt2lab.kernels.cpu_decode import decode_kernels
+from gpt2lab.model import KVCache
 
 # The settings of the short previews shown while training and after the demo.
 PREVIEW_SAMPLING = SampleConfig(temperature=0.8, top_k=200)
@@ -140,6 +142,7 @@ def iter_tokens(
     attention_mask: Tensor | None = None,
     eos_token_id: int | None = None,
     vocab_size: int | None = None,
+    kernels: bool = True,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), for up to `max_new_tokens` steps.
 
@@ -148,7 +151,8 @@ def iter_tokens(
     produced it yields it again from then on, and the loop ends once every row has. `vocab_size`
     keeps ids below it (a model's table may be larger than its tokenizer's vocabulary). A prompt
     longer than the context is cropped from the left with a ContextWarning; past the context the
-    window slides (the last 3/4 of it is re-run).
+    window slides (the last 3/4 of it is re-run). On a CPU a GPT decodes through the packed
+    weights of `gpt2lab.kernels.cpu_decode`; `kernels=False` runs the plain model.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     if max_new_tokens == 0:
@@ -181,7 +185,7 @@ def iter_tokens(
         seen = counts > 0  # padding ids count only where they are real tokens too
     vocab_limit = min(vocab_size or cfg.vocab_size, cfg.vocab_size)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    runner = _CachedRunner(model, B, min(cfg.block_size, T + max_new_tokens), device)
+    runner = _CachedRunner(model, B, min(cfg.block_size, T + max_new_tokens), device, kernels)
 
     length = T
     window = min(T, cfg.block_size)
@@ -327,17 +331,21 @@ def _cols(full_mask: Tensor | None, length: int, window: int) -> Tensor | None:
 
 
 class _CachedRunner:
-    """Runs the model over a preallocated KV cache, keeping per-row positions for left padding."""
+    """Runs the model over a preallocated KV cache, keeping per-row positions for left padding.
 
-    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, device) -> None:
-        from gpt2lab.model import KVCache
+    A gpt2lab GPT on a CPU decodes through `gpt2lab.kernels.cpu_decode` unless `kernels=False`
+    (the plain model, which the kernels are tested equal to).
+    """
 
+    def __init__(
+        self, model: torch.nn.Module, batch: int, max_len: int, device, kernels: bool = True
+    ) -> None:
         self.model, self.batch, self.max_len, self.device = model, batch, max_len, device
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        self._new_cache = lambda: KVCache(model.config, batch, max_len, device, self.dtype)
-        self.cache = None
+        self.cache: KVCache | None = None
         self.mask: Tensor | None = None  # (B, max_len) real-token mask of what the cache holds
         self.next_pos: Tensor | None = None  # (B, 1) position of each row's next token
+        self.kernels = decode_kernels(model, batch) if kernels else None
         self.last_only = "last_only" in inspect.signature(model.forward).parameters
 
     def full(self) -> bool:
@@ -345,7 +353,7 @@ class _CachedRunner:
 
     def prefill(self, ids: Tensor, mask: Tensor | None) -> Tensor:
         """Start a fresh cache with `ids` (B, T); returns the last position's logits (B, V)."""
-        self.cache = self._new_cache()
+        self.cache = KVCache(self.model.config, self.batch, self.max_len, self.device, self.dtype)
         if mask is None:
             self.mask = self.next_pos = None
             return self._forward(ids, None, None)
@@ -368,7 +376,9 @@ class _CachedRunner:
 
     def _forward(self, ids: Tensor, mask: Tensor | None, pos: Tensor | None) -> Tensor:
         kw = {"last_only": True} if self.last_only else {}
-        with torch.no_grad():  # here, not around the loop: a generator must not leak grad mode
+        kernels = self.kernels.applied() if self.kernels else contextlib.nullcontext()
+        # no_grad here, not around the loop: a generator must not leak grad mode
+        with torch.no_grad(), kernels:
             logits, _ = self.model(
                 ids, cache=self.cache, attention_mask=mask, position_ids=pos, **kw
             )

@@ -1,4 +1,8 @@
-"""Crash-safe file writes: temp file, fsync, rename. A reader never sees a half-written file."""
+"""Files: crash-safe writes (temp file, fsync, rename) and UTF-8 reading with one-line errors.
+
+A reader never sees a half-written file; a byte that is not UTF-8 is reported with the file, its
+offset (and line, when the data starts at the top of the file) and the fix.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from gpt2lab.errors import DataError
+
+_BOM = b"\xef\xbb\xbf"
+UTF8_FIX = (
+    "convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or pass errors='replace' "
+    "(--errors replace)"
+)
 
 
 def _umask() -> int:
@@ -95,3 +107,77 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- reading UTF-8 ----------------------------------------------------------------------------
+
+
+def decode_utf8(
+    data: bytes,
+    path: str | os.PathLike,
+    errors: str = "strict",
+    offset: int = 0,
+    expected: str = "UTF-8 text",
+    fix: str = UTF8_FIX,
+) -> str:
+    """Decode `data`, read from `path` at byte `offset`; errors: "strict", "replace", ...
+
+    A byte that is not UTF-8 (with errors="strict") is a DataError naming the file, the byte, its
+    offset in the file and, when `data` starts the file (`offset` 0), its line.
+    """
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        where = f"offset {offset + e.start}"
+        if offset == 0:
+            line = data.count(b"\n", 0, e.start) + 1
+            where += f" (line {line})"
+        raise DataError(
+            f"{path} is not UTF-8: byte {data[e.start]:#04x} at {where}", expected, fix
+        ) from None
+    except LookupError:
+        raise DataError(f"unknown errors={errors!r}", "'strict' or 'replace'") from None
+
+
+def read_utf8(path: str | os.PathLike, errors: str = "strict") -> str:
+    """A whole file as UTF-8 text (see `decode_utf8` for `errors` and the error it raises)."""
+    return decode_utf8(Path(path).read_bytes(), path, errors)
+
+
+class UTF8Decoder:
+    """Decode a file block by block: a character cut by a block's end waits for the next block.
+
+    The text is the same as decoding the whole file at once; errors name the exact file offset.
+    `skip_bom=True` drops a UTF-8 byte-order mark at the start of the file (as "utf-8-sig" does).
+    """
+
+    def __init__(self, path: str | os.PathLike, errors: str = "strict", skip_bom: bool = False):
+        self.path, self.errors = path, errors
+        self.offset = 0  # the file offset of the first byte not decoded yet
+        self._pending = b""  # an incomplete character at the end of the last block
+        self._bom_unseen = skip_bom
+
+    def decode(self, block: bytes, final: bool = False) -> str:
+        """The text of `block` after what came before; `final=True` flushes what is left."""
+        data = self._pending + block if self._pending else block
+        if self._bom_unseen:
+            if len(data) < len(_BOM) and _BOM.startswith(data) and not final:
+                self._pending = data  # too short to tell yet
+                return ""
+            self._bom_unseen = False
+            if data.startswith(_BOM):
+                data, self.offset = data[len(_BOM) :], len(_BOM)
+        cut = len(data) if final else _complete_utf8(data)
+        text = decode_utf8(data[:cut], self.path, self.errors, self.offset)
+        self._pending, self.offset = data[cut:], self.offset + cut
+        return text
+
+
+def _complete_utf8(data: bytes) -> int:
+    """The length of `data` without an incomplete UTF-8 character at its end."""
+    for k in range(1, min(4, len(data)) + 1):
+        byte = data[-k]
+        if byte & 0xC0 != 0x80:  # a lead byte or ASCII: does its character fit in k bytes?
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else 4
+            return len(data) - k if need > k else len(data)
+    return len(data)

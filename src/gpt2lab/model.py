@@ -1,17 +1,15 @@
 """The GPT-2 decoder (Radford et al. 2019), top to bottom: attention, MLP, block, model, KV cache.
 
 Parameter names are GPT-2's checkpoint keys, so Hugging Face weights load without renaming (the
-Conv1D transpose happens in `gpt2lab.checkpoint.hf`). No I/O and no printing here.
+Conv1D transpose happens in `gpt2lab.checkpoint.hf`). No I/O, no printing and no hardware-specific
+kernels here: loading and saving live in `gpt2lab.checkpoint`, sampling in `gpt2lab.generate` (which
+also applies the CPU decoding kernels of `gpt2lab.kernels`), and `gpt2lab/__init__.py` binds them as
+`GPT.from_pretrained`, `GPT.save_pretrained` and `GPT.generate`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import weakref
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +19,46 @@ from gpt2lab.config import GPTConfig
 from gpt2lab.errors import ConfigError
 
 
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    explicit: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """softmax(q k^T / sqrt(hs) + mask) v for (B, nh, T, hs) queries over (B, nh, S, hs) keys.
+
+    `mask` (bool, True = may attend) broadcasts to (B, nh, T, S); without one, T > 1 queries are
+    plain causal from position 0 and a single query sees every key. SDPA's fused kernels never
+    materialise the T x S probabilities; `explicit=True` writes the same function out and also
+    returns them, (B, nh, T, S).
+    """
+    causal = mask is None and q.size(-2) > 1
+    if not explicit:
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal
+        )
+        return y, None
+    # scaling q (T x hs) is cheaper than scaling the T x S scores
+    scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif causal:  # adding a -inf upper triangle is cheaper than filling the scores
+        T = q.size(-2)
+        scores = scores + torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    probs = scores.softmax(dim=-1)
+    return (F.dropout(probs, dropout_p) if dropout_p else probs) @ v, probs
+
+
+def explicit_attention_is_faster(q: Tensor) -> bool:
+    """Training on a CPU at short contexts: SDPA's CPU flash kernel has a slow backward there, and
+    the explicit path (whose T x T probabilities fit in cache) is faster (see docs/model.md)."""
+    return q.device.type == "cpu" and q.requires_grad and q.size(-2) <= 256
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, one fused q/k/v projection, through SDPA kernels."""
+    """Multi-head causal self-attention with one fused q/k/v projection."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -32,102 +68,30 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: Tensor, kv: tuple[Tensor, Tensor, int] | None, mask: Tensor | None
+        self,
+        x: Tensor,
+        kv: tuple[Tensor, Tensor, int] | None = None,
+        mask: Tensor | None = None,
+        probs_out: list[Tensor] | None = None,
     ) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        packed = kv is not None and _packable(x)  # decoding on a CPU: oneDNN-packed weights
-        q, k, v = (_packed_linear(self.c_attn, x, B) if packed else self.c_attn(x)).split(C, dim=2)
+        q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if kv is not None:  # write this step's keys/values into the preallocated cache, read all
             k_cache, v_cache, pos = kv
             k_cache[:, :, pos : pos + T] = k
             v_cache[:, :, pos : pos + T] = v
             k, v = k_cache[:, :, : pos + T], v_cache[:, :, : pos + T]
-        # no mask: T > 1 tokens from position 0 (plain causal), or one new token (sees everything)
-        causal = mask is None and T > 1
         dropout_p = self.dropout if self.training else 0.0
-        if causal and kv is None and not dropout_p and _explicit_attention_is_faster(q):
-            y = _causal_attention(q, k, v)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal
-            )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(_packed_linear(self.c_proj, y, B) if packed else self.c_proj(y))
-
-
-def _explicit_attention_is_faster(q: Tensor) -> bool:
-    # Training on a CPU at short contexts: SDPA's flash kernel has a slow backward there; the
-    # explicit softmax(QK^T)V ran 2.3x faster forward+backward (bf16, T=128, 2 cores, torch 2.13).
-    return q.device.type == "cpu" and q.requires_grad and q.size(-2) <= 256
-
-
-# packed weights by module, kept off the modules: oneDNN tensors can be neither copied nor pickled
-_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Tensor]] = weakref.WeakKeyDictionary()
-# cleared on the first oneDNN refusal (a CPU or build it does not support): F.linear from then on
-_ONEDNN_LINEAR_WORKS = torch.backends.mkldnn.is_available()
-
-
-def _packable(x: Tensor) -> bool:
-    """Whether `_packed_linear` may run on `x`: no gradients, a oneDNN CPU, and a float32 or
-    bfloat16 product (bfloat16 only where oneDNN has it; autocast's dtype where it is on)."""
-    if x.device.type != "cpu" or not _ONEDNN_LINEAR_WORKS:
-        return False
-    dtype = _compute_dtype(x)
-    bf16 = dtype == torch.bfloat16 and _onednn_has_bfloat16()
-    return not torch.is_grad_enabled() and (dtype == torch.float32 or bf16)
-
-
-@functools.cache
-def _onednn_has_bfloat16() -> bool:  # asked once: `_packable` runs for every layer of every step
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    # what `F.linear(x, ...)` would multiply in: autocast casts input and weight to its dtype
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-
-
-def _packed_linear(lin: nn.Linear, x: Tensor, rows: int, weight: Tensor | None = None) -> Tensor:
-    """`lin(x)` (or `x @ weight.T`) through a copy of the weight that oneDNN packed for `rows` rows.
-
-    Decoding multiplies a few rows by each matrix, which `F.linear` does at a third of the memory
-    bandwidth on this CPU; the packed copy runs 2-2.5x faster at 1 and 8 rows (bf16 bit-equal,
-    float32 within 1e-6). It costs the weight's size in memory and is remade whenever the weight
-    changes (in-place updates bump its version) or `rows` does. Under CPU autocast it computes in
-    autocast's dtype, as `F.linear` would: oneDNN refuses operands of two dtypes.
-    """
-    w, b = (lin.weight, lin.bias) if weight is None else (weight, None)
-    dtype = _compute_dtype(x)
-    key = (w.data_ptr(), w._version, w.shape, w.dtype, dtype, rows)
-    cached = _PACKED.get(lin)
-    try:
-        if cached is None or cached[0] != key:
-            cached = _PACKED[lin] = (key, _onednn_pack(w.detach().to(dtype), rows))
-        return _onednn_linear(x.to(dtype), cached[1], None if b is None else b.to(dtype))
-    except RuntimeError:  # oneDNN has no kernel for this CPU or dtype: the plain path, for good
-        global _ONEDNN_LINEAR_WORKS
-        _ONEDNN_LINEAR_WORKS = False
-        _PACKED.pop(lin, None)
-        return F.linear(x, w, b)
-
-
-def _onednn_pack(w: Tensor, rows: int) -> Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(w, rows)
-
-
-def _onednn_linear(x: Tensor, packed: Tensor, b: Tensor | None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-
-
-def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(hs) + causal mask) v written out: the function of SDPA's causal path."""
-    T = q.size(-2)
-    # scaling q (T x hs) and adding a -inf mask is cheaper than scaling and filling T x T scores
-    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
-    att = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1) + future  # (B, nh, T, T)
-    return att.softmax(dim=-1) @ v
+        explicit = probs_out is not None or (
+            kv is None and mask is None and not dropout_p and explicit_attention_is_faster(q)
+        )
+        y, probs = attention(q, k, v, mask, dropout_p, explicit)
+        if probs_out is not None:
+            probs_out.append(probs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -139,10 +103,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, packed: bool = False) -> Tensor:
-        if packed:  # decoding on a CPU: see `_packed_linear`
-            h = F.gelu(_packed_linear(self.c_fc, x, x.size(0)), approximate="tanh")
-            return self.dropout(_packed_linear(self.c_proj, h, x.size(0)))
+    def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
@@ -155,10 +116,30 @@ class Block(nn.Module):
         self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd, bias=cfg.bias), MLP(cfg)
 
     def forward(
-        self, x: Tensor, kv: tuple[Tensor, Tensor, int] | None = None, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        kv: tuple[Tensor, Tensor, int] | None = None,
+        mask: Tensor | None = None,
+        probs_out: list[Tensor] | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln_1(x), kv, mask)  # pre-norm residual, as in GPT-2
-        return x + self.mlp(self.ln_2(x), packed=kv is not None and _packable(x))
+        x = x + self.attn(self.ln_1(x), kv, mask, probs_out)  # pre-norm residual, as in GPT-2
+        return x + self.mlp(self.ln_2(x))
+
+
+class LMHead(nn.Linear):
+    """The output projection (tied to `wte` by GPT). Columns past `vocab_size` (a vocabulary padded
+    to a multiple for faster matmuls) get a -inf bias: softmax and loss give them nothing, and
+    no slice copies the logits (or, backwards, their gradient)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        pad = torch.zeros(cfg.padded_vocab_size)
+        pad[cfg.vocab_size :] = float("-inf")
+        self.register_buffer("vocab_pad", pad, persistent=False)
+        self.padded = cfg.padded_vocab_size > cfg.vocab_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.vocab_pad if self.padded else None)
 
 
 class GPT(nn.Module):
@@ -176,11 +157,8 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
             )
         )
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(cfg)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017)
-        pad = torch.zeros(cfg.padded_vocab_size)
-        pad[cfg.vocab_size :] = float("-inf")
-        self.register_buffer("vocab_pad", pad, persistent=False)  # a bias masking the padding
         self.apply(self._init_weights)
         # residual projections get std 0.02/sqrt(2*n_layer): two residual adds per block (sec. 2.3)
         for name, p in self.named_parameters():
@@ -204,6 +182,8 @@ class GPT(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         last_only: bool = False,
+        logits_to_keep: int | None = None,
+        attentions: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab_size) as float, and mean cross-entropy over targets != -1.
 
@@ -211,7 +191,9 @@ class GPT(nn.Module):
         and values are written at [pos, pos+T) and `cache.pos` advances. `attention_mask`
         (B, pos+T) marks real tokens 1 and left padding 0; without `position_ids` each row's
         positions then count real tokens only, so a left-padded row matches its unpadded self.
-        `last_only=True` (no targets) returns the last position's logits only, (B, 1, V).
+        Without targets, `logits_to_keep=n` computes the logits of the last n positions only,
+        (B, n, V), and `last_only=True` is `logits_to_keep=1`. A list passed as `attentions`
+        receives each layer's attention probabilities, (B, n_head, T, pos+T), in layer order.
         """
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
@@ -233,17 +215,9 @@ class GPT(nn.Module):
             keep = attention_mask.to(device=idx.device, dtype=torch.bool)  # (B, pos+T)
             if position_ids is None:  # positions count real tokens, as if the padding weren't there
                 position_ids = (keep.long().cumsum(-1) - 1).clamp_(min=0)[:, pos:]
-            mask = keep[:, None, None, :]  # (B, 1, 1, pos+T): padded keys are never attended to
-            if T > 1:
-                mask = mask & _causal(T, pos, idx.device)
-                # a padded query sees only itself, so no row is empty (that gives NaN in SDPA)
-                own = (
-                    torch.arange(pos + T, device=idx.device)
-                    == pos + torch.arange(T, device=idx.device)[:, None]
-                )
-                mask = mask | own
-        elif cache is not None and pos > 0 and T > 1:
-            mask = _causal(T, pos, idx.device)
+            mask = padding_mask(keep, T, pos)
+        elif pos > 0 and T > 1:  # new tokens after cached ones: causal, offset by pos
+            mask = causal_mask(T, pos, idx.device)
         if position_ids is None:
             if pos + T > self.config.block_size:
                 raise ConfigError(
@@ -257,62 +231,20 @@ class GPT(nn.Module):
             pos_emb = self.transformer.wpe(position_ids)  # (B, T, C)
         x = self.transformer.drop(self.transformer.wte(idx) + pos_emb)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, (cache.k[i], cache.v[i], pos) if cache is not None else None, mask)
+            kv = (cache.k[i], cache.v[i], pos) if cache is not None else None
+            x = block(x, kv, mask, attentions)
         if cache is not None:
             cache.pos = pos + T
         x = self.transformer.ln_f(x)
-        if targets is None and last_only:
-            x = x[:, -1:, :]
-        if not torch.is_grad_enabled() and x.shape[0] * x.shape[1] <= 16:
-            logits = self._decode_logits(x)
-        elif self.config.padded_vocab_size > self.config.vocab_size:
-            # padding columns come out -inf: softmax and loss give them nothing, and no slice
-            # copies the logits (or, backwards, their gradient)
-            logits = F.linear(x, self.lm_head.weight, self.vocab_pad).float()
-        else:
-            logits = self.lm_head(x).float()
+        if targets is None and (last_only or logits_to_keep):
+            x = x[:, -(logits_to_keep or 1) :, :]
+        logits = self.lm_head(x).float()
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
         return logits[..., : self.config.vocab_size], loss  # the padding is never visible
-
-    def _decode_logits(self, x: Tensor) -> Tensor:
-        """Logits of a few positions through a cached copy of the head's real rows: packed by
-        oneDNN on a CPU (`_packed_linear`, 2-2.5x faster), else transposed to (C, vocab_size),
-        which a matrix-vector product streams ~1.6x faster (issue 7). The copy is remade whenever
-        the weight changes (in-place updates bump its version)."""
-        w = self.lm_head.weight
-        if _packable(x):
-            rows = x.shape[0] * x.shape[1]
-            head = w[: self.config.vocab_size]
-            y = _packed_linear(self.lm_head, x.reshape(rows, -1), rows, head)
-            return y.view(*x.shape[:2], -1).float()
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        cached = self.__dict__.get("_head_t")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_head_t"] = (key, w[: self.config.vocab_size].t().contiguous())
-        return (x @ cached[1]).float()
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        **kwargs: Any,
-    ) -> Tensor:
-        """The prompt followed by the new ids, KV-cached; temperature=0 is greedy.
-
-        Other options (repetition_penalty, generator, attention_mask, eos_token_id) are those
-        of `gpt2lab.generate.generate`.
-        """
-        from gpt2lab.generate import generate
-
-        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, **kwargs)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, tied head counted once, vocabulary padding left out (`gpt2`: 124,439,808)."""
@@ -322,98 +254,22 @@ class GPT(nn.Module):
             n -= self.config.vocab_size * self.config.n_embd + self.transformer.wpe.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs (forward + backward) per token: 6N + 12*L*C*T (PaLM paper, app. B)."""
-        cfg = self.config
-        T = seq_len or cfg.block_size
-        n = self.num_params() - self.transformer.wpe.weight.numel()  # a lookup, not a matmul
-        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
 
-    def estimate_memory(
-        self,
-        batch: int,
-        seq: int | None = None,
-        dtype: torch.dtype | str = torch.float32,
-        optimizer: str = "adamw",
-    ) -> MemoryEstimate:
-        """Bytes one training step needs at its peak, by kind (`str()` gives GiB).
-
-        Parameters, gradients and optimizer state are float32 (autocast keeps master weights);
-        `dtype` is the compute dtype. Activations count what autograd saves, per layer, token
-        and channel: the two LayerNorm inputs on the float32 residual stream plus 14 values in
-        `dtype` (LN outputs, q/k/v, attention output, 4x MLP input and GELU output), as the
-        fused SDPA kernels keep no T x T scores. With dropout, SDPA on the CPU uses its math
-        kernel (float32 q/k/v, three T x T tensors per head) and each dropout keeps a mask;
-        without, contexts up to 256 keep one T x T softmax per head (the CPU training path).
-        Then the final LayerNorm, the float32 log-softmax and autocast's `dtype` weight copies.
-        `logits`, a part of `activations`, is the float32 logits the caller holds and their
-        gradient.
-        """
-        cfg = self.config
-        T = seq or cfg.block_size
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        w = torch.empty((), dtype=dtype).element_size()
-        n = sum(p.numel() for p in self.parameters())
-        states = {"adamw": 2, "adam": 2, "muon": 2, "sgd": 1, "none": 0}  # muon: at most 2
-        if optimizer not in states:
-            raise ConfigError(
-                f"unknown optimizer {optimizer!r}", f"one of {', '.join(states)}", "fix the name"
-            )
-        B, C, L, V = batch, cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
-        if cfg.dropout > 0:
-            per_layer = B * T * C * (20 + 13 * w) + B * cfg.n_head * T * T * 12
-            acts = L * per_layer + B * T * C * 4  # plus the embedding dropout's mask
-        else:
-            acts = L * B * T * C * (8 + 14 * w)
-            if T <= 256:  # the explicit CPU training attention keeps its softmax (T x T per head)
-                acts += L * B * cfg.n_head * T * T * w
-        acts += B * T * C * (4 + w) + B * T * V * 4  # final LayerNorm, log-softmax
-        acts += n * w if w < 4 else 0  # autocast's low-precision weight copies
-        logits = B * T * V * 8
-        return MemoryEstimate(4 * n, 4 * n, 4 * n * states[optimizer], acts + logits, logits)
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, device: Any = None, dtype: torch.dtype | None = None
-    ) -> GPT:
-        """A HF GPT-2 directory or hub name (local cache), a gpt2lab run or checkpoint directory."""
-        from gpt2lab.checkpoint.load import load_model
-
-        return load_model(path, device=device, dtype=dtype)[0]
-
-    def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> None:
-        """Write a Hugging Face GPT-2 directory that `transformers` loads as it is.
-
-        The tokenizer defaults to the one loaded with the model, else GPT-2's for 50257 tokens.
-        """
-        from gpt2lab.checkpoint.hf import save_hf
-
-        save_hf(self, path, tokenizer=tokenizer)
-
-
-def _causal(T: int, pos: int, device: torch.device) -> Tensor:
+def causal_mask(T: int, pos: int, device: torch.device) -> Tensor:
     """(T, pos+T) bool: query i (at position pos+i) may see keys 0..pos+i."""
     return torch.ones(T, pos + T, dtype=torch.bool, device=device).tril_(diagonal=pos)
 
 
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per training step, by kind (see `GPT.estimate_memory`)."""
-
-    params: int
-    grads: int
-    optimizer: int
-    activations: int  # everything that grows with batch x seq, logits included
-    logits: int  # of which: the float32 logits and their gradient
-
-    @property
-    def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
-
-    def __str__(self) -> str:
-        parts = [f"{k} {getattr(self, k) / 2**30:.2f}" for k in self.__dataclass_fields__]
-        return f"{self.total / 2**30:.2f} GiB (" + ", ".join(parts) + ")"
+def padding_mask(keep: Tensor, T: int, pos: int) -> Tensor:
+    """(B, 1, T, pos+T) bool for T queries after `pos` cached tokens; `keep` (B, pos+T) marks
+    real tokens. Padded keys are never attended to; a padded query sees only itself, so no row
+    is empty (an empty row gives NaN)."""
+    mask = keep[:, None, None, :]
+    if T == 1:  # one new token sees everything real before it
+        return mask
+    keys, queries = torch.arange(pos + T, device=keep.device), torch.arange(T, device=keep.device)
+    own = keys == pos + queries[:, None]
+    return (mask & causal_mask(T, pos, keep.device)) | own
 
 
 class KVCache:
@@ -428,7 +284,7 @@ class KVCache:
         cfg: GPTConfig,
         batch_size: int,
         max_len: int | None = None,
-        device: Any = None,
+        device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         self.batch_size, self.max_len = batch_size, max_len or cfg.block_size

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_data_dir
 from gpt2lab.data import BatchLoader, load_tokens
 from gpt2lab.errors import DataError
 
@@ -112,7 +111,7 @@ def test_val_split_and_too_short_split(tmp_path, data_dir):
         BatchLoader(tmp_path / "nope")
 
 
-def test_vocab_size_mismatch_between_shards_and_model(tmp_path):
+def test_vocab_size_mismatch_between_shards_and_model(tmp_path, write_data_dir):
     d = write_data_dir(
         tmp_path / "v", {"train": np.arange(300) % 97}, vocab_size=97, shard_tokens=100
     )

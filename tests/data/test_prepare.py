@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +12,8 @@ import pytest
 from gpt2lab import cli
 from gpt2lab.data import (
     SourceSpec,
+    catalog,
+    events,
     load_data_tokenizer,
     load_meta,
     load_tokens,
@@ -21,6 +21,7 @@ from gpt2lab.data import (
     prepare,
     sources,
 )
+from gpt2lab.data.shards import read_header
 from gpt2lab.errors import DataError
 
 EOT = 50256
@@ -118,16 +119,21 @@ def test_val_tail_char_matches_nanogpt_split(tiny_shakespeare, tmp_path):
     assert load_data_tokenizer(tmp_path / "sc").decode(want_val[1:50]) == data[int(n * 0.9) :][:49]
 
 
-_SLOW_PREPARE = """
-import sys, time
-import gpt2lab.data.pipeline as P
-P.TASK_CHARS = 20000
-encode = P._encode_task
-def slow(task, tok=None):
-    time.sleep(0.02)
-    return encode(task, tok)
-P._encode_task = slow
-P.prepare(sys.argv[1:-1], sys.argv[-1], "gpt2", val_fraction=0.05, shard_tokens=30000, workers=1)
+# prepare() that kills itself (SIGKILL: no clean-up runs) the moment a second train shard is done
+_KILLED_PREPARE = """
+import os, signal, sys
+from pathlib import Path
+from gpt2lab.data import pipeline
+
+out = Path(sys.argv[-1])
+
+def die_after_two_shards(event):
+    if (out / "train_000001.bin").exists():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+pipeline.TASK_CHARS = 20000
+pipeline.prepare(sys.argv[1:-1], out, "gpt2", val_fraction=0.05, shard_tokens=30000, workers=1,
+                 on_event=die_after_two_shards)
 """
 
 
@@ -135,23 +141,16 @@ def test_killed_prepare_leaves_no_whole_looking_shard_and_resumes(
     speeches, tmp_path, gpt2_ref, monkeypatch
 ):
     out = tmp_path / "k"
-    args = [sys.executable, "-c", _SLOW_PREPARE, *map(str, speeches), str(out)]
-    p = subprocess.Popen(args)
-    deadline = time.time() + 60
-    while not (out / "train_000001.bin").exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.02)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    args = [sys.executable, "-c", _KILLED_PREPARE, *map(str, speeches), str(out)]
+    assert subprocess.run(args).returncode == -signal.SIGKILL
     assert (out / "train_000001.bin").exists()
     assert not (out / "meta.json").exists()
     with pytest.raises(DataError, match="meta.json is missing"):
         load_tokens(out)
-    from gpt2lab.data.shards import read_header
-
     for shard in out.glob("*.bin"):  # every name that looks like a shard is whole
         assert read_header(shard)["count"] == 30000
     assert list(out.glob(".*.tmp"))  # the unfinished one is a hidden temp file
-    logs = []
+    seen: list[events.PrepareEvent] = []
     monkeypatch.setattr(pipeline, "TASK_CHARS", 20000)  # the same settings resume
     prepare(
         [str(f) for f in speeches],
@@ -160,9 +159,11 @@ def test_killed_prepare_leaves_no_whole_looking_shard_and_resumes(
         val_fraction=0.05,
         shard_tokens=30000,
         workers=1,
-        log=logs.append,
+        on_event=seen.append,
     )
-    assert logs[0].startswith("resuming in")
+    resumed = seen[0]
+    assert isinstance(resumed, events.Resumed) and resumed.task > 0
+    assert resumed.tokens["train"] >= 60000  # the two whole shards were kept
     expected = [gpt2_ref.encode_ordinary(f.read_text(encoding="utf-8")) for f in speeches]
     _assign(expected, load_tokens(out), load_tokens(out, "val"))
     assert not list(out.glob(".*.tmp")) and not (out / ".prepare.journal").exists()
@@ -171,14 +172,40 @@ def test_killed_prepare_leaves_no_whole_looking_shard_and_resumes(
 def test_rerun_says_complete_and_changed_settings_start_clean(tmp_path):
     src = tmp_path / "a.txt"
     src.write_text("hello there\n")
-    logs: list[str] = []
-    prepare(str(src), tmp_path / "o", "gpt2", workers=1, log=logs.append)
-    prepare(str(src), tmp_path / "o", "gpt2", workers=1, log=logs.append)
-    prepare(str(src), tmp_path / "o", "char", workers=1, log=logs.append)
-    logs = [line for line in logs if not line.startswith(("wrote", "warning"))]
-    assert logs[0].startswith("starting clean") and "already complete" in logs[1]
-    assert "removed the output of an earlier, different run" in logs[2]
+    seen: list[events.PrepareEvent] = []
+    prepare(str(src), tmp_path / "o", "gpt2", workers=1, on_event=seen.append)
+    prepare(str(src), tmp_path / "o", "gpt2", workers=1, on_event=seen.append)
+    prepare(str(src), tmp_path / "o", "char", workers=1, on_event=seen.append)
+    starts = [e for e in seen if not isinstance(e, (events.TaskWritten, events.ValSplitEmpty))]
+    assert [type(e).__name__ for e in starts] == [
+        "StartedClean", "Finished", "AlreadyComplete", "StartedClean", "Finished"
+    ]  # fmt: skip
+    assert not starts[0].removed_earlier and starts[3].removed_earlier
+    assert starts[4].meta == load_meta(tmp_path / "o")
     assert load_meta(tmp_path / "o")["tokenizer"]["kind"] == "char"
+
+
+def test_cli_prints_the_events_as_lines(tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text("hello there\n")
+    argv = ["prepare", "-i", str(src), "-o", str(tmp_path / "o"), "--workers", "1"]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--tokenizer", "char"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"starting clean in {tmp_path / 'o'}",
+        "warning: the val split is empty; use --val-docs N or --val-tail F for small inputs",
+        f"wrote {tmp_path / 'o'}: 4 train tokens (1 documents, 1 shards), 0 val tokens "
+        "(0 documents)",
+        f"{tmp_path / 'o'} is already complete for these settings; nothing to do "
+        "(--force redoes it)",
+        f"starting clean in {tmp_path / 'o'} (removed the output of an earlier, different run)",
+        "warning: the val split is empty; use --val-docs N or --val-tail F for small inputs",
+        f"wrote {tmp_path / 'o'}: 13 train tokens (1 documents, 1 shards), 0 val tokens "
+        "(0 documents)",
+    ]
 
 
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
@@ -206,13 +233,11 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
 
 
 def test_presets_without_network_show_input(tmp_path, monkeypatch, capsys):
-    from gpt2lab.data import presets
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(
         sources, "_hub_reachable", lambda *a, **kw: False
     )  # offline even with a net
-    monkeypatch.setitem(presets.PRESETS["shakespeare"], "url", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setitem(catalog.DATASETS["shakespeare"], "url", "http://127.0.0.1:9/input.txt")
     for name in ("shakespeare", "openwebtext"):
         assert cli.main(["prepare", name, "--out", str(tmp_path / name)]) == 1
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("gpt2lab:")]
@@ -275,12 +300,23 @@ def test_cli_takes_a_path_in_place_of_a_preset(tmp_path):
     assert load_meta(tmp_path / "o")["documents"] == {"train": 1, "val": 1}
 
 
-def test_progress_bar_shows_documents_tokens_rate_and_eta(tmp_path, capsys):
+def test_prepare_prints_nothing_and_reports_through_events(tmp_path, capfd):
+    (tmp_path / "p.txt").write_text("some text\n" * 100)
+    seen: list[events.PrepareEvent] = []
+    meta = prepare(str(tmp_path / "p.txt"), tmp_path / "o", "char", workers=2, on_event=seen.append)
+    assert capfd.readouterr() == ("", "")  # worker processes included
+    assert isinstance(seen[0], events.StartedClean) and seen[-1] == events.Finished(
+        tmp_path / "o", meta
+    )
+    written = [e for e in seen if isinstance(e, events.TaskWritten)]
+    assert written[-1] == events.TaskWritten(bytes_read=1000, documents=1, tokens=1001)
+
+
+def test_progress_bar_only_when_asked(tmp_path, capfd):
     (tmp_path / "p.txt").write_text("some text\n" * 100)
     prepare(str(tmp_path / "p.txt"), tmp_path / "o", "char", workers=1, progress=True)
-    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
-    assert "100%" in last and "B/s" in last and "docs=1" in last and "tokens=1,001" in last
-    assert "<00:00" in last  # tqdm's time left
+    out, err = capfd.readouterr()
+    assert out == "" and "prepare" in err and "1,001" in err  # the bar: its label, the tokens
 
 
 def test_a_vocabulary_over_65536_ids_needs_uint32(tmp_path, capsys):

@@ -7,13 +7,12 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import write_data_dir
 from gpt2lab.data import load_tokens, read_header
 from gpt2lab.data.shards import ShardWriter, dtype_for_vocab, list_shards
 from gpt2lab.errors import DataError
 
 
-def test_header_and_tokens_round_trip(tmp_path):
+def test_header_and_tokens_round_trip(tmp_path, write_data_dir):
     tokens = np.random.default_rng(1).integers(0, 50257, 2500)
     d = write_data_dir(tmp_path, {"train": tokens}, vocab_size=50257, shard_tokens=1000)
     names = [p.name for p in list_shards(d, "train")]
@@ -27,13 +26,13 @@ def test_header_and_tokens_round_trip(tmp_path):
     assert len(load_tokens(d, "val")) == 0
 
 
-def test_large_vocab_uses_uint32_and_too_small_dtype_fails(tmp_path):
+def test_large_vocab_uses_uint32_and_too_small_dtype_fails(tmp_path, write_data_dir):
     tokens = np.array([0, 70000, 99999])
     d = write_data_dir(tmp_path, {"train": tokens}, vocab_size=100000, shard_tokens=10)
     assert read_header(d / "train_000000.bin")["dtype"] == np.uint32
     assert np.array_equal(load_tokens(d), tokens)
     assert dtype_for_vocab(65536) == np.uint16
-    with pytest.raises(DataError, match="does not fit --dtype uint16"):
+    with pytest.raises(DataError, match="does not fit `dtype=uint16`"):
         dtype_for_vocab(100000, "uint16")
 
 
@@ -52,7 +51,9 @@ def _corrupt(path, offset, fmt, value):
         (16, "<Q", 99, "truncated or corrupt"),
     ],
 )
-def test_bad_headers_name_the_shard_and_the_fix(tmp_path, offset, fmt, value, message):
+def test_bad_headers_name_the_shard_and_the_fix(
+    tmp_path, offset, fmt, value, message, write_data_dir
+):
     d = write_data_dir(tmp_path, {"train": np.arange(50)}, vocab_size=64, shard_tokens=100)
     shard = d / "train_000000.bin"
     _corrupt(shard, offset, fmt, value)
@@ -62,7 +63,7 @@ def test_bad_headers_name_the_shard_and_the_fix(tmp_path, offset, fmt, value, me
     assert "re-create it with" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_vocab_check_and_meta_disagreement(tmp_path):
+def test_vocab_check_and_meta_disagreement(tmp_path, write_data_dir):
     d = write_data_dir(tmp_path, {"train": np.arange(50)}, vocab_size=64, shard_tokens=100)
     with pytest.raises(DataError, match="vocabulary of 64 tokens but the model expects 65"):
         read_header(d / "train_000000.bin", vocab_size=65)

@@ -70,7 +70,7 @@ def test_tables_read_the_named_field(tmp_path, suffix):
     with pytest.raises(DataError) as e:
         _docs(SourceSpec([str(d / f"t.{suffix}")], field="text"))
     msg = str(e.value)
-    assert f"t.{suffix}" in msg and "'text'" in msg and "--field" in msg and "\n" not in msg
+    assert f"t.{suffix}" in msg and "'text'" in msg and "`field`" in msg and "\n" not in msg
 
 
 def test_hf_datasets_reads_local_files_like_the_native_reader(tmp_path):

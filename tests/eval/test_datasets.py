@@ -55,7 +55,7 @@ def test_binary_text8_and_missing_files(tmp_path):
         datasets.read_text8(bad)
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes(b"ok\ncaf\xe9\n")
-    with pytest.raises(DataError, match=r"latin1.txt:2: byte 0xe9 is not UTF-8"):
+    with pytest.raises(DataError, match=r"latin1.txt is not UTF-8: byte 0xe9 at offset 6 \(line 2"):
         datasets.read_text(latin1)
     with pytest.raises(DataError, match="does not exist"):
         datasets.read_text(tmp_path / "nope.txt")

@@ -119,3 +119,22 @@ def test_logits_of_the_last_positions_only(hf_model):
     assert fn(x, 3).shape == (2, 3, 50257)
     torch.testing.assert_close(fn(x, 3), full[:, -3:], rtol=1e-5, atol=1e-5)
     assert fn(x, 10).shape == full.shape
+
+
+def test_our_gpt_computes_only_the_scored_positions_and_scores_as_transformers(hf_model):
+    """The vocabulary-padded GPT-2 head (every GPT-2-vocabulary model) runs on the kept
+    positions only, through the model's `logits_to_keep`, and the scores still match."""
+    from gpt2lab.checkpoint.hf import config_from_hf, from_hf_state
+    from gpt2lab.checkpoint.weights import assign_state
+    from gpt2lab.model import GPT
+
+    cfg = config_from_hf(hf_model.config.to_dict(), source="hf", pad_vocab_to=64)
+    assert cfg.padded_vocab_size > cfg.vocab_size
+    ours = GPT(cfg)
+    assign_state(ours, from_hf_state(hf_model.state_dict(), cfg), source="hf")
+    rows: list[int] = []
+    ours.lm_head.register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
+    idx = torch.randint(0, cfg.vocab_size, (2, 20))
+    got = as_logits_fn(ours)(idx, 3)
+    assert rows == [3] and got.shape == (2, 3, cfg.vocab_size)
+    torch.testing.assert_close(got, as_logits_fn(hf_model)(idx, 3), atol=1e-4, rtol=0)

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def gpt2_dir() -> Path:
-    from gpt2lab.tokenizer.io import gpt2_files_dir
+    from gpt2lab.tokenizer.files import gpt2_files_dir
 
     return gpt2_files_dir()
 

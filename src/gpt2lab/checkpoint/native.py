@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2lab.checkpoint.weights import save_tensors
-from gpt2lab.errors import CheckpointError, TrainingError
+from gpt2lab.checkpoint.weights import load_pickle_safely, save_tensors
+from gpt2lab.errors import CheckpointError, TrainingError, mark_key
 from gpt2lab.io import atomic_dir, atomic_write_text
 
 CKPT_DIR = "ckpt"
@@ -77,7 +77,7 @@ def require_latest(run_dir: str | Path) -> Path:
         raise TrainingError(
             f"nothing to resume in {run_dir}: no complete checkpoint in {Path(run_dir) / CKPT_DIR}",
             "a run directory written by `gpt2lab train`",
-            "check --out, or start a new run without --resume",
+            f"check {mark_key('out')}, or start a new run without {mark_key('resume')}",
         )
     return ckpt
 
@@ -157,15 +157,8 @@ def load_state(ckpt: str | Path) -> dict[str, Any]:
 
 def load_optimizer_state(ckpt: str | Path) -> dict[str, Any]:
     """optimizer.pt, loaded without executing code (weights_only=True)."""
-    f = Path(ckpt) / "optimizer.pt"
-    try:
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or hostile file: torch raises many kinds
-        raise CheckpointError(
-            f"cannot read optimizer state {f} ({type(e).__name__}: {e})",
-            "a file written by `gpt2lab train`",
-            "resume from another checkpoint (delete this one)",
-        ) from e
+    fix = "resume from another checkpoint (delete this one)"
+    return load_pickle_safely(Path(ckpt) / "optimizer.pt", "optimizer state", fix)
 
 
 # ---- random number generators: saved per rank so a resumed run draws the same numbers ----

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from gpt2lab.errors import CheckpointError
+from gpt2lab.config import to_dict
+from gpt2lab.errors import CheckpointError, mark_key
 from gpt2lab.io import fsync_dir
 
 TIED = "lm_head.weight"  # the head shares transformer.wte.weight; files store it once
@@ -29,16 +34,12 @@ def save_model_safetensors(
     meta = dict(metadata or {})
     config = getattr(model, "config", None)
     if config is not None and "gpt2lab_config" not in meta:
-        from gpt2lab.config import to_dict
-
         meta["gpt2lab_config"] = json.dumps(to_dict(config))
     save_tensors(tensors, path, meta)
 
 
 def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict) -> None:
     """safetensors file written to a temp name, fsynced and renamed: never seen half-written."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -58,9 +59,6 @@ def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
     """Every tensor of a safetensors file on the CPU; a missing or corrupt file names itself."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -104,7 +102,7 @@ def assign_state(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -
             + "; ".join(problems)
             + (f" ({hint})" if hint else ""),
             "the weights of a model with the same config",
-            "load it with the config it was saved with (or fix the --model.* overrides)",
+            f"load it with the config it was saved with (or fix {mark_key('model.*')})",
         )
     with torch.no_grad():
         for k, p in own.items():
@@ -146,3 +144,20 @@ def _config_disagreement(cfg, tensors: Mapping[str, Tensor]) -> str:
 def _short(items: list[str], n: int = 6) -> str:
     more = f" and {len(items) - n} more" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def load_pickle_safely(path: Path, what: str, fix: str) -> Any:
+    """`torch.load` of a pickle (pytorch_model.bin, optimizer.pt) that may not run code.
+
+    torch refuses a pickle holding anything but tensors and plain containers, with a long
+    multi-line explanation; the error here is one line in our words.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = "it holds Python objects besides tensors, and unpickling them could run code"
+        raise CheckpointError(f"{what} {path} was refused: {why}", "plain tensors", fix) from e
+    except Exception as e:  # noqa: BLE001 - torn or foreign files raise many types
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise CheckpointError(f"{what} {path} cannot be read ({why})", "a PyTorch file", fix) from e

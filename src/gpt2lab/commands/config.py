@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2lab import config as C
+from gpt2lab import config
 
 ACCEPTS_OVERRIDES = True
 EXAMPLES = """
@@ -15,7 +15,7 @@ gpt2lab config --list                                 # every key, with its defa
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help=f"start from a preset: {', '.join(C.PRESETS)}")
+    p.add_argument("--preset", help=f"start from a preset: {', '.join(config.PRESETS)}")
     p.add_argument("--config", metavar="FILE", help="a TOML file with [model], [train], ... tables")
     p.add_argument("--list", action="store_true", help="list every key with its default and exit")
     p.add_argument("--presets", action="store_true", help="list the presets and exit")
@@ -23,14 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.presets:
-        for name in C.PRESETS:
+        for name in config.PRESETS:
             print(name)
         return 0
-    cfg = C.resolve(args.preset, args.config, args.overrides)
+    cfg = config.resolve(args.preset, args.config, args.overrides)
     if args.list:
-        for key in C.all_keys(cfg):
+        for key in config.all_keys(cfg):
             section, _, leaf = key.partition(".")
             print(f"--{key}={getattr(getattr(cfg, section), leaf)!r}")
         return 0
-    print(C.to_toml(cfg), end="")
+    print(config.to_toml(cfg), end="")
     return 0

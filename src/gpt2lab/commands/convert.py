@@ -9,6 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gpt2lab.checkpoint.hf import is_hf_dir, save_hf
+from gpt2lab.checkpoint.load import load_model
+from gpt2lab.checkpoint.weights import save_model_safetensors
+from gpt2lab.config import Config, to_dict
+from gpt2lab.io import atomic_dir, atomic_write_json
+
 EXAMPLES = """
 gpt2lab convert runs/sc hf/sc                  # newest checkpoint of a run -> HF GPT-2 directory
 gpt2lab convert runs/sc/ckpt/step_00001000 hf/sc
@@ -29,9 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2lab.checkpoint.hf import is_hf_dir, save_hf
-    from gpt2lab.checkpoint.load import load_model
-
     src = Path(args.src)
     to = args.to
     if to == "auto":
@@ -47,10 +50,6 @@ def run(args: argparse.Namespace) -> int:
 
 def save_native(model, tokenizer, path: str | Path, source: str = "") -> None:
     """A gpt2lab checkpoint directory: model.safetensors, state.json, tokenizer/."""
-    from gpt2lab.checkpoint.weights import save_model_safetensors
-    from gpt2lab.config import Config, to_dict
-    from gpt2lab.io import atomic_dir, atomic_write_json
-
     with atomic_dir(path) as tmp:
         save_model_safetensors(model, tmp / "model.safetensors")
         state = {"step": 0, "config": to_dict(Config(model=model.config)), "converted_from": source}

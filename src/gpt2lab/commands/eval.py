@@ -7,8 +7,14 @@ import json
 import time
 from pathlib import Path
 
+from gpt2lab import config
+from gpt2lab.checkpoint.load import load_model
+from gpt2lab.device import pick_device, pick_dtype
+from gpt2lab.errors import CheckpointError, ConfigError, DataError
+from gpt2lab.eval import paper
 from gpt2lab.eval.datasets import DOWNLOADS
-from gpt2lab.eval.tasks import TASKS
+from gpt2lab.eval.scoring import as_logits_fn
+from gpt2lab.eval.tasks import TASKS, Settings
 
 ACCEPTS_OVERRIDES = True
 EXAMPLES = """
@@ -50,23 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2lab.config import resolve
-    from gpt2lab.device import pick_device, pick_dtype
-    from gpt2lab.errors import ConfigError, DataError
-    from gpt2lab.eval import paper
-    from gpt2lab.eval.scoring import as_logits_fn
-    from gpt2lab.eval.tasks import Settings
-
-    flags = {
-        "context": args.context,
-        "stride": args.stride,
-        "batch_size": args.batch_size,
-        "limit": args.limit,
-        "device": args.device,
-        "dtype": args.dtype,
-    }
-    overrides = [*args.overrides, *(f"eval.{k}={v}" for k, v in flags.items() if v is not None)]
-    cfg = resolve(None, args.config, overrides).eval
+    names = ("context", "stride", "batch_size", "limit", "device", "dtype")
+    flags = {f"eval.{name}": getattr(args, name) for name in names}
+    cfg = config.resolve(config_file=args.config, overrides=args.overrides, flags=flags).eval
     if not Path(args.data).is_file():
         raise DataError(
             f"--data {args.data} is not a file",
@@ -107,9 +99,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(path: str, device):
-    from gpt2lab.checkpoint.load import load_model
-    from gpt2lab.errors import CheckpointError
-
     model, tok = load_model(path, device=device)
     if tok is None:
         raise CheckpointError(
@@ -127,8 +116,6 @@ def _shape(model) -> tuple[int, int, int]:
 
 
 def _print_table(args, metrics: dict, size: str | None, s, seconds: float) -> None:
-    from gpt2lab.eval import paper
-
     rows = paper.compare(args.task, metrics, size)
     theirs = f"paper ({size})" if size else "paper"
     counts = ", ".join(

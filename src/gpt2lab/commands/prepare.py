@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import glob
+import logging
+import os
 import re
 import shlex
 import sys
 
+from gpt2lab.data import SourceSpec, prepare
+from gpt2lab.data.catalog import DATASETS, download
+from gpt2lab.data.events import (
+    AlreadyComplete,
+    Finished,
+    PrepareEvent,
+    Resumed,
+    StartedClean,
+    ValSplitEmpty,
+)
 from gpt2lab.errors import UsageError
 
 EXAMPLES = """
@@ -23,12 +37,10 @@ gpt2lab prepare fineweb-edu-10B --input 'fineweb/*.parquet' --out data/fwe   # l
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from gpt2lab.data.presets import PRESETS
-
     p.add_argument(
         "preset",
         nargs="?",
-        help=f"a known corpus: {', '.join(PRESETS)}; or a file/directory/glob (as --input)",
+        help=f"a known corpus: {', '.join(DATASETS)}; or a file/directory/glob (as --input)",
     )
     src = p.add_argument_group("source")
     src.add_argument(
@@ -143,27 +155,19 @@ def _command_line(args: argparse.Namespace, out: str) -> str:
 
 
 def _looks_like_input(arg: str) -> bool:
-    import glob
-    import os
-
     return os.path.exists(arg) or glob.has_magic(arg)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2lab.data import SourceSpec, prepare
-    from gpt2lab.data.presets import PRESETS, download
-
-    if args.preset and args.preset not in PRESETS and _looks_like_input(args.preset):
+    if args.preset and args.preset not in DATASETS and _looks_like_input(args.preset):
         # `gpt2lab prepare notes.txt --out DIR`: a path where the preset goes is an input
         args.input, args.preset = [args.preset, *(args.input or [])], None
-    preset = PRESETS.get(args.preset) if args.preset else {}
+    preset = DATASETS.get(args.preset) if args.preset else {}
     if args.preset and preset is None:
-        import difflib
-
-        close = difflib.get_close_matches(args.preset, list(PRESETS), n=1)
+        close = difflib.get_close_matches(args.preset, list(DATASETS), n=1)
         raise UsageError(
             f"unknown preset {args.preset!r}",
-            f"one of {', '.join(PRESETS)}, or --input FILES without a preset",
+            f"one of {', '.join(DATASETS)}, or --input FILES without a preset",
             f"did you mean `gpt2lab prepare {close[0]}`?"
             if close
             else "see `gpt2lab prepare --help`",
@@ -202,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
         split = {k: preset.get(k) for k in split}
         if split["val_tail"] is not None and (args.input and len(args.input) > 1 or args.dataset):
             split = {"val_fraction": None, "val_docs": None, "val_tail": None}
+    if spec.dataset:
+        _quiet_hf_logging()
     prepare(
         spec,
         out,
@@ -214,6 +220,49 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=not args.no_progress and sys.stderr.isatty(),
         command=_command_line(args, out),
-        log=lambda msg: print(msg, file=sys.stderr),
+        on_event=_print_event,
     )
     return 0
+
+
+def _print_event(event: PrepareEvent) -> None:
+    """The line `gpt2lab prepare` shows on stderr for an event (none for each task written)."""
+    line = describe(event)
+    if line:
+        print(line, file=sys.stderr)
+
+
+def describe(event: PrepareEvent) -> str | None:
+    """An event of prepare() as one line of text."""
+    if isinstance(event, AlreadyComplete):
+        return (
+            f"{event.out} is already complete for these settings; nothing to do (--force redoes it)"
+        )
+    if isinstance(event, StartedClean):
+        why = " (removed the output of an earlier, different run)" if event.removed_earlier else ""
+        return f"starting clean in {event.out}{why}"
+    if isinstance(event, Resumed):
+        return (
+            f"resuming in {event.out} from task {event.task}: {event.tokens['train']:,} train and "
+            f"{event.tokens['val']:,} val tokens already written"
+        )
+    if isinstance(event, ValSplitEmpty):
+        return "warning: the val split is empty; use --val-docs N or --val-tail F for small inputs"
+    if isinstance(event, Finished):
+        m = event.meta
+        return (
+            f"wrote {event.out}: {m['tokens']['train']:,} train tokens "
+            f"({m['documents']['train']:,} documents, {len(m['shards']['train'])} shards), "
+            f"{m['tokens']['val']:,} val tokens ({m['documents']['val']:,} documents)"
+        )
+    return None
+
+
+def _quiet_hf_logging() -> None:
+    """The hub's retries log tracebacks' worth of warnings; our one-line error says it all."""
+    try:
+        import datasets
+    except ImportError:  # prepare's own error names the missing package
+        return
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)

@@ -12,8 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from gpt2lab import config
+from gpt2lab.checkpoint.load import load_model
 from gpt2lab.config import SampleConfig
+from gpt2lab.device import pick_device, pick_dtype
 from gpt2lab.errors import CheckpointError, DataError, UsageError
+from gpt2lab.generate import complete, prompt_ids
+from gpt2lab.io import atomic_write_json, atomic_write_text
 
 EXAMPLES = """
 gpt2lab sample --model runs/sc -p 'ROMEO:' -m 200 --temperature 0.8 --top-k 200
@@ -165,17 +172,14 @@ def run(args: argparse.Namespace) -> int:
 
 def sample_config(args: argparse.Namespace) -> SampleConfig:
     """The run's [sample] settings (config.toml beside the model, if any) < the flags given."""
-    from gpt2lab import config as C
-
-    base = SampleConfig()
     toml = Path(args.model) / "config.toml"
-    if toml.is_file():
-        section = C.load_toml(toml).get("sample")
-        if isinstance(section, dict):
-            base = C.merge(base, section, source=str(toml))
-    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(SampleConfig)}
-    flags["stop"] = tuple(args.stop) if args.stop else None
-    return dataclasses.replace(base, **{k: v for k, v in flags.items() if v is not None})
+    flags = {
+        f"sample.{f.name}": getattr(args, f.name, None) for f in dataclasses.fields(SampleConfig)
+    }
+    flags["sample.stop"] = tuple(args.stop) if args.stop else None
+    return config.resolve(
+        config_file=toml if toml.is_file() else None, flags=flags, sections=["sample"]
+    ).sample
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -195,9 +199,6 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _load(path: str, cfg: SampleConfig) -> tuple[Any, Any]:
-    from gpt2lab.checkpoint.load import load_model
-    from gpt2lab.device import pick_device, pick_dtype
-
     p = Path(path)
     if p.is_dir() and not any(p.iterdir()):
         raise CheckpointError(
@@ -263,27 +264,19 @@ def _read_text(name: str) -> str:
 
 
 def _encode(tok: Any, text: str, allow_special: bool) -> list[int]:
-    """Prompt ids; an empty prompt is <|endoftext|>, as GPT-2 starts unconditional samples."""
-    if not text:
-        return [tok.eot_token]
-    if allow_special:
-        return tok.encode(text, allowed_special="all")
+    """Prompt ids (generate.prompt_ids), with a warning for special-token text left plain."""
     found = [s for s in tok.special_tokens if s in text]
-    if found:
+    if found and not allow_special:
         warnings.warn(
             f"the prompt contains {found[0]!r}, encoded as plain text; add "
             "--allow-special to encode it as the special token",
             stacklevel=2,
         )
-    return tok.encode_ordinary(text)
+    return prompt_ids(tok, text, allow_special)
 
 
 def _run_batches(model, tok, cfg: SampleConfig, args, rows, writer) -> Iterator[Any]:
     """Completions of every row, in order, generated cfg.batch_size at a time."""
-    import torch
-
-    from gpt2lab.generate import complete
-
     generator = None
     if cfg.seed is not None:
         device = next(model.parameters()).device
@@ -337,8 +330,6 @@ class _Writer:
             "finish_reason": c.finish_reason,
         }
         if self.args.out:
-            from gpt2lab.io import atomic_write_json, atomic_write_text
-
             stem = Path(self.args.out) / f"sample_{self.count:05d}"
             atomic_write_text(stem.with_suffix(".txt"), prompt + c.text)
             if self.args.json:

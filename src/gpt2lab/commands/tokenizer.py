@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gpt2lab.errors import DataError, TokenizerError
+from gpt2lab.io import decode_utf8
+from gpt2lab.tokenizer import get_tokenizer, train_bpe
+from gpt2lab.tokenizer.trainer import ALGORITHMS
+
 EXAMPLES = """
 gpt2lab tokenizer train data/*.txt --vocab-size 8192 --out tok/my8k
+gpt2lab tokenizer train input.txt --vocab-size 512 --out tok/ref --algorithm reference
 gpt2lab tokenizer encode --json < input.txt > ids.json
 gpt2lab tokenizer decode ids.json
 gpt2lab tokenizer count input.txt other.txt --tokenizer tok/my8k
@@ -53,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a special token (repeatable; default: <|endoftext|>)",
     )
     t.add_argument("--errors", default="strict", choices=["strict", "replace"])
+    t.add_argument(
+        "--algorithm",
+        default="incremental",
+        choices=list(ALGORITHMS),
+        help="'incremental' (fast, default) or 'reference' (the plain loop; same merges, slower)",
+    )
     t.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     e = sub.add_parser("encode", help="text -> token ids")
@@ -79,10 +91,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2lab.errors import TokenizerError
-    from gpt2lab.tokenizer import get_tokenizer, train_bpe
-    from gpt2lab.tokenizer.train import decode_utf8
-
     if args.action == "train":
         specials = args.special or ["<|endoftext|>"]
         tok = train_bpe(
@@ -91,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
             args.pattern,
             specials,
             errors=args.errors,
-            progress=False if args.no_progress else None,
+            progress=False if args.no_progress else None,  # None: bars when stderr is a terminal
+            algorithm=args.algorithm,
         )
         tok.save(args.out)
         print(
@@ -132,8 +141,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _inputs(files: list[str]):
-    from gpt2lab.errors import DataError
-
     if not files:
         yield "<stdin>", sys.stdin.buffer.read()
     for f in files:
@@ -144,8 +151,6 @@ def _inputs(files: list[str]):
 
 
 def _parse_ids(text: str, where: str) -> list[int]:
-    from gpt2lab.errors import DataError
-
     text = text.strip()
     try:
         ids = json.loads(text) if text.startswith("[") else [int(x) for x in text.split()]

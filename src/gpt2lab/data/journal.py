@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.data import shards as S
+from gpt2lab.data import shards
 from gpt2lab.errors import DataError
 
 JOURNAL = ".prepare.journal"
@@ -35,29 +35,29 @@ def read_journal(out: Path, fingerprint: str) -> list[dict[str, Any]] | None:
     return [{"task": 0, "tokens": [0, 0], "docs": [0, 0]}] + entries[1:]
 
 
-def _on_disk(out: Path, writer: S.ShardWriter) -> int:
+def _on_disk(out: Path, writer: shards.ShardWriter) -> int:
     """Tokens of a split that are on disk in order: complete shards, then the temp shard."""
     n, i = 0, 0
     while True:
-        path = out / S.shard_name(writer.split, i)
+        path = out / shards.shard_name(writer.split, i)
         if not path.exists():
             break
         try:
-            h = S.read_header(path)
+            h = shards.read_header(path)
         except DataError:
             return n
         n += h["count"]
         if h["count"] != writer.shard_tokens:
             return n  # a last, short shard: nothing can follow it
         i += 1
-    tmp = out / f".{S.shard_name(writer.split, i)}.tmp"
+    tmp = out / f".{shards.shard_name(writer.split, i)}.tmp"
     if tmp.exists():
-        n += max(0, (tmp.stat().st_size - S.HEADER_BYTES) // writer.dtype.itemsize)
+        n += max(0, (tmp.stat().st_size - shards.HEADER_BYTES) // writer.dtype.itemsize)
     return n
 
 
 def resume_from(
-    out: Path, writers: list[S.ShardWriter], entries: list[dict], fingerprint: str
+    out: Path, writers: list[shards.ShardWriter], entries: list[dict], fingerprint: str
 ) -> dict[str, Any]:
     """The newest journal entry whose tokens are all on disk; shards are cut back to it."""
     have = [_on_disk(out, w) for w in writers]
@@ -80,7 +80,7 @@ def _our_files(out: Path) -> list[Path]:
         n = p.name
         if n in names or (n.startswith((".train_", ".val_", ".tokenizer.", ".meta.json."))):
             found.append(p)
-        elif any(n.startswith(f"{s}_") and n.endswith(".bin") for s in S.SPLITS):
+        elif any(n.startswith(f"{s}_") and n.endswith(".bin") for s in shards.SPLITS):
             found.append(p)
     return found
 

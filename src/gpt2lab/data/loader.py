@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gpt2lab.data.shards import load_meta, split_shards
-from gpt2lab.errors import DataError
+from gpt2lab.errors import DataError, mark_key
 
 
 class BatchLoader:
@@ -35,7 +35,9 @@ class BatchLoader:
         vocab_size: int | None = None,
     ) -> None:
         if sampling not in ("random", "sequential"):
-            raise DataError(f"sampling={sampling!r}", "random or sequential", "set --data.sampling")
+            raise DataError(
+                f"sampling={sampling!r}", "random or sequential", f"set {mark_key('data.sampling')}"
+            )
         if not 0 <= rank < world_size:
             raise DataError(
                 f"rank {rank} is outside world size {world_size}", None, "check torchrun"
@@ -62,7 +64,8 @@ class BatchLoader:
                 f"the {split} split of {data_dir} has {self.n_tokens} tokens, fewer than "
                 f"block_size+1 = {block_size + 1}",
                 "more tokens than one window",
-                "lower --model.block_size or prepare more text (or a larger --val-fraction)",
+                f"lower {mark_key('model.block_size')} or prepare more text (or a larger "
+                f"{mark_key('val_fraction')})",
             )
         # sequential mode: non-overlapping windows; window i reads tokens [i*T, i*T + T + 1)
         self.n_windows = (self.n_tokens - 1) // block_size

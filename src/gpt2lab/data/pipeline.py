@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -21,9 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from gpt2lab.data import shards as S
-from gpt2lab.data import sources
+from gpt2lab.data import shards, sources
+from gpt2lab.data.events import (
+    AlreadyComplete,
+    Finished,
+    PrepareEvent,
+    Resumed,
+    StartedClean,
+    TaskWritten,
+    ValSplitEmpty,
+)
 from gpt2lab.data.journal import JOURNAL, clean, read_journal, resume_from
 from gpt2lab.data.sources import (
     ByteCounter,
@@ -34,8 +43,10 @@ from gpt2lab.data.sources import (
     open_hf_dataset,
 )
 from gpt2lab.data.split import Splitter
-from gpt2lab.errors import DataError
+from gpt2lab.errors import DataError, mark_key
 from gpt2lab.io import atomic_dir, atomic_write_json
+from gpt2lab.tokenizer import get_tokenizer
+from gpt2lab.tokenizer.parallel import start_pool, worker_tokenizer
 
 TASK_CHARS = 1 << 18  # text per task sent to a worker: small enough to balance the workers
 TRAIN, VAL = 0, 1
@@ -58,28 +69,32 @@ def prepare(
     force: bool = False,
     progress: bool = False,
     command: str | None = None,
-    log: Callable[[str], None] | None = None,
+    on_event: Callable[[PrepareEvent], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenize `source` into `out_dir`/{train,val}_NNNNNN.bin + meta.json + tokenizer/.
 
     `tokenizer` is "gpt2", "char", a saved tokenizer directory or a tokenizer object. The val split
     takes whole documents: a seeded `val_fraction` (default 0.005), exactly `val_docs` documents,
     or, for one text file, its last `val_tail` of characters. Returns the meta.json contents.
+    Prints nothing: `on_event` receives the events of data/events.py (a clean start or a resume,
+    each task written, the end), and `progress=True` shows a progress bar on stderr.
     """
-    log = log or (lambda msg: None)
+    emit = on_event or _ignore
     spec = source if isinstance(source, SourceSpec) else SourceSpec(inputs=_as_list(source))
     out = Path(out_dir)
     if shard_tokens < 1:
         raise DataError(
-            f"shard size {shard_tokens}", "a positive number of tokens", "fix --shard-size"
+            f"shard size {shard_tokens}",
+            "a positive number of tokens",
+            f"fix {mark_key('shard_tokens')}",
         )
     files = [] if spec.dataset else expand_inputs(spec.inputs)
     local_data = [Path(f) for f in spec.data_files or [] if Path(f).is_file()]  # changes restart
     splitter = Splitter.create(spec, files, val_fraction, val_docs, val_tail, seed)
     tok = _build_tokenizer(tokenizer, spec)
-    token_dtype = S.dtype_for_vocab(tok.n_vocab, dtype)
+    token_dtype = shards.dtype_for_vocab(tok.n_vocab, dtype)
     settings = {
-        "format_version": S.VERSION,
+        "format_version": shards.VERSION,
         "source": spec.describe(),
         "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files + local_data],
         "tokenizer": tok.spec(),
@@ -100,62 +115,55 @@ def prepare(
         except (OSError, ValueError):
             old = {}
         if old.get("fingerprint") == fingerprint:
-            log(f"{out} is already complete for these settings; nothing to do (--force redoes it)")
+            emit(AlreadyComplete(out))
             return old
     resume = None if force else read_journal(out, fingerprint)
     if resume is None:
-        if clean(out):
-            log(f"starting clean in {out} (removed the output of an earlier, different run)")
-        else:
-            log(f"starting clean in {out}")
+        emit(StartedClean(out, removed_earlier=clean(out)))
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(out / "tokenizer") as d:
-            tok.save(d)
+        with atomic_dir(out / "tokenizer") as tok_dir:
+            tok.save(tok_dir)
         with open(out / JOURNAL, "w", encoding="utf-8") as f:
             f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
     writers = [
-        S.ShardWriter(out, name, token_dtype, tok.n_vocab, shard_tokens) for name in S.SPLITS
+        shards.ShardWriter(out, name, token_dtype, tok.n_vocab, shard_tokens)
+        for name in shards.SPLITS
     ]
     state = {"task": 0, "tokens": [0, 0], "docs": [0, 0]}
     if resume is not None:
         state = resume_from(out, writers, resume, fingerprint)
-        log(
-            f"resuming in {out} from task {state['task']}: {state['tokens'][TRAIN]:,} train and "
-            f"{state['tokens'][VAL]:,} val tokens already written"
-        )
+        emit(Resumed(out, state["task"], dict(zip(shards.SPLITS, state["tokens"]))))
     try:
-        _run(spec, splitter, tok, out, writers, state, workers, progress, files)
+        _run(spec, splitter, tok, out, writers, state, workers, progress, files, emit)
     except DataError:
         for w in writers:
             w.abort()
-        clean(out)  # bad input: leave nothing behind (a rerun with fixed input starts clean)
-        with contextlib.suppress(OSError):
-            out.rmdir()  # only if empty
+        _remove_output(
+            out
+        )  # bad input: leave nothing behind (a rerun with fixed input starts clean)
         raise
     except BaseException:
         for w in writers:
             w.abort()
         raise
     if state["docs"][TRAIN] == 0 and state["docs"][VAL] == 0:
-        clean(out)
-        with contextlib.suppress(OSError):
-            out.rmdir()
+        _remove_output(out)
         raise DataError(
             f"the input has no text ({_where(spec)})",
             "at least one non-empty document",
-            "check --input (and --field for tables)",
+            f"check {mark_key('inputs')} (and {mark_key('field')} for tables)",
         )
     names = [w.finish() for w in writers]
     meta = {
-        "format_version": S.VERSION,
+        "format_version": shards.VERSION,
         "fingerprint": fingerprint,
         "vocab_size": tok.n_vocab,
         "eot_token": tok.eot_token,
         "dtype": token_dtype.name,
         "tokenizer": tok.spec(),
-        "documents": dict(zip(S.SPLITS, state["docs"])),
-        "tokens": dict(zip(S.SPLITS, state["tokens"])),
-        "shards": dict(zip(S.SPLITS, names)),
+        "documents": dict(zip(shards.SPLITS, state["docs"])),
+        "tokens": dict(zip(shards.SPLITS, state["tokens"])),
+        "shards": dict(zip(shards.SPLITS, names)),
         "shard_tokens": shard_tokens,
         "source": spec.describe(),
         "split": splitter.describe(),
@@ -165,14 +173,20 @@ def prepare(
     atomic_write_json(meta_path, meta)
     (out / JOURNAL).unlink(missing_ok=True)
     if state["docs"][VAL] == 0 and splitter.value > 0:
-        log("warning: the val split is empty; use --val-docs N or --val-tail F for small inputs")
-    log(
-        f"wrote {out}: {state['tokens'][TRAIN]:,} train tokens "
-        f"({state['docs'][TRAIN]:,} documents, {len(names[TRAIN])} shards), "
-        f"{state['tokens'][VAL]:,} val tokens "
-        f"({state['docs'][VAL]:,} documents)"
-    )
+        emit(ValSplitEmpty(out))
+    emit(Finished(out, meta))
     return meta
+
+
+def _ignore(event: PrepareEvent) -> None:
+    pass
+
+
+def _remove_output(out: Path) -> None:
+    """Remove what this run wrote, and `out` itself if that leaves it empty."""
+    clean(out)
+    with contextlib.suppress(OSError):
+        out.rmdir()
 
 
 def _as_list(source: str | list[str]) -> list[str]:
@@ -180,12 +194,12 @@ def _as_list(source: str | list[str]) -> list[str]:
 
 
 def _where(spec: SourceSpec) -> str:
-    return f"dataset {spec.dataset}" if spec.dataset else f"--input {' '.join(spec.inputs)}"
+    if spec.dataset:
+        return f"dataset {spec.dataset}"
+    return mark_key("inputs", " ".join(spec.inputs))
 
 
 def _build_tokenizer(tokenizer: Any, spec: SourceSpec) -> Any:
-    from gpt2lab.tokenizer import get_tokenizer
-
     if not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     if os.fspath(tokenizer) == "char":
@@ -193,7 +207,11 @@ def _build_tokenizer(tokenizer: Any, spec: SourceSpec) -> Any:
         for text in iter_text(spec):  # one pass over the input for its character set
             chars.update(text)
         if not chars:
-            raise DataError(f"the input has no text ({_where(spec)})", "some text", "check --input")
+            raise DataError(
+                f"the input has no text ({_where(spec)})",
+                "some text",
+                f"check {mark_key('inputs')}",
+            )
         return get_tokenizer("char", text="".join(sorted(chars)))
     return get_tokenizer(os.fspath(tokenizer))
 
@@ -215,37 +233,18 @@ def _tasks(spec: SourceSpec, splitter: Splitter, counter: ByteCounter) -> Iterat
         yield task
 
 
-_TOKENIZER: Any = None
-
-
-def _init_worker(tok_dir: str | None = None) -> None:
-    global _TOKENIZER
+def _init_worker() -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and stops the pool
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if sys.platform == "linux":  # and a worker whose parent died (SIGKILL) goes too
         with contextlib.suppress(Exception):
-            import ctypes
-
             ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if tok_dir is not None:
-        from gpt2lab.tokenizer import get_tokenizer
-
-        _TOKENIZER = get_tokenizer(tok_dir)
-
-
-def _start_pool(workers: int, tok: Any, tok_dir: Path) -> Any:
-    """Worker processes holding the tokenizer: forked ones inherit it (no second load)."""
-    global _TOKENIZER
-    if sys.platform == "linux":
-        _TOKENIZER = tok
-        return mp.get_context("fork").Pool(workers, _init_worker)
-    return mp.get_context("spawn").Pool(workers, _init_worker, (str(tok_dir),))
 
 
 def _encode_task(task: Task, tok: Any = None) -> tuple[list[np.ndarray], list[int]]:
     """Token arrays of the two splits and their document counts; every document starts with EOT."""
-    tok = tok if tok is not None else _TOKENIZER
+    tok = tok if tok is not None else worker_tokenizer()
     eot = tok.eot_token
     ids: list[list[int]] = [[], []]
     docs = [0, 0]
@@ -254,17 +253,17 @@ def _encode_task(task: Task, tok: Any = None) -> tuple[list[np.ndarray], list[in
             ids[split].append(eot)
             docs[split] += 1
         ids[split] += tok.encode_ordinary(text)
-    dtype = np.uint32 if tok.n_vocab > 2**16 else np.uint16
+    dtype = shards.dtype_for_vocab(tok.n_vocab)
     return [np.asarray(x, dtype=dtype) for x in ids], docs
 
 
-def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> None:
+def _run(spec, splitter, tok, out, writers, state, workers, progress, files, emit) -> None:
     counter = ByteCounter()
     tasks = _tasks(spec, splitter, counter)
     for _ in range(state["task"]):  # already written: read past them without tokenizing
         next(tasks)
     workers = workers or _cores()
-    bar = _Progress(spec, files, counter.n, sum(state["docs"])) if progress else None
+    bar = _ProgressBar(spec, files, counter.n, sum(state["docs"])) if progress else None
     journal = open(out / JOURNAL, "a", encoding="utf-8")
     pool = None
     try:
@@ -272,7 +271,7 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> 
             # Ctrl-C while Pool() forks would orphan its workers: hold it until `pool` is set
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                pool = _start_pool(workers, tok, out / "tokenizer")
+                pool = start_pool(tok, workers, _init_worker)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             results = _bounded_imap(pool, tasks, 2 * workers)
@@ -287,8 +286,10 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files) -> 
             state["task"] += 1
             journal.write(json.dumps(state) + "\n")
             journal.flush()
+            event = TaskWritten(counter.n, sum(state["docs"]), sum(state["tokens"]))
             if bar is not None:
-                bar.update(counter.n, sum(state["docs"]), sum(state["tokens"]))
+                bar.update(event)
+            emit(event)
     finally:
         journal.close()
         if bar is not None:
@@ -317,12 +318,10 @@ def _bounded_imap(pool: Any, tasks: Iterator[Task], max_in_flight: int) -> Itera
         yield pending.popleft().get()
 
 
-class _Progress:
-    """tqdm over input bytes (local files: MB, MB/s, ETA) or documents (HF datasets)."""
+class _ProgressBar:
+    """tqdm on stderr over input bytes (local files: MB, MB/s, ETA) or documents (HF datasets)."""
 
     def __init__(self, spec: SourceSpec, files: list[Path], done_bytes: int, done_docs: int):
-        from tqdm import tqdm
-
         self.by_docs = bool(spec.dataset)
         self.t0, self.bytes0 = time.perf_counter(), done_bytes
         if self.by_docs:  # a streamed dataset: its card may say how many documents it has
@@ -331,14 +330,14 @@ class _Progress:
             total, initial, unit = sum(f.stat().st_size for f in files), done_bytes, "B"
         self.bar = tqdm(total=total, initial=initial, unit=unit, unit_scale=True, desc="prepare")
 
-    def update(self, n_bytes: int, docs: int, tokens: int) -> None:
+    def update(self, e: TaskWritten) -> None:
         if self.by_docs:
-            rate = (n_bytes - self.bytes0) / max(1e-9, time.perf_counter() - self.t0) / 1e6
-            self.bar.update(docs - self.bar.n)
-            self.bar.set_postfix(tokens=f"{tokens:,}", MBps=f"{rate:.1f}", refresh=False)
+            rate = (e.bytes_read - self.bytes0) / max(1e-9, time.perf_counter() - self.t0) / 1e6
+            self.bar.update(e.documents - self.bar.n)
+            self.bar.set_postfix(tokens=f"{e.tokens:,}", MBps=f"{rate:.1f}", refresh=False)
         else:
-            self.bar.update(n_bytes - self.bar.n)
-            self.bar.set_postfix(docs=f"{docs:,}", tokens=f"{tokens:,}", refresh=False)
+            self.bar.update(e.bytes_read - self.bar.n)
+            self.bar.set_postfix(docs=f"{e.documents:,}", tokens=f"{e.tokens:,}", refresh=False)
 
     def close(self) -> None:
         self.bar.close()

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from gpt2lab.errors import DataError
+from gpt2lab.errors import DataError, mark_key
 from gpt2lab.io import fsync_dir
+from gpt2lab.tokenizer import get_tokenizer
 
 MAGIC = 0x4C325047  # b"GP2L" read as a little-endian u32
 VERSION = 1
@@ -40,14 +41,16 @@ def dtype_for_vocab(n_vocab: int, requested: str | None = None) -> np.dtype:
     want = np.dtype(requested).newbyteorder("<")
     if want not in DTYPES.values():
         raise DataError(
-            f"--dtype {requested} is not a shard dtype", "uint16 or uint32", "drop --dtype"
+            f"{mark_key('dtype', requested)} is not a shard dtype",
+            "uint16 or uint32",
+            f"drop {mark_key('dtype')}",
         )
     if np.iinfo(want).max + 1 < n_vocab:
         raise DataError(
-            f"vocabulary of {n_vocab} tokens does not fit --dtype {requested} "
+            f"vocabulary of {n_vocab} tokens does not fit {mark_key('dtype', requested)} "
             f"(max id {np.iinfo(want).max})",
             "uint32 for vocabularies over 65536",
-            "drop --dtype (it picks uint32) or pass --dtype uint32",
+            f"drop {mark_key('dtype')} (it picks uint32) or pass {mark_key('dtype', 'uint32')}",
         )
     return want
 
@@ -127,7 +130,8 @@ def read_header(path: str | os.PathLike, vocab_size: int | None = None) -> dict[
             f"shard {path} was tokenized with a vocabulary of {vocab} tokens but the model "
             f"expects {vocab_size}",
             "the tokenizer the model was trained with",
-            f"set --model.vocab_size={vocab} or re-create the data with the model's tokenizer",
+            f"set {mark_key('model.vocab_size', vocab)} or re-create the data with the model's "
+            "tokenizer",
         )
     return {"dtype": DTYPES[itemsize], "vocab_size": vocab, "count": count}
 
@@ -307,8 +311,6 @@ def load_tokens(data_dir: str | os.PathLike, split: str = "train") -> np.ndarray
 
 def load_data_tokenizer(data_dir: str | os.PathLike):
     """The tokenizer a data directory was prepared with (its `tokenizer/` copy)."""
-    from gpt2lab.tokenizer import get_tokenizer
-
     meta = load_meta(data_dir)
     tok_dir = Path(data_dir) / "tokenizer"
     if tok_dir.is_dir():

@@ -7,7 +7,6 @@ pre-tokenizer splits anyway, so the pieces encode to exactly the tokens of the w
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import csv
 import glob
@@ -15,7 +14,6 @@ import gzip
 import io
 import itertools
 import json
-import logging
 import os
 import re
 import socket
@@ -25,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.errors import DataError
+from gpt2lab.data.catalog import local_example
+from gpt2lab.errors import DataError, mark_key
+from gpt2lab.io import UTF8Decoder
 
 PIECE_CHARS = 1 << 18  # aim for pieces of ~256K characters
 HARD_PIECE_CHARS = 1 << 24  # a 16M-character line is cut anywhere (the only inexact cut)
@@ -63,7 +63,11 @@ class SourceSpec:
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files named by paths, directories (every file below, sorted) and globs, in order."""
     if not inputs:
-        raise DataError("no input given", "one or more files, directories or globs", "pass --input")
+        raise DataError(
+            "no input given",
+            "one or more files, directories or globs",
+            f"pass {mark_key('inputs')}",
+        )
     out: list[Path] = []
     for spec in inputs:
         p = Path(spec).expanduser()
@@ -80,11 +84,15 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             found = [f for f in found if f.is_file()]
         else:
             raise DataError(
-                f"input {spec} does not exist", "a file, directory or glob", "check --input"
+                f"input {spec} does not exist",
+                "a file, directory or glob",
+                f"check {mark_key('inputs')}",
             )
         if not found:
             raise DataError(
-                f"input {spec} matches no files", "at least one text file", "check --input"
+                f"input {spec} matches no files",
+                "at least one text file",
+                f"check {mark_key('inputs')}",
             )
         out += found
     return out
@@ -140,7 +148,7 @@ def _open_binary(path: Path) -> Any:
 
 def _decoded_chunks(path: Path, errors: str, counter: ByteCounter) -> Iterator[str]:
     """A text file decoded as UTF-8 in chunks; binary files and bad bytes are one-line errors."""
-    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=errors)
+    decoder = UTF8Decoder(path, errors, skip_bom=True)
     offset = 0
     with _open_binary(path) as f:
         while True:
@@ -151,14 +159,7 @@ def _decoded_chunks(path: Path, errors: str, counter: ByteCounter) -> Iterator[s
                     "a UTF-8 text file",
                     "leave it out of --input (or pick the right --field for tables)",
                 )
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path} is not UTF-8: byte {raw[e.start]:#04x} at offset {offset + e.start}",
-                    "UTF-8 text",
-                    "convert it to UTF-8 or pass --errors replace",
-                ) from None
+            text = decoder.decode(raw, final=not raw)
             offset += len(raw)
             counter.n += len(raw)
             if text:
@@ -238,7 +239,7 @@ def _jsonl_records(path: Path, spec: SourceSpec, counter: ByteCounter) -> Iterat
                     path,
                     f" line {lineno}",
                     f"no field {key!r} (has {keys})",
-                    "name the text field with --field",
+                    f"name the text field with {mark_key('field')}",
                 )
             yield _as_text(rec[key], path, f" line {lineno}", key)
 
@@ -248,13 +249,24 @@ def _as_text(value: Any, path: Path, where: str, key: str) -> str:
         return ""
     if not isinstance(value, str):
         raise _bad_record(
-            path, where, f"field {key!r} is a {type(value).__name__}, not text", "choose --field"
+            path,
+            where,
+            f"field {key!r} is a {type(value).__name__}, not text",
+            f"choose {mark_key('field')}",
         )
     return value
 
 
 def _csv_records(path: Path, spec: SourceSpec, counter: ByteCounter) -> Iterator[str]:
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    # the csv module's limit is process-wide: raise it for long documents, restore it after
+    old_limit = csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    try:
+        yield from _csv_rows(path, spec, counter)
+    finally:
+        csv.field_size_limit(old_limit)
+
+
+def _csv_rows(path: Path, spec: SourceSpec, counter: ByteCounter) -> Iterator[str]:
     with _open_binary(path) as fb:
         f = io.TextIOWrapper(fb, encoding="utf-8-sig", errors=spec.errors, newline="")
         reader = csv.DictReader(f)
@@ -264,7 +276,7 @@ def _csv_records(path: Path, spec: SourceSpec, counter: ByteCounter) -> Iterator
                     path,
                     "",
                     f"no column {spec.field!r} (has {reader.fieldnames or []})",
-                    "name the text column with --field",
+                    f"name the text column with {mark_key('field')}",
                 )
             for row in reader:
                 counter.n = fb.tell() if hasattr(fb, "tell") else counter.n
@@ -285,13 +297,15 @@ def _parquet_records(path: Path, spec: SourceSpec, counter: ByteCounter) -> Iter
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a bad file
-        raise _bad_record(path, "", f"not a parquet file ({e})", "check --input") from None
+        raise _bad_record(
+            path, "", f"not a parquet file ({e})", f"check {mark_key('inputs')}"
+        ) from None
     if spec.field not in pf.schema_arrow.names:
         raise _bad_record(
             path,
             "",
             f"no column {spec.field!r} (has {pf.schema_arrow.names})",
-            "name the text column with --field",
+            f"name the text column with {mark_key('field')}",
         )
     size, groups = path.stat().st_size, max(1, pf.num_row_groups)
     for g in range(pf.num_row_groups):
@@ -306,9 +320,7 @@ _RECORD_READERS = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _par
 
 
 def offline_fix(spec: SourceSpec) -> str:
-    """How to run the same preset (or dataset) on local files."""
-    from gpt2lab.data.presets import local_example
-
+    """How to run the same named dataset (or any dataset) on local files."""
     if spec.preset:
         return f"point the same preset at local files: {local_example(spec.preset)}"
     return "or pass local files: `gpt2lab prepare --input 'DIR/*.jsonl' --out DIR`"
@@ -341,9 +353,6 @@ def open_hf_dataset(spec: SourceSpec) -> Any:
             "pip install 'gpt2lab[hf]', or " + offline_fix(spec),
         ) from None
     try:
-        # the hub's own retries print tracebacks-worth of warnings; our error says it in one line
-        datasets.logging.set_verbosity_error()
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         with _hub_offline(offline):  # fail in seconds from the cache, not after minutes of retries
             return datasets.load_dataset(
                 spec.dataset,
@@ -395,7 +404,7 @@ def _iter_hf(spec: SourceSpec, counter: ByteCounter) -> Iterator[Piece]:
                 raise DataError(
                     f"{name} record {i} has no field {spec.field!r} (has {sorted(rec)})",
                     None,
-                    "name the text field with --field",
+                    f"name the text field with {mark_key('field')}",
                 )
             text = _as_text(rec[spec.field], Path(name), f" record {i}", spec.field)
             counter.n += len(text)

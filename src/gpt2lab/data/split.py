@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2lab.data.sources import SourceSpec, file_kind, iter_pieces
-from gpt2lab.errors import DataError
+from gpt2lab.errors import DataError, mark_key
 
 TRAIN, VAL = 0, 1
 _M = (1 << 64) - 1
@@ -51,9 +51,10 @@ class Splitter:
             n = _count_documents(self.spec)
             if self.value >= n:
                 raise DataError(
-                    f"--val-docs {self.value} asks for all {n} documents of the input",
+                    f"{mark_key('val_docs', self.value)} asks for all {n} documents of the input",
                     "fewer val documents than documents",
-                    "lower --val-docs (or use --val-tail for a single file)",
+                    f"lower {mark_key('val_docs')} "
+                    f"(or use {mark_key('val_tail')} for a single file)",
                 )
             key = lambda i: doc_uniform(self.seed, i)  # noqa: E731
             self._val_set = set(heapq.nsmallest(int(self.value), range(n), key=key))
@@ -70,8 +71,8 @@ class Splitter:
         seed: int,
     ) -> Splitter:
         """Check the split options and do the counting pass that val_docs / val_tail need."""
-        given = [n for n, v in (("--val-fraction", val_fraction), ("--val-docs", val_docs),
-                                ("--val-tail", val_tail)) if v is not None]  # fmt: skip
+        given = [mark_key(n) for n, v in (("val_fraction", val_fraction), ("val_docs", val_docs),
+                                          ("val_tail", val_tail)) if v is not None]  # fmt: skip
         if len(given) > 1:
             raise DataError(
                 f"{' and '.join(given)} are both given", "one way to choose the val split",
@@ -79,24 +80,36 @@ class Splitter:
             )  # fmt: skip
         if val_tail is not None:
             if not 0 <= val_tail < 1:
-                raise DataError(f"--val-tail {val_tail}", "0 <= F < 1", "e.g. --val-tail 0.1")
+                raise DataError(
+                    mark_key("val_tail", val_tail),
+                    "0 <= F < 1",
+                    f"e.g. {mark_key('val_tail', 0.1)}",
+                )
             if spec.dataset or len(files) != 1 or file_kind(files[0]) != "text":
                 raise DataError(
-                    f"--val-tail needs exactly one text file, got {len(files)} input files"
+                    f"{mark_key('val_tail')} needs exactly one text file, got {len(files)} input "
+                    "files"
                     if not spec.dataset
-                    else "--val-tail needs one text file, not a dataset",
-                    "a single --input FILE",
-                    "use --val-fraction or --val-docs for several documents",
+                    else f"{mark_key('val_tail')} needs one text file, not a dataset",
+                    f"a single {mark_key('inputs', 'FILE')}",
+                    f"use {mark_key('val_fraction')} or {mark_key('val_docs')} "
+                    "for several documents",
                 )
             total = sum(len(text) for text, _ in iter_pieces(spec))
             return cls("val_tail", val_tail, seed, cut=int(total * (1 - val_tail)))
         if val_docs is not None:
             if val_docs < 0:
-                raise DataError(f"--val-docs {val_docs}", "N >= 0", "e.g. --val-docs 100")
+                raise DataError(
+                    mark_key("val_docs", val_docs), "N >= 0", f"e.g. {mark_key('val_docs', 100)}"
+                )
             return cls("val_docs", val_docs, seed, spec=spec)  # counted when first needed
         frac = 0.005 if val_fraction is None else val_fraction
         if not 0 <= frac < 1:
-            raise DataError(f"--val-fraction {frac}", "0 <= F < 1", "e.g. --val-fraction 0.005")
+            raise DataError(
+                mark_key("val_fraction", frac),
+                "0 <= F < 1",
+                f"e.g. {mark_key('val_fraction', 0.005)}",
+            )
         return cls("val_fraction", frac, seed)
 
     def describe(self) -> dict[str, Any]:

@@ -10,8 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2lab.errors import DataError
+from gpt2lab.errors import DataError, mark_key
+from gpt2lab.io import decode_utf8
 
+_FIX = f"pass the right file to {mark_key('data')}"
 TEST_SPLIT_BYTES = 5_000_000  # enwik8 and text8: the last 5M bytes (characters) are the test split
 
 # where each task's file comes from (fetch it yourself: gpt2lab never downloads)
@@ -54,29 +56,24 @@ def read_bytes(path: str | Path) -> bytes:
     """A file's bytes, or a DataError that names it."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file {p} does not exist", "a local file", "check the path in --data")
+        raise DataError(
+            f"data file {p} does not exist", "a local file", f"check the path in {mark_key('data')}"
+        )
     data = p.read_bytes()
     if not data.strip():
-        raise DataError(f"data file {p} is empty", "some text", "give a non-empty --data file")
+        raise DataError(
+            f"data file {p} is empty", "some text", f"give a non-empty {mark_key('data')} file"
+        )
     return data
 
 
 def read_text(path: str | Path, expected: str = "UTF-8 text") -> str:
-    """A file as UTF-8 text; an undecodable byte is reported with its line number."""
-    data = read_bytes(path)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: byte {data[e.start]:#04x} is not UTF-8",
-            expected,
-            "pass the right file to --data",
-        ) from None
+    """A file as UTF-8 text; an undecodable byte is reported with its offset and line number."""
+    return decode_utf8(read_bytes(path), path, expected=expected, fix=_FIX)
 
 
 def _bad(path: str | Path, line: int, what: str, expected: str) -> DataError:
-    return DataError(f"{path}:{line}: {what}", expected, "pass the right file to --data")
+    return DataError(f"{path}:{line}: {what}", expected, _FIX)
 
 
 def read_tokenized(path: str | Path, name: str) -> list[str]:

@@ -5,17 +5,18 @@ The model is seen only as a callable from token ids (B, T) to logits (B, T, V): 
 
 from __future__ import annotations
 
+import inspect
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from gpt2lab.device import autocast
-from gpt2lab.errors import ConfigError, DataError
+from gpt2lab.errors import ConfigError, DataError, mark_key
 
 LogitsFn = Callable[[Tensor, int], Tensor]  # (B, T) ids, keep -> (B, keep, V) float logits
 
@@ -23,26 +24,21 @@ LogitsFn = Callable[[Tensor, int], Tensor]  # (B, T) ids, keep -> (B, keep, V) f
 def as_logits_fn(model, dtype: torch.dtype = torch.float32) -> LogitsFn:
     """Wrap our GPT (returns `(logits, loss)`), a transformers LM (`.logits`) or a callable.
 
-    `fn(idx, keep)` gives the logits of the last `keep` positions; a model with an `lm_head`
-    module computes only those (a pre-hook trims the head's input), which saves its matmul and
-    the memory of a (B, T, V) tensor where most predictions would go unscored.
+    `fn(idx, keep)` gives the logits of the last `keep` positions. A model whose forward takes
+    `logits_to_keep` (ours, and transformers' GPT-2) computes only those, which saves the head's
+    matmul and the memory of a (B, T, V) tensor where most predictions would go unscored.
     """
     params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = params.device if params is not None else torch.device("cpu")
     if hasattr(model, "eval"):
         model.eval()
-    head = getattr(model, "lm_head", None)
+    forward = getattr(model, "forward", model)
+    trims = "logits_to_keep" in inspect.signature(forward).parameters
 
     def fn(idx: Tensor, keep: int) -> Tensor:
-        hook = None
-        if isinstance(head, torch.nn.Module):
-            hook = head.register_forward_pre_hook(lambda _, args: (args[0][:, -keep:], *args[1:]))
-        try:
-            with torch.inference_mode(), autocast(device, dtype):
-                out = model(idx.to(device))
-        finally:
-            if hook is not None:
-                hook.remove()
+        kw = {"logits_to_keep": keep} if trims else {}
+        with torch.inference_mode(), autocast(device, dtype):
+            out = model(idx.to(device), **kw)
         if isinstance(out, tuple):
             out = out[0]
         elif hasattr(out, "logits"):
@@ -77,7 +73,8 @@ Window(start=4, end=8, scored=2), Window(start=5, end=9, scored=1)]
         raise ConfigError(
             f"context={context}, stride={stride} cannot slide",
             "context >= 1 and 1 <= stride <= context",
-            "set --stride to at most --context (stride = context scores disjoint windows)",
+            f"set {mark_key('stride')} to at most {mark_key('context')} "
+            "(stride = context scores disjoint windows)",
         )
     if n < 2:
         return []
@@ -199,7 +196,6 @@ def bits(nll: float, units: int) -> float:
     return nll / math.log(2) / max(units, 1)
 
 
-def _bar(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, file=sys.stderr, leave=False)
+def _bar(total: int, enabled: bool, desc: str) -> tqdm:
+    """A progress bar (on stderr, tqdm's default) only when the caller asked for one."""
+    return tqdm(total=total, disable=not enabled, desc=desc, leave=False)

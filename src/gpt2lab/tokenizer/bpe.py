@@ -7,13 +7,16 @@ pattern and special tokens handed to a `tiktoken.Encoding`, so custom vocabulari
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import tiktoken
+
 from gpt2lab.errors import TokenizerError
-from gpt2lab.tokenizer.base import AllowedSpecial, Tokenizer
+from gpt2lab.tokenizer.base import EOT, AllowedSpecial, Tokenizer
+from gpt2lab.tokenizer.files import read_gpt2_vocab, write_gpt2_files, write_hf_files
+from gpt2lab.tokenizer.parallel import FORKS, start_pool, worker_tokenizer
 from gpt2lab.tokenizer.pretokenize import GPT2_PATTERN, compile_pattern
 
 BACKENDS = ("tiktoken", "python")
@@ -114,8 +117,6 @@ class BPETokenizer(Tokenizer):
 
     # --- the tiktoken backend ---------------------------------------------------------------------
     def _build_tiktoken(self) -> Any:
-        import tiktoken
-
         # tiktoken ranks a merge by the id of its result, so ids must grow with the merge order.
         ids = [self.ranks[a + b] for a, b in self.merges]
         if any(x >= y for x, y in zip(ids, ids[1:])):
@@ -158,11 +159,10 @@ class BPETokenizer(Tokenizer):
                 list(texts), num_threads=workers, allowed_special=allowed, disallowed_special=()
             )
         total = sum(len(t) for t in texts)
-        if workers < 2 or total < _PARALLEL_MIN_CHARS or len(texts) < 2 or os.name != "posix":
+        # Only forked workers: spawning would re-run the caller's script without a main guard.
+        if workers < 2 or total < _PARALLEL_MIN_CHARS or len(texts) < 2 or not FORKS:
             return super().encode_batch(texts, allowed_special, disallowed_special)
-        global _WORKER_TOKENIZER
-        _WORKER_TOKENIZER = self  # inherited by the forked workers, never pickled
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with start_pool(self, workers) as pool:
             args = [(t, allowed_special, disallowed_special) for t in texts]
             return pool.starmap(
                 _encode_in_worker, args, chunksize=max(1, len(texts) // (4 * workers))
@@ -211,8 +211,8 @@ class BPETokenizer(Tokenizer):
         # Pickle (e.g. for DataLoader workers) the definition, not the caches and tiktoken state;
         # GPT-2's own vocabulary travels as its name and is re-read from the package files.
         if self.kind == "gpt2":
-            extra = [s for s in self.special_tokens if s != "<|endoftext|>"]
-            return (_load_gpt2, (self.backend, extra))
+            extra = [s for s in self.special_tokens if s != EOT]
+            return (load_gpt2, (self.backend, extra))
         args = (self.ranks, self.merges, self.pattern, self.special_tokens, self.backend, self.kind)
         return (BPETokenizer, args)
 
@@ -228,7 +228,7 @@ class BPETokenizer(Tokenizer):
     def spec(self) -> dict[str, Any]:
         """`{"kind": "gpt2"}` for GPT-2's own vocabulary, else kind, size, pattern and digest."""
         if self.kind == "gpt2":
-            extra = {s: i for s, i in self.special_tokens.items() if s != "<|endoftext|>"}
+            extra = {s: i for s, i in self.special_tokens.items() if s != EOT}
             return {"kind": "gpt2", **({"special_tokens": extra} if extra else {})}
         return {
             "kind": self.kind,
@@ -240,26 +240,28 @@ class BPETokenizer(Tokenizer):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write encoder.json + vocab.bpe (GPT-2's format) and gpt2lab's small tokenizer.json."""
-        from gpt2lab.tokenizer.io import save_bpe
-
-        save_bpe(self, directory)
+        meta = {
+            "kind": self.kind,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "n_vocab": self.n_vocab,
+            "vocab_sha256": self.vocab_sha256(),
+        }
+        write_gpt2_files(directory, self.ranks, self.merges, self.special_tokens, meta)
 
     def save_hf(self, directory: str | os.PathLike, model_max_length: int = 1024) -> None:
         """Write vocab.json, merges.txt and tokenizer_config.json for `transformers`."""
-        from gpt2lab.tokenizer.io import save_hf
-
-        save_hf(self, directory, model_max_length)
-
-
-_WORKER_TOKENIZER: BPETokenizer | None = None
+        write_hf_files(
+            directory, self.ranks, self.merges, self.special_tokens, self.pattern, model_max_length
+        )
 
 
-def _load_gpt2(backend: str, extra: list[str]) -> BPETokenizer:
-    from gpt2lab.tokenizer.io import load_gpt2
-
-    return load_gpt2(backend, extra)
+def load_gpt2(backend: str = "tiktoken", special_tokens: list[str] | None = None) -> BPETokenizer:
+    """GPT-2's own tokenizer: 50257 ids, `<|endoftext|>` = 50256, extra specials after it."""
+    ranks, merges, specials = read_gpt2_vocab()
+    tok = BPETokenizer(ranks, merges, GPT2_PATTERN, specials, backend, kind="gpt2")
+    return tok.with_special_tokens(special_tokens) if special_tokens else tok
 
 
 def _encode_in_worker(text: str, allowed: Any, disallowed: Any) -> list[int]:
-    assert _WORKER_TOKENIZER is not None
-    return _WORKER_TOKENIZER.encode(text, allowed, disallowed)
+    return worker_tokenizer().encode(text, allowed, disallowed)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from gpt2lab.errors import TokenizerError
-from gpt2lab.io import atomic_write_json
 from gpt2lab.tokenizer.base import EOT, Tokenizer
+from gpt2lab.tokenizer.files import write_meta
 
 UNK = "<|unk|>"
 
@@ -95,8 +94,4 @@ class CharTokenizer(Tokenizer):
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json (kind, characters, special tokens)."""
-        from gpt2lab.tokenizer.io import FORMAT, META_FILE, VERSION
-
-        meta = {"format": FORMAT, "version": VERSION, **self.spec()}
-        meta["special_tokens"] = self.special_tokens
-        atomic_write_json(Path(directory) / META_FILE, meta)
+        write_meta(directory, {**self.spec(), "special_tokens": self.special_tokens})

@@ -1,4 +1,4 @@
-"""train_bpe: merges identical to a brute-force trainer, streaming, saved files that HF loads."""
+"""train_bpe: merges identical to a brute-force trainer and to the reference, files HF loads."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from gpt2lab.errors import DataError, TokenizerError
 from gpt2lab.tokenizer import GPT2_PATTERN, GPT4_PATTERN, get_tokenizer, train_bpe
-from gpt2lab.tokenizer import train as train_mod
 
 
 def brute_force_merges(text: str, pattern: str, n_merges: int) -> list[tuple[int, int]]:
@@ -79,17 +78,6 @@ def test_special_token_text_is_not_learned():
     assert tok.encode("ab<|endoftext|>", allowed_special="all") == [256, 257]
 
 
-def test_streaming_files_counts_like_the_whole_text(shared_data, tmp_path, monkeypatch):
-    text = (shared_data / "gutenberg_books/pg84.txt").read_text("utf-8")[:80_000] + "é😀\n\n  x"
-    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
-    (tmp_path / "b.txt").write_text(text[:5000], encoding="utf-8")
-    monkeypatch.setattr(train_mod, "_BLOCK", 1001)  # blocks cut through lines and characters
-    got = train_mod.count_pretokens([tmp_path / "a.txt", tmp_path / "b.txt"], GPT2_PATTERN)
-    want = Counter(p.encode() for p in regex.findall(GPT2_PATTERN, text))
-    want.update(p.encode() for p in regex.findall(GPT2_PATTERN, text[:5000]))
-    assert got == want
-
-
 def test_trained_vocab_saves_and_loads_in_hf_and_gpt2lab(shared_data, tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -149,7 +137,7 @@ def test_bad_input(tmp_path):
         train_bpe("", 300, progress=False)
     bad = tmp_path / "latin1.txt"
     bad.write_bytes(b"fine text\n" * 10 + "caf\xe9".encode("latin-1") + b"\n")
-    with pytest.raises(DataError, match=r"latin1.txt is not UTF-8: byte offset 103"):
+    with pytest.raises(DataError, match=r"latin1.txt is not UTF-8: byte 0xe9 at offset 103"):
         train_bpe([bad], 260, progress=False)
     tok = train_bpe([bad], 258, errors="replace", progress=False)
     assert tok.n_vocab == 258
@@ -200,39 +188,59 @@ def test_loads_a_vocabulary_trained_by_hf(shared_data, tmp_path):
         assert tok.decode(tok.encode(sample)) == sample
 
 
-def test_whitespace_table_is_regex_s():
-    every = "".join(map(chr, range(0x110000)))
-    assert sorted(train_mod._WHITESPACE) == regex.findall(r"\s", every)
-
-
-# Text where whitespace runs, letters, digits, punctuation, contractions and the placeholder
-# characters of the word-by-word counting meet in every order.
-_ALPHABET = list(" \n\t\r\x0b\xa0\u3000\x1c" + "ab'sé1,!😀" + "\x00\x01\ue000")
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from([*_ALPHABET, " ", " ", "  ", " ll", "\n "]), max_size=1600))
-def test_counting_by_words_equals_findall(chars):
-    # long enough (>= 1024 characters) to be counted by words; the odd text at both ends
-    text = "".join(chars) + " the cat's mat, 12 \n" * 60 + "".join(reversed(chars))
-    for pattern in (GPT2_PATTERN, GPT4_PATTERN):
-        got = train_mod.count_pretokens(text, pattern)
-        assert got == Counter(p.encode() for p in regex.findall(pattern, text))
-
-
-@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
-def test_counting_by_words_on_real_text_and_blocks(shared_data, tmp_path, monkeypatch, pattern):
-    text = (shared_data / "wikitext2/wiki.valid.tokens").read_text("utf-8")[:300_000]
-    text += (shared_data / "gutenberg_books/pg11.txt").read_text("utf-8")[:100_000] + "  \n "
-    want = Counter(p.encode() for p in regex.findall(pattern, text))
-    assert train_mod.count_pretokens(text, pattern) == want
-    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
-    monkeypatch.setattr(train_mod, "_BLOCK", 50_000)
-    assert train_mod.count_pretokens([tmp_path / "a.txt"], pattern) == want
-
-
 def test_several_occurrences_in_a_word_match_brute_force():
     # "abab", "aaaa" and "abcabc" hold the merged pair twice or overlapping
     text = " ".join(["abab", "aaaa", "abcabc", "aaab", "baaa", "abababa", "xaaay"] * 7) + " ab"
     tok = train_bpe(text, 257 + 12, progress=False)
     assert merge_ids(tok) == brute_force_merges(text, GPT2_PATTERN, 12)
+
+
+# --- the reference trainer and the incremental one give the same merges ----------------------
+
+
+def both_algorithms(text_or_files, vocab_size, **kw) -> tuple[list, list]:
+    fast = train_bpe(text_or_files, vocab_size, **kw)
+    ref = train_bpe(text_or_files, vocab_size, algorithm="reference", **kw)
+    assert ref.ranks == fast.ranks and ref.special_tokens == fast.special_tokens
+    return merge_ids(fast), merge_ids(ref)
+
+
+@pytest.mark.parametrize(
+    ("source", "pattern", "size", "n_merges"),
+    [
+        ("tinyshakespeare.txt", "gpt2", 60_000, 300),
+        ("gutenberg_books/pg11.txt", "gpt4", 40_000, 200),
+        ("fortunes/art", "gpt2", 30_000, 200),  # long runs of one character: overlapping pairs
+    ],
+)
+def test_reference_and_incremental_agree_on_real_text(shared_data, source, pattern, size, n_merges):
+    text = (shared_data / source).read_text("utf-8", errors="replace")[:size]
+    fast, ref = both_algorithms(text, 256 + n_merges + 1, pattern=pattern)
+    assert fast == ref and len(fast) == n_merges
+
+
+@pytest.mark.parametrize(
+    ("text", "specials"),
+    [
+        ("aaaa aaaaa aaa a aaaaaaaa", []),  # one pair overlapping itself
+        ("abababa abab bababab", ["<|endoftext|>"]),
+        (
+            "<|endoftext|>hello<|pad|>world hello world<|endoftext|>" * 5,
+            ["<|endoftext|>", "<|pad|>"],
+        ),
+        ("héllo wörld 日本語 日本 😀😀 😀 ünïcode " * 3, ["<|endoftext|>"]),
+    ],
+)
+def test_reference_and_incremental_agree_on_edge_cases(text, specials):
+    fast, ref = both_algorithms(text, 256 + 6 + len(specials), special_tokens=specials)
+    assert fast == ref
+    if not any(s in text for s in specials):
+        assert fast == brute_force_merges(text, GPT2_PATTERN, 6)
+
+
+def test_reference_runs_out_of_pairs_as_the_incremental_one_does():
+    for algorithm in ("incremental", "reference"):
+        with pytest.raises(TokenizerError, match="supports only 258 ids"):
+            train_bpe("ab ab", 300, special_tokens=[], algorithm=algorithm)
+    with pytest.raises(TokenizerError, match="unknown algorithm 'fast'"):
+        train_bpe("ab", 300, algorithm="fast")

@@ -1,4 +1,8 @@
-"""Reading and writing vocabularies: GPT-2's encoder.json + vocab.bpe, .tiktoken, ours."""
+"""Vocabulary files: GPT-2's encoder.json + vocab.bpe, Hugging Face's, .tiktoken, and ours.
+
+This module reads and writes the formats as plain data (ranks, merges, special tokens); the
+tokenizer classes build themselves from that data (bpe.py, char.py, loader.py).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ from typing import Any
 from gpt2lab.errors import TokenizerError
 from gpt2lab.io import atomic_write_json, atomic_write_text
 from gpt2lab.tokenizer.base import EOT
-from gpt2lab.tokenizer.bpe import BPETokenizer
 from gpt2lab.tokenizer.pretokenize import (
     GPT2_PATTERN,
     str_to_token,
@@ -53,8 +56,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# what a vocabulary's files hold: (ranks, merges, special tokens)
+Vocab = tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]
+
+
 @functools.lru_cache(maxsize=1)
-def _gpt2_vocab() -> tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]:
+def read_gpt2_vocab() -> Vocab:
+    """GPT-2's own ranks, merges and special tokens, checked against the hashes tiktoken pins."""
     d = gpt2_files_dir()
     for name, want in GPT2_SHA256.items():
         got = _sha256(d / name)
@@ -67,16 +75,7 @@ def _gpt2_vocab() -> tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str
     return read_gpt2_format(d / "encoder.json", d / "vocab.bpe")
 
 
-def load_gpt2(backend: str = "tiktoken", special_tokens: list[str] | None = None) -> BPETokenizer:
-    """GPT-2's own tokenizer: 50257 ids, `<|endoftext|>` = 50256, extra specials after it."""
-    ranks, merges, specials = _gpt2_vocab()
-    tok = BPETokenizer(ranks, merges, GPT2_PATTERN, specials, backend, kind="gpt2")
-    return tok.with_special_tokens(special_tokens) if special_tokens else tok
-
-
-def read_gpt2_format(
-    vocab_path: Path, merges_path: Path, special: set[str] | None = None
-) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]:
+def read_gpt2_format(vocab_path: Path, merges_path: Path, special: set[str] | None = None) -> Vocab:
     """Parse encoder.json + vocab.bpe -> (ranks, merges, special tokens).
 
     Tokens that are neither a single byte nor the result of a merge are special tokens
@@ -159,101 +158,93 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def load_dir(directory: str | os.PathLike, backend: str = "tiktoken") -> Any:
-    """Load what `save(dir)` wrote, a dir of GPT-2 / HF files, or of a .tiktoken file."""
-    d = Path(directory)
-    meta_path = d / META_FILE
-    meta: dict[str, Any] = {}
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerError(
-                f"cannot read {meta_path} ({e})", "gpt2lab's tokenizer.json"
-            ) from None
-        if meta.get("format") != FORMAT:
-            meta = {}  # e.g. a Hugging Face tokenizer.json: use the files beside it
-    if meta.get("kind") == "char":
-        from gpt2lab.tokenizer.char import CharTokenizer
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """gpt2lab's tokenizer.json in `directory`, or {} if there is none (or it is Hugging Face's)."""
+    meta_path = Path(directory) / META_FILE
+    if not meta_path.is_file():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read {meta_path} ({e})", "gpt2lab's tokenizer.json") from None
+    return meta if meta.get("format") == FORMAT else {}  # HF's: use the files beside it
 
-        return CharTokenizer.from_meta(meta, where=str(meta_path))
-    if meta.get("kind") == "gpt2":
-        extra = [s for s in meta.get("special_tokens", {}) if s != EOT]
-        return load_gpt2(backend, extra)
-    specials_meta: dict[str, int] = meta.get("special_tokens", {})
+
+def read_vocab_dir(directory: str | os.PathLike, special_tokens: dict[str, int]) -> Vocab:
+    """The vocabulary in `directory`: GPT-2's files, Hugging Face's, or a .tiktoken rank file.
+
+    `special_tokens` (from tokenizer.json) marks tokens of the files as special; a .tiktoken file
+    holds none, so they are taken as they are.
+    """
+    d = Path(directory)
     for vocab_name, merges_name in _PAIRS:
         if (d / vocab_name).is_file() and (d / merges_name).is_file():
-            ranks, merges, specials = read_gpt2_format(
-                d / vocab_name, d / merges_name, set(specials_meta)
-            )
-            break
-    else:
-        found = sorted(d.glob("*.tiktoken")) if d.is_dir() else []
-        if not found:
-            raise TokenizerError(
-                f"{d} holds no tokenizer",
-                "tokenizer.json (gpt2lab), encoder.json + vocab.bpe, vocab.json + merges.txt, "
-                "or a .tiktoken file",
-                "save one with `tok.save(dir)` or `gpt2lab tokenizer train ... --out DIR`",
-            )
-        ranks = load_tiktoken_file(found[0])
-        merges, specials = merges_from_ranks(ranks), dict(specials_meta)
-    tok = BPETokenizer(
-        ranks, merges, meta.get("pattern", GPT2_PATTERN), specials, backend, meta.get("kind", "bpe")
-    )
-    want = meta.get("vocab_sha256")
-    if want and want != tok.vocab_sha256():
+            return read_gpt2_format(d / vocab_name, d / merges_name, set(special_tokens))
+    found = sorted(d.glob("*.tiktoken")) if d.is_dir() else []
+    if not found:
         raise TokenizerError(
-            f"the vocabulary in {d} has digest {tok.vocab_sha256()[:16]}..., but {meta_path} "
-            f"records {want[:16]}...",
-            "files written together by one save()",
-            "save the tokenizer again",
+            f"{d} holds no tokenizer",
+            "tokenizer.json (gpt2lab), encoder.json + vocab.bpe, vocab.json + merges.txt, "
+            "or a .tiktoken file",
+            "save one with `tok.save(dir)` or `gpt2lab tokenizer train ... --out DIR`",
         )
-    return tok
+    ranks = load_tiktoken_file(found[0])
+    return ranks, merges_from_ranks(ranks), dict(special_tokens)
 
 
-def _gpt2_files(tok: BPETokenizer) -> tuple[str, str]:
-    """The text of encoder.json and vocab.bpe for `tok`."""
-    encoder = {token_to_str(t): i for t, i in sorted(tok.ranks.items(), key=lambda kv: kv[1])}
-    encoder.update(tok.special_tokens)
-    merges = "".join(f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in tok.merges)
-    return json.dumps(encoder, ensure_ascii=False), "#version: 0.2\n" + merges
+def write_meta(directory: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Write gpt2lab's tokenizer.json: the format and version, then `meta`."""
+    atomic_write_json(Path(directory) / META_FILE, {"format": FORMAT, "version": VERSION, **meta})
 
 
-def save_bpe(tok: BPETokenizer, directory: str | os.PathLike) -> None:
+def _gpt2_files(
+    ranks: dict[bytes, int], merges: list[tuple[bytes, bytes]], special_tokens: dict[str, int]
+) -> tuple[str, str]:
+    """The text of encoder.json and vocab.bpe."""
+    encoder = {token_to_str(t): i for t, i in sorted(ranks.items(), key=lambda kv: kv[1])}
+    encoder.update(special_tokens)
+    lines = "".join(f"{token_to_str(a)} {token_to_str(b)}\n" for a, b in merges)
+    return json.dumps(encoder, ensure_ascii=False), "#version: 0.2\n" + lines
+
+
+def write_gpt2_files(
+    directory: str | os.PathLike,
+    ranks: dict[bytes, int],
+    merges: list[tuple[bytes, bytes]],
+    special_tokens: dict[str, int],
+    meta: dict[str, Any],
+) -> None:
     """Write encoder.json, vocab.bpe (GPT-2's format, readable by HF) and tokenizer.json (ours)."""
-    encoder, merges = _gpt2_files(tok)
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "kind": tok.kind,
-        "pattern": tok.pattern,
-        "special_tokens": tok.special_tokens,
-        "n_vocab": tok.n_vocab,
-        "vocab_sha256": tok.vocab_sha256(),
-    }
+    encoder, merges_text = _gpt2_files(ranks, merges, special_tokens)
     # File by file (never replacing the directory, which may hold other things); tokenizer.json
     # goes last and its digest catches a vocabulary left half-updated by a crash.
     d = Path(directory)
     atomic_write_text(d / "encoder.json", encoder)
-    atomic_write_text(d / "vocab.bpe", merges)
-    atomic_write_json(d / META_FILE, meta)
+    atomic_write_text(d / "vocab.bpe", merges_text)
+    write_meta(d, meta)
 
 
-def save_hf(tok: BPETokenizer, directory: str | os.PathLike, model_max_length: int = 1024) -> None:
+def write_hf_files(
+    directory: str | os.PathLike,
+    ranks: dict[bytes, int],
+    merges: list[tuple[bytes, bytes]],
+    special_tokens: dict[str, int],
+    pattern: str,
+    model_max_length: int = 1024,
+) -> None:
     """Write the files `transformers.AutoTokenizer.from_pretrained(dir)` reads for GPT-2.
 
     vocab.json + merges.txt + tokenizer_config.json. HF's GPT2Tokenizer splits text with GPT-2's
     own pattern, so only tokenizers with that pattern can be written this way.
     """
-    if tok.pattern != GPT2_PATTERN:
+    if pattern != GPT2_PATTERN:
         raise TokenizerError(
             "this tokenizer's pre-tokenization pattern is not GPT-2's",
             "GPT-2's pattern for a Hugging Face GPT2Tokenizer directory",
             "keep using gpt2lab's own tok.save(dir) for this vocabulary",
         )
-    encoder, merges = _gpt2_files(tok)
-    eot = EOT if EOT in tok.special_tokens else None
+    encoder, merges_text = _gpt2_files(ranks, merges, special_tokens)
+    eot = EOT if EOT in special_tokens else None
     config = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model_max_length,
@@ -261,9 +252,9 @@ def save_hf(tok: BPETokenizer, directory: str | os.PathLike, model_max_length: i
         "bos_token": eot,
         "eos_token": eot,
         "unk_token": eot,
-        "additional_special_tokens": [s for s in tok.special_tokens if s != EOT],
+        "additional_special_tokens": [s for s in special_tokens if s != EOT],
     }
     d = Path(directory)
     atomic_write_text(d / "vocab.json", encoder)
-    atomic_write_text(d / "merges.txt", merges)
+    atomic_write_text(d / "merges.txt", merges_text)
     atomic_write_json(d / "tokenizer_config.json", config)

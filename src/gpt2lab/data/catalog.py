@@ -1,13 +1,16 @@
-"""Named recipes for `gpt2lab prepare`: where each corpus comes from, its tokenizer, its split."""
+"""Named datasets for `gpt2lab prepare`: where each corpus comes from, its tokenizer, its split.
+
+Not to be confused with `config.PRESETS`, the model and training presets.
+"""
 
 from __future__ import annotations
 
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from gpt2lab.corpus import cache_dir
 from gpt2lab.errors import DataError
 from gpt2lab.io import atomic_write_bytes
 
@@ -16,7 +19,7 @@ TINY_SHAKESPEARE_URL = (
 )
 
 # source: a URL (downloaded once into the cache) or a Hugging Face dataset; split as in nanoGPT
-PRESETS: dict[str, dict[str, Any]] = {
+DATASETS: dict[str, dict[str, Any]] = {
     "shakespeare-char": {"url": TINY_SHAKESPEARE_URL, "tokenizer": "char", "val_tail": 0.1},
     "shakespeare": {"url": TINY_SHAKESPEARE_URL, "tokenizer": "gpt2", "val_tail": 0.1},
     "openwebtext": {
@@ -33,14 +36,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def cache_dir() -> Path:
-    """Where downloaded corpora are kept ($XDG_CACHE_HOME/gpt2lab or ~/.cache/gpt2lab)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gpt2lab"
-
-
 def local_example(name: str) -> str:
-    """The command that runs preset `name` on local files."""
+    """The command that prepares dataset `name` from local files."""
     if "shakespeare" in name:
         return f"`gpt2lab prepare {name} --input input.txt --out data/{name}`"
     return f"`gpt2lab prepare {name} --input 'DIR/*.jsonl' --out data/{name}` (or .parquet, .txt)"

@@ -1,0 +1,173 @@
+"""The CPU decoding kernels equal the plain model, follow weight updates, leave the model be."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2lab.config import GPTConfig
+from gpt2lab.generate import generate, iter_tokens
+from gpt2lab.kernels.cpu_decode import (
+    DecodeKernels,
+    PackedLinear,
+    TransposedHead,
+    decode_kernels,
+    onednn_can_multiply,
+)
+from gpt2lab.model import GPT, KVCache, LMHead
+
+needs_onednn = pytest.mark.skipif(
+    not onednn_can_multiply(torch.float32), reason="this torch build has no oneDNN"
+)
+
+
+def tiny_gpt(seed: int = 0, vocab: int = 97, pad: int = 1) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(
+        block_size=32, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, pad_vocab_to=pad
+    )
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # spread-out logits, so greedy choices are not decided by rounding
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    return model
+
+
+def module_types(model: nn.Module) -> dict[str, type]:
+    return {name: type(m) for name, m in model.named_modules()}
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_packed_float32_linear_equals_f_linear(rows):
+    lin = nn.Linear(48, 80)
+    x = torch.randn(rows, 1, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(PackedLinear(lin, rows)(x), F.linear(x, lin.weight, lin.bias))
+
+
+@pytest.mark.skipif(not onednn_can_multiply(torch.bfloat16), reason="no oneDNN bfloat16 here")
+def test_packed_bfloat16_linear_is_bit_equal_to_f_linear():
+    lin = nn.Linear(48, 80).to(torch.bfloat16)
+    x = torch.randn(3, 1, 48, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(PackedLinear(lin, 3)(x), F.linear(x, lin.weight, lin.bias))
+
+
+@needs_onednn
+def test_packed_weights_follow_in_place_updates():
+    lin = nn.Linear(16, 24)
+    packed = PackedLinear(lin, 2)
+    x = torch.randn(2, 1, 16)
+    for scale in (1.0, -2.0, 0.5):
+        with torch.no_grad():
+            lin.weight.mul_(scale)  # as an optimizer step does: the packed copy must be remade
+            torch.testing.assert_close(packed(x), F.linear(x, lin.weight, lin.bias))
+
+
+def test_packed_linear_with_gradients_is_the_plain_layer():
+    lin = nn.Linear(16, 24)
+    x = torch.randn(2, 1, 16, requires_grad=True)
+    PackedLinear(lin, 2)(x).sum().backward()
+    assert lin.weight.grad is not None and x.grad is not None
+
+
+def test_the_head_computes_only_the_real_vocabulary():
+    model = tiny_gpt(vocab=97, pad=64)  # 128 rows in the table, 97 real
+    x = torch.randn(2, 1, 32)
+    expected = F.linear(x, model.lm_head.weight[:97])
+    with torch.no_grad():
+        for head in (PackedLinear(model.lm_head, 2, 97), TransposedHead(model.lm_head, 97)):
+            if isinstance(head, PackedLinear) and not onednn_can_multiply(torch.float32):
+                continue
+            torch.testing.assert_close(head(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_generation_with_kernels_equals_the_plain_model(dtype, batch):
+    model = tiny_gpt(pad=64).to(dtype)
+    idx = torch.randint(0, 97, (batch, 5), generator=torch.Generator().manual_seed(1))
+    fast = generate(model, idx, 20, temperature=0)
+    plain = generate(model, idx, 20, temperature=0, kernels=False)
+    assert fast.tolist() == plain.tolist()
+
+
+def test_cached_logits_with_kernels_equal_the_plain_model():
+    model = tiny_gpt()
+    idx = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(2))
+    kernels = decode_kernels(model, 3)
+    assert kernels is not None
+    out = {}
+    for name, ctx in (("plain", None), ("fast", kernels)):
+        cache = KVCache(model.config, 3, 8)
+        with torch.no_grad():
+            model(idx, cache=cache)
+            if ctx is None:
+                out[name] = model(idx[:, :1], cache=cache)[0]
+            else:
+                with ctx.applied():
+                    out[name] = model(idx[:, :1], cache=cache)[0]
+    torch.testing.assert_close(out["fast"], out["plain"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_can_multiply(torch.bfloat16), reason="no oneDNN bfloat16 here")
+def test_sampling_under_cpu_autocast_equals_the_plain_model():
+    """A float32 model sampled under bfloat16 autocast (training-time samples): oneDNN refuses
+    mixed operands, so the packed layers compute in autocast's dtype, as F.linear does."""
+    model = tiny_gpt()
+    idx = torch.tensor([[5, 17, 3]])
+    lin = model.transformer.h[0].attn.c_proj
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = PackedLinear(lin, 1)(x), lin(x)
+        assert y.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y, ref)
+        fast = generate(model, idx, 12, temperature=0)
+        plain = generate(model, idx, 12, temperature=0, kernels=False)
+    assert fast.tolist() == plain.tolist()
+
+
+def test_the_model_is_its_own_between_and_after_steps():
+    model = tiny_gpt()
+    before = module_types(model)
+    keys = list(model.state_dict())
+    steps = iter_tokens(model, torch.tensor([[1, 2, 3]]), 5, temperature=0)
+    next(steps)  # suspended mid-generation: the swap lasts one forward call only
+    assert module_types(model) == before and isinstance(model.lm_head, LMHead)
+    list(steps)
+    assert module_types(model) == before and list(model.state_dict()) == keys
+    twin = copy.deepcopy(model)  # nothing unpicklable was left behind
+    assert pickle.loads(pickle.dumps(twin)).config == model.config
+
+
+def test_stand_ins_share_the_models_parameters():
+    model = tiny_gpt()
+    kernels = DecodeKernels(model, 2, torch.float32)
+    params = {id(p) for p in model.parameters()}
+    with kernels.applied():
+        assert {id(p) for p in model.parameters()} == params
+        assert list(model.state_dict()) == list(tiny_gpt().state_dict())
+
+
+@needs_onednn
+def test_a_onednn_refusal_falls_back_to_the_plain_product(monkeypatch):
+    """On a CPU or build whose oneDNN has no kernel after all, decoding still works."""
+    model = tiny_gpt()
+    idx = torch.tensor([[5, 17, 3]])
+    ref = generate(model, idx, 8, temperature=0, kernels=False)
+
+    def refuse(*args):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    assert generate(model, idx, 8, temperature=0).tolist() == ref.tolist()
+
+
+def test_no_kernels_for_other_models():
+    assert decode_kernels(nn.Linear(2, 2), 1) is None
