@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from gpt2lab.device import autocast, keep_freed_memory, pick_device, pick_dtype
+from gpt2lab.device import autocast, pick_device, pick_dtype
 from gpt2lab.errors import ConfigError
 
 

@@ -20,7 +20,7 @@ from gpt2lab.checkpoint.load import load_model
 from gpt2lab.config import Config, merge, resolve
 from gpt2lab.corpus import DESCRIPTION, shakespeare_text
 from gpt2lab.data import load_meta
-from gpt2lab.errors import ConfigError, DataError, TokenizerError
+from gpt2lab.errors import ConfigError, DataError, TokenizerError, mark_key
 from gpt2lab.generate import PREVIEW_SAMPLING, ContextWarning, complete, prompt_ids
 from gpt2lab.io import atomic_write_json, atomic_write_text
 from gpt2lab.model import GPT
@@ -80,7 +80,9 @@ def demo_config(
     """The `demo` preset with a wall-clock budget of `minutes`, then a TOML file and overrides."""
     if not minutes > 0 or not math.isfinite(minutes):
         raise ConfigError(
-            f"--minutes {minutes}", "a number of minutes > 0", "e.g. --minutes 5 (or 0.5 to try)"
+            mark_key("minutes", minutes),
+            "a number of minutes > 0",
+            f"e.g. {mark_key('minutes', 5)} (or 0.5 to try)",
         )
     return resolve("demo", config_file, [f"train.max_minutes={minutes}", *overrides])
 
@@ -92,7 +94,9 @@ def default_run_dir(root: str | Path = "runs") -> Path:
         p = root / ("demo" if i == 1 else f"demo-{i}")
         if not p.exists():
             return p
-    raise ConfigError(f"{root} holds 9,999 demo runs", "a free name", "pass --out RUN_DIR")
+    raise ConfigError(
+        f"{root} holds 9,999 demo runs", "a free name", f"pass {mark_key('out', 'RUN_DIR')}"
+    )
 
 
 def run_demo(
@@ -123,12 +127,16 @@ def run_demo(
     bar = ProgressBar("time") if progress else None
     handle: EventHandler = broadcast(on_event, bar) or (lambda event: None)
     if tokenizer not in ("char", "gpt2"):
-        raise ConfigError(f"--tokenizer {tokenizer}", "char or gpt2", "e.g. --tokenizer gpt2")
+        raise ConfigError(
+            mark_key("tokenizer", tokenizer),
+            "char or gpt2",
+            f"e.g. {mark_key('tokenizer', 'gpt2')}",
+        )
     if num_samples < 0 or sample_tokens < 0:
         raise ConfigError(
-            f"--samples {num_samples} / --sample-tokens {sample_tokens}",
+            f"{mark_key('num_samples', num_samples)} / {mark_key('sample_tokens', sample_tokens)}",
             "numbers >= 0",
-            "e.g. --samples 3 --sample-tokens 300",
+            f"e.g. {mark_key('num_samples', 3)} {mark_key('sample_tokens', 300)}",
         )
     run_dir = Path(out)
     cfg = demo_config(minutes, config_file, overrides)
@@ -139,7 +147,9 @@ def run_demo(
     else:
         src, corpus = Path(input), str(input)
         if not src.is_file():
-            raise DataError(f"--input {src} is not a file", "a UTF-8 text file", "check the path")
+            raise DataError(
+                f"{mark_key('input', src)} is not a file", "a UTF-8 text file", "check the path"
+            )
     # 2. prepare: character-level (or GPT-2 BPE), the last 10% of the text held out for validation
     data_dir = build.prepare_text(src, run_dir, None, tokenizer, overwrite)
     cfg = merge(cfg, {"data": {"dir": str(data_dir)}})

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import ConfigError, mark_key
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,13 +26,15 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(
-            f"unknown device {name!r}", "auto, cpu, cuda, cuda:N or mps", "fix train.device"
+            f"unknown device {name!r}",
+            "auto, cpu, cuda, cuda:N or mps",
+            f"fix {mark_key('train.device')}",
         ) from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {name!r} asked for but CUDA is not available",
             "a machine with a CUDA GPU and a CUDA build of PyTorch",
-            "use train.device=cpu or install a CUDA build of torch",
+            f"use {mark_key('train.device', 'cpu')} or install a CUDA build of torch",
         )
     return device
 
@@ -58,13 +60,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name not in DTYPES:
         raise ConfigError(
-            f"unknown dtype {name!r}", "auto, float32, bfloat16 or float16", "fix train.dtype"
+            f"unknown dtype {name!r}",
+            "auto, float32, bfloat16 or float16",
+            f"fix {mark_key('train.dtype')}",
         )
     if name == "float16" and device.type == "cpu":
         raise ConfigError(
             "float16 autocast is not supported on the CPU",
             "bfloat16 or float32",
-            "use train.dtype=bfloat16 (or float32)",
+            f"use {mark_key('train.dtype', 'bfloat16')} (or float32)",
         )
     return DTYPES[name]
 

@@ -135,7 +135,7 @@ def test_bad_input_is_one_line_and_leaves_the_run_dir_alone(tmp_path, char_data,
         (["train", "--out", str(tmp_path / "none"), "--resume"], 1, "nothing to resume"),
         ([*base, "--overwrite", "--train.lrr=1"], 2, "--train.lr"),
         ([*base[:2], str(tmp_path), *base[3:], "--overwrite"], 1, "meta.json"),
-        ([*base, "--overwrite", "--train.micro_batch_size=100000000"], 1, "lower train.micro_batch_size"),
+        ([*base, "--overwrite", "--train.micro_batch_size=100000000"], 1, "lower --train.micro"),
         (["train", "--out", str(run), "--resume", "--model.n_layer=3"], 2, "differs from the run"),
     ]
     for argv, code, words in cases:
@@ -150,6 +150,9 @@ def test_bad_input_is_one_line_and_leaves_the_run_dir_alone(tmp_path, char_data,
         train(tiny_config(empty), tmp_path / "r2")
     with pytest.raises(ConfigError):
         train(tiny_config(""), tmp_path / "r3")
+    # the library names config keys; the command line shows them as flags
+    with pytest.raises(TrainingError, match="lower `train.micro_batch_size`"):
+        train(tiny_config(char_data, "train.micro_batch_size=100000000"), tmp_path / "r4")
 
 
 def test_resume_continues_with_a_larger_max_steps(tmp_path, char_data, capsys):

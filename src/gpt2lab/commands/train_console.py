@@ -12,6 +12,8 @@ import sys
 import threading
 from typing import Any
 
+from tqdm import tqdm
+
 from gpt2lab.device import keep_freed_memory, pick_device
 from gpt2lab.train.events import (
     DoneEvent,
@@ -98,8 +100,8 @@ class TrainConsole:
 
     def print(self, line: str) -> None:
         """A line on stderr, above the bar if one is open."""
-        if self.bar is not None:
-            self.bar.write(line)
+        if self.bar is not None and self.bar.bar is not None:
+            tqdm.write(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)
 

@@ -19,7 +19,7 @@ from gpt2lab.checkpoint.load import load_model
 from gpt2lab.checkpoint.weights import load_model_safetensors
 from gpt2lab.config import Config, GPTConfig, TrainConfig, apply_overrides, from_dict, to_dict
 from gpt2lab.data import BatchLoader, load_data_tokenizer, load_meta, prepare
-from gpt2lab.errors import ConfigError, DataError, TokenizerError, TrainingError
+from gpt2lab.errors import ConfigError, DataError, TokenizerError, TrainingError, mark_key
 from gpt2lab.model import GPT
 from gpt2lab.train.dist import Dist, launched_world_size, load_optimizer_state, wrap
 from gpt2lab.train.memory import estimate_memory
@@ -53,10 +53,11 @@ def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, Path]:
     for key in before:
         if before[key] != after[key] and key.startswith(FIXED_ON_RESUME):
             raise ConfigError(
-                f"{key}={after[key]!r} differs from the run being resumed ({before[key]!r})",
+                f"{mark_key(key, repr(after[key]))} differs from the run being resumed "
+                f"({before[key]!r})",
                 "overrides that leave the model, data and batch layout alone (e.g. "
-                "train.max_steps)",
-                f"drop {key}, or start a new run in another directory",
+                f"{mark_key('train.max_steps')})",
+                f"drop {mark_key(key)}, or start a new run with another {mark_key('out')}",
             )
     return cfg, ckpt
 
@@ -76,8 +77,8 @@ def check_data(data_dir: str) -> tuple[dict[str, Any], Any]:
     if not data_dir:
         raise ConfigError(
             "no training data given",
-            "data.dir (a directory written by `gpt2lab prepare`) or a text file",
-            "set data.dir",
+            f"{mark_key('data.dir')} (a directory written by `gpt2lab prepare`) or a text file",
+            f"set {mark_key('data.dir')}",
         )
     meta = load_meta(data_dir)
     for split in ("train", "val"):
@@ -107,7 +108,7 @@ def check_resumed_vocab(cfg: Config, meta: dict[str, Any], run_dir: Path) -> Non
             f"the data in {cfg.data.dir} has {meta['vocab_size']} token ids but the run "
             f"in {run_dir} was trained with {cfg.model.vocab_size}",
             "the data the run was started on",
-            "resume with the original data.dir",
+            f"resume with the original {mark_key('data.dir')}",
         )
 
 
@@ -122,14 +123,14 @@ def pretrained(cfg: Config, data_tok: Any, meta: dict[str, Any]) -> tuple[Config
             f"({data_tok.n_vocab} tokens) but {src} uses {tok.spec().get('kind')} "
             f"({tok.n_vocab} tokens)",
             "data prepared with the model's own tokenizer",
-            f"prepare the text again with the tokenizer of {src}",
+            f"prepare the text again with {mark_key('tokenizer', src)}",
         )
     if meta["vocab_size"] > mcfg.vocab_size:
         raise TokenizerError(
             f"the data in {cfg.data.dir} has {meta['vocab_size']} token ids but {src} knows only "
             f"{mcfg.vocab_size}",
             "data prepared with the model's own tokenizer",
-            f"prepare the text again with the tokenizer of {src}",
+            f"prepare the text again with {mark_key('tokenizer', src)}",
         )
     # the architecture comes from the weights; dropout is a training choice of this run
     mcfg = dataclasses.replace(mcfg, dropout=cfg.model.dropout)
@@ -157,9 +158,10 @@ def check_memory(
             f"one training step needs about {need / 2**30:.1f} GiB ({est}) but {device} has "
             f"{have / 2**30:.1f} GiB free",
             "a batch that fits",
-            f"lower train.micro_batch_size (now {tcfg.micro_batch_size}) and raise "
-            "train.grad_accum_steps to keep the batch, or lower model.block_size, or use "
-            "train.dtype=bfloat16 or train.strategy=fsdp on several GPUs",
+            f"lower {mark_key('train.micro_batch_size')} (now {tcfg.micro_batch_size}) and raise "
+            f"{mark_key('train.grad_accum_steps')} to keep the batch, or lower "
+            f"{mark_key('model.block_size')}, or use {mark_key('train.dtype', 'bfloat16')} or "
+            f"{mark_key('train.strategy', 'fsdp')} on several GPUs",
         )
     return str(est)
 
@@ -184,12 +186,14 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if used and not (resume or overwrite):
         raise ConfigError(
             f"run directory {run_dir} already exists and is not empty",
-            "a new run directory, or an explicit choice",
-            "add --resume to continue it, or --overwrite to start it again",
+            f"a new {mark_key('out')}, or an explicit choice",
+            f"add {mark_key('resume')} to continue it, or {mark_key('overwrite')} to start it "
+            "again",
         )
     if run_dir.exists() and not run_dir.is_dir():
+        out = mark_key("out")
         raise ConfigError(
-            f"run directory {run_dir} is a file", "a directory", "choose another run directory"
+            f"{mark_key('out', run_dir)} is a file", "a directory", f"choose another {out}"
         )
 
 
@@ -211,25 +215,26 @@ def prepare_text(
     """One text file given as --data: tokenize it into RUN_DIR/data (last 10% held out)."""
     if launched_world_size() > 1:
         raise ConfigError(
-            f"--data {src} is a text file, which torchrun's ranks would all prepare at once",
+            f"{mark_key('data', src)} is a text file, which torchrun's ranks would all prepare "
+            "at once",
             "a prepared data directory under torchrun",
-            f"run `gpt2lab prepare {src} --out DIR` first and pass --data DIR",
+            f"run `gpt2lab prepare {src} --out DIR` first and pass {mark_key('data', 'DIR')}",
         )
     prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
     tok: Any = tokenizer or "gpt2"
     if init_from:
         if tokenizer:
             raise ConfigError(
-                "--tokenizer with --init-from",
+                f"{mark_key('tokenizer')} with {mark_key('init_from')}",
                 "the pretrained model's own tokenizer",
-                "drop --tokenizer",
+                f"drop {mark_key('tokenizer')}",
             )
         _, tok = load_model(init_from, device="cpu")
         if tok is None:
             raise TokenizerError(
                 f"{init_from} carries no tokenizer to prepare {src} with",
                 "a model directory with its tokenizer files",
-                f"prepare {src} yourself with `gpt2lab prepare` and pass --data DIR",
+                f"prepare {src} yourself with `gpt2lab prepare` and pass {mark_key('data', 'DIR')}",
             )
     out = run_dir / "data"
     prepare(str(src), out, tok, val_tail=0.1, force=True)

@@ -12,6 +12,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from gpt2lab.device import pick_device
 from gpt2lab.errors import ConfigError
@@ -94,23 +102,17 @@ def wrap(model: nn.Module, strategy: str, d: Dist, device: torch.device) -> nn.M
     if not d.enabled:
         return model
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for block in model.transformer.h:  # type: ignore[union-attr]
             fully_shard(block)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def model_state(model: nn.Module, strategy: str, d: Dist) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict; under FSDP every rank must call this, rank 0 gets it."""
     if d.enabled and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=opts)
     return unwrap(model).state_dict()
@@ -121,11 +123,6 @@ def optimizer_state(
 ) -> dict[str, Any]:
     """The optimizer state to save (FSDP: gathered, keyed by parameter name; else the plain one)."""
     if d.enabled and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_optimizer_state_dict(model, opt, options=opts)
     return opt.state_dict()
@@ -136,11 +133,6 @@ def load_optimizer_state(
 ) -> None:
     """Undo optimizer_state."""
     if d.enabled and strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
         opts = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(model, opt, optim_state_dict=state, options=opts)
     else:

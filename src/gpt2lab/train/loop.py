@@ -22,7 +22,7 @@ from gpt2lab.checkpoint import native
 from gpt2lab.config import Config, merge, to_dict, to_toml
 from gpt2lab.data import load_tokens
 from gpt2lab.device import autocast, pick_dtype
-from gpt2lab.errors import TrainingError
+from gpt2lab.errors import TrainingError, mark_key
 from gpt2lab.generate import PREVIEW_SAMPLING, generate, prompt_ids
 from gpt2lab.io import atomic_write_text
 from gpt2lab.train import build
@@ -326,8 +326,9 @@ class Trainer:
                 f"non-finite loss ({loss}) or gradient norm ({norm}) at step {step} of "
                 f"{self.run_dir}; the last good checkpoint is {native.find_latest(self.run_dir)}",
                 "finite values",
-                "lower train.lr, use train.dtype=bfloat16/float32, raise train.warmup_steps, "
-                "or set train.skip_nonfinite=true to skip such steps",
+                f"lower {mark_key('train.lr')}, use {mark_key('train.dtype', 'bfloat16/float32')}, "
+                f"raise {mark_key('train.warmup_steps')}, or set "
+                f"{mark_key('train.skip_nonfinite', 'true')} to skip such steps",
             )
         self.state.skipped_steps += 1
         self.emit(

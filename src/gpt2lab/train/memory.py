@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2lab.config import GPTConfig
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import ConfigError, mark_key
 from gpt2lab.model import GPT
 
 # float32 optimizer states per parameter (AdamW keeps two; Muon one or two: counted as two)
@@ -84,7 +84,7 @@ def estimate_memory(
         raise ConfigError(
             f"unknown optimizer {optimizer!r}",
             f"one of {', '.join(_OPTIMIZER_STATES)}",
-            "fix train.optimizer",
+            f"fix {mark_key('train.optimizer')}",
         )
     B, C, L, V = batch, cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
     if cfg.dropout > 0:

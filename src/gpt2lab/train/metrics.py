@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import ConfigError, mark_key
 from gpt2lab.io import atomic_write_text
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s.
@@ -83,7 +83,7 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ConfigError(
-                    "train.tensorboard=true needs the tensorboard package",
+                    f"{mark_key('train.tensorboard', 'true')} needs the tensorboard package",
                     "tensorboard installed",
                     "pip install 'gpt2lab[log]' or drop the flag",
                 ) from e
@@ -93,7 +93,7 @@ class MetricsLog:
                 import wandb as wandb_lib
             except ImportError as e:
                 raise ConfigError(
-                    f"train.wandb={wandb} needs the wandb package",
+                    f"{mark_key('train.wandb', wandb)} needs the wandb package",
                     "wandb installed",
                     "pip install 'gpt2lab[log]' or drop the flag",
                 ) from e

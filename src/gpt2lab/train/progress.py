@@ -1,12 +1,12 @@
 """A progress bar fed by training events, drawn only when a caller asks for one (`progress=True`).
 
 It counts optimizer steps (with the latest metrics beside it) or, for a run with a wall-clock
-budget, the budget's minutes. tqdm draws it on stderr, so stdout stays clean for pipes.
+budget, the budget's minutes. tqdm draws it on stderr, so stdout stays clean for pipes; a caller
+prints lines above it with `tqdm.write(line, file=sys.stderr)`.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from tqdm import tqdm
@@ -43,13 +43,6 @@ class ProgressBar:
         elif isinstance(event, DoneEvent):
             self.close()
 
-    def write(self, line: str) -> None:
-        """Print a line above the bar (or plainly, with no bar open)."""
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -63,7 +56,6 @@ class ProgressBar:
                 desc=f"training 0:00/{_clock(self.budget_s)}",
                 bar_format="{desc} |{bar}|",
                 dynamic_ncols=True,
-                file=sys.stderr,
             )
         else:
             self.bar = tqdm(
@@ -72,7 +64,6 @@ class ProgressBar:
                 unit="step",
                 dynamic_ncols=True,
                 leave=True,
-                file=sys.stderr,
             )
 
     def _advance(self, event: StepEvent) -> None:

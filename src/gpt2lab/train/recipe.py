@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gpt2lab.config import TrainConfig
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import ConfigError, mark_key
 from gpt2lab.train.muon import Muon
 
 
@@ -56,9 +56,9 @@ def apply_freeze(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
         if not hits:
             names = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()})[:6]
             raise ConfigError(
-                f"train.freeze pattern {pattern!r} matches no parameter",
+                f"{mark_key('train.freeze')} pattern {pattern!r} matches no parameter",
                 f"a glob over parameter names such as {', '.join(names)}",
-                "fix the pattern, e.g. train.freeze='transformer.w?e.*'",
+                f"fix the pattern, e.g. {mark_key('train.freeze', repr('transformer.w?e.*'))}",
             )
         frozen += hits
     params = dict(model.named_parameters())
@@ -66,7 +66,7 @@ def apply_freeze(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
         params[name].requires_grad_(False)
     if frozen and len(set(frozen)) == len(params):
         raise ConfigError(
-            f"train.freeze={','.join(patterns)} freezes every parameter",
+            f"{mark_key('train.freeze', ','.join(patterns))} freezes every parameter",
             "at least one trainable parameter",
             "narrow the patterns",
         )
@@ -102,9 +102,9 @@ def configure_optimizer(
 def _muon(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
     if any(type(p).__name__ == "DTensor" for _, p in params):
         raise ConfigError(
-            "train.optimizer=muon with train.strategy=fsdp",
+            f"{mark_key('train.optimizer', 'muon')} with {mark_key('train.strategy', 'fsdp')}",
             "Muon orthogonalizes whole matrices, which FSDP shards",
-            "use train.strategy=ddp or train.optimizer=adamw",
+            f"use {mark_key('train.strategy', 'ddp')} or {mark_key('train.optimizer', 'adamw')}",
         )
     # the matrices inside the blocks; nn.Linear in a GPT's blocks is the only 2-D kind there
     hidden = [(n, p) for n, p in params if p.dim() == 2 and ".h." in f".{n}"]

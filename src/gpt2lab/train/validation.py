@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gpt2lab.device import autocast
-from gpt2lab.errors import TrainingError
+from gpt2lab.errors import TrainingError, mark_key
 from gpt2lab.train.dist import Dist, all_reduce_sum
 
 
@@ -40,7 +40,8 @@ def val_loss(
             f"the validation split of {source} has {len(tokens)} tokens, fewer than "
             f"block_size+1 = {T + 1}",
             "a longer validation split",
-            "prepare the data with a larger validation share or lower model.block_size",
+            "prepare the data with a larger validation share or lower "
+            f"{mark_key('model.block_size')}",
         )
     windows = np.arange(n)
     if max_batches > 0 and max_batches * B * d.world_size < n:
