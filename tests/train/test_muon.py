@@ -10,15 +10,15 @@ import torch
 from safetensors.torch import load_file
 from trainutil import tiny_config
 
-from gpt2lab import config as C
 from gpt2lab.checkpoint import native
+from gpt2lab.config import TrainConfig
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT
 from gpt2lab.train import build, muon, train
 from gpt2lab.train.muon import Muon, orthogonalize
 from gpt2lab.train.recipe import _muon, configure_optimizer
 
-MUON = C.TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+MUON = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
 
 
 def polar(g: torch.Tensor) -> torch.Tensor:

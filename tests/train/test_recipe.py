@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from gpt2lab import config as C
+from gpt2lab.config import TrainConfig
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT
 from gpt2lab.train.recipe import apply_freeze, configure_optimizer, lr_at
 
-TC = C.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+TC = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_warmup_then_cosine_values(step, expected):
 
 
 def test_wsd_holds_the_peak_then_decays_linearly_over_the_cooldown():
-    wsd = C.TrainConfig(
+    wsd = TrainConfig(
         lr=1e-3, min_lr=0.0, warmup_steps=10, max_steps=110, lr_schedule="wsd", cooldown_frac=0.4
     )
     assert lr_at(9, wsd) == pytest.approx(1e-3)

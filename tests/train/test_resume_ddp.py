@@ -15,15 +15,15 @@ from safetensors.torch import load_file
 from trainutil import tiny_config
 
 from gpt2lab import cli
-from gpt2lab import config as C
 from gpt2lab.checkpoint import native
+from gpt2lab.config import to_toml
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _config_file(tmp_path, data, *overrides):
     path = tmp_path / "run.toml"
-    path.write_text(C.to_toml(tiny_config(data, *overrides)))
+    path.write_text(to_toml(tiny_config(data, *overrides)))
     return path
 
 

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2lab import config as C
+from gpt2lab.config import Config, resolve
+from gpt2lab.data.shards import VERSION, ShardWriter, dtype_for_vocab
+from gpt2lab.tokenizer import get_tokenizer
 
 
 def write_char_data(out: Path, text: str, val_fraction: float = 0.1) -> Path:
     """A data directory (shards, meta.json, tokenizer/) of `text` under a char tokenizer."""
-    from gpt2lab.data.shards import VERSION, ShardWriter, dtype_for_vocab
-    from gpt2lab.tokenizer import get_tokenizer
-
     out.mkdir(parents=True, exist_ok=True)
     tok = get_tokenizer("char", text=text)
     ids = np.asarray(tok.encode_ordinary(text), dtype=np.int64)
@@ -36,7 +35,7 @@ def write_char_data(out: Path, text: str, val_fraction: float = 0.1) -> Path:
     return out
 
 
-def tiny_config(data_dir: Path, *overrides: str) -> C.Config:
+def tiny_config(data_dir: Path, *overrides: str) -> Config:
     """2 layers x 32 wide, context 32, float32 on the CPU: milliseconds per step."""
     base = [
         f"data.dir={data_dir}",
@@ -58,7 +57,7 @@ def tiny_config(data_dir: Path, *overrides: str) -> C.Config:
         "train.dtype=float32",
         "train.peak_flops=1e12",
     ]
-    return C.resolve(None, None, [*base, *overrides])
+    return resolve(None, None, [*base, *overrides])
 
 
 def cli_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
