@@ -14,7 +14,7 @@ from gpt2lab.demo import (
     run_demo,
     summary_text,
 )
-from gpt2lab.train.events import Event
+from gpt2lab.train.events import Event, broadcast
 
 ACCEPTS_OVERRIDES = True
 EXAMPLES = """
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             num_samples=args.samples,
             sample_tokens=args.sample_tokens,
             overwrite=args.overwrite,
-            on_event=console,
+            on_event=broadcast(stop.follow, console),
             should_stop=stop.requested,
         )
     print(summary_text(result))

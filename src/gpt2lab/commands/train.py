@@ -11,6 +11,7 @@ from gpt2lab.config import PRESETS, resolve
 from gpt2lab.errors import UsageError
 from gpt2lab.plot import plot_runs
 from gpt2lab.train import build, train
+from gpt2lab.train.events import broadcast
 
 ACCEPTS_OVERRIDES = True
 EXAMPLES = """
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
             out,
             resume=args.resume,
             overwrite=args.overwrite,
-            on_event=console,
+            on_event=broadcast(stop.follow, console),
             should_stop=stop.requested,
         )
     if summary.rank == 0:

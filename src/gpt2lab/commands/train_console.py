@@ -28,26 +28,44 @@ from gpt2lab.train.progress import ProgressBar, metrics_line
 
 
 class StopSignal:
-    """SIGINT/SIGTERM: the first asks the run to stop after this step; a second exits at once."""
+    """SIGINT/SIGTERM: the first asks the run to stop after this step; a second exits at once.
+
+    The handlers are in place only while steps run: `follow(event)` installs them at the run's
+    StartEvent and puts the old ones back at its DoneEvent (or when the `with` block ends). Before
+    that, a Ctrl-C ends the command at once, and the data preparation's worker processes, forked
+    earlier, keep SIGTERM's default action (their pool stops them with it).
+    """
 
     def __init__(self) -> None:
         self.signum = 0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+    def follow(self, event: Event) -> None:
+        if isinstance(event, StartEvent):
+            self._install()
+        elif isinstance(event, DoneEvent):
+            self._restore()
+
+    def _install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
-        return self
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum:
             raise KeyboardInterrupt  # second signal: leave now (a half checkpoint is discarded)
         self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
     def requested(self) -> bool:
         """Whether a signal arrived (what `train(should_stop=...)` polls once a step)."""
