@@ -134,7 +134,7 @@ def run_demo(
         )
     if num_samples < 0 or sample_tokens < 0:
         raise ConfigError(
-            f"{mark_key('num_samples', num_samples)} / {mark_key('sample_tokens', sample_tokens)}",
+            f"{mark_key('samples', num_samples)} / {mark_key('sample_tokens', sample_tokens)}",
             "numbers >= 0",
             f"e.g. {mark_key('num_samples', 3)} {mark_key('sample_tokens', 300)}",
         )
