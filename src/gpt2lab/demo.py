@@ -136,7 +136,7 @@ def run_demo(
         raise ConfigError(
             f"{mark_key('samples', num_samples)} / {mark_key('sample_tokens', sample_tokens)}",
             "numbers >= 0",
-            f"e.g. {mark_key('num_samples', 3)} {mark_key('sample_tokens', 300)}",
+            f"e.g. {mark_key('samples', 3)} {mark_key('sample_tokens', 300)}",
         )
     run_dir = Path(out)
     cfg = demo_config(minutes, config_file, overrides)
