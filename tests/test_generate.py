@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpt2lab.cli import as_flag
 from gpt2lab.errors import ConfigError
 from gpt2lab.generate import (
     TextStream,
@@ -141,7 +142,8 @@ def test_out_of_range_settings_are_one_line_config_errors(bad):
         check_sampling(**bad)
     (key,) = bad
     msg = str(e.value)
-    assert f"sample.{key}=" in msg and "--" + key.replace("_", "-") in msg and "\n" not in msg
+    assert f"sample.{key}=" in msg and f"`{key}" in msg and "\n" not in msg  # the key, in the library
+    assert "--" + key.replace("_", "-") in e.value.render(as_flag)  # the flag, at the command line
 
 
 # ---- streaming decode -------------------------------------------------------------------------
