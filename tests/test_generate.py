@@ -142,7 +142,9 @@ def test_out_of_range_settings_are_one_line_config_errors(bad):
         check_sampling(**bad)
     (key,) = bad
     msg = str(e.value)
-    assert f"sample.{key}=" in msg and f"`{key}" in msg and "\n" not in msg  # the key, in the library
+    assert (
+        f"sample.{key}=" in msg and f"`{key}" in msg and "\n" not in msg
+    )  # the key, in the library
     assert "--" + key.replace("_", "-") in e.value.render(as_flag)  # the flag, at the command line
 
 

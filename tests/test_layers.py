@@ -169,8 +169,10 @@ def test_no_import_cycles():
 def test_imports_inside_functions_are_for_optional_heavy_packages_only():
     lazy = []
     for m in MODULES:
-        for target, line, in_function, top in imports(m):
-            if in_function and not any(target == ok or target.startswith(ok + ".") for ok in LAZY_OK):
+        for target, line, in_function, _ in imports(m):
+            if in_function and not any(
+                target == ok or target.startswith(ok + ".") for ok in LAZY_OK
+            ):
                 lazy.append(f"{MODULES[m].relative_to(SRC)}:{line} imports {target} in a function")
     assert not lazy, "\n".join(lazy)
 
@@ -212,13 +214,15 @@ def test_only_the_app_layer_prints():
 
 def test_no_one_letter_module_aliases():
     aliases = []
-    for m, path in MODULES.items():
+    for path in MODULES.values():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 for a in node.names:
                     short = a.asname and len(a.asname) == 1 and a.asname != "F"
                     if short and (isinstance(node, ast.Import) or a.name[0].islower()):
-                        aliases.append(f"{path.relative_to(SRC)}:{node.lineno} {a.name} as {a.asname}")
+                        aliases.append(
+                            f"{path.relative_to(SRC)}:{node.lineno} {a.name} as {a.asname}"
+                        )
     assert not aliases, "\n".join(aliases)
 
 
