@@ -218,14 +218,14 @@ def summary_text(r: DemoResult) -> str:
     ]
     if r.plot:
         lines.append(f"loss curves:   {r.plot}")
-    d = r.run_dir
+    out = r.run_dir
     lines += [
         "",
         "next:",
-        f"  gpt2lab sample --model {d} -p 'ROMEO:' -m 500 --temperature 0.8   # sample more",
-        f"  gpt2lab train --out {d} --resume --train.max_minutes={2 * r.minutes:g}"
+        f"  gpt2lab sample --model {out} -p 'ROMEO:' -m 500 --temperature 0.8   # sample more",
+        f"  gpt2lab train --out {out} --resume --train.max_minutes={2 * r.minutes:g}"
         f"          # train {r.minutes:g} min more",
-        f"  gpt2lab eval perplexity --model {d} --data FILE                 # score other text",
+        f"  gpt2lab eval perplexity --model {out} --data FILE                 # score other text",
         "  gpt2lab train --init-from gpt2 --data FILE --out runs/ft --preset finetune"
         "   # fine-tune GPT-2",
     ]

@@ -46,46 +46,48 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def config_from_hf(
-    d: dict[str, Any], source: str = "config.json", pad_vocab_to: int = 1
+    hf_config: dict[str, Any], source: str = "config.json", pad_vocab_to: int = 1
 ) -> GPTConfig:
     """GPTConfig from a HF GPT-2 config.json; fields we cannot reproduce are a clear error."""
-    if d.get("model_type", "gpt2") != "gpt2":
+    if hf_config.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(
-            f"{source} has model_type={d.get('model_type')!r}",
+            f"{source} has model_type={hf_config.get('model_type')!r}",
             "model_type 'gpt2'",
             "convert only GPT-2 checkpoints (GPT2LMHeadModel)",
         )
     for key, allowed in _FIXED.items():
-        if key in d and d[key] not in allowed:
+        if key in hf_config and hf_config[key] not in allowed:
             raise CheckpointError(
-                f"{source} has {key}={d[key]!r}, which gpt2lab's GPT-2 does not implement",
+                f"{source} has {key}={hf_config[key]!r}, which gpt2lab's GPT-2 does not implement",
                 f"{key}={allowed[0]!r}",
                 "use a standard GPT-2 checkpoint",
             )
-    n_embd = d.get("n_embd", 768)
-    if d.get("n_inner") not in (None, 4 * n_embd):
+    n_embd = hf_config.get("n_embd", 768)
+    if hf_config.get("n_inner") not in (None, 4 * n_embd):
         raise CheckpointError(
-            f"{source} has n_inner={d['n_inner']}",
+            f"{source} has n_inner={hf_config['n_inner']}",
             f"n_inner null or 4*n_embd={4 * n_embd} (GPT-2's 4x MLP)",
             "use a standard GPT-2 checkpoint",
         )
-    eps = d.get("layer_norm_epsilon", 1e-5)
+    eps = hf_config.get("layer_norm_epsilon", 1e-5)
     if abs(eps - 1e-5) > 1e-12:
         raise CheckpointError(
             f"{source} has layer_norm_epsilon={eps}", "1e-05 (GPT-2's)", "use a GPT-2 checkpoint"
         )
-    if d.get("tie_word_embeddings", True) is False:
+    if hf_config.get("tie_word_embeddings", True) is False:
         raise CheckpointError(
             f"{source} has tie_word_embeddings=false",
             "the head tied to the token embedding, as in GPT-2",
             "use a GPT-2 checkpoint with tied embeddings",
         )
-    dropout = max(float(d.get(k, 0.0) or 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
+    dropout = max(
+        float(hf_config.get(k, 0.0) or 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+    )
     return GPTConfig(
-        block_size=d.get("n_positions", 1024),
-        vocab_size=d.get("vocab_size", 50257),
-        n_layer=d.get("n_layer", 12),
-        n_head=d.get("n_head", 12),
+        block_size=hf_config.get("n_positions", 1024),
+        vocab_size=hf_config.get("vocab_size", 50257),
+        n_layer=hf_config.get("n_layer", 12),
+        n_head=hf_config.get("n_head", 12),
         n_embd=n_embd,
         dropout=dropout,
         bias=True,
@@ -207,12 +209,12 @@ def read_hf_config(path: str | Path, pad_vocab_to: int = 1) -> GPTConfig:
     """GPTConfig of a HF GPT-2 directory."""
     f = Path(path) / "config.json"
     try:
-        d = json.loads(f.read_text(encoding="utf-8"))
+        hf_config = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"{f} cannot be read as JSON ({e})", "a transformers config.json", "re-save the model"
         ) from e
-    return config_from_hf(d, source=str(f), pad_vocab_to=pad_vocab_to)
+    return config_from_hf(hf_config, source=str(f), pad_vocab_to=pad_vocab_to)
 
 
 def load_hf(path: str | Path, pad_vocab_to: int = 1):

@@ -76,9 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="encode special-token text (e.g. <|endoftext|>) as the special id",
     )
 
-    d = sub.add_parser("decode", help="token ids (JSON list or whitespace-separated) -> text")
-    d.add_argument("files", nargs="*", metavar="FILE", help="input files (default: stdin)")
-    with_tokenizer(d)
+    decode = sub.add_parser("decode", help="token ids (JSON list or whitespace-separated) -> text")
+    decode.add_argument("files", nargs="*", metavar="FILE", help="input files (default: stdin)")
+    with_tokenizer(decode)
 
     c = sub.add_parser("count", help="count tokens of text files")
     with_inputs(c)

