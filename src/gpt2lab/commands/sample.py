@@ -20,7 +20,7 @@ from gpt2lab.config import SampleConfig
 from gpt2lab.device import pick_device, pick_dtype
 from gpt2lab.errors import CheckpointError, DataError, UsageError
 from gpt2lab.generate import complete, prompt_ids
-from gpt2lab.io import atomic_write_json, atomic_write_text
+from gpt2lab.io import atomic_write_json, atomic_write_text, read_utf8
 
 EXAMPLES = """
 gpt2lab sample --model runs/sc -p 'ROMEO:' -m 200 --temperature 0.8 --top-k 200
@@ -254,10 +254,10 @@ def _read_text(name: str) -> str:
     if name == "-":
         return sys.stdin.read()
     try:
-        return Path(name).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        return read_utf8(name)  # a file that is not UTF-8: the one error wording of gpt2lab.io
+    except OSError as e:
         raise DataError(
-            f"cannot read prompt file {name} ({e})",
+            f"cannot read prompt file {name} ({e.strerror or e})",
             "a UTF-8 text file",
             "check the path given to --prompt-file",
         ) from e
