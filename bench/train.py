@@ -34,7 +34,8 @@ import torch
 
 from gpt2lab import config
 from gpt2lab.checkpoint.hf import to_hf_state
-from gpt2lab.data import BatchLoader, load_meta, prepare
+from gpt2lab.data import load_meta, prepare
+from gpt2lab.data.loader import BatchLoader
 from gpt2lab.device import autocast, pick_dtype
 from gpt2lab.model import GPT
 from gpt2lab.train.loop import Trainer

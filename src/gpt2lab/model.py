@@ -3,8 +3,8 @@
 Parameter names are GPT-2's checkpoint keys, so Hugging Face weights load without renaming (the
 Conv1D transpose happens in `gpt2lab.checkpoint.hf`). No I/O, no printing and no hardware-specific
 kernels here: loading and saving live in `gpt2lab.checkpoint`, sampling in `gpt2lab.generate` (which
-also applies the CPU decoding kernels of `gpt2lab.kernels`), and `gpt2lab/__init__.py` binds them as
-`GPT.from_pretrained`, `GPT.save_pretrained` and `GPT.generate`.
+also applies the CPU decoding kernels of `gpt2lab.kernels`), and `gpt2lab/__init__.py` attaches them
+as `GPT.from_pretrained`, `GPT.save_pretrained` and `GPT.generate`.
 """
 
 from __future__ import annotations

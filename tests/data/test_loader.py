@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2lab.data import BatchLoader, load_tokens
+from gpt2lab.data import load_tokens
+from gpt2lab.data.loader import BatchLoader
 from gpt2lab.errors import DataError
 
 

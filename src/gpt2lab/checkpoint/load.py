@@ -50,14 +50,6 @@ def load_model(
     return model.eval(), tok
 
 
-def from_pretrained(
-    cls: type[GPT], path: str | os.PathLike, device: Any = None, dtype: torch.dtype | None = None
-) -> GPT:
-    """`GPT.from_pretrained(path)`: the model of `load_model` (a HF GPT-2 directory or hub name in
-    the local cache, a gpt2lab run or checkpoint directory), in eval mode."""
-    return load_model(path, device=device, dtype=dtype)[0]
-
-
 def find_checkpoint(path: Path) -> Path:
     """The checkpoint directory `path` names: itself, or a run directory's newest checkpoint."""
     if (path / "model.safetensors").is_file():

@@ -26,7 +26,8 @@ from gpt2lab.config import (
     from_dict,
     to_dict,
 )
-from gpt2lab.data import BatchLoader, load_data_tokenizer, load_meta, prepare
+from gpt2lab.data import load_data_tokenizer, load_meta, prepare
+from gpt2lab.data.loader import BatchLoader
 from gpt2lab.errors import ConfigError, DataError, TokenizerError, TrainingError, mark_key
 from gpt2lab.model import GPT
 from gpt2lab.train.dist import Dist, launched_world_size, load_optimizer_state, wrap
