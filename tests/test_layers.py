@@ -172,8 +172,10 @@ def test_imports_inside_functions_are_for_optional_heavy_packages_only():
     lazy = []
     for m in MODULES:
         for target, line, in_function, _ in imports(m):
-            if in_function and m != "gpt2lab" and not any(
-                target == ok or target.startswith(ok + ".") for ok in LAZY_OK
+            if (
+                in_function
+                and m != "gpt2lab"
+                and not any(target == ok or target.startswith(ok + ".") for ok in LAZY_OK)
             ):
                 lazy.append(f"{MODULES[m].relative_to(SRC)}:{line} imports {target} in a function")
     assert not lazy, "\n".join(lazy)
