@@ -1,4 +1,5 @@
-"""The optimisation recipe: warmup + cosine LR schedule, AdamW groups, frozen parameters."""
+"""The optimisation recipe: the LR schedule (warmup, then cosine or warmup-stable-decay), the
+optimizer (AdamW groups, or Muon for the blocks' matrices), frozen parameters."""
 
 from __future__ import annotations
 
@@ -76,10 +77,11 @@ def apply_freeze(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
 def configure_optimizer(
     model: nn.Module, cfg: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW with weight decay on 2-D weights only (matmuls, embeddings); biases and norms get none.
+    """`train.optimizer`: AdamW (the default), or Muon on the blocks' weight matrices with AdamW
+    on the rest (see train/muon.py).
 
-    Uses the fused kernel where this PyTorch has one for the device, else foreach. With
-    `optimizer="muon"` the blocks' weight matrices get Muon instead (see train/muon.py).
+    AdamW decays 2-D weights only (matmuls, embeddings); biases and norms get none. It uses the
+    fused kernel where this PyTorch has one for the device, else foreach.
     """
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optimizer == "muon":
