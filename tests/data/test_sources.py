@@ -19,7 +19,7 @@ def test_long_documents_are_cut_where_gpt2_tokens_do_not_change(
     tiny_shakespeare, gpt2_ref, monkeypatch
 ):
     monkeypatch.setattr(sources, "PIECE_CHARS", 3000)
-    monkeypatch.setattr(sources, "_READ_BYTES", 4096)
+    monkeypatch.setattr(sources, "READ_BYTES", 4096)
     pieces = list(iter_pieces(SourceSpec([str(tiny_shakespeare)])))
     text = tiny_shakespeare.read_text(encoding="utf-8")
     assert len(pieces) > 200 and [f for _, f in pieces] == [True] + [False] * (len(pieces) - 1)
@@ -29,7 +29,7 @@ def test_long_documents_are_cut_where_gpt2_tokens_do_not_change(
 
 
 def test_separator_and_blank_lines_split_like_str_split(shared_data, monkeypatch):
-    monkeypatch.setattr(sources, "_READ_BYTES", 1000)  # separators straddle read chunks
+    monkeypatch.setattr(sources, "READ_BYTES", 1000)  # separators straddle read chunks
     path = shared_data / "fortunes" / "wisdom"
     text = path.read_text(encoding="utf-8")
     want = [d for d in text.split("\n%\n") if d.strip()]
@@ -105,7 +105,7 @@ def test_records_with_other_types_fail(tmp_path):
 
 def test_long_parts_between_separators_come_in_pieces_and_join_back(tiny_shakespeare, monkeypatch):
     monkeypatch.setattr(sources, "PIECE_CHARS", 400)  # many speeches are longer than a piece
-    monkeypatch.setattr(sources, "_READ_BYTES", 300)
+    monkeypatch.setattr(sources, "READ_BYTES", 300)
     text = tiny_shakespeare.read_text(encoding="utf-8")
     pieces, size = [], 0
     for piece in iter_pieces(SourceSpec([str(tiny_shakespeare)], separator="\n\n")):

@@ -195,7 +195,7 @@ def test_encode_batch_matches_single(gpt2_fast, gpt2_py, corpora, monkeypatch):
     want = [gpt2_fast.encode(t) for t in texts]
     assert gpt2_fast.encode_batch(texts) == want
     assert gpt2_py.encode_batch(texts, num_threads=1) == want
-    monkeypatch.setattr(bpe, "_PARALLEL_MIN_CHARS", 0)  # worker processes even for small input
+    monkeypatch.setattr(bpe, "PARALLEL_MIN_CHARS", 0)  # worker processes even for small input
     assert gpt2_py.encode_batch(texts, num_threads=2) == want
     with pytest.raises(TokenizerError, match="special token"):
         gpt2_fast.encode_batch(["ok", "a<|endoftext|>"])

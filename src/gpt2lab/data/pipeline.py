@@ -104,7 +104,7 @@ def prepare(
         "dtype": token_dtype.name,
         "task_chars": TASK_CHARS,  # tasks and pieces must be cut the same way to resume
         "piece_chars": sources.PIECE_CHARS,
-        "read_bytes": sources._READ_BYTES,
+        "read_bytes": sources.READ_BYTES,
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 

@@ -29,7 +29,7 @@ from gpt2lab.io import UTF8Decoder
 
 PIECE_CHARS = 1 << 18  # aim for pieces of ~256K characters
 HARD_PIECE_CHARS = 1 << 24  # a 16M-character line is cut anywhere (the only inexact cut)
-_READ_BYTES = 1 << 20
+READ_BYTES = 1 << 20  # bytes read from a file at a time
 _BLANK_LINES = r"\n[ \t\r]*\n\s*"
 TABLE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -152,7 +152,7 @@ def _decoded_chunks(path: Path, errors: str, counter: ByteCounter) -> Iterator[s
     offset = 0
     with _open_binary(path) as f:
         while True:
-            raw = f.read(_READ_BYTES)
+            raw = f.read(READ_BYTES)
             if b"\0" in raw:
                 raise DataError(
                     f"{path} looks binary (a NUL byte at offset {offset + raw.index(0)})",

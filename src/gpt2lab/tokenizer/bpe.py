@@ -22,7 +22,7 @@ from gpt2lab.tokenizer.pretokenize import GPT2_PATTERN, compile_pattern
 BACKENDS = ("tiktoken", "python")
 _CACHE_MAX = 1 << 18  # pieces whose merges we remember; natural text repeats words a lot
 _NONE = 1 << 62  # the rank of a pair that never merges
-_PARALLEL_MIN_CHARS = 1 << 20  # below this, worker processes cost more than they save
+PARALLEL_MIN_CHARS = 1 << 20  # below this, worker processes cost more than they save
 
 
 class BPETokenizer(Tokenizer):
@@ -160,7 +160,7 @@ class BPETokenizer(Tokenizer):
             )
         total = sum(len(t) for t in texts)
         # Only forked workers: spawning would re-run the caller's script without a main guard.
-        if workers < 2 or total < _PARALLEL_MIN_CHARS or len(texts) < 2 or not FORKS:
+        if workers < 2 or total < PARALLEL_MIN_CHARS or len(texts) < 2 or not FORKS:
             return super().encode_batch(texts, allowed_special, disallowed_special)
         with start_pool(self, workers) as pool:
             args = [(t, allowed_special, disallowed_special) for t in texts]

@@ -29,17 +29,19 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 @functools.cache
-def _fast_bf16(device_type: str) -> bool:
-    return device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
+def newton_schulz_dtype(device_type: str) -> torch.dtype:
+    """bfloat16 is accurate enough for Newton-Schulz and 2x faster where the hardware has it."""
+    fast = device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
+    return torch.bfloat16 if fast else torch.float32
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """About U V^T for each matrix U S V^T in g, shaped (m, n) or (batch, m, n).
-
-    bfloat16 is accurate enough for this and 2x faster where the hardware has it; else float32.
-    """
+def orthogonalize(
+    g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """About U V^T for each matrix U S V^T in g, shaped (m, n) or (batch, m, n), computed in
+    `dtype` (default: `newton_schulz_dtype` of g's device)."""
     a, b, c = NS_COEFFS
-    x = g.to(torch.bfloat16 if _fast_bf16(g.device.type) else torch.float32)
+    x = g.to(dtype or newton_schulz_dtype(g.device.type))
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the wide side: X X^T is then the smaller Gram matrix
         x = x.mT
