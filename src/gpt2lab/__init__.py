@@ -94,5 +94,5 @@ class _AttachOnModelImport(importlib.abc.MetaPathFinder):
 
 if "gpt2lab.model" in sys.modules:  # imported before this package ran (e.g. a reload)
     _attach_conveniences(sys.modules["gpt2lab.model"].GPT)
-else:
+elif not any(type(f).__name__ == "_AttachOnModelImport" for f in sys.meta_path):
     sys.meta_path.insert(0, _AttachOnModelImport())
