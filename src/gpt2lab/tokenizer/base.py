@@ -140,3 +140,20 @@ class Tokenizer:
 def _as_set(tokens: Collection[str]) -> set[str]:
     # a lone string names one token; set("<|pad|>") would be its characters
     return {tokens} if isinstance(tokens, str) else set(tokens)
+
+
+# how `piece_label` shows whitespace, so that a label never looks empty nor spans lines
+_VISIBLE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"})
+
+
+def readable_piece(piece: bytes) -> str:
+    """A token's bytes as text: UTF-8 where they decode, else `<e6 97>` (part of a character)."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "<" + " ".join(f"{x:02x}" for x in piece) + ">"
+
+
+def piece_label(tokenizer: Tokenizer, i: int) -> str:
+    """Token `i` as one short label: `readable_piece`, with spaces, tabs and newlines visible."""
+    return readable_piece(tokenizer.decode_bytes([i])).translate(_VISIBLE)
