@@ -3,13 +3,14 @@ logit lens's last layer is the model's own logits; hooks are gone afterwards."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from gpt2lab import inspect
-from gpt2lab.checkpoint.hf import from_hf_state
+from gpt2lab.checkpoint.hf import from_hf_state, save_hf
 from gpt2lab.checkpoint.weights import assign_state
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import ConfigError, DataError
@@ -143,3 +144,22 @@ def test_labels_show_spaces_and_byte_pieces():
     ids = tok.encode_ordinary(" the\n日")
     assert [piece_label(tok, i) for i in ids][:2] == ["\u2423the", "\u21b5"]
     assert inspect.labels(tok, ids)[2:] == ["<e6 97>", "<a5>"]
+
+
+def test_bertviz_head_view_shows_our_attention(tmp_path):
+    """docs/inspect.md's recipe: a gpt2lab model, saved as `gpt2lab convert` does, in bertviz's
+    head view exported as HTML; the numbers it embeds are `inspect.attention`'s."""
+    bertviz = pytest.importorskip("bertviz")
+    torch.manual_seed(3)
+    tok = get_tokenizer("gpt2")
+    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=16)).eval()
+    save_hf(model, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    ids = tok.encode_ordinary("The cat sat on the mat.")
+    with torch.no_grad():
+        attentions = hf(torch.tensor([ids]), output_attentions=True).attentions
+    page = bertviz.head_view(attentions, inspect.labels(tok, ids), html_action="return").data
+    (tmp_path / "head_view.html").write_text(page, encoding="utf-8")
+    params = page.split("const params = ")[1].split("; // HACK")[0]
+    shown = torch.tensor(json.loads(params)["attention"][0]["attn"])
+    torch.testing.assert_close(shown, inspect.attention(model, ids), atol=1e-5, rtol=0)

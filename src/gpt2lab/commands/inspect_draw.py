@@ -131,12 +131,13 @@ def _draw_surprise(plt, data: dict[str, Any]):
 def _draw_lens(plt, data: dict[str, Any]):
     probs, top, tokens = data["top_probs"], data["top_tokens"], data["tokens"]
     L, T = len(probs), len(tokens)
-    fig, ax = plt.subplots(figsize=(0.55 * T + 2, 0.35 * L + 1.5))
+    fig, ax = plt.subplots(figsize=(min(14.0, 0.3 * T + 1.5), 0.35 * L + 1.5))
+    font = 6 if T <= 40 else 4
     ax.imshow(probs, cmap="viridis", vmin=0, vmax=1, aspect="auto", origin="lower")
     for li in range(L):
         for t in range(T):
             colour = "black" if probs[li][t] > 0.6 else "white"
-            ax.text(t, li, top[li][t][:6], ha="center", va="center", fontsize=5, color=colour)
+            ax.text(t, li, top[li][t][:5], ha="center", va="center", fontsize=font, color=colour)
     _ticks(ax, tokens, data["start"], y=False)
     ax.set_yticks(range(L), ["embed"] + [f"block {i}" for i in range(L - 1)], fontsize=7)
     ax.set_title(
