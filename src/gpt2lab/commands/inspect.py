@@ -11,7 +11,7 @@ from typing import Any
 
 from gpt2lab import inspect
 from gpt2lab.commands import inspect_draw
-from gpt2lab.commands.sample import _load, _read_text
+from gpt2lab.commands.sample import load_model_for, read_prompt_file
 from gpt2lab.config import SampleConfig
 from gpt2lab.errors import UsageError
 from gpt2lab.generate import prompt_ids
@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--window {args.window} is not positive", "N >= 1")
     if args.view != "attention" and (args.layer is not None or args.head is not None):
         raise UsageError(f"--layer and --head are for `attention`, not `{args.view}`")
-    text = args.prompt if args.prompt is not None else _read_text(args.prompt_file)
-    model, tok = _load(args.model, SampleConfig(device=args.device, dtype=args.dtype))
+    text = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
+    model, tok = load_model_for(args.model, SampleConfig(device=args.device, dtype=args.dtype))
     inspect.check_head(model, args.layer, args.head)
     ids = prompt_ids(tok, text) if text else []  # an empty prompt is an error, not <|endoftext|>
     idx = inspect.as_ids(model, ids)[0].cpu()
