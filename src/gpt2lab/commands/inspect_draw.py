@@ -158,6 +158,7 @@ def _draw_norms(plt, data: dict[str, Any]):
         right.plot([sum(r) / len(r) for r in rows], marker="o", label=f"{key} output")
     res = data["residual"]
     right.plot([sum(r) / len(r) for r in res[1:]], marker="s", label="residual after block")
+    right.set_xticks(range(L - 1))
     right.set_xlabel("block")
     right.set_ylabel("mean L2 norm over positions")
     right.legend(fontsize=7)
