@@ -45,6 +45,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "zero-shot evaluations from the paper, HellaSwag, perplexity",
         "gpt2lab eval perplexity --model runs/sc --data input.txt",
     ),
+    "inspect": (
+        "gpt2lab.commands.inspect",
+        "look inside: attention maps, next tokens, surprise, logit lens, norms",
+        "gpt2lab inspect attention --model runs/sc -p 'ROMEO: But soft'",
+    ),
     "convert": (
         "gpt2lab.commands.convert",
         "convert between gpt2lab runs and Hugging Face GPT-2",

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = sample_config(args)
     _check_flags(args)
     with _warnings_to_stderr():
-        model, tok = _load(args.model, cfg)
+        model, tok = load_model_for(args.model, cfg)
         if args.interactive:
             return _interactive(model, tok, cfg, args)
         texts = _read_prompts(args)
@@ -198,7 +198,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--lines needs --prompt-file", fix="add --prompt-file FILE (or -)")
 
 
-def _load(path: str, cfg: SampleConfig) -> tuple[Any, Any]:
+def load_model_for(path: str, cfg: SampleConfig) -> tuple[Any, Any]:
+    """(model, tokenizer) on cfg's device and dtype; one-line errors for an empty directory, float16
+    on a CPU, or a model without its tokenizer (`gpt2lab inspect` loads through this too)."""
     p = Path(path)
     if p.is_dir() and not any(p.iterdir()):
         raise CheckpointError(
@@ -228,7 +230,7 @@ def _load(path: str, cfg: SampleConfig) -> tuple[Any, Any]:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     texts = list(args.prompt)
     for name in args.prompt_file:
-        text = _read_text(name)
+        text = read_prompt_file(name)
         if args.lines:
             texts += [ln for ln in text.splitlines() if ln.strip()]
         else:
@@ -250,7 +252,8 @@ def _stdin_is_terminal() -> bool:
         return True
 
 
-def _read_text(name: str) -> str:
+def read_prompt_file(name: str) -> str:
+    """A prompt file's whole text ('-' = stdin); one-line errors for unreadable files."""
     if name == "-":
         return sys.stdin.read()
     try:

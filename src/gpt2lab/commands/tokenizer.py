@@ -11,6 +11,7 @@ from typing import Any
 from gpt2lab.errors import DataError, TokenizerError
 from gpt2lab.io import decode_utf8
 from gpt2lab.tokenizer import get_tokenizer, train_bpe
+from gpt2lab.tokenizer.base import readable_piece
 from gpt2lab.tokenizer.trainer import ALGORITHMS
 
 EXAMPLES = """
@@ -168,12 +169,7 @@ def _show(tok: Any, text: str, color: str) -> None:
     use_colour = color == "always" or (color == "auto" and sys.stdout.isatty())
     out = []
     for k, i in enumerate(ids):
-        b = tok.decode_bytes([i])
-        try:
-            piece = b.decode("utf-8")
-        except UnicodeDecodeError:  # part of a multi-byte character: show its bytes
-            piece = "<" + " ".join(f"{x:02x}" for x in b) + ">"
-        piece = piece.replace("\n", "\u21b5\n")
+        piece = readable_piece(tok.decode_bytes([i])).replace("\n", "\u21b5\n")
         if use_colour:
             out.append(f"\x1b[48;5;{_COLOURS[k % len(_COLOURS)]}m\x1b[30m{piece}\x1b[0m")
         else:

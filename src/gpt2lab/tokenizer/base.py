@@ -140,3 +140,22 @@ class Tokenizer:
 def _as_set(tokens: Collection[str]) -> set[str]:
     # a lone string names one token; set("<|pad|>") would be its characters
     return {tokens} if isinstance(tokens, str) else set(tokens)
+
+
+# how `piece_label` shows whitespace, so that a label never looks empty nor spans lines
+_VISIBLE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"})
+
+
+def readable_piece(piece: bytes, visible_space: bool = False) -> str:
+    """A token's bytes as text: UTF-8 where they decode, else `<e6 97>` (part of a character).
+    `visible_space=True` shows spaces, tabs and newlines as marks, for labels on one line."""
+    try:
+        text = piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "<" + " ".join(f"{x:02x}" for x in piece) + ">"
+    return text.translate(_VISIBLE) if visible_space else text
+
+
+def piece_label(tokenizer: Tokenizer, i: int) -> str:
+    """Token `i` as one short label, whitespace visible: `\u2423the`, `\u21b5`, `<e6 97>`."""
+    return readable_piece(tokenizer.decode_bytes([i]), visible_space=True)
