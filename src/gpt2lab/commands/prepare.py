@@ -33,6 +33,8 @@ gpt2lab prepare --input chats.jsonl --field content --out data/chats --workers 8
 gpt2lab prepare --dataset json --data-files a.jsonl b.jsonl --out data/ab   # via `datasets`
 gpt2lab prepare openwebtext --out data/owt                     # needs the network
 gpt2lab prepare fineweb-edu-10B --input 'fineweb/*.parquet' --out data/fwe   # local copy
+gpt2lab prepare tinystories --out data/tinystories             # also paul-graham-essays,
+gpt2lab prepare wikipedia-de --max-docs 100K --out data/wiki-de  # openwebtext-10k, pile-10k
 """
 
 
@@ -54,8 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--field",
         "--column",
-        default="text",
-        help="jsonl field / csv or parquet column with the text (default: text)",
+        help="jsonl field / csv or parquet column with the text (default: the preset's, or text)",
     )
     src.add_argument(
         "--split-on-blank-lines",
@@ -81,6 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--dataset-config", metavar="NAME", help="its config, e.g. sample-10BT")
     src.add_argument("--dataset-split", default="train", help="its split (default: train)")
     src.add_argument("--data-files", nargs="+", metavar="PATH", help="data_files= for --dataset")
+    src.add_argument(
+        "--max-docs",
+        type=_count,
+        metavar="N",
+        help="only the first N documents: a slice of a large corpus (100K, 1e6 ...)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("-o", "--out", metavar="DIR", help="output directory (default: data/PRESET)")
     out.add_argument("--tokenizer", help="gpt2 (default), char, or a saved tokenizer directory")
@@ -133,6 +140,7 @@ _FLAGS = [
     ("--input", "input"), ("--field", "field"), ("--separator", "separator"),
     ("--errors", "errors"), ("--dataset", "dataset"), ("--dataset-config", "dataset_config"),
     ("--dataset-split", "dataset_split"), ("--data-files", "data_files"),
+    ("--max-docs", "max_docs"),
     ("--tokenizer", "tokenizer"), ("--val-fraction", "val_fraction"), ("--val-docs", "val_docs"),
     ("--val-tail", "val_tail"), ("--seed", "seed"), ("--shard-size", "shard_size"),
     ("--dtype", "dtype"),
@@ -186,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         separator = separator.replace("\\n", "\n").replace("\\t", "\t")
     spec = SourceSpec(
         inputs=list(args.input or []),
-        field=args.field,
+        field=args.field or preset.get("field", "text"),
         split_on_blank_lines=args.split_on_blank_lines,
         separator=separator,
         errors=args.errors,
@@ -195,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         dataset_split=args.dataset_split,
         data_files=args.data_files,
         preset=args.preset,
+        max_docs=args.max_docs,
     )
     if not args.input and not args.dataset:  # the preset's own source
         if "url" in preset:

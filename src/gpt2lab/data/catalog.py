@@ -18,7 +18,9 @@ TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 
-# source: a URL (downloaded once into the cache) or a Hugging Face dataset; split as in nanoGPT
+# source: a URL (downloaded once into the cache) or a Hugging Face dataset (streamed, its `split`,
+# its text `field`); `local` is the shape of a local copy, for the offline error; val split as in
+# nanoGPT for the classic corpora, a seeded fraction of whole documents otherwise
 DATASETS: dict[str, dict[str, Any]] = {
     "shakespeare-char": {"url": TINY_SHAKESPEARE_URL, "tokenizer": "char", "val_tail": 0.1},
     "shakespeare": {"url": TINY_SHAKESPEARE_URL, "tokenizer": "gpt2", "val_tail": 0.1},
@@ -33,6 +35,44 @@ DATASETS: dict[str, dict[str, Any]] = {
         "tokenizer": "gpt2",
         "val_fraction": 0.005,
     },
+    "paul-graham-essays": {  # one CSV: title, date, text (~220 essays, ~3 MB)
+        "dataset": "sgoel9/paul_graham_essays",
+        "field": "text",
+        "tokenizer": "gpt2",
+        "val_fraction": 0.05,  # ~10 essays
+        "local": "paul_graham_essays.csv",
+    },
+    "openwebtext-10k": {  # the first 10,000 OpenWebText documents, field text
+        "dataset": "stas/openwebtext-10k",
+        "field": "text",
+        "tokenizer": "gpt2",
+        "val_fraction": 0.01,
+    },
+    "pile-10k": {  # the first 10,000 documents of the Pile: text, meta
+        "dataset": "NeelNanda/pile-10k",
+        "field": "text",
+        "tokenizer": "gpt2",
+        "val_fraction": 0.01,
+        "local": "'DIR/*.parquet'",
+    },
+    "tinystories": {  # ~2.1M short stories, field text (the train split; its own val is 22K)
+        "dataset": "roneneldan/TinyStories",
+        "field": "text",
+        "tokenizer": "gpt2",
+        "val_fraction": 0.005,
+        "local": "'DIR/*.parquet'",
+    },
+    **{
+        f"wikipedia-{lang}": {  # one article a row: id, url, title, text; slice with --max-docs
+            "dataset": "wikimedia/wikipedia",
+            "dataset_config": f"20231101.{lang}",
+            "field": "text",
+            "tokenizer": "gpt2",
+            "val_fraction": 0.005,
+            "local": f"'{lang}/*.parquet' --max-docs 100000",
+        }
+        for lang in ("de", "en")
+    },
 }
 
 
@@ -40,6 +80,8 @@ def local_example(name: str) -> str:
     """The command that prepares dataset `name` from local files."""
     if "shakespeare" in name:
         return f"`gpt2lab prepare {name} --input input.txt --out data/{name}`"
+    if "local" in DATASETS.get(name, {}):
+        return f"`gpt2lab prepare {name} --input {DATASETS[name]['local']} --out data/{name}`"
     return f"`gpt2lab prepare {name} --input 'DIR/*.jsonl' --out data/{name}` (or .parquet, .txt)"
 
 

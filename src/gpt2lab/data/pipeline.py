@@ -326,6 +326,8 @@ class _ProgressBar:
         self.t0, self.bytes0 = time.perf_counter(), done_bytes
         if self.by_docs:  # a streamed dataset: its card may say how many documents it has
             total, initial, unit = _hf_num_docs(spec), done_docs, "doc"
+            if spec.max_docs is not None:
+                total = min(total or spec.max_docs, spec.max_docs)
         else:
             total, initial, unit = sum(f.stat().st_size for f in files), done_bytes, "B"
         self.bar = tqdm(total=total, initial=initial, unit=unit, unit_scale=True, desc="prepare")

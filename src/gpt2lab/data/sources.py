@@ -50,6 +50,7 @@ class SourceSpec:
     dataset_split: str = "train"
     data_files: list[str] | None = None  # for load_dataset("json", data_files=...) and the like
     preset: str | None = None  # for the offline error message
+    max_docs: int | None = None  # stop after this many documents (a slice of a large corpus)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description for meta.json."""
@@ -57,6 +58,8 @@ class SourceSpec:
             keys = ("dataset", "dataset_config", "dataset_split", "data_files", "field")
         else:
             keys = ("inputs", "field", "split_on_blank_lines", "separator", "errors")
+        if self.max_docs is not None:
+            keys = (*keys, "max_docs")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -114,8 +117,25 @@ class ByteCounter:
 
 
 def iter_pieces(spec: SourceSpec, counter: ByteCounter | None = None) -> Iterator[Piece]:
-    """Every piece of every document of the source, in a fixed order."""
-    counter = counter or ByteCounter()
+    """Every piece of every document of the source (the first `max_docs`), in a fixed order."""
+    pieces = _all_pieces(spec, counter or ByteCounter())
+    if spec.max_docs is None:
+        return pieces
+    return _first_docs(pieces, spec.max_docs)
+
+
+def _first_docs(pieces: Iterator[Piece], n: int) -> Iterator[Piece]:
+    """The pieces of the first `n` documents; the source is not read past them."""
+    seen = 0
+    for text, starts in pieces:
+        if starts:
+            seen += 1
+            if seen > n:
+                return
+        yield text, starts
+
+
+def _all_pieces(spec: SourceSpec, counter: ByteCounter) -> Iterator[Piece]:
     if spec.dataset:
         yield from _iter_hf(spec, counter)
         return
@@ -131,6 +151,10 @@ def iter_pieces(spec: SourceSpec, counter: ByteCounter | None = None) -> Iterato
 
 def iter_text(spec: SourceSpec) -> Iterator[str]:
     """The raw text of the source in chunks (for a char vocabulary or a character count)."""
+    if spec.max_docs is not None:
+        for text, _ in iter_pieces(spec):
+            yield text
+        return
     if spec.dataset:
         for text, _ in _iter_hf(spec, ByteCounter()):
             yield text
