@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gpt2lab import config
+from gpt2lab import cli, config
 from gpt2lab.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -111,3 +111,23 @@ def test_gpt2_preset_shapes_match_the_paper():
     }
     assert shapes["gpt2"] == (12, 768) and shapes["gpt2-medium"] == (24, 1024)
     assert shapes["gpt2-large"] == (36, 1280) and shapes["gpt2-xl"] == (48, 1600)
+
+
+def test_recipe_presets_have_the_recipes_shapes_and_every_preset_a_source():
+    assert set(config.PRESET_SOURCES) == set(config.PRESETS)
+    pile = config.resolve("pile-10k").model
+    assert (pile.n_layer, pile.n_embd, pile.block_size) == (6, 256, 1024)
+    assert pile.n_head == 8 and "6 heads" in config.PRESET_SOURCES["pile-10k"]  # 6 do not divide
+    owt = config.resolve("openwebtext-10k")
+    assert (owt.model.n_layer, owt.model.block_size) == (2, 512)
+    assert (owt.train.micro_batch_size, owt.train.grad_accum_steps) == (32, 16)
+    assert (owt.train.lr, owt.train.lr_schedule) == (5e-4, "cosine")
+    tiny = config.resolve("tinystories")
+    assert tiny.train.max_minutes == 15.0 and tiny.model.n_embd <= 128
+
+
+def test_config_command_prints_the_preset_source_as_a_toml_comment(capsys):
+    assert cli.main(["config", "--preset", "pile-10k"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# preset pile-10k: recipe 'pile-10k 6x256'")
+    assert config.merge(config.Config(), tomllib.loads(out)) == config.resolve("pile-10k")

@@ -210,6 +210,7 @@ def test_small_presets_have_the_sizes_their_names_say():
     with torch.device("meta"):
         assert 9.5e6 < GPT(MODEL_PRESETS["gpt2-10m"]).num_params() < 10.5e6
         assert 10e6 < GPT(MODEL_PRESETS["shakespeare-char"]).num_params() < 11e6  # nanoGPT's
+        assert 17.8e6 < GPT(MODEL_PRESETS["pile-10k"]).num_params() < 18e6  # PRESET_SOURCES says
 
 
 def _generate_available() -> bool:

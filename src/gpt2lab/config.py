@@ -203,6 +203,10 @@ MODEL_PRESETS: dict[str, GPTConfig] = {
     ),
     # GPT-2's vocabulary at 9.9M parameters (7.8M of them the token table); head size 32
     "gpt2-10m": GPTConfig(block_size=256, n_layer=6, n_head=5, n_embd=160),
+    # the recipes of docs/recipes.md (their sources: PRESET_SOURCES below)
+    "pile-10k": GPTConfig(block_size=1024, n_layer=6, n_head=8, n_embd=256),
+    "openwebtext-10k": GPTConfig(block_size=512, n_layer=2, n_head=6, n_embd=384),
+    "tinystories": GPTConfig(block_size=256, n_layer=4, n_head=4, n_embd=128, bias=False),
 }
 
 # Presets for whole runs: nested partial dicts applied over the defaults, then the model preset.
@@ -270,6 +274,68 @@ PRESETS["demo"] = {
         sample_interval=2,
         sample_tokens=200,
         max_minutes=5.0,
+    ),
+}
+# TinyStories on a laptop CPU: like the demo, the clock ends the run and the LR follows it.
+PRESETS["tinystories"]["train"] = dict(
+    max_steps=10**9,
+    micro_batch_size=16,
+    lr=2e-3,
+    min_lr=2e-4,
+    lr_schedule="wsd",
+    warmup_steps=50,
+    eval_interval=100,
+    eval_steps=10,
+    checkpoint_interval=200,
+    max_minutes=15.0,
+)
+PRESETS["openwebtext-10k"]["train"] = dict(
+    max_steps=300,  # ~8 passes over openwebtext-10k's ~10M tokens at 262K tokens a step
+    micro_batch_size=32,
+    grad_accum_steps=16,
+    lr=5e-4,
+    min_lr=5e-5,
+    lr_schedule="cosine",
+    warmup_steps=20,
+    eval_interval=25,
+    eval_steps=20,
+    checkpoint_interval=50,
+)
+PRESETS["pile-10k"]["train"] = dict(
+    max_steps=2000,
+    micro_batch_size=16,
+    grad_accum_steps=2,
+    lr=6e-4,
+    min_lr=6e-5,
+    warmup_steps=100,
+    eval_interval=200,
+    eval_steps=20,
+    checkpoint_interval=500,
+)
+
+# Where each preset comes from: `gpt2lab config --preset NAME` prints it first, as a TOML comment.
+PRESET_SOURCES: dict[str, str] = {
+    "gpt2": "GPT-2 124M (Radford et al. 2019, Table 2); training as nanoGPT's train_gpt2.py",
+    "gpt2-medium": "GPT-2 350M (Radford et al. 2019, Table 2; n_head of the released checkpoint)",
+    "gpt2-large": "GPT-2 774M (Radford et al. 2019, Table 2; n_head of the released checkpoint)",
+    "gpt2-xl": "GPT-2 1558M (Radford et al. 2019, Table 2; n_head of the released checkpoint)",
+    "shakespeare-char": "nanoGPT's config/train_shakespeare_char.py (Karpathy)",
+    "gpt2-10m": "gpt2lab: GPT-2's vocabulary at ~10M parameters, for CPUs",
+    "finetune": "gpt2lab: a gentle fine-tuning recipe for --init-from (small LR, short run)",
+    "demo": "gpt2lab demo: a 5-minute character model (README.md, 'The demo's recipe')",
+    "pile-10k": (
+        "recipe 'pile-10k 6x256' (docs/recipes.md): 6 layers, n_embd 256, context 1024; the recipe "
+        "asks for 6 heads, which do not divide 256, so 8 heads of 32 (n_embd kept); 17.9M "
+        "parameters with GPT-2's vocabulary and tied embeddings (the quoted ~34M is not a 256-wide "
+        "6-layer GPT-2's count); training values are gpt2lab's"
+    ),
+    "openwebtext-10k": (
+        "recipe 'openwebtext-10k small GPT' (docs/recipes.md): 2 blocks, context 512, batch 32 x "
+        "grad_accum_steps 16, cosine from 5e-4; width 384, 6 heads, steps: gpt2lab's"
+    ),
+    "tinystories": (
+        "recipe 'TinyStories on a CPU in 15 minutes' (docs/recipes.md): gpt2lab's 4x128 GPT-2 "
+        "(Eldan & Li 2023 show such small models learn fluent stories); wsd LR over 15 minutes"
     ),
 }
 

@@ -32,5 +32,7 @@ def run(args: argparse.Namespace) -> int:
             section, _, leaf = key.partition(".")
             print(f"--{key}={getattr(getattr(cfg, section), leaf)!r}")
         return 0
+    if args.preset in config.PRESET_SOURCES:
+        print(f"# preset {args.preset}: {config.PRESET_SOURCES[args.preset]}")
     print(config.to_toml(cfg), end="")
     return 0
