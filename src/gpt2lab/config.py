@@ -113,6 +113,8 @@ class TrainConfig:
     sample_prompt: str = "\n"
     sample_tokens: int = 100
     max_minutes: float = 0.0  # wall-clock budget; > 0 makes the LR schedule follow wall time
+    max_epochs: int = 0  # > 0: this many shuffled passes over the train split (sets max_steps)
+    sample_every_epoch: bool = False  # at each epoch's end: a sample, its train and val loss
     peak_flops: float = 0.0  # hardware peak for MFU in FLOP/s; 0 = look up (GPU) or measure (CPU)
     tensorboard: bool = False  # also log to RUN_DIR/tb (needs the tensorboard package)
     wandb: str = ""  # Weights & Biases project name; "" = off (needs the wandb package)

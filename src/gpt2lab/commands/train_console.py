@@ -17,6 +17,7 @@ from tqdm import tqdm
 from gpt2lab.device import keep_freed_memory, pick_device
 from gpt2lab.train.events import (
     DoneEvent,
+    EpochEvent,
     EvalEvent,
     Event,
     SampleEvent,
@@ -105,6 +106,8 @@ class TrainConsole:
             self.print(metrics_line(event.metrics))
         elif isinstance(event, SampleEvent):
             self.print(f"--- sample at step {event.step} ---\n{event.prompt}{event.text}\n---")
+        elif isinstance(event, EpochEvent):
+            self.print(epoch_lines(event))
         elif isinstance(event, WarningEvent):
             self.print(event.message)
         if self.bar is not None:
@@ -122,6 +125,16 @@ class TrainConsole:
             tqdm.write(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr, flush=True)
+
+
+def epoch_lines(e: EpochEvent) -> str:
+    """`epoch 2/5 done at step 84 | train loss 2.1034 | val loss 2.2001`, then the sample."""
+    line = f"epoch {e.epoch}/{e.max_epochs} done at step {e.step} | train loss {e.train_loss:.4f}"
+    if e.val_loss is not None:
+        line += f" | val loss {e.val_loss:.4f}"
+    if e.sample is not None:
+        line += f"\n--- sample after epoch {e.epoch} ---\n{e.prompt}{e.sample}\n---"
+    return line
 
 
 def start_line(e: StartEvent) -> str:

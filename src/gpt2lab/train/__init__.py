@@ -4,7 +4,7 @@ Modules: loop (the step loop, `Trainer`, `TrainOptions`), events (what a run rep
 (`TrainState`, what a checkpoint saves besides weights), recipe (LR schedule, optimizer groups,
 freezing), build (resume config, data/model/tokenizer/memory checks), memory (FLOPs and memory
 per step), validation (validation loss), dist (DDP/FSDP), metrics (metrics.jsonl, MFU), progress
-(a bar, when asked for), muon (the Muon optimizer).
+(a bar, when asked for), muon (the Muon optimizer), epochs (train.max_epochs).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from gpt2lab.train.events import (
     CheckpointEvent,
     DoneEvent,
+    EpochEvent,
     EvalEvent,
     Event,
     SampleEvent,
@@ -28,6 +29,7 @@ from gpt2lab.train.state import TrainState
 __all__ = [
     "CheckpointEvent",
     "DoneEvent",
+    "EpochEvent",
     "EvalEvent",
     "Event",
     "MemoryEstimate",

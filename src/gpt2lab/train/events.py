@@ -29,6 +29,7 @@ class StartEvent:
     memory: str  # the estimate of one step's memory (`MemoryEstimate.__str__`)
     device: str
     dtype: str
+    max_epochs: int = 0  # train.max_epochs (0: the run counts steps only)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,20 @@ class SampleEvent:
     step: int
     prompt: str
     text: str  # the continuation, prompt excluded
+
+
+@dataclass(frozen=True)
+class EpochEvent:
+    """Epoch `epoch` (1-based) of `max_epochs` ended during `step`: its mean train loss; with
+    train.sample_every_epoch also the validation loss and a sample (None otherwise)."""
+
+    epoch: int
+    max_epochs: int
+    step: int
+    train_loss: float
+    val_loss: float | None
+    prompt: str
+    sample: str | None
 
 
 @dataclass(frozen=True)
@@ -102,7 +117,14 @@ class DoneEvent:
 
 
 Event = Union[  # noqa: UP007 - a runtime alias for isinstance-free matching and docs
-    StartEvent, StepEvent, EvalEvent, SampleEvent, CheckpointEvent, WarningEvent, DoneEvent
+    StartEvent,
+    StepEvent,
+    EvalEvent,
+    SampleEvent,
+    EpochEvent,
+    CheckpointEvent,
+    WarningEvent,
+    DoneEvent,
 ]
 EventHandler = Callable[[Event], None]
 

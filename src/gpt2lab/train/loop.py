@@ -37,9 +37,11 @@ from gpt2lab.train.dist import (
     teardown,
     unwrap,
 )
+from gpt2lab.train.epochs import EpochPlan, epochs_config, plan_epochs
 from gpt2lab.train.events import (
     CheckpointEvent,
     DoneEvent,
+    EpochEvent,
     EvalEvent,
     Event,
     EventHandler,
@@ -156,6 +158,12 @@ class Trainer:
             cfg, init_weights = build.pretrained(cfg, self.tok, self.meta)
         else:  # from scratch: the data decides the vocabulary
             cfg = merge(cfg, {"model": {"vocab_size": int(self.meta["vocab_size"])}})
+        self.epochs: EpochPlan | None = None
+        if cfg.train.max_epochs > 0:  # shuffled passes: the split's size decides the steps
+            cfg = merge(cfg, {"data": {"sampling": "sequential"}}, source="train.max_epochs")
+            windows = build.train_loader(cfg, world.rank, world.world_size, device).n_windows
+            self.epochs = plan_epochs(cfg, windows, world.world_size)
+            cfg = epochs_config(cfg, self.epochs)
         self.cfg, tc = cfg, cfg.train
         self.memory = build.check_memory(cfg.model, tc, self.dtype, device, world.world_size)
         # ---- from here on the run directory is ours (once every rank has checked it) ----
@@ -223,8 +231,12 @@ class Trainer:
                 row.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
                 if self.should_sample(step):
                     self.emit(SampleEvent(step, tc.sample_prompt, self.sample()))
+            if self.epochs is not None:
+                self.count_epoch_loss(step, loss, row)
             if self.report(step, row, evaluated) and stopped_by is None:
                 stopped_by = "hook"
+            if self.epochs is not None and self.epochs.ends_epoch(step):
+                self.finish_epoch(step, val if evaluated else None)
             if self.should_checkpoint(step, stopped_by):
                 checkpoint = self.save(val if evaluated else None)
             if stopped_by is not None:
@@ -234,6 +246,38 @@ class Trainer:
             self.metrics.close()
         self.emit(DoneEvent(summary))
         return summary
+
+    def count_epoch_loss(self, step: int, loss: float, row: dict[str, Any] | None) -> None:
+        """Add the step's loss to its epoch's; its metrics row (if logged) names the epoch."""
+        assert self.epochs is not None
+        self.state.epoch_loss_sum += loss
+        self.state.epoch_steps += 1
+        if row is not None:
+            row["epoch"] = self.epochs.epoch_of(step)
+
+    def finish_epoch(self, step: int, val: float | None) -> None:
+        """Report the epoch that ended during `step` (EpochEvent) and start counting the next."""
+        assert self.epochs is not None
+        state, tc = self.state, self.cfg.train
+        sample = None
+        if tc.sample_every_epoch:  # every rank evaluates: val_loss is reduced over ranks
+            val = self.evaluate(tc.eval_steps) if val is None else val
+            if self.world.is_main and tc.strategy != "fsdp":
+                sample = self.sample()
+        epoch = self.epochs.epoch_of(step)
+        mean = state.epoch_loss_sum / state.epoch_steps
+        self.emit(
+            EpochEvent(
+                epoch,
+                self.epochs.max_epochs,
+                step,
+                mean,
+                val if tc.sample_every_epoch else None,
+                tc.sample_prompt,
+                sample,
+            )
+        )
+        state.epoch_loss_sum, state.epoch_steps = 0.0, 0
 
     # What happens after step `step` (1-based). `stopped_by` is why the run ends after it, if it
     # does: the last step is always evaluated and checkpointed, and every checkpoint evaluated.
@@ -436,6 +480,7 @@ class Trainer:
             memory=self.memory,
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
+            max_epochs=self.epochs.max_epochs if self.epochs is not None else 0,
         )
 
     def save(self, val: float | None) -> Path | None:

@@ -1,8 +1,8 @@
 """A progress bar fed by training events, drawn only when a caller asks for one (`progress=True`).
 
-It counts optimizer steps (with the latest metrics beside it) or, for a run with a wall-clock
-budget, the budget's minutes. tqdm draws it on stderr, so stdout stays clean for pipes; a caller
-prints lines above it with `tqdm.write(line, file=sys.stderr)`.
+It counts optimizer steps (with the epoch before it and the latest metrics beside it) or, for a
+run with a wall-clock budget, the budget's minutes. tqdm draws it on stderr, so stdout stays clean
+for pipes; a caller prints lines above it with `tqdm.write(line, file=sys.stderr)`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class ProgressBar:
 
     def __init__(self, over: str = "steps") -> None:
         self.over, self.bar, self.budget_s, self.val = over, None, 0.0, ""
+        self.max_epochs = 0
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, StartEvent):
@@ -49,6 +50,7 @@ class ProgressBar:
             self.bar = None
 
     def _open(self, start: StartEvent) -> None:
+        self.max_epochs = start.max_epochs
         if self.over == "time":
             self.budget_s = start.max_minutes * 60
             self.bar = tqdm(
@@ -70,6 +72,8 @@ class ProgressBar:
         assert self.bar is not None
         row = event.metrics
         if self.over == "steps":
+            if row is not None and "epoch" in row:
+                self.bar.set_description_str(f"epoch {row['epoch']}/{self.max_epochs}", False)
             if row is not None:
                 self.bar.set_postfix_str(metrics_line(row).split(" | ", 1)[1], refresh=False)
             self.bar.update(1)

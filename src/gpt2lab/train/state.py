@@ -25,6 +25,8 @@ class TrainState:
     rng_per_rank: list[dict[str, Any]] = field(default_factory=list)  # Python, NumPy, torch
     data_per_rank: list[dict[str, Any]] = field(default_factory=list)  # each loader's position
     scaler: dict[str, Any] | None = None  # the float16 gradient scaler's state
+    epoch_loss_sum: float = 0.0  # train losses of the current epoch's steps so far (max_epochs)
+    epoch_steps: int = 0
 
     def to_json(self, config: dict[str, Any]) -> dict[str, Any]:
         """state.json's fields (checkpoint.native adds `step`); `config` is the resolved config."""
@@ -42,6 +44,8 @@ class TrainState:
             "warmup_end_s": self.warmup_end_s,
             "tokens": self.tokens,
             "scaler": self.scaler,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_steps": self.epoch_steps,
         }
 
     @classmethod
@@ -58,4 +62,6 @@ class TrainState:
             rng_per_rank=saved.get("rng_per_rank") or [],
             data_per_rank=saved.get("data_per_rank") or [saved["data"]],
             scaler=saved.get("scaler"),
+            epoch_loss_sum=float(saved.get("epoch_loss_sum", 0.0)),
+            epoch_steps=int(saved.get("epoch_steps", 0)),
         )
