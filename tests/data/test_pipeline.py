@@ -331,3 +331,25 @@ def test_a_vocabulary_over_65536_ids_needs_uint32(tmp_path, capsys):
     tokens = load_tokens(tmp_path / "o")
     assert tokens.dtype == np.uint32
     assert tokens.tolist() == [70000, *range(69999, -1, -1)]  # <|endoftext|>, then the text
+
+
+def test_cli_add_special_saves_gpt2_with_new_ids_beside_the_shards(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("one chat\n\nanother chat\n")
+    out = tmp_path / "o"
+    argv = ["prepare", str(tmp_path / "c.txt"), "-o", str(out), "--val-docs", "1"]
+    assert (
+        cli.main([*argv, "--split-on-blank-lines", "--add-special", "<|startoftext|>,<|pad|>"]) == 0
+    )
+    meta = load_meta(out)
+    assert (
+        meta["vocab_size"] == 50259 and "--add-special '<|startoftext|>,<|pad|>'" in meta["command"]
+    )
+    tok = load_data_tokenizer(out)
+    assert tok.special_tokens == {
+        "<|endoftext|>": 50256,
+        "<|startoftext|>": 50257,
+        "<|pad|>": 50258,
+    }
+    argv = ["prepare", str(tmp_path / "c.txt"), "-o", str(tmp_path / "x"), "--tokenizer", "char"]
+    assert cli.main([*argv, "--add-special", "<|pad|>"]) == 2
+    assert "--tokenizer gpt2" in capsys.readouterr().err

@@ -108,3 +108,17 @@ def test_bad_input_is_one_line_errors(capsys, tmp_path):
     assert code == 1 and "cannot read" in err
     assert cli.main(["tokenizer", "frobnicate"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_add_special_gives_gpt2_new_ids_after_its_vocabulary(capsys, monkeypatch, tmp_path):
+    (tmp_path / "t.txt").write_text("<|startoftext|>Hi<|pad|>")
+    flags = ["--add-special", "<|startoftext|>, <|pad|>,<|unk|>", "--allow-special", "--json"]
+    code, out, _ = run(capsys, "encode", str(tmp_path / "t.txt"), *flags)
+    assert code == 0 and json.loads(out) == [50257, 17250, 50258]
+    code, out, _ = run(capsys, "decode", "--add-special", "<|startoftext|>,<|pad|>,<|unk|>",
+                       stdin=b"50259 50257", monkeypatch=monkeypatch)  # fmt: skip
+    assert code == 0 and out == "<|unk|><|startoftext|>"
+    for bad, message in ((["--tokenizer", str(tmp_path)], "--tokenizer gpt2"), ([], "empty")):
+        spec = "<|a|>" if bad else "<|a|>,,<|b|>"
+        code, _, err = run(capsys, "count", str(tmp_path / "t.txt"), "--add-special", spec, *bad)
+        assert code == 2 and message in err, err

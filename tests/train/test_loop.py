@@ -11,7 +11,9 @@ from trainutil import cli_args, tiny_config, write_char_data
 
 from gpt2lab import cli
 from gpt2lab.checkpoint import native
+from gpt2lab.data import prepare
 from gpt2lab.errors import ConfigError, DataError, TrainingError
+from gpt2lab.tokenizer import get_tokenizer
 from gpt2lab.train import (
     CheckpointEvent,
     DoneEvent,
@@ -258,3 +260,16 @@ def test_a_stop_request_ends_the_run_with_a_checkpoint(tmp_path, char_data):
     )
     assert s.stopped_by == "signal" and s.step == 4
     assert native.find_latest(tmp_path / "run").name == "step_00000004"
+
+
+def test_added_special_tokens_size_the_model(tmp_path, tiny_shakespeare):
+    text = tiny_shakespeare.read_text(encoding="utf-8")[:20_000]
+    (tmp_path / "t.txt").write_text(text)
+    tok = get_tokenizer("gpt2", special_tokens=["<|startoftext|>", "<|pad|>", "<|unk|>"])
+    prepare(str(tmp_path / "t.txt"), tmp_path / "d", tok, val_tail=0.1, workers=1)
+    cfg = tiny_config(tmp_path / "d", "train.max_steps=1", "model.pad_vocab_to=1")
+    train(cfg, tmp_path / "run")
+    state = native.load_state(native.find_latest(tmp_path / "run"))
+    assert state["config"]["model"]["vocab_size"] == 50260  # GPT-2's 50257 + the 3 added
+    saved = get_tokenizer(tmp_path / "run" / "tokenizer")
+    assert saved.special_tokens["<|unk|>"] == 50259

@@ -11,6 +11,7 @@ import re
 import shlex
 import sys
 
+from gpt2lab.commands.tokenizer import add_special_argument, special_tokens
 from gpt2lab.data import SourceSpec, prepare
 from gpt2lab.data.catalog import DATASETS, download
 from gpt2lab.data.events import (
@@ -22,6 +23,7 @@ from gpt2lab.data.events import (
     ValSplitEmpty,
 )
 from gpt2lab.errors import UsageError
+from gpt2lab.tokenizer import get_tokenizer
 
 EXAMPLES = """
 gpt2lab prepare shakespeare-char --input input.txt --out data/shakespeare-char
@@ -34,6 +36,7 @@ gpt2lab prepare --dataset json --data-files a.jsonl b.jsonl --out data/ab   # vi
 gpt2lab prepare openwebtext --out data/owt                     # needs the network
 gpt2lab prepare fineweb-edu-10B --input 'fineweb/*.parquet' --out data/fwe   # local copy
 gpt2lab prepare tinystories --out data/tinystories             # also paul-graham-essays,
+gpt2lab prepare --input chats.txt --add-special '<|startoftext|>,<|pad|>' --out data/chats
 gpt2lab prepare wikipedia-de --max-docs 100K --out data/wiki-de  # openwebtext-10k, pile-10k
 """
 
@@ -91,6 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument("-o", "--out", metavar="DIR", help="output directory (default: data/PRESET)")
     out.add_argument("--tokenizer", help="gpt2 (default), char, or a saved tokenizer directory")
+    add_special_argument(out)
     out.add_argument(
         "--val-fraction",
         type=float,
@@ -141,7 +145,8 @@ _FLAGS = [
     ("--errors", "errors"), ("--dataset", "dataset"), ("--dataset-config", "dataset_config"),
     ("--dataset-split", "dataset_split"), ("--data-files", "data_files"),
     ("--max-docs", "max_docs"),
-    ("--tokenizer", "tokenizer"), ("--val-fraction", "val_fraction"), ("--val-docs", "val_docs"),
+    ("--tokenizer", "tokenizer"), ("--add-special", "add_special"),
+    ("--val-fraction", "val_fraction"), ("--val-docs", "val_docs"),
     ("--val-tail", "val_tail"), ("--seed", "seed"), ("--shard-size", "shard_size"),
     ("--dtype", "dtype"),
 ]  # fmt: skip
@@ -217,10 +222,13 @@ def run(args: argparse.Namespace) -> int:
             split = {"val_fraction": None, "val_docs": None, "val_tail": None}
     if spec.dataset:
         _quiet_hf_logging()
+    tokenizer = args.tokenizer or preset.get("tokenizer", "gpt2")
+    if extra := special_tokens(args, tokenizer):  # GPT-2's ids, then these
+        tokenizer = get_tokenizer("gpt2", special_tokens=extra)
     prepare(
         spec,
         out,
-        args.tokenizer or preset.get("tokenizer", "gpt2"),
+        tokenizer,
         **split,
         seed=args.seed,
         shard_tokens=args.shard_size,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.errors import DataError, TokenizerError
+from gpt2lab.errors import DataError, TokenizerError, UsageError
 from gpt2lab.io import decode_utf8
 from gpt2lab.tokenizer import get_tokenizer, train_bpe
 from gpt2lab.tokenizer.base import readable_piece
@@ -21,6 +21,7 @@ gpt2lab tokenizer encode --json < input.txt > ids.json
 gpt2lab tokenizer decode ids.json
 gpt2lab tokenizer count input.txt other.txt --tokenizer tok/my8k
 gpt2lab tokenizer show 'Hello world! 日本語 😀'
+gpt2lab tokenizer encode --add-special '<|startoftext|>,<|pad|>' --allow-special < chat.txt
 """
 
 # background colours of the pieces in `show` (ANSI 256-colour codes, light so black text reads)
@@ -35,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             "--tokenizer", default="gpt2", help="'gpt2' or a directory saved by a tokenizer"
         )
         q.add_argument("--backend", default="tiktoken", choices=["tiktoken", "python"])
+        add_special_argument(q)
 
     def with_inputs(q: argparse.ArgumentParser) -> None:
         q.add_argument("files", nargs="*", metavar="FILE", help="input files (default: stdin)")
@@ -91,6 +93,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--color", default="auto", choices=["auto", "always", "never"])
 
 
+def add_special_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--add-special",
+        metavar="TOKENS",
+        help="comma-separated special tokens added to gpt2's vocabulary, ids 50257, 50258, ...",
+    )
+
+
+def special_tokens(args: argparse.Namespace, tokenizer: str) -> list[str]:
+    """The tokens of --add-special (none if not given); they extend GPT-2's vocabulary only."""
+    if not args.add_special:
+        return []
+    names = [t.strip() for t in args.add_special.split(",")]
+    if not all(names):
+        raise UsageError(
+            f"--add-special {args.add_special!r} has an empty token",
+            "comma-separated tokens such as '<|startoftext|>,<|pad|>'",
+            "drop the extra comma",
+        )
+    if tokenizer != "gpt2":
+        raise UsageError(
+            f"--add-special with --tokenizer {tokenizer}",
+            "--tokenizer gpt2",
+            "give the special tokens when training a tokenizer (`gpt2lab tokenizer train "
+            "--special TOKEN`), or use --tokenizer gpt2",
+        )
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action == "train":
         specials = args.special or ["<|endoftext|>"]
@@ -109,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
             f"special {tok.special_tokens})"
         )
         return 0
-    tok = get_tokenizer(args.tokenizer, backend=args.backend)
+    extra = special_tokens(args, args.tokenizer)
+    tok = get_tokenizer(args.tokenizer, backend=args.backend, **_with(extra))
     if args.action == "show":
         _show(tok, " ".join(args.text), args.color)
         return 0
@@ -139,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "count" and len(args.files) > 1 and not args.json:
         print(f"{total}\ttotal")
     return 0
+
+
+def _with(specials: list[str]) -> dict[str, Any]:
+    return {"special_tokens": specials} if specials else {}
 
 
 def _inputs(files: list[str]):
