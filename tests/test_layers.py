@@ -51,6 +51,11 @@ LAZY_OK = {
     "huggingface_hub",
     "pyarrow",
     "tokenizers",
+    # optional: `gpt2lab convert` to other runtimes (checkpoint/gguf.py, checkpoint/onnx.py)
+    "gguf",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
 }
 
 APP = {name for name, layer in LAYERS.items() if layer == len(LAYER_NAMES) - 1}
