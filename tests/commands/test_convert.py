@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,8 @@ def _one_error_line(capsys) -> str:
         (["m.bin"], ".bin"),
         (["hf_dir", "--outtype", "f16"], "GGUF files only"),
         (["m.gguf", "--to", "hf"], "drop --to"),
+        (["m.gguf", "--past"], "ONNX files only"),
+        (["m.onnx", "--outtype", "f16"], "GGUF files only"),
     ],
 )
 def test_bad_destinations_exit_2_with_one_line(tmp_path, capsys, argv, words):
@@ -107,3 +110,22 @@ def test_convert_help_shows_gguf_examples(capsys):
         cli.main(["convert", "--help"])
     out = capsys.readouterr().out
     assert ".gguf --outtype q8_0" in out and "--outtype {f32,f16,bf16,q8_0}" in out
+    assert ".onnx --past" in out
+
+
+def test_run_to_onnx_with_past(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    ckpt = _native_checkpoint(tmp_path / "ckpt", CharTokenizer("abc \n"))
+    out = tmp_path / "m.onnx"
+    assert cli.main(["convert", str(ckpt), str(out), "--past"]) == 0
+    assert "onnx with past" in capsys.readouterr().out
+    run = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = ["input_ids", "past_keys", "past_values"]
+    assert [i.name for i in run.get_inputs()] == names
+    model, _ = load_model(ckpt)
+    ids = torch.tensor([[0, 1, 2, 3]])
+    empty = np.zeros((1, 1, 2, 0, 16), np.float32)
+    logits, *_ = run.run(None, dict(zip(names, [ids.numpy(), empty, empty])))
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(ids)[0].numpy(), atol=1e-4, rtol=0)
