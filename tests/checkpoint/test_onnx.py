@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2lab.checkpoint.onnx import save_onnx
+from gpt2lab.checkpoint.onnx import ONNX_LIMIT, save_onnx
 from gpt2lab.config import GPTConfig
+from gpt2lab.errors import CheckpointError
 from gpt2lab.model import GPT
 
 ort = pytest.importorskip("onnxruntime")
@@ -59,3 +60,13 @@ def test_prompt_then_16_cached_steps(model, tmp_path):
         np.testing.assert_allclose(logits, full[:, done : done + new], atol=1e-4, rtol=0)
         done += new
     assert keys.shape == values.shape == (cfg.n_layer, 3, cfg.n_head, 20, cfg.head_size)
+
+
+def test_a_model_over_2_gib_is_a_one_line_error(tmp_path):
+    # a meta-device model: the size check comes before any weight is touched
+    with torch.device("meta"):
+        big = GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=48, n_head=25, n_embd=1600))
+    assert big.num_params() * 4 >= ONNX_LIMIT
+    with pytest.raises(CheckpointError, match="2 GiB") as err:
+        save_onnx(big, tmp_path / "xl.onnx")
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())

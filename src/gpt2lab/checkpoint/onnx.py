@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from gpt2lab.errors import CheckpointError
 from gpt2lab.io import atomic_path
 
+ONNX_LIMIT = 2**31  # bytes: one protobuf file (larger graphs need external data files)
+
 
 class _PastCache:
     """KVCache's interface over given past keys and values plus room for `new` tokens, so the
@@ -53,6 +55,13 @@ class _LogitsWithPast(_Logits):
 def save_onnx(model: nn.Module, path: str | os.PathLike, past: bool = False) -> None:
     """Write `model` (float32, CPU) as an ONNX graph, atomically; `past=True` adds the key/value
     inputs and outputs for incremental decoding (start with past length 0)."""
+    size = model.num_params() * 4
+    if size >= ONNX_LIMIT:
+        raise CheckpointError(
+            f"this model's float32 weights take {size / 2**30:.1f} GiB",
+            "under 2 GiB, the most one ONNX file holds",
+            "convert to .gguf (llama.cpp) or a Hugging Face directory instead",
+        )
     model = copy.deepcopy(model).float().cpu().eval()
     cfg = model.config
     batch, seq = 2, min(5, cfg.block_size)
