@@ -122,3 +122,17 @@ def test_a_tokenizer_larger_than_the_model_is_an_error(tokenizer, tmp_path):
     model = GPT(GPTConfig(block_size=8, vocab_size=100, n_layer=1, n_head=1, n_embd=32))
     with pytest.raises(CheckpointError, match="fits the model"):
         save_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+
+
+def test_added_special_tokens_are_control_tokens(tmp_path):
+    tok = train_bpe(TEXT, vocab_size=270, special_tokens=(EOT,)).with_special_tokens(
+        ["<|im_start|>", "<|im_end|>"]
+    )
+    model = GPT(GPTConfig(block_size=8, vocab_size=tok.n_vocab, n_layer=1, n_head=1, n_embd=32))
+    save_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    types = field(reader, "tokenizer.ggml.token_type")
+    for name, i in tok.special_tokens.items():
+        assert tokens[i] == name and types[i] == gguf.TokenType.CONTROL
+    assert sum(t == gguf.TokenType.CONTROL for t in types) == 3
