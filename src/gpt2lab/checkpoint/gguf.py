@@ -155,7 +155,6 @@ def save_gguf(
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, "gpt2")
-        writer.add_architecture()
         writer.add_name(name)
         writer.add_file_type(file_types[outtype])
         writer.add_context_length(cfg.block_size)
