@@ -51,11 +51,7 @@ LAZY_OK = {
     "huggingface_hub",
     "pyarrow",
     "tokenizers",
-    # optional: `gpt2lab convert` to other runtimes (checkpoint/gguf.py, checkpoint/onnx.py)
-    "gguf",
-    "onnx",
-    "onnxruntime",
-    "onnxscript",
+    "gguf",  # optional: llama.cpp's file writer, for `gpt2lab convert ... model.gguf` only
 }
 
 APP = {name for name, layer in LAYERS.items() if layer == len(LAYER_NAMES) - 1}
