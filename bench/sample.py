@@ -2,6 +2,8 @@
 
 The 124M shape with random weights, a 16-token prompt, 256 new tokens, batch 1 and 8, float32 and
 bfloat16, and the memory-bandwidth limit (weight bytes read per step against measured bandwidth).
+With llama-cpp-python installed, llama.cpp runs the same weights from our GGUF files (f16, bf16,
+q8_0) at batch 1, beside gpt2lab at the matching precision (bfloat16 for q8_0, which has no twin).
 
     .venv/bin/python bench/sample.py            # full run (several minutes on 2 cores)
     .venv/bin/python bench/sample.py --quick    # a short run that checks everything works
@@ -11,15 +13,23 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from gpt2lab.checkpoint.gguf import save_gguf
 from gpt2lab.config import GPTConfig
 from gpt2lab.device import cpu_has_native_bf16, pick_dtype
 from gpt2lab.generate import generate
 from gpt2lab.model import GPT
+from gpt2lab.tokenizer import get_tokenizer
+
+# GGUF type -> gpt2lab's dtype at the same precision (q8_0 has no twin: the nearest 16-bit one)
+GGUF_TWINS = {"f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.bfloat16}
 
 
 def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
@@ -65,6 +75,42 @@ def time_alternating(a, b, repeats: int) -> tuple[float, float]:
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(ta), statistics.median(tb)
+
+
+def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None:
+    """Batch-1 greedy tokens/s of llama.cpp on our GGUF files beside gpt2lab, printed as rows."""
+    import llama_cpp
+
+    print(f"{'llama.cpp':<9} {'batch':>5} {'llama.cpp tok/s':>15} {'gpt2lab':>8} {'ratio':>6}")
+    idx = torch.tensor([prompt])
+    with tempfile.TemporaryDirectory() as tmp:
+        for outtype, dtype in GGUF_TWINS.items():
+            path = Path(tmp) / f"gpt2-{outtype}.gguf"
+            save_gguf(base, path, tokenizer=get_tokenizer("gpt2"), outtype=outtype)
+            llm = llama_cpp.Llama(
+                str(path),
+                n_ctx=len(prompt) + new,
+                n_threads=torch.get_num_threads(),
+                verbose=False,
+            )
+
+            def run_llama(llm=llm) -> None:
+                for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0)):
+                    if i + 1 == new:
+                        break
+
+            ours = GPT(base.config).eval()
+            ours.load_state_dict(base.state_dict())
+            ours.to(dtype)
+            run_ours = functools.partial(generate, ours, idx, new, temperature=0)
+            with torch.inference_mode():
+                run_ours(), run_llama()  # warm-up
+                t_ours, t_llama = time_alternating(run_ours, run_llama, repeats)
+            name = str(dtype).removeprefix("torch.")
+            print(
+                f"{outtype:<9} {1:>5} {new / t_llama:>15.1f} {new / t_ours:>8.1f} "
+                f"{t_ours / t_llama:>5.2f}x   (gpt2lab at {name})"
+            )
 
 
 def main() -> None:
@@ -127,6 +173,12 @@ def main() -> None:
             f"batch 1, gpt2lab default CPU dtype ({key[0]}) vs transformers default (float32): "
             f"{results[key][0] / results[('float32', 1)][1]:.2f}x"
         )
+    if importlib.util.find_spec("llama_cpp") is not None:
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, base.config.vocab_size, (args.prompt_tokens,), generator=g)
+        llama_cpp_rows(base, prompt.tolist(), new, repeats)
+    else:
+        print("llama.cpp: not measured (pip install llama-cpp-python to add it)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from gpt2lab.io import (
     UTF8Decoder,
     atomic_dir,
     atomic_open,
+    atomic_path,
     atomic_write_json,
     decode_utf8,
     read_utf8,
@@ -91,3 +92,15 @@ def test_block_decoder_skips_a_bom_and_reports_file_offsets():
     decoder.decode(bom + b"abc\xe2\x82")
     with pytest.raises(DataError, match=r"f.txt is not UTF-8: byte 0xe2 at offset 6"):
         decoder.decode(b"x")
+
+
+def test_atomic_path_replaces_only_when_the_writer_finishes(tmp_path):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")  # a writer that opens the file itself, then fails
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

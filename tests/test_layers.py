@@ -51,6 +51,7 @@ LAZY_OK = {
     "huggingface_hub",
     "pyarrow",
     "tokenizers",
+    "gguf",  # optional: llama.cpp's file writer, for `gpt2lab convert ... model.gguf` only
 }
 
 APP = {name for name, layer in LAYERS.items() if layer == len(LAYER_NAMES) - 1}

@@ -52,7 +52,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "convert": (
         "gpt2lab.commands.convert",
-        "convert between gpt2lab runs and Hugging Face GPT-2",
+        "convert a model: Hugging Face GPT-2, GGUF (llama.cpp), ONNX (onnxruntime)",
         "gpt2lab convert runs/sc hf/sc",
     ),
     "plot": (
