@@ -36,7 +36,7 @@ test: $(VENV)/.installed-dev
 # our exports run by other runtimes; llama-cpp-python compiles llama.cpp (minutes) on install
 test-interop: $(VENV)/.installed-dev
 	$(PIP) -e ".[interop]"
-	$(PY) -m pytest -m interop tests/interop $(PYTEST_ARGS)
+	$(PY) -m pytest -m interop $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests bench

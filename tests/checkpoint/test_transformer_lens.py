@@ -9,6 +9,7 @@ from gpt2lab.checkpoint.hf import save_hf
 from gpt2lab.config import GPTConfig
 from gpt2lab.model import GPT
 
+pytestmark = pytest.mark.interop  # TransformerLens is a heavy peer: `make test-interop`
 model_bridge = pytest.importorskip("transformer_lens.model_bridge")
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+pytestmark = pytest.mark.interop  # lm-eval is a heavy peer: `make test-interop`
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
