@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +12,20 @@ pytestmark = pytest.mark.interop  # lm-eval is a heavy peer: `make test-interop`
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
+import lm_eval  # noqa: E402
+import yaml  # noqa: E402
+from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
 
 from gpt2lab.checkpoint.hf import save_hf  # noqa: E402
 from gpt2lab.config import GPTConfig  # noqa: E402
+from gpt2lab.eval import tasks  # noqa: E402
 from gpt2lab.eval.harness import GPT2LabLM  # noqa: E402
+from gpt2lab.eval.scoring import as_logits_fn  # noqa: E402
 from gpt2lab.model import GPT  # noqa: E402
+from gpt2lab.tokenizer import get_tokenizer  # noqa: E402
 
 PAIRS = [
     ("The cat sat on the", " mat"),
@@ -66,9 +74,6 @@ def test_generate_until_equals_hf_greedy(backends):
 
 
 def test_a_local_yaml_task_scores_the_same_through_simple_evaluate(backends, tmp_path):
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
     data = tmp_path / "pairs.jsonl"
     data.write_text(
         "".join(json.dumps({"context": c, "continuation": t}) + "\n" for c, t in PAIRS if c)
@@ -100,3 +105,90 @@ metric_list:
         scores.append([s["resps"][0][0][0] for s in samples])
     assert len(scores[0]) == len(PAIRS) - 1
     assert scores[0] == pytest.approx(scores[1], abs=1e-4)
+
+
+def _passages(tiny_shakespeare, lines_per_passage):
+    """Passages of consecutive Tiny Shakespeare speech lines joined by spaces, as in LAMBADA."""
+    lines = [
+        line.strip()
+        for line in tiny_shakespeare.read_text(encoding="utf-8").splitlines()
+        if len(line.split()) >= 5
+    ]
+    return [" ".join(lines[i : i + n]) for i, n in enumerate(lines_per_passage * 8)]
+
+
+@pytest.fixture(scope="module")
+def lambada_setup(tiny_shakespeare, tmp_path_factory):
+    """A tiny random GPT, a LAMBADA-shaped file for it, and lm-eval's lambada_openai task copied
+    to read that file: as is, and with the context after `<|endoftext|>` as ours has it.
+
+    Every other passage ends with the word the model itself predicts (when its greedy next token is
+    a space and letters), so that accuracy is neither 0 nor 1; the others end as Shakespeare wrote.
+    """
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).eval()
+    fn, tok = as_logits_fn(model), get_tokenizer("gpt2")
+    texts = []
+    # 1-3 lines stay within the 64-token window; 8 lines overflow it, so the start is cut
+    for i, text in enumerate(_passages(tiny_shakespeare, [1, 2, 3, 8])):
+        ids = torch.tensor([[tok.eot_token, *tok.encode_ordinary(text)][-64:]])
+        word = tok.decode([fn(ids, 1)[0, -1].argmax().item()])
+        predictable = i % 2 == 0 and word[:1] == " " and word[1:].isalpha()
+        texts.append(text + word if predictable else text)
+    root = tmp_path_factory.mktemp("lambada")
+    save_hf(model.eval(), root / "hf")
+    data = root / "lambada_test.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    stock = Path(lm_eval.__file__).parent / "tasks" / "lambada" / "lambada_openai.yaml"
+    task = yaml.safe_load(stock.read_text())
+    task.pop("tag")
+    task.update(dataset_path="json", dataset_kwargs={"data_files": {"test": str(data)}})
+    task.pop("dataset_name")
+    (root / "local.yaml").write_text(yaml.safe_dump({**task, "task": "lambada_local"}))
+    eot = {
+        **task,
+        "task": "lambada_local_eot",
+        "doc_to_text": "<|endoftext|>" + task["doc_to_text"],
+    }
+    (root / "local_eot.yaml").write_text(yaml.safe_dump(eot))
+    return root, data, texts, TaskManager(include_path=str(root))
+
+
+def _lm_eval_lambada(lm, task_manager, task):
+    out = simple_evaluate(model=lm, tasks=[task], task_manager=task_manager, log_samples=True)
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    return out["results"][task], [s["resps"][0][0] for s in samples]
+
+
+def test_lambada_equals_lm_evals_lambada_openai_after_endoftext(lambada_setup):
+    """`gpt2lab eval lambada` is lambada_openai with `<|endoftext|>` before every context: the same
+    target (" " + the text after the last space, all its tokens scored, greedy over all of them),
+    the same perplexity (exp of the mean negative log-likelihood per passage)."""
+    root, data, texts, task_manager = lambada_setup
+    ours = GPT2LabLM(path=str(root / "hf"), batch_size=4)
+    theirs = HFLM(pretrained=str(root / "hf"), batch_size=4, device="cpu", dtype="float32")
+    settings = tasks.Settings(context=64, stride=32, batch_size=4)
+    m = tasks.lambada(as_logits_fn(ours.model), ours.tokenizer, data, settings)
+    assert m["examples"] == len(texts) and 0 < m["accuracy"] < 1
+    for lm in (ours, theirs):
+        results, _ = _lm_eval_lambada(lm, task_manager, "lambada_local_eot")
+        assert results["acc,none"] == m["accuracy"]
+        assert results["perplexity,none"] == pytest.approx(m["perplexity"], rel=1e-4)
+
+
+def test_lambada_openai_as_is_differs_only_by_the_missing_endoftext(lambada_setup):
+    """Without `<|endoftext|>`, lambada_openai conditions the first context token on nothing: the
+    scores differ exactly on passages shorter than the window, and agree where the window cuts
+    the start of the passage off anyway (both keep the last block_size + 1 tokens)."""
+    root, _, texts, task_manager = lambada_setup
+    lm = GPT2LabLM(path=str(root / "hf"), batch_size=4)
+    _, with_eot = _lm_eval_lambada(lm, task_manager, "lambada_local_eot")
+    _, as_is = _lm_eval_lambada(lm, task_manager, "lambada_local")
+    window = lm.max_length + 1
+    long = [len(lm.tok_encode(t)) >= window for t in texts]
+    assert 0 < sum(long) < len(texts)
+    for fits_not, (lp, greedy), (lp_as_is, greedy_as_is) in zip(long, with_eot, as_is):
+        if fits_not:
+            assert lp == pytest.approx(lp_as_is, abs=1e-5) and greedy == greedy_as_is
+        else:
+            assert lp != pytest.approx(lp_as_is, abs=1e-5)
