@@ -1,4 +1,5 @@
-"""The lm-eval backend scores like lm-eval's own Hugging Face backend on the same weights."""
+"""The lm-eval backend scores like lm-eval's own Hugging Face backend on the same weights, and
+`gpt2lab eval lambada` relates to lm-eval's `lambada_openai` as docs/convert.md states."""
 
 from __future__ import annotations
 
