@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from gpt2lab.config import to_dict
 from gpt2lab.errors import CheckpointError, mark_key
-from gpt2lab.io import fsync_dir
+from gpt2lab.io import atomic_path
 
 TIED = "lm_head.weight"  # the head shares transformer.wte.weight; files store it once
 
@@ -40,21 +39,9 @@ def save_model_safetensors(
 
 def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict) -> None:
     """safetensors file written to a temp name, fsynced and renamed: never seen half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(
-            {k: v.cpu() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **metadata}
-        )
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        cpu = {k: v.cpu() for k, v in tensors.items()}
+        save_file(cpu, str(tmp), metadata={"format": "pt", **metadata})
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
