@@ -24,10 +24,10 @@ PROMPT = "ROMEO: But soft, what light"
 # largest |logit difference| allowed, relative to the largest |logit| of the prompt
 # (f32: llama.cpp's CPU kernels sum in another order; measured up to 1.04e-4 on this model)
 TOLERANCE = {"f32": 2e-4, "f16": 5e-3, "bf16": 3e-2, "q8_0": 3e-2}
-# llama-cpp-python 0.3.36 (built here with GGML_NATIVE) segfaults evaluating this tiny model's
-# q8_0 file: not yet known whether our q8_0 tensors or llama.cpp's kernels at these sizes are to
-# blame (issue 19 stays open for it); skipped so that the crash does not end the whole run
-Q8_CRASH = pytest.mark.skip(reason="llama.cpp segfaults on the tiny q8_0 file (issue 19)")
+# llama-cpp-python 0.3.36 built here (GGML_NATIVE) segfaults evaluating any q8_0 GPT-2 file,
+# ours (64 to 768 wide) and the one its own llama_model_quantize makes from our f32 file alike,
+# so the fault is that build's, not our writer's; skipped so that the crash does not end the run
+Q8_CRASH = pytest.mark.skip(reason="this llama.cpp build segfaults on any q8_0 GPT-2 file")
 
 
 @pytest.fixture(scope="module")
