@@ -40,6 +40,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "generate text from a trained model",
         "gpt2lab sample --model runs/sc -p 'ROMEO:' -m 200",
     ),
+    "chat": (
+        "gpt2lab.commands.chat",
+        "talk to a chat model in the terminal (history, /reset, /system)",
+        "gpt2lab chat --model runs/sft",
+    ),
     "eval": (
         "gpt2lab.commands.eval",
         "zero-shot evaluations from the paper, HellaSwag, perplexity",

@@ -21,6 +21,7 @@ from gpt2lab.device import pick_device, pick_dtype
 from gpt2lab.errors import CheckpointError, DataError, UsageError
 from gpt2lab.generate import complete, prompt_ids
 from gpt2lab.io import atomic_write_json, atomic_write_text, read_utf8
+from gpt2lab.tokenizer.chat import resolve_chat_template, validate_messages
 
 EXAMPLES = """
 gpt2lab sample --model runs/sc -p 'ROMEO:' -m 200 --temperature 0.8 --top-k 200
@@ -30,6 +31,7 @@ gpt2lab sample --model runs/owt --num-samples 100 --out samples/ --json         
 gpt2lab sample --model runs/owt --prompt-file prompts.txt --lines --json > out.jsonl
 echo 'Once upon a time' | gpt2lab sample --model runs/sc
 gpt2lab sample --model runs/sc --interactive
+gpt2lab sample --model runs/sft --chat conversation.json      # the assistant's next reply
 """
 
 _DEFAULTS = SampleConfig()
@@ -59,6 +61,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a file whose whole text is one prompt ('-' = stdin); repeatable. "
         "Without -p or --prompt-file, text piped on stdin is the prompt",
+    )
+    g.add_argument(
+        "--chat",
+        metavar="FILE",
+        help='a conversation, JSON: [{"role": "user", "content": ...}, ...] (or {"messages": '
+        "[...]}), rendered with the model's chat template; prints the assistant's reply",
+    )
+    g.add_argument(
+        "--template",
+        metavar="NAME",
+        help="with --chat: 'chat', 'plain' or a chat_template.json instead of the model's own",
     )
     g.add_argument(
         "--lines",
@@ -154,8 +167,11 @@ def run(args: argparse.Namespace) -> int:
         model, tok = load_model_for(args.model, cfg)
         if args.interactive:
             return _interactive(model, tok, cfg, args)
-        texts = _read_prompts(args)
-        prompts = [_encode(tok, t, args.allow_special) for t in texts]
+        if args.chat:
+            texts, prompts, cfg = _chat_prompt(args, tok, cfg)
+        else:
+            texts = _read_prompts(args)
+            prompts = [_encode(tok, t, args.allow_special) for t in texts]
         rows = [
             (i, t, ids)
             for i, (t, ids) in enumerate(zip(texts, prompts))
@@ -182,6 +198,26 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
     ).sample
 
 
+def _chat_prompt(
+    args: argparse.Namespace, tok: Any, cfg: SampleConfig
+) -> tuple[list[str], list[list[int]], SampleConfig]:
+    """--chat FILE: the rendered conversation and its ids; the template's stop strings added."""
+    template = resolve_chat_template(args.model, tok, args.template)
+    text = read_prompt_file(args.chat)
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise DataError(
+            f"--chat file {args.chat} is not JSON ({e})",
+            'a list of {"role": ..., "content": ...} messages',
+        ) from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    ids = template.encode(tok, validate_messages(messages, where=args.chat))
+    stop = tuple(dict.fromkeys([*cfg.stop, *(template.stop_strings or (template.end_token,))]))
+    args.reply_lead = template.reply_lead
+    return [template.render(messages)], [ids], dataclasses.replace(cfg, stop=stop)
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     if args.stream and (args.json or args.out):
         raise UsageError(
@@ -194,6 +230,14 @@ def _check_flags(args: argparse.Namespace) -> None:
             "no -p, --prompt-file, --json or --out with it",
             "drop those flags, or drop --interactive",
         )
+    if args.chat and (args.prompt or args.prompt_file or args.interactive):
+        raise UsageError(
+            "--chat reads the conversation from its file",
+            "no -p, --prompt-file or --interactive with it",
+            "drop those flags (or use `gpt2lab chat` to talk turn by turn)",
+        )
+    if args.template and not args.chat:
+        raise UsageError("--template applies to --chat only", fix="add --chat FILE")
     if args.lines and not args.prompt_file:
         raise UsageError("--lines needs --prompt-file", fix="add --prompt-file FILE (or -)")
 
@@ -311,15 +355,21 @@ class _Writer:
 
     def __init__(self, args: argparse.Namespace, total: int) -> None:
         self.args, self.total, self.count, self.streamed = args, total, 0, False
+        # --chat shows the reply only, without the template's text before it (a space)
+        self.chat, self.lead = bool(getattr(args, "chat", None)), getattr(args, "reply_lead", "")
+        self.pending_lead = ""
 
     def begin(self, prompt: str) -> None:
         """A streamed sample starts: show its prompt."""
         self._separator()
-        print(prompt, end="", flush=True)
-        self.streamed = True
+        print("" if self.chat else prompt, end="", flush=True)
+        self.streamed, self.pending_lead = True, self.lead
 
     def live(self, row: int, piece: str) -> None:
         if row == 0:
+            if self.pending_lead:
+                piece = piece.removeprefix(self.pending_lead)
+                self.pending_lead = ""
             print(piece, end="", flush=True)
 
     def done(self, prompt: str, prompt_index: int, c: Any) -> None:
@@ -344,7 +394,8 @@ class _Writer:
             self.streamed = False
         else:
             self._separator()
-            print(prompt + c.text, flush=True)
+            shown = c.text.removeprefix(self.lead) if self.chat else prompt + c.text
+            print(shown, flush=True)
         self.count += 1
 
     def _separator(self) -> None:
