@@ -7,7 +7,13 @@ import sys
 
 import torch
 
-from gpt2lab.commands.sample import _warnings_to_stderr, load_model_for, sample_config
+from gpt2lab.commands.sample import (
+    _warnings_to_stderr,
+    add_device_arguments,
+    add_sampling_arguments,
+    load_model_for,
+    sample_config,
+)
 from gpt2lab.errors import DataError
 from gpt2lab.generate import complete
 from gpt2lab.tokenizer.chat import ChatTemplate, crop_history, resolve_chat_template
@@ -40,13 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="most tokens per reply (default 200, at most half the context)",
     )
-    g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy (default 1.0)")
-    g.add_argument("--top-k", type=int, metavar="K", help="sample from the k likeliest tokens")
-    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling, 0 < p <= 1")
-    g.add_argument("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeats")
-    g.add_argument("--seed", type=int, metavar="S", help="seed for reproducible replies")
-    g.add_argument("--device", metavar="DEVICE", help="auto (default), cpu, cuda, cuda:N or mps")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    add_sampling_arguments(g)
+    add_device_arguments(p.add_argument_group("speed"))
 
 
 def add_template_argument(p: argparse.ArgumentParser) -> None:

@@ -92,28 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"tokens to generate per sample (default {_DEFAULTS.max_new_tokens})",
     )
-    g.add_argument(
-        "--temperature",
-        type=float,
-        metavar="T",
-        help="divide logits by this; 0 = greedy (default 1.0)",
-    )
-    g.add_argument(
-        "--top-k", type=int, metavar="K", help="sample from the k most likely tokens only"
-    )
-    g.add_argument(
-        "--top-p",
-        type=float,
-        metavar="P",
-        help="nucleus sampling: the fewest most likely tokens with probability >= p, 0 < p <= 1",
-    )
-    g.add_argument(
-        "--repetition-penalty",
-        type=float,
-        metavar="R",
-        help="> 1 makes tokens already in the text less likely (default 1.0 = off)",
-    )
-    g.add_argument("--seed", type=int, metavar="S", help="seed for reproducible samples")
+    add_sampling_arguments(g)
     g.add_argument("--num-samples", type=int, metavar="N", help="samples per prompt (default 1)")
     g.add_argument(
         "--stop",
@@ -150,6 +129,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"samples generated together (default {_DEFAULTS.batch_size})",
     )
+    add_device_arguments(g)
+
+
+def add_sampling_arguments(g: Any) -> None:
+    """--temperature, --top-k, --top-p, --repetition-penalty and --seed (sample, chat)."""
+    g.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="divide logits by this; 0 = greedy (default 1.0)",
+    )
+    g.add_argument(
+        "--top-k", type=int, metavar="K", help="sample from the k most likely tokens only"
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        help="nucleus sampling: the fewest most likely tokens with probability >= p, 0 < p <= 1",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        help="> 1 makes tokens already in the text less likely (default 1.0 = off)",
+    )
+    g.add_argument("--seed", type=int, metavar="S", help="seed for reproducible samples")
+
+
+def add_device_arguments(g: Any) -> None:
+    """--device and --dtype (sample, chat)."""
     g.add_argument("--device", metavar="DEVICE", help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument(
         "--dtype",
