@@ -167,3 +167,20 @@ def test_train_init_from_grows_for_the_data_tokens(tmp_path, tiny_shakespeare, c
     model, tok = load_model(run)
     assert model.config.vocab_size == 50260 and tok.special_tokens["<|unk|>"] == 50259
     assert tok.encode("<|pad|>", allowed_special="all") == [50258]
+
+
+def test_gguf_carries_the_chat_template(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from gpt2lab.checkpoint.gguf import save_gguf
+    from gpt2lab.tokenizer import train_bpe
+
+    tok = train_bpe("Hello there, general Kenobi! " * 50, 270)
+    model = tiny(tok.n_vocab, seed=2)
+    tok = add_special_tokens(model, tok, CHAT_TOKENS)
+    tok.chat_template = CHAT
+    save_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["tokenizer.chat_template"].contents() == CHAT.to_jinja()
+    end = tok.special_tokens["<|end|>"]
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == end == tok.n_vocab - 1
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[-4:] == list(CHAT_TOKENS)
