@@ -184,3 +184,25 @@ def test_gguf_carries_the_chat_template(tmp_path):
     end = tok.special_tokens["<|end|>"]
     assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == end == tok.n_vocab - 1
     assert reader.fields["tokenizer.ggml.tokens"].contents()[-4:] == list(CHAT_TOKENS)
+
+
+def test_a_char_model_takes_the_chat_tokens(tmp_path):
+    """The demo's character models: chat tokens after <|endoftext|>, saved and read back."""
+    tok = get_tokenizer("char", text="ROMEO: But soft!\nJULIET: Ay me.\n")
+    model = tiny(tok.n_vocab, pad=1)
+    grown = add_special_tokens(model, tok, CHAT_TOKENS)
+    assert grown.n_vocab == model.config.vocab_size == tok.n_vocab + 4
+    assert [grown.special_tokens[s] for s in CHAT_TOKENS] == list(range(tok.n_vocab, grown.n_vocab))
+    assert tokenizer_extends(tok, grown) and not tokenizer_extends(grown, tok)
+    grown.chat_template = CHAT
+    grown.save(tmp_path / "tok")
+    back = get_tokenizer(tmp_path / "tok")
+    assert back.special_tokens == grown.special_tokens and back.chat_template == CHAT
+    assert get_tokenizer(back.spec()).special_tokens == grown.special_tokens
+    messages = [
+        {"role": "user", "content": "ROMEO: But soft!"},
+        {"role": "assistant", "content": "Ay me."},
+    ]
+    ids, learn = CHAT.encode_with_mask(back, messages)
+    assert back.decode(ids) == CHAT.render(messages, add_generation_prompt=False)
+    assert back.decode([i for i, k in zip(ids, learn) if k]) == "Ay me.<|end|>"
