@@ -50,8 +50,20 @@ def test_new_rows_are_the_mean_and_old_rows_are_unchanged(old, new, pad):
     assert torch.allclose(logits[..., old], logits[..., new - 1])  # the new rows are equal
     padded = model.lm_head(torch.randn(1, 16))  # the head still masks the padding columns
     assert torch.isinf(padded[..., new:]).all() and torch.isfinite(padded[..., :new]).all()
-    with pytest.raises(ConfigError, match="cannot shrink"):
+    with pytest.raises(ConfigError, match="cannot grow"):
         grow_vocab(model, old - 1)
+
+
+def test_rows_the_tokenizer_never_used_are_set_in_place():
+    """A model padded past its tokenizer (50304 for 50257, say) keeps its size."""
+    model = tiny(110, pad=1)
+    before = model.transformer.wte.weight.detach().clone()
+    tok = get_tokenizer("char", text="abcdefghij" * 10)  # 11 ids, the model has 110
+    grown = add_special_tokens(model, tok, ["<|pad|>", "<|user|>"])
+    w = model.transformer.wte.weight
+    assert model.config.vocab_size == 110 and grown.n_vocab == 13
+    assert torch.equal(w[11:13], before[:11].double().mean(0).float().expand(2, -1))
+    assert torch.equal(w[:11], before[:11]) and torch.equal(w[13:], before[13:])
 
 
 def test_grown_model_trains_its_new_rows():
