@@ -508,6 +508,9 @@ def _hf_template(p: Path) -> ChatTemplate | None:
         source = jinja_file.read_text(encoding="utf-8")
     if not isinstance(source, str) or not source:
         return None
+    for known in TEMPLATES.values():  # ours, exported (or re-saved by transformers)
+        if source == known.to_jinja():
+            return known
     eos = config.get("eos_token", _EOT)
     if isinstance(eos, dict):  # an AddedToken written out
         eos = eos.get("content", _EOT)
