@@ -132,18 +132,15 @@ def _env():
     return {**os.environ, "PYTHONPATH": os.path.abspath(src), "GPT2LAB_DEBUG": "0"}
 
 
-def test_real_model_through_a_pipe_and_ctrl_c(chat_run):
-    cmd = [sys.executable, "-m", "gpt2lab", "chat", "--model", str(chat_run), *FLAGS, "-m", "5"]
-    done = subprocess.run(
-        cmd,
-        input="Hello\n/reset\nWho are you?\n/quit\nnot read\n",
-        text=True,
-        capture_output=True,
-        env=_env(),
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.count("assistant> ") == 2 and "Traceback" not in done.stderr
+def test_real_model_streams_replies(monkeypatch, capsys, chat_run):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/reset\nWho are you?\n/quit\nnot read\n"))
+    assert cli.main(["chat", "--model", str(chat_run), *FLAGS, "-m", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2 and "<|end|>" not in out
+
+
+def test_ctrl_c_leaves_cleanly(chat_run):
+    cmd = [sys.executable, "-m", "gpt2lab", "chat", "--model", str(chat_run), *FLAGS]
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.PIPE,
