@@ -1,4 +1,4 @@
-"""Post-training speed and memory: `gpt2lab sft` / `gpt2lab dpo` beside trl's SFTTrainer / DPOTrainer.
+"""Post-training speed and memory: gpt2lab sft / dpo beside trl's SFTTrainer / DPOTrainer.
 
 Same model (a transformers GPT-2 of the gpt2-10m shape: 6 x 160, 5 heads, context 256, GPT-2's
 50257 tokens, random weights saved once and loaded by both), same data (Shakespeare exchanges
