@@ -7,6 +7,7 @@ offset (and line, when the data starts at the top of the file) and the fix.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -189,3 +190,37 @@ def _complete_utf8(data: bytes) -> int:
             need = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else 4
             return len(data) - k if need > k else len(data)
     return len(data)
+
+
+# --- disk full ----------------------------------------------------------------------------------
+
+# a full disk, a quota, or a file-size limit (RLIMIT_FSIZE): the write stops, the data is fine
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space on the file system holding `path` (its nearest existing parent), as text."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "unknown free space"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit} free" if unit == "bytes" else f"{free:.1f} {unit} free"
+        free /= 1024
+    return "unknown free space"
+
+
+def disk_full_reason(e: OSError, path: str | os.PathLike | None = None) -> str:
+    """'no space left on device' / 'file too large (a file-size limit)' / quota, with free space."""
+    where = path or e.filename or "."
+    why = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (a file-size "
+           "limit)"}.get(e.errno or 0, "disk quota exceeded")  # fmt: skip
+    return f"{why}, {free_space(os.path.dirname(os.fspath(where)) or '.')}"
