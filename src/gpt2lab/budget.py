@@ -10,14 +10,18 @@ chat) and `require_model` (any load, convert) - see docs/reliability.md.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
+
 from gpt2lab.config import GPTConfig
-from gpt2lab.errors import ConfigError, ResourceError, mark_key
+from gpt2lab.errors import ResourceError
 
 # bytes that `complete()` keeps per generated token and row: a Python int in a list (8-byte
 # pointer, ints past 256 are 28-byte objects), the token in the sequence buffer, its text
@@ -121,14 +125,10 @@ def free_memory(device: torch.device | str | None = None) -> int | None:
                 have = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         have = None
-    try:
-        import resource
-
+    if resource is not None:
         soft = resource.getrlimit(resource.RLIMIT_AS)[0]
         if soft != resource.RLIM_INFINITY:
             have = soft if have is None else min(have, soft)
-    except (ImportError, OSError, ValueError):
-        pass
     return have
 
 
@@ -192,21 +192,3 @@ def require_inference(
         need -= est.outputs
     require(need, device, f"{what} ({est})", fix)
     return est
-
-
-def sane_workers(requested: int | None, per_core: int = 4) -> int:
-    """`requested` worker processes (None: one per usable core); past `per_core` x the cores, a
-    ConfigError (thousands of processes would exhaust memory and process slots)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    if requested is None:
-        return cores
-    if requested < 1 or requested > per_core * cores:
-        raise ConfigError(
-            f"{mark_key('workers', requested)} but this machine has {cores} usable cores",
-            f"1 to {per_core * cores} workers",
-            f"drop {mark_key('workers')} (it uses all {cores} cores) or pass a smaller number",
-        )
-    return requested

@@ -11,12 +11,13 @@ import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.errors import DataError
+from gpt2lab.errors import ConfigError, DataError, mark_key
 
 _BOM = b"\xef\xbb\xbf"
 UTF8_FIX = (
@@ -224,3 +225,69 @@ def disk_full_reason(e: OSError, path: str | os.PathLike | None = None) -> str:
     why = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (a file-size "
            "limit)"}.get(e.errno or 0, "disk quota exceeded")  # fmt: skip
     return f"{why}, {free_space(os.path.dirname(os.fspath(where)) or '.')}"
+
+
+# --- limits on what is read and started ---------------------------------------------------------
+
+RECORD_LIMIT = 64 << 20  # bytes of one JSONL record (line) read at most by default
+
+
+def usable_cores() -> int:
+    """CPUs this process may use (the affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def sane_workers(requested: int | None, per_core: int = 4) -> int:
+    """`requested` worker processes (None: one per usable core); past `per_core` x the cores, a
+    ConfigError (thousands of processes would exhaust memory and process slots)."""
+    cores = usable_cores()
+    if requested is None:
+        return cores
+    if requested < 1 or requested > per_core * cores:
+        raise ConfigError(
+            f"{mark_key('workers', requested)} but this machine has {cores} usable cores",
+            f"1 to {per_core * cores} workers",
+            f"drop {mark_key('workers')} (it uses all {cores} cores) or pass a smaller number",
+        )
+    return requested
+
+
+def read_line_bounded(f: Any, limit: int, path: str | os.PathLike, lineno: int) -> bytes:
+    """The next line of binary file `f` (b"" at the end); a line over `limit` bytes is a DataError
+    naming the file, the line and the flag that raises the limit - it is never read whole."""
+    line = f.readline(limit + 1)
+    if len(line) > limit and not line.endswith(b"\n"):
+        raise DataError(
+            f"{path} line {lineno} is longer than {limit:,} bytes",
+            "one record per line, each under the limit",
+            f"raise {mark_key('max_record_bytes')} if such records are intended, or split the file",
+        )
+    return line
+
+
+def read_text_bounded(path: str | os.PathLike, limit: int, what: str, flag: str) -> str:
+    """A whole UTF-8 file (or a FIFO, /dev/zero, stdin as '-') read up to `limit` bytes; longer
+    is a DataError before memory runs out."""
+    name = os.fspath(path)
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(name, "rb") as f:
+                data = f.read(limit + 1)
+    except OSError as e:
+        raise DataError(
+            f"cannot read {what} {name} ({e.strerror or e})",
+            "a readable UTF-8 text file",
+            f"check the path given to {mark_key(flag)}",
+        ) from e
+    if len(data) > limit:
+        raise DataError(
+            f"{what} {name} is longer than {limit:,} bytes (or never ends)",
+            f"a text file under {limit:,} bytes",
+            f"pass a shorter file to {mark_key(flag)}",
+        )
+    return decode_utf8(data, name)

@@ -38,7 +38,8 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, ownership 
 MARKER = ".gpt2lab"
 LOCK = ".gpt2lab.lock"
 TOOL = "gpt2lab"
-_INFRA = {MARKER, LOCK}
+INFRA = (MARKER, LOCK)  # gpt2lab's own bookkeeping in a directory
+_INFRA = set(INFRA)
 _HELD: dict[str, OutputDir] = {}  # directories this process holds, by real path (re-entrant)
 
 
@@ -200,6 +201,7 @@ class OutputDir:
     ) -> None:
         self.path, self.command, self.marker = path, command, marker
         self.created, self.lock = created, lock
+        self.depth = 1  # claims of this directory by this process not yet released
 
     @property
     def files(self) -> list[str]:
@@ -234,10 +236,13 @@ class OutputDir:
         self.record(name)
         return p
 
-    def remove_ours(self) -> list[str]:
-        """Delete every entry the marker lists (and `.NAME.*` temp files); nothing else."""
-        removed = []
+    def remove_ours(self, keep: Iterable[str] = ()) -> list[str]:
+        """Delete every entry the marker lists (and `.NAME.*` temp files) but `keep`; nothing
+        else."""
+        removed, kept = [], [n for n in self.marker["files"] if n in set(keep)]
         for name in self.marker["files"]:
+            if name in kept:
+                continue
             p = self.path / name
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
@@ -247,12 +252,12 @@ class OutputDir:
             else:
                 continue
             removed.append(name)
-        tops = {Path(n).parts[0] for n in self.marker["files"]}
+        tops = {Path(n).parts[0] for n in self.marker["files"] if n not in kept}
         for p in self.path.iterdir():
             if any(p.name.startswith(f".{t}.") for t in tops):  # atomic_path / atomic_dir temps
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-        if self.marker["files"]:
-            self.marker["files"] = []
+        if self.marker["files"] != kept:
+            self.marker["files"] = kept
             atomic_write_json(self.path / MARKER, self.marker)
         return removed
 
@@ -264,13 +269,19 @@ class OutputDir:
             for name in (MARKER, LOCK):
                 with contextlib.suppress(FileNotFoundError):
                     (self.path / name).unlink()
-            self.release()
+            self._unlock()
             with contextlib.suppress(OSError):
                 self.path.rmdir()
-        else:
-            self.release()
+
+    def _unlock(self) -> None:
+        self.depth = 1
+        self.release()
 
     def release(self) -> None:
+        """Undo one claim; the last one unlocks (the OS also unlocks when the process ends)."""
+        self.depth -= 1
+        if self.depth > 0:
+            return
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -306,6 +317,7 @@ def claim_output_dir(
     check_not_overlapping(path, inputs, flag)
     held = _HELD.get(str(_real(path)))
     if held is not None:
+        held.depth += 1
         if force:
             held.remove_ours()
         return held

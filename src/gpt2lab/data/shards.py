@@ -10,6 +10,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +160,16 @@ class ShardWriter:
     """
 
     def __init__(
-        self, out_dir: Path, split: str, dtype: np.dtype, vocab_size: int, shard_tokens: int
+        self,
+        out_dir: Path,
+        split: str,
+        dtype: np.dtype,
+        vocab_size: int,
+        shard_tokens: int,
+        on_create: Callable[[str], None] | None = None,
     ) -> None:
         self.out_dir, self.split, self.dtype = Path(out_dir), split, dtype
+        self.on_create = on_create  # told each shard's name before it is created (ownership)
         self.vocab_size, self.shard_tokens = vocab_size, shard_tokens
         self.done: list[str] = []  # names of complete shards
         self.fill = 0  # tokens in the open temp shard
@@ -203,6 +211,8 @@ class ShardWriter:
         tokens = tokens.astype(self.dtype, copy=False)
         while len(tokens):
             if self._f is None:
+                if self.on_create is not None:
+                    self.on_create(shard_name(self.split, len(self.done)))
                 self._f = open(self._tmp(len(self.done)), "wb")
                 self._f.write(pack_header(self.dtype, self.vocab_size, 0))
             n = min(len(tokens), self.shard_tokens - self.fill)

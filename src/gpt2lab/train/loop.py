@@ -22,9 +22,10 @@ from gpt2lab.checkpoint import native
 from gpt2lab.config import Config, merge, to_dict, to_toml
 from gpt2lab.data import load_tokens
 from gpt2lab.device import autocast, pick_dtype
-from gpt2lab.errors import TrainingError, mark_key
+from gpt2lab.errors import GPT2LabError, TrainingError, mark_key
 from gpt2lab.generate import PREVIEW_SAMPLING, generate, prompt_ids
 from gpt2lab.io import atomic_write_text
+from gpt2lab.outdir import OutputDir
 from gpt2lab.train import build
 from gpt2lab.train.dist import (
     Dist,
@@ -122,10 +123,46 @@ def train(
         should_stop=should_stop,
     )
     world, device = setup_ddp(cfg.train.device)
+    run_dir = Path(run_dir)
+    claim = None
     try:
-        return Trainer(cfg, Path(run_dir), options, world, device).run()
+        claim = _claim(cfg, run_dir, world, device)
+        trainer = Trainer(cfg, run_dir, options, world, device, claim)
+        return trainer.run()
+    except BaseException:
+        if claim is not None and claim.created and not native.list_checkpoints(run_dir):
+            claim.discard()  # a run that failed before its first checkpoint leaves no trace
+        raise
     finally:
+        if claim is not None:
+            claim.release()
         teardown()
+
+
+def _claim(cfg: Config, run_dir: Path, world: Dist, device: torch.device) -> OutputDir | None:
+    """Rank 0 takes RUN_DIR (lock, marker); every rank learns if it could, so none waits alone."""
+    claim, error = None, None
+    if world.is_main:
+        own_data = Path(cfg.data.dir) == run_dir / "data"  # what `--data FILE` prepared here
+        inputs = [cfg.train.init_from, None if own_data else cfg.data.dir]
+        try:
+            claim = build.claim_run_dir(run_dir, inputs)
+        except GPT2LabError as e:
+            error = e
+    if world.enabled:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+        failed = all_reduce_sum(flag, world).item() > 0
+        if failed and error is None:
+            if claim is not None:
+                claim.release()
+            raise TrainingError(
+                f"rank 0 could not take the run directory {run_dir}",
+                None,
+                "see rank 0's error above",
+            )
+    if error is not None:
+        raise error
+    return claim
 
 
 class Trainer:
@@ -138,9 +175,15 @@ class Trainer:
         options: TrainOptions | None = None,
         world: Dist | None = None,
         device: torch.device | None = None,
+        claim: OutputDir | None = None,
     ) -> None:
-        """Check everything, then build the run (on `device`, CPU by default; one process)."""
+        """Check everything, then build the run (on `device`, CPU by default; one process).
+
+        `claim` is RUN_DIR taken by `train()` (rank 0); without it rank 0 takes it here."""
         options, world = options or TrainOptions(), world or Dist()
+        if claim is None and world.is_main:
+            claim = build.claim_run_dir(run_dir, [cfg.train.init_from])
+        self.claim = claim
         device = device or torch.device("cpu")
         self.world, self.device, self.run_dir, self.options = world, device, run_dir, options
         tc = cfg.train
@@ -195,9 +238,14 @@ class Trainer:
         self.t0 = time.perf_counter()  # run() resets it; the wall-clock budget counts from here
 
     def _write_run_dir(self, clear: bool) -> None:
+        assert self.claim is not None
         if clear:
-            build.clear_run_dir(self.run_dir)
+            build.clear_run_dir(self.claim)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in build.RUN_ENTRIES:  # refused if one exists that gpt2lab did not write
+            self.claim.claim_file(name)
+        if self.cfg.train.tensorboard:
+            self.claim.claim_file("tb")
         atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
         if not (self.run_dir / "tokenizer").is_dir():
             self.tok.save(str(self.run_dir / "tokenizer"))
