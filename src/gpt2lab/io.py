@@ -291,3 +291,23 @@ def read_text_bounded(path: str | os.PathLike, limit: int, what: str, flag: str)
             f"pass a shorter file to {mark_key(flag)}",
         )
     return decode_utf8(data, name)
+
+
+def path_inside(base: str | os.PathLike, relative: Any, source: str, what: str) -> Path:
+    """`base / relative`, for a path read from a file (`source`): it must be relative text that
+    resolves inside `base`, symbolic links followed; else a DataError naming both."""
+    base_real = os.path.realpath(base)
+    ok = isinstance(relative, str) and relative.strip() and "\0" not in relative
+    target = os.path.realpath(os.path.join(base_real, relative.strip())) if ok else ""
+    if (
+        not ok
+        or os.path.isabs(relative.strip())
+        or os.path.commonpath([base_real, target]) != (base_real)
+    ):
+        shown = repr(relative)[:80]
+        raise DataError(
+            f"{source} names {what} {shown}, which is outside {base}",
+            f"a path inside {base}",
+            f"fix or delete {source} (gpt2lab never follows a path out of the directory)",
+        )
+    return Path(target)

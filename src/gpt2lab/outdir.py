@@ -403,6 +403,10 @@ class OutputFile:
         self.lock.set_body(json.dumps(record).encode() + b"\n")
 
     def release(self) -> None:
+        """Unlock; a record that never described a file (nothing was written) goes too."""
+        if self.lock.fd >= 0 and not self.lock.body:
+            with contextlib.suppress(OSError):
+                self.record_path.unlink()
         self.lock.release()
 
     def __enter__(self) -> OutputFile:

@@ -96,6 +96,37 @@ def assign_state(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -
             p.copy_(tensors[k])
 
 
+def check_config_fits(cfg: Any, tensors: Mapping[str, Tensor], source: str) -> None:
+    """Refuse a config whose shapes disagree with the weights, before a model is built from it."""
+    hint = _config_disagreement(cfg, tensors)
+    if not hint:
+        return
+    problems = []
+    if cfg.n_layer <= 10_000:  # the key names the config implies, without building anything
+        want = set(expected_keys(cfg))
+        missing = sorted(want - set(tensors))
+        unexpected = sorted(set(tensors) - want - {TIED})
+        if missing:
+            problems.append(f"missing keys {_short(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_short(unexpected)}")
+    raise CheckpointError(
+        f"{source} does not fit the weights beside it: " + "; ".join([*problems, hint]),
+        "a config and weights saved together",
+        "use the config the weights were saved with (the file may be damaged or edited)",
+    )
+
+
+def expected_keys(cfg: Any) -> list[str]:
+    """The state-dict keys (ours, tied head left out) of GPT(cfg), from the config alone."""
+    weights_and_biases = ("weight", "bias") if cfg.bias else ("weight",)
+    keys = ["transformer.wte.weight", "transformer.wpe.weight"]
+    for i in range(cfg.n_layer):
+        for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+            keys += [f"transformer.h.{i}.{part}.{w}" for w in weights_and_biases]
+    return keys + [f"transformer.ln_f.{w}" for w in weights_and_biases]
+
+
 def infer_shape_config(tensors: Mapping[str, Tensor]) -> dict[str, int]:
     """The config fields a GPT-2 state dict (our key names) implies: n_layer, n_embd, ..."""
     out: dict[str, int] = {}
