@@ -273,7 +273,9 @@ def read_text_bounded(path: str | os.PathLike, limit: int, what: str, flag: str)
     is a DataError before memory runs out."""
     name = os.fspath(path)
     try:
-        if name == "-":
+        if name == "-" and not hasattr(sys.stdin, "buffer"):  # a text stream (tests, IDEs)
+            data = sys.stdin.read(limit + 1).encode("utf-8", "surrogateescape")
+        elif name == "-":
             data = sys.stdin.buffer.read(limit + 1)
         else:
             with open(name, "rb") as f:

@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 from gpt2lab import config
-from gpt2lab.checkpoint.load import load_model
+from gpt2lab.budget import require_inference
+from gpt2lab.checkpoint.load import load_model, peek_config
 from gpt2lab.config import SampleConfig
 from gpt2lab.device import pick_device, pick_dtype
-from gpt2lab.errors import CheckpointError, DataError, UsageError
+from gpt2lab.errors import CheckpointError, DataError, GPT2LabError, UsageError
 from gpt2lab.generate import complete, prompt_ids
-from gpt2lab.io import atomic_write_json, atomic_write_text, read_utf8
+from gpt2lab.io import atomic_write_json, atomic_write_text, read_text_bounded
+from gpt2lab.outdir import OutputDir, claim_output_dir
 
 EXAMPLES = """
 gpt2lab sample --model runs/sc -p 'ROMEO:' -m 200 --temperature 0.8 --top-k 200
@@ -150,18 +152,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = sample_config(args)
     _check_flags(args)
+    out = None
+    if args.out:  # a directory of samples: new, empty or gpt2lab's (never the user's files)
+        inputs = [args.model, *args.prompt_file]
+        out = claim_output_dir(args.out, "sample", inputs=inputs, lock=True)
+    try:
+        return _run(args, cfg, out)
+    finally:
+        if out is not None:
+            out.release()
+
+
+def _run(args: argparse.Namespace, cfg: SampleConfig, out: OutputDir | None) -> int:
     with _warnings_to_stderr():
+        texts = [] if args.interactive else _read_prompts(args)  # bounded, before the model
+        check_memory(args.model, cfg, len(texts) * cfg.num_samples, before_loading=True)
         model, tok = load_model_for(args.model, cfg)
+        check_memory(model.config, cfg, len(texts) * cfg.num_samples or cfg.num_samples)
         if args.interactive:
             return _interactive(model, tok, cfg, args)
-        texts = _read_prompts(args)
         prompts = [_encode(tok, t, args.allow_special) for t in texts]
         rows = [
             (i, t, ids)
             for i, (t, ids) in enumerate(zip(texts, prompts))
             for _ in range(cfg.num_samples)
         ]
-        writer = _Writer(args, len(rows))
+        writer = _Writer(args, len(rows), out)
         for completion, (i, text, _) in zip(
             _run_batches(model, tok, cfg, args, rows, writer), rows
         ):
@@ -180,6 +196,31 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
     return config.resolve(
         config_file=toml if toml.is_file() else None, flags=flags, sections=["sample"]
     ).sample
+
+
+def check_memory(model: Any, cfg: SampleConfig, rows: int, before_loading: bool = False) -> None:
+    """Refuse a job whose KV cache, logits and kept tokens cannot fit (the weights too, before
+    loading); `model` is a path (its config is read without the weights) or a GPTConfig."""
+    try:
+        mcfg = peek_config(model) if before_loading else model
+    except GPT2LabError:  # not a model: loading it says so in its own words
+        return
+    if mcfg is None:  # a hub name: checked once loaded
+        return
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device) if cfg.dtype != "float16" else torch.float16
+    require_inference(
+        mcfg,
+        max(1, min(cfg.batch_size, rows)),
+        mcfg.block_size,  # the longest prompt a row keeps
+        cfg.max_new_tokens,
+        dtype,
+        device,
+        f"sampling {cfg.max_new_tokens:,} tokens x {min(cfg.batch_size, max(rows, 1))} rows",
+        "lower --max-new-tokens or --batch-size (the context slides: any length works, but the "
+        "tokens of a sample are kept until it ends)",
+        loaded=not before_loading,
+    )
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -237,9 +278,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             texts.append(text)
     if not args.prompt and not args.prompt_file and not _stdin_is_terminal():
         try:
-            piped = sys.stdin.read()
-        except OSError:  # stdin closed or not readable: no prompt
-            piped = ""
+            piped = read_text_bounded("-", PROMPT_LIMIT, "standard input", "prompt_file")
+        except DataError as e:
+            if "cannot read" not in str(e):
+                raise
+            piped = ""  # stdin closed or not readable: no prompt
         if piped.strip():
             texts.append(piped.rstrip("\n"))
     return texts or [""]
@@ -252,18 +295,13 @@ def _stdin_is_terminal() -> bool:
         return True
 
 
+PROMPT_LIMIT = 64 << 20  # bytes of one prompt file (or of stdin) read at most
+
+
 def read_prompt_file(name: str) -> str:
-    """A prompt file's whole text ('-' = stdin); one-line errors for unreadable files."""
-    if name == "-":
-        return sys.stdin.read()
-    try:
-        return read_utf8(name)  # a file that is not UTF-8: the one error wording of gpt2lab.io
-    except OSError as e:
-        raise DataError(
-            f"cannot read prompt file {name} ({e.strerror or e})",
-            "a UTF-8 text file",
-            "check the path given to --prompt-file",
-        ) from e
+    """A prompt file's whole text ('-' = stdin), at most PROMPT_LIMIT bytes (a FIFO or /dev/zero
+    that never ends is refused, not read into memory); one-line errors for unreadable files."""
+    return read_text_bounded(name, PROMPT_LIMIT, "prompt file", "prompt_file")
 
 
 def _encode(tok: Any, text: str, allow_special: bool) -> list[int]:
@@ -309,8 +347,9 @@ def _run_batches(model, tok, cfg: SampleConfig, args, rows, writer) -> Iterator[
 class _Writer:
     """Prints samples (plain, streamed or JSON lines) or writes them to --out, in order."""
 
-    def __init__(self, args: argparse.Namespace, total: int) -> None:
+    def __init__(self, args: argparse.Namespace, total: int, out: OutputDir | None = None) -> None:
         self.args, self.total, self.count, self.streamed = args, total, 0, False
+        self.out = out
 
     def begin(self, prompt: str) -> None:
         """A streamed sample starts: show its prompt."""
@@ -333,10 +372,10 @@ class _Writer:
             "finish_reason": c.finish_reason,
         }
         if self.args.out:
-            stem = Path(self.args.out) / f"sample_{self.count:05d}"
-            atomic_write_text(stem.with_suffix(".txt"), prompt + c.text)
+            stem = f"sample_{self.count:05d}"
+            atomic_write_text(self.out.claim_file(stem + ".txt"), prompt + c.text)
             if self.args.json:
-                atomic_write_json(stem.with_suffix(".json"), record)
+                atomic_write_json(self.out.claim_file(stem + ".json"), record)
         elif self.args.json:
             print(json.dumps(record, ensure_ascii=False), flush=True)
         elif self.streamed:
