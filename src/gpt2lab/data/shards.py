@@ -297,9 +297,13 @@ def split_shards(
             recreate_hint(Path(data_dir) / "meta.json"),
         )
     out = []
+    total = 0
     for name in names:
         arr = open_shard(Path(data_dir) / name, vocab_size)
         h = read_header(Path(data_dir) / name)
+        total += len(arr)
+        if total <= SCAN_LIMIT:  # larger splits are checked batch by batch (BatchLoader)
+            check_token_ids(arr, h["vocab_size"], Path(data_dir) / name, vocab_size)
         if h["vocab_size"] != meta["vocab_size"]:
             raise DataError(
                 f"shard {Path(data_dir) / name} has vocabulary {h['vocab_size']} but meta.json "
@@ -309,6 +313,30 @@ def split_shards(
             )
         out.append(arr)
     return out
+
+
+SCAN_LIMIT = 1 << 31  # tokens of a split checked for ids past the vocabulary when opened
+
+
+def check_token_ids(
+    tokens: np.ndarray, vocab: int, path: str | os.PathLike, model_vocab: int | None = None
+) -> None:
+    """Refuse ids >= the vocabulary (the shard's, and the model's if given), naming both sizes."""
+    limit = min(vocab, model_vocab) if model_vocab else vocab
+    if len(tokens) == 0 or (limit >= 2 ** (8 * tokens.dtype.itemsize)):
+        return  # empty, or the dtype cannot hold an id that large
+    chunk = 1 << 26
+    top = max(int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk))
+    if top >= limit:
+        sizes = f"the shard's vocabulary has {vocab} tokens" + (
+            f" and the model's {model_vocab}" if model_vocab else ""
+        )
+        raise DataError(
+            f"{path} holds token id {top} but {sizes}",
+            f"ids below {limit}",
+            "prepare the data again with the model's tokenizer (the shard is damaged or from "
+            "another tokenizer)",
+        )
 
 
 def load_tokens(data_dir: str | os.PathLike, split: str = "train") -> np.ndarray:

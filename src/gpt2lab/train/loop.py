@@ -24,7 +24,7 @@ from gpt2lab.data import load_tokens
 from gpt2lab.device import autocast, pick_dtype
 from gpt2lab.errors import GPT2LabError, TrainingError, mark_key
 from gpt2lab.generate import PREVIEW_SAMPLING, generate, prompt_ids
-from gpt2lab.io import atomic_write_text
+from gpt2lab.io import atomic_write_text, disk_full_reason, is_disk_full
 from gpt2lab.outdir import OutputDir
 from gpt2lab.train import build
 from gpt2lab.train.dist import (
@@ -253,7 +253,31 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> TrainSummary:
-        """Step until max_steps, the budget, a stop request or a hook; checkpoint; summarize."""
+        """Step until max_steps, the budget, a stop request or a hook; checkpoint; summarize.
+
+        A full disk (or a file-size limit) is one TrainingError saying what was being written,
+        the free space, and which complete checkpoint a resume continues from."""
+        self.writing = "the run directory"
+        try:
+            return self._run()
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            last = native.find_latest(self.run_dir)
+            kept = (
+                f"the last complete checkpoint, {last}, is intact and resumable"
+                if last is not None
+                else "no checkpoint was complete yet"
+            )
+            raise TrainingError(
+                f"writing {self.writing} in {self.run_dir} stopped: "
+                f"{disk_full_reason(e, self.run_dir / 'x')}; {kept}",
+                "room for checkpoints and metrics",
+                f"free some space (or raise the limit), then continue with "
+                f"`gpt2lab train --out {self.run_dir} --resume`",
+            ) from e
+
+    def _run(self) -> TrainSummary:
         tc = self.cfg.train
         self.emit(self.start_event())
         if self.state.step >= tc.max_steps:
@@ -281,11 +305,13 @@ class Trainer:
                     self.emit(SampleEvent(step, tc.sample_prompt, self.sample()))
             if self.epochs is not None:
                 self.count_epoch_loss(step, loss, row)
+            self.writing = "metrics.jsonl"
             if self.report(step, row, evaluated) and stopped_by is None:
                 stopped_by = "hook"
             if self.epochs is not None and self.epochs.ends_epoch(step):
                 self.finish_epoch(step, val if evaluated else None)
             if self.should_checkpoint(step, stopped_by):
+                self.writing = f"the checkpoint of step {step}"
                 checkpoint = self.save(val if evaluated else None)
             if stopped_by is not None:
                 break
