@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -262,7 +262,10 @@ class OutputDir:
         return removed
 
     def discard(self) -> None:
-        """remove_ours(), unlock, and remove the directory too if this claim created it."""
+        """remove_ours(), unlock, and remove the directory too if this claim created it. Only the
+        outermost claim discards (a library call inside a command leaves it to the command)."""
+        if self.depth > 1 or not self.path.is_dir():
+            return
         self.remove_ours()
         left = [p.name for p in self.path.iterdir() if p.name not in _INFRA]
         if self.created and not left:
@@ -423,11 +426,32 @@ def _record_path(path: Path) -> Path:
 def owns_file(path: str | os.PathLike) -> bool:
     """True when gpt2lab wrote `path` and nobody changed it since (its record says so)."""
     path = Path(path)
+    marker = read_marker(path.parent)
+    if marker is not None and path.name in marker["files"]:
+        return True  # listed by the directory's marker (RUN_DIR/curves.png)
     try:
         rec = json.loads(_record_path(path).read_text(encoding="utf-8").splitlines()[1])
         return rec.get("tool") == TOOL and rec.get("stamp") == _stamp(path)
     except (OSError, ValueError, IndexError, AttributeError):
         return False
+
+
+@contextlib.contextmanager
+def owned_file(
+    path: str | os.PathLike,
+    command: str,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    flag: str = "out",
+) -> Iterator[Path]:
+    """`with owned_file(p, "plot") as p: write p atomically` - claim_output_file, the write, then
+    the record; refused (one line) if `p` exists and is not gpt2lab's."""
+    out = claim_output_file(path, command, inputs=inputs, flag=flag)
+    try:
+        yield out.path
+        out.commit()
+    finally:
+        out.release()
 
 
 def claim_output_file(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2lab.checkpoint.weights import load_pickle_safely, save_tensors
+from gpt2lab.checkpoint.weights import load_pickle_safely, save_pickle, save_tensors
 from gpt2lab.errors import CheckpointError, TrainingError, mark_key
 from gpt2lab.io import atomic_dir, atomic_write_text, path_inside
 
@@ -111,7 +111,7 @@ def save_checkpoint(
     with atomic_dir(final) as tmp:
         model_cfg = json.dumps(state.get("config", {}).get("model", {}))
         save_tensors(tensors, tmp / "model.safetensors", {"gpt2lab_config": model_cfg})
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        save_pickle(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1) + "\n")
     rel = final.relative_to(run_dir).as_posix()
     atomic_write_text(run_dir / "latest", rel + "\n")

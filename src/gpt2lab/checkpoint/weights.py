@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,44 @@ def save_model_safetensors(
 
 
 def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict) -> None:
-    """safetensors file written to a temp name, fsynced and renamed: never seen half-written."""
+    """safetensors file written to a temp name, fsynced and renamed: never seen half-written.
+
+    A failed write (a full disk) is the OSError it was, not the writer's own error type."""
     with atomic_path(path) as tmp:
         cpu = {k: v.cpu() for k, v in tensors.items()}
-        save_file(cpu, str(tmp), metadata={"format": "pt", **metadata})
+        try:
+            save_file(cpu, str(tmp), metadata={"format": "pt", **metadata})
+        except SafetensorError as e:
+            if (err := as_os_error(e, tmp)) is None:
+                raise
+            raise err from e
+
+
+def save_pickle(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through a file we opened, so a failed write surfaces as its OSError (torch
+    reports every write failure as 'enforce fail ... unexpected pos')."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        if (err := as_os_error(e, path)) is None:
+            raise
+        raise err from e
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def as_os_error(e: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The OSError behind a writer's own error type (safetensors, torch), if there was one."""
+    if isinstance(e.__context__, OSError):
+        inner = e.__context__
+        return OSError(inner.errno, inner.strerror, os.fspath(path))
+    m = _OS_ERROR.search(str(e))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), os.fspath(path))
+    return None
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from gpt2lab import config
-from gpt2lab.budget import require_inference
+from gpt2lab.budget import require_inference, require_model
 from gpt2lab.checkpoint.load import load_model, peek_config
 from gpt2lab.config import SampleConfig
 from gpt2lab.device import pick_device, pick_dtype
@@ -209,6 +209,8 @@ def check_memory(model: Any, cfg: SampleConfig, rows: int, before_loading: bool 
         return
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device) if cfg.dtype != "float16" else torch.float16
+    if before_loading:  # the weights first: a config.json may claim anything
+        require_model(mcfg, device, dtype, source=str(model))
     require_inference(
         mcfg,
         max(1, min(cfg.batch_size, rows)),
