@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,6 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +35,7 @@ ENV = {
     "HF_HUB_OFFLINE": "1",
     "GPT2LAB_DEBUG": "0",
 }
+Starter = Callable[[], Callable[[], None]]  # starts a helper process/thread, returns its stop
 WORDS = "the king shall speak of love and death to his fair lady in the night while we".split()
 
 
@@ -53,6 +52,105 @@ def gpt2lab(*args: str, stdin=None, preexec_fn=None, timeout: float = 120, cwd=N
     )
 
 
+# The CLI's process, started once: it imports torch and every command, then forks one child per
+# command line, which sets its limits and standard streams and runs `cli.main(argv)` - what
+# `python -m gpt2lab` runs - as a process of its own (its own PID, locks, limits and exit code).
+ZYGOTE = r"""
+import importlib, json, os, resource, signal, sys, traceback
+import torch
+from gpt2lab import cli
+for module, _, _ in cli.COMMANDS.values():
+    importlib.import_module(module)
+
+def child(job):
+    code = 99
+    try:
+        signal.alarm(job.get("timeout", 120))
+        if job.get("fsize"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
+        if job.get("as"):
+            resource.setrlimit(resource.RLIMIT_AS, (job["as"], job["as"]))
+        os.dup2(os.open(job.get("stdin") or os.devnull, os.O_RDONLY), 0)
+        for fd, key in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(job[key], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        code = cli.main(job["argv"])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+for line in sys.stdin:
+    jobs, running, codes = json.loads(line), {}, {}
+    queue = list(jobs)
+    while queue or running:
+        while queue and len(running) < 3:
+            job = queue.pop(0)
+            pid = os.fork()
+            if pid == 0:
+                child(job)
+            running[pid] = job["name"]
+        pid, status = os.wait()
+        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+    print(json.dumps(codes), flush=True)
+"""
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class CLI:
+    """Runs command lines through the zygote: `run_many({name: job})`, `run(*argv)`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=ENV, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        self.count = 0
+
+    def run_many(self, jobs: dict[str, dict]) -> dict[str, Ran]:
+        batch = []
+        for name, job in jobs.items():
+            self.count += 1
+            out = self.workdir / f"{self.count}"
+            batch.append({**job, "name": name, "argv": [str(a) for a in job["argv"]],
+                          "stdout": f"{out}.out", "stderr": f"{out}.err"})  # fmt: skip
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(batch) + "\n")
+        self.proc.stdin.flush()
+        codes = json.loads(self.proc.stdout.readline())
+        return {
+            j["name"]: Ran(codes[j["name"]], Path(j["stdout"]).read_text(errors="replace"),
+                           Path(j["stderr"]).read_text(errors="replace"))
+            for j in batch
+        }  # fmt: skip
+
+    def run(self, *argv, **job) -> Ran:
+        return self.run_many({"one": {"argv": list(argv), **job}})["one"]
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cli_proc(tmp_path_factory):
+    runner = CLI(tmp_path_factory.mktemp("cli"))
+    yield runner
+    runner.close()
+
+
 def digest(path: Path) -> dict[str, str]:
     """sha256 of every file below `path` (or of `path`), by relative name."""
     path = Path(path)
@@ -62,16 +160,6 @@ def digest(path: Path) -> dict[str, str]:
 
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def file_size_limit(limit: int) -> Callable[[], None]:
-    """preexec_fn: a real file-size limit; SIGXFSZ ignored so a write past it fails with EFBIG."""
-
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
 
 
 class Payload:
@@ -139,10 +227,11 @@ class Case:
     codes: tuple[int, ...] = (1, 2)
     words: tuple[str, ...] = ()
     keep: list[Path] = field(default_factory=list)  # user files that must survive byte for byte
-    check: Callable[[subprocess.CompletedProcess], None] | None = None
-    stdin: object = None
-    preexec_fn: Callable[[], None] | None = None
-    background: Callable[[], Callable[[], None]] | None = None  # starts a helper, returns stop
+    check: Callable[[Ran], None] | None = None
+    stdin: str | None = None  # a file for standard input
+    fsize: int | None = None  # a real file-size limit (RLIMIT_FSIZE; SIGXFSZ ignored: EFBIG)
+    address_space: int | None = None  # RLIMIT_AS
+    background: Starter | None = None  # starts a helper, returns stop
 
 
 CASES: dict[str, Callable[[World, Path], Case]] = {}
@@ -235,8 +324,7 @@ def prepare_full_disk(w: World, t: Path) -> Case:
         assert "resuming" in again.stderr
         assert json.loads((out / "meta.json").read_text())["tokens"]["train"] > 0
 
-    return Case(argv, (1,), ("writing token shards",), check=check,
-                preexec_fn=file_size_limit(3000))  # fmt: skip
+    return Case(argv, (1,), ("writing token shards",), check=check, fsize=3000)
 
 
 @case
@@ -314,7 +402,9 @@ def inspect_over_a_users_file(w: World, t: Path) -> Case:
 # one writer at a time
 
 
-def _holder(directory: Path, command: str = "train") -> tuple[Callable[[], Callable[[], None]], list]:
+def _holder(
+    directory: Path, command: str = "train"
+) -> tuple[Callable[[], Callable[[], None]], list]:
     """A second real process holding `directory`'s lock (as a command would) until stopped."""
     pid: list[int] = []
 
@@ -369,7 +459,7 @@ def convert_while_another_process_writes_the_directory(w: World, t: Path) -> Cas
                 check=lambda r: _names_pid(r, pid))  # fmt: skip
 
 
-def _names_pid(r: subprocess.CompletedProcess, pid: list[int]) -> None:
+def _names_pid(r: Ran, pid: list[int]) -> None:
     assert f"PID {pid[0]}" in r.stderr, r.stderr
 
 
@@ -418,15 +508,7 @@ def hf_config_with_a_huge_vocabulary(w: World, t: Path) -> Case:
     (hf / "config.json").write_text(json.dumps({**cfg, "vocab_size": 2_000_000_000}))
     argv = ["sample", "--model", hf, "-p", "the", "-m", "2"]
     # refused from the config and the weights' shapes, before a 2e9-row table is allocated
-    return Case(argv, (1,), ("vocab_size",), keep=[hf],
-                preexec_fn=_address_space(6 << 30))  # fmt: skip
-
-
-def _address_space(limit: int) -> Callable[[], None]:
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    return apply
+    return Case(argv, (1,), ("vocab_size",), keep=[hf], address_space=24 << 30)
 
 
 @case
@@ -497,7 +579,7 @@ def train_full_disk(w: World, t: Path) -> Case:
 
     argv = ["train", "--out", run, "--resume", "--train.max_steps=4", "--no-plot"]
     size = max(p.stat().st_size for p in before[-1].iterdir())
-    return Case(argv, (1,), ("stopped",), check=check, preexec_fn=file_size_limit(size // 2))
+    return Case(argv, (1,), ("stopped",), check=check, fsize=size // 2)
 
 
 # size before allocation, bounded reads
@@ -618,29 +700,28 @@ def _absent(path: Path) -> None:
 @dataclass
 class Outcome:
     case: Case
-    result: subprocess.CompletedProcess
+    result: Ran
     before: dict[Path, dict[str, str]]
 
 
 @pytest.fixture(scope="module")
-def outcomes(world: World, tmp_path_factory) -> dict[str, Outcome]:
-    """Set every case up, run them 3 at a time, and keep what each left."""
+def outcomes(world: World, cli_proc: CLI, tmp_path_factory) -> dict[str, Outcome]:
+    """Set every case up (helpers holding locks or feeding FIFOs started), run the command lines
+    three at a time, stop the helpers, and keep what each case left."""
     prepared = {}
     for name, make in CASES.items():
         c = make(world, tmp_path_factory.mktemp(name[:40]))
         prepared[name] = (c, {p: digest(p) for p in c.keep})
-
-    def execute(name: str) -> tuple[str, subprocess.CompletedProcess]:
-        c = prepared[name][0]
-        stop = c.background() if c.background else None
-        try:
-            return name, gpt2lab(*c.argv, stdin=c.stdin, preexec_fn=c.preexec_fn)
-        finally:
-            if stop:
-                stop()
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = dict(pool.map(execute, prepared))
+    stops = [c.background() for c, _ in prepared.values() if c.background]
+    try:
+        jobs = {
+            name: {"argv": c.argv, "stdin": c.stdin, "fsize": c.fsize, "as": c.address_space}
+            for name, (c, _) in prepared.items()
+        }
+        results = cli_proc.run_many(jobs)
+    finally:
+        for stop in stops:
+            stop()
     return {n: Outcome(c, results[n], before) for n, (c, before) in prepared.items()}
 
 
@@ -679,14 +760,14 @@ def test_force_removes_only_what_gpt2lab_wrote(world, tmp_path):
     assert json.loads((out / ".gpt2lab").read_text())["tool"] == "gpt2lab"
 
 
-def test_a_stale_lock_of_a_killed_process_does_not_block(world, tmp_path):
+def test_a_stale_lock_of_a_killed_process_does_not_block(world, cli_proc, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(world.run, run)
     start, _ = _holder(run)
     stop = start()
     stop()  # SIGKILL: the OS drops its lock; the lock file stays behind
     assert (run / ".gpt2lab.lock").exists()
-    r = gpt2lab("train", "--out", run, "--resume", "--train.max_steps=3", "--no-plot")
+    r = cli_proc.run("train", "--out", run, "--resume", "--train.max_steps=3", "--no-plot")
     assert r.returncode == 0, r.stderr
 
 
@@ -697,13 +778,13 @@ def test_two_real_trainings_on_one_directory(world, tmp_path):
             *"--model.block_size=16 --model.n_layer=1 --model.n_head=2 --model.n_embd=16".split(),
             "--train.max_steps=100000", "--train.micro_batch_size=2", "--train.eval_interval=50",
             "--train.eval_steps=1", "--train.checkpoint_interval=50", "--no-progress"]  # fmt: skip
-    first = subprocess.Popen([sys.executable, "-m", "gpt2lab", *map(str, argv)], env=ENV,
-                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+    cmd = [sys.executable, "-m", "gpt2lab", *map(str, argv)]
+    first = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not (run / "metrics.jsonl").exists():
             time.sleep(0.2)
-        second = gpt2lab("train", "--out", run, "--resume", "--train.max_steps=5")
+        second = gpt2lab("train", "--out", run, "--resume", "--train.max_steps=5")  # real, too
         assert second.returncode == 1, second.stderr
         assert f"PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
     finally:
@@ -712,7 +793,7 @@ def test_two_real_trainings_on_one_directory(world, tmp_path):
     assert any((run / "ckpt").iterdir())
 
 
-def test_a_wrapped_pytorch_state_dict_is_unwrapped(world, tmp_path):
+def test_a_wrapped_pytorch_state_dict_is_unwrapped(world, cli_proc, tmp_path):
     import torch
     from safetensors.torch import load_file
 
@@ -721,11 +802,12 @@ def test_a_wrapped_pytorch_state_dict_is_unwrapped(world, tmp_path):
     state = load_file(hf / "model.safetensors")
     (hf / "model.safetensors").unlink()
     torch.save({"model": state, "step": 3}, hf / "pytorch_model.bin")
-    r = gpt2lab("sample", "--model", hf, "-p", "the", "-m", "3", "--seed", "1")
+    r = cli_proc.run("sample", "--model", hf, "-p", "the", "-m", "3", "--seed", "1")
     assert r.returncode == 0, r.stderr
 
 
-def test_max_new_tokens_past_the_context_slides_within_memory(world):
-    r = gpt2lab("sample", "--model", world.run, "-m", "200", "--seed", "1", "--json")
+def test_max_new_tokens_past_the_context_slides_within_memory(world, cli_proc):
+    argv = ["--model", world.run, "-m", "200", "--seed", "1", "--json", "--ignore-eos"]
+    r = cli_proc.run("sample", *argv)
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["ids"]) == 200  # block_size is 16

@@ -278,7 +278,37 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
             f"expected {VERSION}",
             recreate_hint(path),
         )
+    _check_meta(meta, path)
     return meta
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """The fields readers rely on, by type: a hand-edited or damaged meta.json is one line."""
+
+    def names(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(n, str) and Path(n).name == n for n in v)
+
+    def counts(v: Any) -> bool:
+        return isinstance(v, dict) and all(
+            isinstance(v.get(s), int) and not isinstance(v.get(s), bool) for s in SPLITS
+        )
+
+    checks = [
+        ("vocab_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2**32),
+        ("shards", lambda v: isinstance(v, dict) and all(names(v.get(s)) for s in SPLITS)),
+        ("tokens", lambda v: v is None or counts(v)),
+        ("documents", lambda v: v is None or counts(v)),
+        ("tokenizer", lambda v: v is None or isinstance(v, dict)),
+    ]
+    for key, ok in checks:
+        if not ok(meta.get(key)):
+            shown = repr(meta.get(key))[:60]
+            raise DataError(
+                f"{path} has {key}={shown}",
+                "the meta.json `gpt2lab prepare` writes (shard file names in this directory, "
+                "counts, the vocabulary size)",
+                recreate_hint(path),
+            )
 
 
 def split_shards(
@@ -353,7 +383,7 @@ def load_data_tokenizer(data_dir: str | os.PathLike):
     tok_dir = Path(data_dir) / "tokenizer"
     if tok_dir.is_dir():
         tok = get_tokenizer(str(tok_dir))
-    elif meta["tokenizer"].get("kind") == "gpt2":
+    elif (meta.get("tokenizer") or {}).get("kind") == "gpt2":
         tok = get_tokenizer("gpt2")
     else:
         raise DataError(
