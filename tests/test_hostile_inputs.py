@@ -432,31 +432,29 @@ def _holder(
     return start, pid
 
 
+def _busy(directory: Path, command: str, argv: list) -> Case:
+    """`argv` writes `directory` while another real process holds it as `command` would."""
+    start, pid = _holder(directory, command)
+    return Case(argv, (1,), ("another gpt2lab process",), background=start,
+                check=lambda r: _names_pid(r, pid))  # fmt: skip
+
+
 @case
 def train_while_another_process_writes_the_run(w: World, t: Path) -> Case:
     run = t / "run"
     shutil.copytree(w.run, run)
-    start, pid = _holder(run)
-    argv = ["train", "--out", run, "--resume", "--train.max_steps=4"]
-    return Case(argv, (1,), ("another gpt2lab process",), background=start,
-                check=lambda r: _names_pid(r, pid))  # fmt: skip
+    return _busy(run, "train", ["train", "--out", run, "--resume", "--train.max_steps=4"])
 
 
 @case
 def prepare_while_another_process_writes_the_data(w: World, t: Path) -> Case:
-    out = t / "o"
-    start, pid = _holder(out, "prepare")
-    argv = ["prepare", w.text, "--tokenizer", "char", "--out", out]
-    return Case(argv, (1,), ("another gpt2lab process",), background=start,
-                check=lambda r: _names_pid(r, pid))  # fmt: skip
+    argv = ["prepare", w.text, "--tokenizer", "char", "--out", t / "o"]
+    return _busy(t / "o", "prepare", argv)
 
 
 @case
 def convert_while_another_process_writes_the_directory(w: World, t: Path) -> Case:
-    out = t / "hf"
-    start, pid = _holder(out, "convert")
-    return Case(["convert", w.run, out], (1,), ("another gpt2lab process",), background=start,
-                check=lambda r: _names_pid(r, pid))  # fmt: skip
+    return _busy(t / "hf", "convert", ["convert", w.run, t / "hf"])
 
 
 def _names_pid(r: Ran, pid: list[int]) -> None:

@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - Windows
     resource = None  # type: ignore[assignment]
 
 from gpt2lab.config import GPTConfig
-from gpt2lab.errors import ResourceError
+from gpt2lab.errors import GPT2LabError, ResourceError
 
 # bytes that `complete()` keeps per generated token and row: a Python int in a list (8-byte
 # pointer, ints past 256 are 28-byte objects), the token in the sequence buffer, its text
@@ -132,11 +132,17 @@ def free_memory(device: torch.device | str | None = None) -> int | None:
     return have
 
 
-def require(need: int, device: torch.device | str | None, what: str, fix: str) -> None:
-    """Refuse (ResourceError, one line) when `need` bytes exceed the free memory of `device`."""
+def require(
+    need: int,
+    device: torch.device | str | None,
+    what: str,
+    fix: str,
+    error: type[GPT2LabError] = ResourceError,
+) -> None:
+    """Refuse (`error`, one line) when `need` bytes exceed the free memory of `device`."""
     have = free_memory(device)
     if have is not None and need > have:
-        raise ResourceError(
+        raise error(
             f"{what} needs about {need / 2**30:.2f} GiB but {device or 'cpu'} has "
             f"{have / 2**30:.2f} GiB free; nothing was allocated",
             "a job that fits in memory",

@@ -192,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = None  # type: ignore[assignment]  # no flush at exit: the pipe is gone
         return 0
     except GPT2LabError as e:
+        error: BaseException = e
         message, code = e.render(as_flag), e.exit_code
     except Exception as e:  # noqa: BLE001 - the last net: every failure is one line
+        error = e
         message, code = describe_unexpected(e, _command_of(argv)), 1
     if debug:
-        traceback.print_exc()
+        traceback.print_exception(error)
     print(f"gpt2lab: error: {one_line(message)}", file=sys.stderr)
     return code
 

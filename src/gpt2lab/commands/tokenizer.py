@@ -177,14 +177,30 @@ def _with(specials: list[str]) -> dict[str, Any]:
     return {"special_tokens": specials} if specials else {}
 
 
+INPUT_LIMIT = 1 << 30  # bytes of one input read at most (a FIFO or /dev/zero never ends)
+
+
 def _inputs(files: list[str]):
     if not files:
-        yield "<stdin>", sys.stdin.buffer.read()
+        yield "<stdin>", _bounded(sys.stdin.buffer, "<stdin>")
     for f in files:
         try:
-            yield f, Path(f).read_bytes()
+            with open(f, "rb") as fh:
+                data = _bounded(fh, f)
         except OSError as e:
             raise DataError(f"cannot read {f} ({e.strerror})", "a readable file") from None
+        yield f, data
+
+
+def _bounded(fh: Any, name: str) -> bytes:
+    data = fh.read(INPUT_LIMIT + 1)
+    if len(data) > INPUT_LIMIT:
+        raise DataError(
+            f"{name} is longer than {INPUT_LIMIT:,} bytes (or never ends)",
+            "a text file under 1 GiB",
+            "split it, or use `gpt2lab prepare` for large corpora",
+        )
+    return data
 
 
 def _parse_ids(text: str, where: str) -> list[int]:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from gpt2lab.budget import free_memory
+from gpt2lab.budget import require
 from gpt2lab.checkpoint import native
 from gpt2lab.checkpoint.load import load_model
 from gpt2lab.checkpoint.weights import load_model_safetensors
@@ -151,24 +151,23 @@ def check_memory(
     device: torch.device,
     world: int,
 ) -> str:
-    """Estimate one step's memory on a meta-device model; refuse before allocating if too large."""
+    """Estimate one step's memory from the config alone; refuse before allocating if too large."""
     est = estimate_memory(
         model_cfg, tcfg.micro_batch_size, model_cfg.block_size, dtype, optimizer=tcfg.optimizer
     )
     need = est.total
     if tcfg.strategy == "fsdp" and world > 1:  # weights, grads and optimizer state are sharded
         need = (est.params + est.grads + est.optimizer) // world + est.activations
-    have = free_memory(device)
-    if have is not None and need > have:
-        raise TrainingError(
-            f"one training step needs about {need / 2**30:.1f} GiB ({est}) but {device} has "
-            f"{have / 2**30:.1f} GiB free",
-            "a batch that fits",
-            f"lower {mark_key('train.micro_batch_size')} (now {tcfg.micro_batch_size}) and raise "
-            f"{mark_key('train.grad_accum_steps')} to keep the batch, or lower "
-            f"{mark_key('model.block_size')}, or use {mark_key('train.dtype', 'bfloat16')} or "
-            f"{mark_key('train.strategy', 'fsdp')} on several GPUs",
-        )
+    require(
+        need,
+        device,
+        f"one training step ({est})",
+        f"lower {mark_key('train.micro_batch_size')} (now {tcfg.micro_batch_size}) and raise "
+        f"{mark_key('train.grad_accum_steps')} to keep the batch, or lower "
+        f"{mark_key('model.block_size')}, or use {mark_key('train.dtype', 'bfloat16')} or "
+        f"{mark_key('train.strategy', 'fsdp')} on several GPUs",
+        error=TrainingError,
+    )
     return str(est)
 
 
