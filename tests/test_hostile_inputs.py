@@ -289,6 +289,15 @@ def prepare_out_containing_the_input(w: World, t: Path) -> Case:
 
 
 @case
+def prepare_force_over_a_training_run(w: World, t: Path) -> Case:
+    """gpt2lab wrote the run, but a prepare --force may not clear another command's output."""
+    run = t / "run"
+    shutil.copytree(w.run, run)
+    argv = ["prepare", w.text, "--tokenizer", "char", "--out", run, "--force"]
+    return Case(argv, (2,), ("output of `gpt2lab train`",), keep=[run])
+
+
+@case
 def prepare_too_many_workers(w: World, t: Path) -> Case:
     argv = ["prepare", w.text, "--tokenizer", "char", "--out", t / "o", "--workers", "100000"]
     return Case(argv, (2,), ("--workers",), check=lambda r: _absent(t / "o"))

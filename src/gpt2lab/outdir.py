@@ -306,12 +306,14 @@ def claim_output_dir(
     lock: bool = True,
     adopt: Callable[[Path], list[str] | None] | None = None,
     flag: str = "out",
+    compatible: Iterable[str] = (),
 ) -> OutputDir:
     """Take `path` as `command`'s output directory, or refuse with a one-line OutputError.
 
     Refused: a `path` equal to, inside or containing one of `inputs`; a file; a non-empty
     directory without gpt2lab's marker (unless `adopt(path)` recognises it as gpt2lab's, returning
-    the entries to list). Accepted: a new or empty directory (marked now) or a marked one; with
+    the entries to list); a directory another command wrote (unless named in `compatible`).
+    Accepted: a new or empty directory (marked now) or a marked one; with
     `force`, the entries the marker lists are removed first. With `lock`, an exclusive lock is held
     until `release()` (or exit); a second process gets a BusyError naming this one's PID. Claiming
     a directory this process already holds returns the same OutputDir.
@@ -329,14 +331,15 @@ def claim_output_dir(
             f"{mark_key(flag, path)} is a file", "a directory", f"choose another {mark_key(flag)}"
         )
     created = not path.exists()
-    adopted = None if created else _check_unmarked(path, adopt, flag)
+    accepted = {command, *compatible}
+    adopted = None if created else _check_unmarked(path, adopt, flag, accepted)
     path.mkdir(parents=True, exist_ok=True)
     held_lock = FileLock(path / LOCK, command, str(path), flag) if lock else None
     try:
         marker = read_marker(path)
         if marker is None:
             if adopted is None:  # checked again under the lock: someone may have written since
-                adopted = _check_unmarked(path, adopt, flag) or []
+                adopted = _check_unmarked(path, adopt, flag, accepted) or []
             marker = {
                 "tool": TOOL,
                 "version": gpt2lab_version(),
@@ -345,6 +348,7 @@ def claim_output_dir(
                 "files": [n for n in adopted if _safe_name(n)],
             }
             atomic_write_json(path / MARKER, marker)
+        _check_command(path, marker, accepted, flag)
         out = OutputDir(path, command, marker, created, held_lock)
         if force:
             out.remove_ours()
@@ -359,11 +363,28 @@ def claim_output_dir(
     return out
 
 
+def _check_command(path: Path, marker: dict, accepted: set[str], flag: str) -> None:
+    """A directory one command wrote is not another's to clear (a prepare --out runs/x must not
+    remove the run's checkpoints, even though gpt2lab wrote them)."""
+    wrote = marker.get("command")
+    if wrote not in accepted:
+        raise OutputError(
+            f"{mark_key(flag, path)} holds the output of `gpt2lab {wrote}`",
+            f"a directory of `gpt2lab {sorted(accepted)[0]}`'s own",
+            f"choose another {mark_key(flag)}",
+        )
+
+
 def _check_unmarked(
-    path: Path, adopt: Callable[[Path], list[str] | None] | None, flag: str
+    path: Path,
+    adopt: Callable[[Path], list[str] | None] | None,
+    flag: str,
+    accepted: set[str],
 ) -> list[str] | None:
     """None for a marked directory; [] for an empty one; adopted entries; else an OutputError."""
-    if read_marker(path) is not None:
+    marker = read_marker(path)
+    if marker is not None:
+        _check_command(path, marker, accepted, flag)
         return None
     others = [p.name for p in path.iterdir() if p.name not in _INFRA]
     if not others:

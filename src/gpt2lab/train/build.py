@@ -174,6 +174,7 @@ def check_memory(
 # what `gpt2lab train` writes in a run directory (the marker lists those it wrote)
 RUN_ENTRIES = ("config.toml", "tokenizer", "metrics.jsonl", "ckpt", "latest", "best")
 RUN_EXTRAS = ("tb", "curves.png", "data", "samples.txt", "demo.json")
+RUN_COMMANDS = ("train", "demo")  # commands whose run directories `train --resume` continues
 
 
 def claim_run_dir(
@@ -182,7 +183,9 @@ def claim_run_dir(
     command: str = "train",  # type: ignore[assignment]
 ) -> OutputDir:
     """Take RUN_DIR for this process (lock, marker) or refuse: see gpt2lab.outdir."""
-    return claim_output_dir(run_dir, command, inputs=inputs, adopt=adopt_legacy_run)
+    return claim_output_dir(
+        run_dir, command, inputs=inputs, adopt=adopt_legacy_run, compatible=RUN_COMMANDS
+    )
 
 
 def adopt_legacy_run(run_dir: Path) -> list[str] | None:
