@@ -21,6 +21,8 @@ LAYERS = {
     "io": 0,
     "config": 0,
     "device": 0,
+    "outdir": 0,
+    "budget": 0,
     "tokenizer": 1,
     "data": 2,
     "corpus": 2,

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import importlib
 import importlib.util
 import os
+import pickle
+import re
 import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
 from gpt2lab.errors import ConfigError, GPT2LabError, UsageError
+from gpt2lab.io import disk_full_reason, is_disk_full
 
 # name -> (module, one-line purpose, worked example). Issues add their rows here.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -203,13 +207,88 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpt2lab: interrupted", file=sys.stderr)
         return 130
-    except GPT2LabError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"gpt2lab: error: {e.render(as_flag)}", file=sys.stderr)
-        return e.exit_code
     except BrokenPipeError:  # e.g. `gpt2lab sample | head`
+        with _suppress_all():
+            sys.stdout = None  # type: ignore[assignment]  # no flush at exit: the pipe is gone
         return 0
+    except GPT2LabError as e:
+        error: BaseException = e
+        message, code = e.render(as_flag), e.exit_code
+    except Exception as e:  # noqa: BLE001 - the last net: every failure is one line
+        error = e
+        message, code = describe_unexpected(e, _command_of(argv)), 1
+    if debug:
+        traceback.print_exception(error)
+    print(f"gpt2lab: error: {one_line(message)}", file=sys.stderr)
+    return code
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(text: str, limit: int = 600) -> str:
+    """`text` without colour codes, its lines joined, cut to `limit` characters."""
+    text = " ".join(_ANSI.sub("", text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _suppress_all:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+def _command_of(argv: list[str]) -> str:
+    name = next((a for a in argv if not a.startswith("-")), None)
+    return f"gpt2lab {name}" if name in COMMANDS else "gpt2lab"
+
+
+def describe_unexpected(e: BaseException, command: str = "gpt2lab") -> str:
+    """One line for an error the library did not turn into a GPT2LabError: what, where, the fix."""
+    debug = "rerun with --debug for the traceback and report it if the cause is not clear"
+    if isinstance(e, OSError):
+        name = e.filename or ""
+        target = f" {name}" + (f" -> {e.filename2}" if e.filename2 else "") if name else ""
+        if is_disk_full(e):
+            return (
+                f"{command} could not write{target}: {disk_full_reason(e, name or None)}; files "
+                "gpt2lab finished before are intact, expected room for the output, free some "
+                "space (or raise the limit) and run the same command again"
+            )
+        fixes = {
+            errno.EACCES: "check the permissions, or choose another path",
+            errno.EPERM: "check the permissions, or choose another path",
+            errno.EROFS: "choose a path on a writable file system",
+            errno.EEXIST: "move it away, or choose another path",
+            errno.ENOENT: "check the path",
+            errno.ENOTDIR: "a path component is a file: check the path",
+            errno.EISDIR: "name a file, not a directory",
+            errno.ENAMETOOLONG: "use a shorter path",
+            errno.ELOOP: "the path loops through symbolic links: check it",
+        }
+        why = e.strerror or one_line(str(e), 200) or type(e).__name__
+        return f"{command}:{target} {why}, {fixes.get(e.errno or 0, debug)}"
+    if isinstance(e, MemoryError):
+        return (
+            f"{command} ran out of memory, expected a job that fits, use a smaller batch, "
+            "context or model (nothing was written half-way)"
+        )
+    if isinstance(e, RecursionError):
+        return f"{command} hit Python's recursion limit (a deeply nested input?), {debug}"
+    if isinstance(e, pickle.UnpicklingError):
+        return f"{command}: a file could not be unpickled safely ({one_line(str(e), 200)}), {debug}"
+    if isinstance(e, UnicodeError):
+        return (
+            f"{command}: text is not valid UTF-8 ({one_line(str(e), 200)}), convert it to UTF-8 "
+            "or pass --errors replace where the command has it"
+        )
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    kind = type(e).__name__
+    if "out of memory" in first.lower():
+        return f"{command} ran out of memory ({one_line(first, 200)}), use a smaller batch or model"
+    return f"{command} failed: {kind}: {one_line(first, 300)}, {debug}"
 
 
 def _dispatch(argv: list[str]) -> int:

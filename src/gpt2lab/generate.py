@@ -171,13 +171,16 @@ def iter_tokens(
             ContextWarning,
             stacklevel=2,
         )
-    # the whole sequence so far (for the sliding window) and the mask of real tokens
-    seq = torch.empty((B, T + max_new_tokens), dtype=torch.long, device=device)
-    seq[:, :T] = idx
+    # the latest tokens (for the sliding window) and the mask of real tokens: a buffer of at
+    # most two blocks whatever max_new_tokens is; when full its last block moves to the front
+    kept = min(T, cfg.block_size)
+    cap = kept + min(max_new_tokens, cfg.block_size)
+    seq = torch.empty((B, cap), dtype=torch.long, device=device)
+    seq[:, :kept] = idx[:, T - kept :]
     full_mask = None
     if mask is not None:
-        full_mask = torch.ones((B, T + max_new_tokens), dtype=torch.bool, device=device)
-        full_mask[:, :T] = mask
+        full_mask = torch.ones((B, cap), dtype=torch.bool, device=device)
+        full_mask[:, :kept] = mask[:, T - kept :]
     seen = None
     if repetition_penalty != 1.0:
         real = torch.ones_like(idx, dtype=torch.float) if mask is None else mask.float()
@@ -187,8 +190,9 @@ def iter_tokens(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     runner = _CachedRunner(model, B, min(cfg.block_size, T + max_new_tokens), device, kernels)
 
-    length = T
-    window = min(T, cfg.block_size)
+    length = kept  # tokens in the buffer
+    total = T  # tokens in the whole sequence
+    window = kept
     logits = runner.prefill(seq[:, length - window : length], _cols(full_mask, length, window))
     for step in range(max_new_tokens):
         if vocab_limit < logits.size(-1):
@@ -197,15 +201,21 @@ def iter_tokens(
         if eos_token_id is not None:
             tok = torch.where(done, eos_token_id, tok)
             done |= tok == eos_token_id
+        if length == cap:  # keep the last block: all that any window reads
+            seq[:, : cfg.block_size] = seq[:, length - cfg.block_size : length].clone()
+            if full_mask is not None:
+                full_mask[:, : cfg.block_size] = full_mask[:, length - cfg.block_size :].clone()
+            length = cfg.block_size
         seq[:, length] = tok
         length += 1
+        total += 1
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
         yield tok
         if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
             return
         if runner.full():
-            if T <= cfg.block_size and length == cfg.block_size + 1:  # the first slide only
+            if T <= cfg.block_size and total == cfg.block_size + 1:  # the first slide only
                 warnings.warn(
                     f"the sample filled the model's context of {cfg.block_size} tokens; it goes "
                     "on seeing only the latest ones (a sliding window)",

@@ -7,15 +7,17 @@ offset (and line, when the data starts at the top of the file) and the fix.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.errors import DataError
+from gpt2lab.errors import ConfigError, DataError, mark_key
 
 _BOM = b"\xef\xbb\xbf"
 UTF8_FIX = (
@@ -189,3 +191,125 @@ def _complete_utf8(data: bytes) -> int:
             need = 1 if byte < 0x80 else 2 if byte >> 5 == 6 else 3 if byte >> 4 == 14 else 4
             return len(data) - k if need > k else len(data)
     return len(data)
+
+
+# --- disk full ----------------------------------------------------------------------------------
+
+# a full disk, a quota, or a file-size limit (RLIMIT_FSIZE): the write stops, the data is fine
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space on the file system holding `path` (its nearest existing parent), as text."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "unknown free space"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit} free" if unit == "bytes" else f"{free:.1f} {unit} free"
+        free /= 1024
+    return "unknown free space"
+
+
+def disk_full_reason(e: OSError, path: str | os.PathLike | None = None) -> str:
+    """'no space left on device' / 'file too large (a file-size limit)' / quota, with free space."""
+    where = path or e.filename or "."
+    why = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large (a file-size "
+           "limit)"}.get(e.errno or 0, "disk quota exceeded")  # fmt: skip
+    return f"{why}, {free_space(os.path.dirname(os.fspath(where)) or '.')}"
+
+
+# --- limits on what is read and started ---------------------------------------------------------
+
+RECORD_LIMIT = 64 << 20  # bytes of one JSONL record (line) read at most by default
+
+
+def usable_cores() -> int:
+    """CPUs this process may use (the affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def sane_workers(requested: int | None, per_core: int = 4) -> int:
+    """`requested` worker processes (None: one per usable core); past `per_core` x the cores, a
+    ConfigError (thousands of processes would exhaust memory and process slots)."""
+    cores = usable_cores()
+    if requested is None:
+        return cores
+    if requested < 1 or requested > per_core * cores:
+        raise ConfigError(
+            f"{mark_key('workers', requested)} but this machine has {cores} usable cores",
+            f"1 to {per_core * cores} workers",
+            f"drop {mark_key('workers')} (it uses all {cores} cores) or pass a smaller number",
+        )
+    return requested
+
+
+def read_line_bounded(f: Any, limit: int, path: str | os.PathLike, lineno: int) -> bytes:
+    """The next line of binary file `f` (b"" at the end); a line over `limit` bytes is a DataError
+    naming the file, the line and the flag that raises the limit - it is never read whole."""
+    line = f.readline(limit + 1)
+    if len(line) > limit and not line.endswith(b"\n"):
+        raise DataError(
+            f"{path} line {lineno} is longer than {limit:,} bytes",
+            "one record per line, each under the limit",
+            f"raise {mark_key('max_record_bytes')} if such records are intended, or split the file",
+        )
+    return line
+
+
+def read_text_bounded(path: str | os.PathLike, limit: int, what: str, flag: str) -> str:
+    """A whole UTF-8 file (or a FIFO, /dev/zero, stdin as '-') read up to `limit` bytes; longer
+    is a DataError before memory runs out."""
+    name = os.fspath(path)
+    try:
+        if name == "-" and not hasattr(sys.stdin, "buffer"):  # a text stream (tests, IDEs)
+            data = sys.stdin.read(limit + 1).encode("utf-8", "surrogateescape")
+        elif name == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(name, "rb") as f:
+                data = f.read(limit + 1)
+    except OSError as e:
+        raise DataError(
+            f"cannot read {what} {name} ({e.strerror or e})",
+            "a readable UTF-8 text file",
+            f"check the path given to {mark_key(flag)}",
+        ) from e
+    if len(data) > limit:
+        raise DataError(
+            f"{what} {name} is longer than {limit:,} bytes (or never ends)",
+            f"a text file under {limit:,} bytes",
+            f"pass a shorter file to {mark_key(flag)}",
+        )
+    return decode_utf8(data, name)
+
+
+def path_inside(base: str | os.PathLike, relative: Any, source: str, what: str) -> Path:
+    """`base / relative`, for a path read from a file (`source`): it must be relative text that
+    resolves inside `base`, symbolic links followed; else a DataError naming both."""
+    base_real = os.path.realpath(base)
+    ok = isinstance(relative, str) and relative.strip() and "\0" not in relative
+    target = os.path.realpath(os.path.join(base_real, relative.strip())) if ok else ""
+    if (
+        not ok
+        or os.path.isabs(relative.strip())
+        or os.path.commonpath([base_real, target]) != (base_real)
+    ):
+        shown = repr(relative)[:80]
+        raise DataError(
+            f"{source} names {what} {shown}, which is outside {base}",
+            f"a path inside {base}",
+            f"fix or delete {source} (gpt2lab never follows a path out of the directory)",
+        )
+    return Path(target)

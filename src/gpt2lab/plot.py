@@ -10,6 +10,13 @@ from gpt2lab.io import atomic_open
 from gpt2lab.train.metrics import read_metrics
 
 
+def default_plot_path(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    """`out`, else RUN_DIR/curves.png for one run, ./curves.png for several."""
+    if out:
+        return Path(out)
+    return Path(run_dirs[0]) / "curves.png" if len(run_dirs) == 1 else Path("curves.png")
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
     """Draw every run's metrics.jsonl on one 2x2 figure; returns the PNG's path.
 
@@ -66,7 +73,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path
     axes[0][0].legend(fontsize=8)
     fig.suptitle(", ".join(r.name for r in runs))
     fig.tight_layout()
-    path = Path(out) if out else (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    path = default_plot_path(run_dirs, out)
     with atomic_open(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)

@@ -132,11 +132,13 @@ def test_bad_input_is_one_line_and_leaves_the_run_dir_alone(tmp_path, char_data,
     assert cli.main(base) == 0
     capsys.readouterr()
     before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    (tmp_path / "nodata").mkdir()
     cases = [
         (base, 2, "already exists"),  # no --resume / --overwrite
         (["train", "--out", str(tmp_path / "none"), "--resume"], 1, "nothing to resume"),
         ([*base, "--overwrite", "--train.lrr=1"], 2, "--train.lr"),
-        ([*base[:2], str(tmp_path), *base[3:], "--overwrite"], 1, "meta.json"),
+        ([*base[:2], str(tmp_path / "nodata"), *base[3:], "--overwrite"], 1, "meta.json"),
+        ([*base[:2], str(tmp_path), *base[3:], "--overwrite"], 2, "inside the input"),
         ([*base, "--overwrite", "--train.micro_batch_size=100000000"], 1, "lower --train.micro"),
         (["train", "--out", str(run), "--resume", "--model.n_layer=3"], 2, "differs from the run"),
     ]

@@ -7,23 +7,27 @@ Reading never executes code from a file: safetensors, or `torch.load(weights_onl
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gpt2lab.budget import require_model
 from gpt2lab.checkpoint.weights import (
     TIED,
     assign_state,
+    check_config_fits,
     load_pickle_safely,
     read_tensors,
     save_tensors,
 )
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import CheckpointError
-from gpt2lab.io import atomic_dir, atomic_write_json
+from gpt2lab.io import atomic_write_json
 from gpt2lab.model import GPT
+from gpt2lab.outdir import claim_output_dir
 from gpt2lab.tokenizer import GPT2_PATTERN, BPETokenizer, get_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -61,7 +65,16 @@ def config_from_hf(
                 f"{key}={allowed[0]!r}",
                 "use a standard GPT-2 checkpoint",
             )
-    n_embd = hf_config.get("n_embd", 768)
+    ints = {key: _int_field(hf_config, key, default, source) for key, default in _INTS.items()}
+    for key in ("layer_norm_epsilon", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        value = hf_config.get(key)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
+            raise CheckpointError(f"{source} has {key}={value!r}", "a finite number", _DAMAGED)
+    n_embd = ints["n_embd"]
     if hf_config.get("n_inner") not in (None, 4 * n_embd):
         raise CheckpointError(
             f"{source} has n_inner={hf_config['n_inner']}",
@@ -82,16 +95,38 @@ def config_from_hf(
     dropout = max(
         float(hf_config.get(k, 0.0) or 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")
     )
+    if n_embd % ints["n_head"]:
+        raise CheckpointError(
+            f"{source} has n_embd={n_embd} and n_head={ints['n_head']}, which does not divide it",
+            "n_embd = n_head x head size",
+            _DAMAGED,
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise CheckpointError(f"{source} has a dropout of {dropout}", "0 <= p < 1", _DAMAGED)
     return GPTConfig(
-        block_size=hf_config.get("n_positions", 1024),
-        vocab_size=hf_config.get("vocab_size", 50257),
-        n_layer=hf_config.get("n_layer", 12),
-        n_head=hf_config.get("n_head", 12),
+        block_size=ints["n_positions"],
+        vocab_size=ints["vocab_size"],
+        n_layer=ints["n_layer"],
+        n_head=ints["n_head"],
         n_embd=n_embd,
         dropout=dropout,
         bias=True,
         pad_vocab_to=pad_vocab_to,
     )
+
+
+_INTS = {"n_positions": 1024, "vocab_size": 50257, "n_layer": 12, "n_head": 12, "n_embd": 768}
+_DAMAGED = "fix the config.json (a damaged or hand-edited file?) or re-save the model"
+
+
+def _int_field(hf_config: dict[str, Any], key: str, default: int, source: str) -> int:
+    """A config.json integer, checked by type and range before anything is built from it."""
+    value = hf_config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31:
+        raise CheckpointError(
+            f"{source} has {key}={value!r}", "a positive integer (a number, not text)", _DAMAGED
+        )
+    return value
 
 
 def config_to_hf(cfg: GPTConfig, eot_token: int | None = None) -> dict[str, Any]:
@@ -193,10 +228,7 @@ def read_hf_tensors(path: str | Path) -> dict[str, Tensor]:
     if (p / "pytorch_model.bin").is_file():
         f = p / "pytorch_model.bin"
         fix = "convert it to model.safetensors where it came from, or re-download it"
-        state = load_pickle_safely(f, "weights file", fix)
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{f} holds a {type(state).__name__}", "a state dict")
-        return state
+        return unwrap_state_dict(load_pickle_safely(f, "weights file", fix), f)
     raise CheckpointError(
         f"no weights in {p}",
         f"one of {', '.join(WEIGHT_FILES)} beside config.json",
@@ -204,28 +236,88 @@ def read_hf_tensors(path: str | Path) -> dict[str, Tensor]:
     )
 
 
+# keys under which training scripts wrap a state dict ({"model": state_dict, "step": ...})
+_WRAPPERS = ("model", "state_dict", "model_state_dict", "module")
+
+
+def unwrap_state_dict(obj: Any, source: str | Path) -> dict[str, Tensor]:
+    """A name -> tensor dict: `obj` itself, or the one a training script wrapped it in."""
+
+    def is_state(d: Any) -> bool:
+        return (
+            isinstance(d, dict)
+            and bool(d)
+            and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in d.items())
+        )
+
+    if is_state(obj):
+        return obj
+    if isinstance(obj, dict):
+        for key in _WRAPPERS:
+            if is_state(obj.get(key)):
+                return obj[key]
+    what = (
+        f"a dict with keys {sorted(map(str, obj))[:6]}"
+        if isinstance(obj, dict)
+        else f"a {type(obj).__name__}"
+    )
+    raise CheckpointError(
+        f"{source} holds {what}, not a state dict of tensors",
+        f"a dict of parameter name -> tensor (or one under {', '.join(_WRAPPERS)})",
+        "save model.state_dict() itself, or re-download the model",
+    )
+
+
 def read_hf_config(path: str | Path, pad_vocab_to: int = 1) -> GPTConfig:
-    """GPTConfig of a HF GPT-2 directory."""
+    """GPTConfig of a HF GPT-2 directory (every field checked by type and range)."""
     f = Path(path) / "config.json"
     try:
+        if f.stat().st_size > 1 << 20:
+            raise ValueError("larger than 1 MiB")
         hf_config = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(
             f"{f} cannot be read as JSON ({e})", "a transformers config.json", "re-save the model"
         ) from e
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(
+            f"{f} holds a {type(hf_config).__name__}", "a JSON object", "re-save the model"
+        )
     return config_from_hf(hf_config, source=str(f), pad_vocab_to=pad_vocab_to)
 
 
 def load_hf(path: str | Path, pad_vocab_to: int = 1):
-    """A GPT (eval mode) from a HF GPT-2 directory; `pad_vocab_to=64` pads for training speed."""
+    """A GPT (eval mode) from a HF GPT-2 directory; `pad_vocab_to=64` pads for training speed.
+
+    The config is checked against the weights' shapes and the free memory before the model is
+    built: a config.json cannot make gpt2lab allocate more than its weights file holds."""
     cfg = read_hf_config(path, pad_vocab_to=pad_vocab_to)
+    state = from_hf_state(read_hf_tensors(path), cfg)
+    check_config_fits(cfg, state, str(Path(path) / "config.json"))
+    require_model(cfg, None, source=str(path))
     model = GPT(cfg)
-    assign_state(model, from_hf_state(read_hf_tensors(path), cfg), source=str(path))
+    assign_state(model, state, source=str(path))
     return model.eval()
 
 
+# what save_hf writes; config.json, written last, is what makes the directory a model
+HF_FILES = (
+    "generation_config.json",
+    "model.safetensors",
+    "gpt2lab_tokenizer",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "config.json",
+)
+
+
 def save_hf(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> None:
-    """Write a HF GPT-2 directory (config.json, model.safetensors, tokenizer files) atomically.
+    """Write a HF GPT-2 directory (config.json, model.safetensors, tokenizer files).
+
+    `path` must be new, empty or gpt2lab's (gpt2lab.outdir); only gpt2lab's files there are
+    replaced, each atomically, config.json last, so an interrupted save never looks whole.
 
     Without `tokenizer`: the one `load_model` attached to the model, else GPT-2's when the model
     has its 50257 tokens, else none (weights and config only).
@@ -236,13 +328,15 @@ def save_hf(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> 
     if tokenizer is None and cfg.vocab_size == GPT2_VOCAB:
         tokenizer = get_tokenizer("gpt2")
     eot = getattr(tokenizer, "eot_token", None)
-    with atomic_dir(path) as tmp:
-        atomic_write_json(tmp / "config.json", config_to_hf(cfg, eot))
+    with claim_output_dir(path, "convert", flag="dst") as out:
+        out.remove_ours()  # the keystone (config.json) first: a crash leaves no "whole" model
+        out.record(*HF_FILES)
         gen = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
-        atomic_write_json(tmp / "generation_config.json", gen)
-        save_tensors(to_hf_state(model), tmp / "model.safetensors", {})
+        atomic_write_json(out.path / "generation_config.json", gen)
+        save_tensors(to_hf_state(model), out.path / "model.safetensors", {})
         if tokenizer is not None:
-            write_hf_tokenizer(tokenizer, tmp, cfg.block_size)
+            write_hf_tokenizer(tokenizer, out.path, cfg.block_size)
+        atomic_write_json(out.path / "config.json", config_to_hf(cfg, eot))  # last
 
 
 def write_hf_tokenizer(tokenizer: Any, path: Path, max_length: int = 1024) -> None:

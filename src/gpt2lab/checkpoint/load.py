@@ -14,12 +14,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from gpt2lab.checkpoint.hf import GPT2_VOCAB, WEIGHT_FILES, is_hf_dir, load_hf
+from gpt2lab.budget import require_model
+from gpt2lab.checkpoint.hf import GPT2_VOCAB, WEIGHT_FILES, is_hf_dir, load_hf, read_hf_config
 from gpt2lab.checkpoint.native import find_latest
-from gpt2lab.checkpoint.weights import load_model_safetensors
+from gpt2lab.checkpoint.weights import assign_state, check_config_fits, read_tensors
 from gpt2lab.config import GPTConfig, from_dict
 from gpt2lab.device import DTYPES
 from gpt2lab.errors import CheckpointError, TokenizerError, mark_key
+from gpt2lab.io import path_inside
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import get_tokenizer
 
@@ -43,11 +45,33 @@ def load_model(
         model, tok = load_hf(hub, pad_vocab_to=GPTConfig.pad_vocab_to), hf_tokenizer(hub)
     if tok is None and model.config.vocab_size == GPT2_VOCAB:
         tok = get_tokenizer("gpt2")
+    if tok is not None and tok.n_vocab > model.config.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer that comes with {path} has {tok.n_vocab} tokens but the model knows "
+            f"only {model.config.vocab_size}: ids past {model.config.vocab_size - 1} would fail",
+            "the tokenizer the model was trained with",
+            "put the model's own tokenizer beside it (tokenizer/, or vocab.json + merges.txt)",
+        )
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     model.to(device=device, dtype=dtype)
     model.tokenizer = tok  # so that save_pretrained() keeps it
     return model.eval(), tok
+
+
+def peek_config(path: str | os.PathLike) -> GPTConfig | None:
+    """The model config at `path` (run, checkpoint or HF directory) without loading weights, or
+    None where it cannot be read that cheaply (a hub name, a bare weights file)."""
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if not p.is_dir():
+        return None
+    if is_hf_dir(p):
+        return read_hf_config(p, pad_vocab_to=GPTConfig.pad_vocab_to)
+    ckpt = find_checkpoint(p)
+    cfg_dict = (_read_state(ckpt).get("config") or {}).get("model")
+    return from_dict(GPTConfig, cfg_dict, source=str(ckpt / "state.json")) if cfg_dict else None
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -77,10 +101,20 @@ def _load_native(ckpt: Path) -> tuple[Any, Any]:
     source = ckpt / "state.json"
     if cfg_dict is None:  # a bare weights file: the config rides in its metadata
         cfg_dict, source = _metadata_config(ckpt / "model.safetensors"), ckpt / "model.safetensors"
+    if not isinstance(cfg_dict, dict):
+        raise CheckpointError(
+            f"{source} has a model config of type {type(cfg_dict).__name__}",
+            "a table of model settings",
+            "load an earlier checkpoint of the run",
+        )
     cfg = from_dict(GPTConfig, cfg_dict, source=str(source))
+    tok = _native_tokenizer(ckpt, state.get("tokenizer", "tokenizer"))  # checked before building
+    tensors = read_tensors(ckpt / "model.safetensors")
+    check_config_fits(cfg, tensors, str(source))
+    require_model(cfg, None, source=str(ckpt))
     model = GPT(cfg)
-    load_model_safetensors(model, ckpt / "model.safetensors")
-    return model, _native_tokenizer(ckpt, state.get("tokenizer", "tokenizer"))
+    assign_state(model, tensors, source=str(ckpt / "model.safetensors"))
+    return model, tok
 
 
 def _read_state(ckpt: Path) -> dict[str, Any]:
@@ -115,9 +149,13 @@ def _native_tokenizer(ckpt: Path, spec: Any) -> Any:
     if isinstance(spec, dict):
         return get_tokenizer(spec)
     if isinstance(spec, str):  # relative to the checkpoint, or to its run directory
+        source = str(ckpt / "state.json")
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "ckpt" else ckpt
+        path_inside(run_dir, spec, source, "tokenizer directory")  # never outside the run
         for base in (ckpt, ckpt.parent.parent):
             if (base / spec).is_dir():
-                return get_tokenizer(base / spec)
+                rel = os.path.relpath(base / spec, run_dir)
+                return get_tokenizer(path_inside(run_dir, rel, source, "tokenizer directory"))
     return None
 
 

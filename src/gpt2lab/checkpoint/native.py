@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2lab.checkpoint.weights import load_pickle_safely, save_tensors
+from gpt2lab.checkpoint.weights import load_pickle_safely, save_pickle, save_tensors
 from gpt2lab.errors import CheckpointError, TrainingError, mark_key
-from gpt2lab.io import atomic_dir, atomic_write_text
+from gpt2lab.io import atomic_dir, atomic_write_text, path_inside
 
 CKPT_DIR = "ckpt"
 FILES = ("model.safetensors", "optimizer.pt", "state.json")
@@ -51,7 +51,13 @@ def _pointer(run_dir: Path, name: str) -> Path | None:
     f = run_dir / name
     if not f.is_file():
         return None
-    target = run_dir / f.read_text(encoding="utf-8").strip()
+    try:
+        with open(f, "rb") as fh:
+            text = fh.read(4096).decode("utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    path_inside(run_dir, text, str(f), "checkpoint")  # a path from a file is not trusted
+    target = run_dir / text
     return target if is_complete(target) else None
 
 
@@ -105,7 +111,7 @@ def save_checkpoint(
     with atomic_dir(final) as tmp:
         model_cfg = json.dumps(state.get("config", {}).get("model", {}))
         save_tensors(tensors, tmp / "model.safetensors", {"gpt2lab_config": model_cfg})
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        save_pickle(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1) + "\n")
     rel = final.relative_to(run_dir).as_posix()
     atomic_write_text(run_dir / "latest", rel + "\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,44 @@ def save_model_safetensors(
 
 
 def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict) -> None:
-    """safetensors file written to a temp name, fsynced and renamed: never seen half-written."""
+    """safetensors file written to a temp name, fsynced and renamed: never seen half-written.
+
+    A failed write (a full disk) is the OSError it was, not the writer's own error type."""
     with atomic_path(path) as tmp:
         cpu = {k: v.cpu() for k, v in tensors.items()}
-        save_file(cpu, str(tmp), metadata={"format": "pt", **metadata})
+        try:
+            save_file(cpu, str(tmp), metadata={"format": "pt", **metadata})
+        except SafetensorError as e:
+            if (err := as_os_error(e, tmp)) is None:
+                raise
+            raise err from e
+
+
+def save_pickle(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through a file we opened, so a failed write surfaces as its OSError (torch
+    reports every write failure as 'enforce fail ... unexpected pos')."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        if (err := as_os_error(e, path)) is None:
+            raise
+        raise err from e
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def as_os_error(e: BaseException, path: str | os.PathLike) -> OSError | None:
+    """The OSError behind a writer's own error type (safetensors, torch), if there was one."""
+    if isinstance(e.__context__, OSError):
+        inner = e.__context__
+        return OSError(inner.errno, inner.strerror, os.fspath(path))
+    m = _OS_ERROR.search(str(e))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code), os.fspath(path))
+    return None
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -94,6 +129,37 @@ def assign_state(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(tensors[k])
+
+
+def check_config_fits(cfg: Any, tensors: Mapping[str, Tensor], source: str) -> None:
+    """Refuse a config whose shapes disagree with the weights, before a model is built from it."""
+    hint = _config_disagreement(cfg, tensors)
+    if not hint:
+        return
+    problems = []
+    if cfg.n_layer <= 10_000:  # the key names the config implies, without building anything
+        want = set(expected_keys(cfg))
+        missing = sorted(want - set(tensors))
+        unexpected = sorted(set(tensors) - want - {TIED})
+        if missing:
+            problems.append(f"missing keys {_short(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_short(unexpected)}")
+    raise CheckpointError(
+        f"{source} does not fit the weights beside it: " + "; ".join([*problems, hint]),
+        "a config and weights saved together",
+        "use the config the weights were saved with (the file may be damaged or edited)",
+    )
+
+
+def expected_keys(cfg: Any) -> list[str]:
+    """The state-dict keys (ours, tied head left out) of GPT(cfg), from the config alone."""
+    weights_and_biases = ("weight", "bias") if cfg.bias else ("weight",)
+    keys = ["transformer.wte.weight", "transformer.wpe.weight"]
+    for i in range(cfg.n_layer):
+        for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+            keys += [f"transformer.h.{i}.{part}.{w}" for w in weights_and_biases]
+    return keys + [f"transformer.ln_f.{w}" for w in weights_and_biases]
 
 
 def infer_shape_config(tensors: Mapping[str, Tensor]) -> dict[str, int]:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gpt2lab.budget import param_count, require
 from gpt2lab.checkpoint.gguf import OUTTYPES, save_gguf
 from gpt2lab.checkpoint.hf import is_hf_dir, save_hf
-from gpt2lab.checkpoint.load import load_model
+from gpt2lab.checkpoint.load import load_model, peek_config
 from gpt2lab.checkpoint.onnx import save_onnx
 from gpt2lab.checkpoint.weights import save_model_safetensors
 from gpt2lab.config import Config, to_dict
 from gpt2lab.errors import UsageError
 from gpt2lab.io import atomic_dir, atomic_write_json
+from gpt2lab.outdir import check_not_overlapping, claim_output_dir, claim_output_file
 
 EXAMPLES = """
 gpt2lab convert runs/sc hf/sc                  # newest checkpoint of a run -> HF GPT-2 directory
@@ -91,36 +93,68 @@ def output_format(dst: str, to: str, outtype: str | None, past: bool = False) ->
 def run(args: argparse.Namespace) -> int:
     src = Path(args.src)
     fmt = output_format(args.dst, args.to, args.outtype, args.past)
-    if fmt == "gguf":
-        model, tok = load_model(args.src)
-        outtype = args.outtype or "f32"
-        save_gguf(model, args.dst, tokenizer=tok, outtype=outtype, name=src.name or "gpt2lab")
-        print(f"wrote {args.dst} (gguf {outtype}, {model.num_params():,} parameters)")
-        return 0
-    if fmt == "onnx":
-        model, _ = load_model(args.src)
-        save_onnx(model, args.dst, past=args.past)
-        kind = "onnx with past keys/values" if args.past else "onnx"
+    check_not_overlapping(args.dst, [args.src], flag="dst")  # before anything is read
+    if fmt is not None:  # one file: refused if it exists and gpt2lab did not write it
+        with claim_output_file(args.dst, "convert", inputs=[args.src], flag="dst") as out:
+            model, tok = _load(args.src)
+            if fmt == "gguf":
+                outtype = args.outtype or "f32"
+                name = src.name or "gpt2lab"
+                save_gguf(model, args.dst, tokenizer=tok, outtype=outtype, name=name)
+                kind = f"gguf {outtype}"
+            else:
+                save_onnx(model, args.dst, past=args.past)
+                kind = "onnx with past keys/values" if args.past else "onnx"
+            out.commit()
         print(f"wrote {args.dst} ({kind}, {model.num_params():,} parameters)")
         return 0
     to = args.to
     if to == "auto":
         to = "gpt2lab" if is_hf_dir(src) or not src.exists() else "hf"
-    model, tok = load_model(args.src)
-    if to == "hf":
-        save_hf(model, args.dst, tokenizer=tok)
-    else:
-        save_native(model, tok, args.dst, source=str(args.src))
+    # a directory: new, empty or gpt2lab's; locked while written; removed again on failure if new
+    with claim_output_dir(args.dst, "convert", inputs=[args.src], flag="dst") as out:
+        try:
+            model, tok = _load(args.src)
+            if to == "hf":
+                save_hf(model, out.path, tokenizer=tok)
+            else:
+                save_native(model, tok, out.path, source=str(args.src))
+        except BaseException:
+            if out.created:
+                out.discard()
+            raise
     print(f"wrote {args.dst} ({to}, {model.num_params():,} parameters)")
     return 0
 
 
+def _load(src: str):
+    """The model and its tokenizer, after checking that converting it fits in memory."""
+    cfg = peek_config(src)
+    if cfg is not None:  # the weights, a converted copy, and the writer's buffers
+        require(
+            3 * param_count(cfg) * 4,
+            "cpu",
+            f"converting {src} ({param_count(cfg):,} parameters)",
+            "convert on a machine with more memory",
+        )
+    return load_model(src)
+
+
+NATIVE_FILES = ("state.json", "tokenizer", "model.safetensors")  # model.safetensors: the keystone
+
+
 def save_native(model, tokenizer, path: str | Path, source: str = "") -> None:
-    """A gpt2lab checkpoint directory: model.safetensors, state.json, tokenizer/."""
-    with atomic_dir(path) as tmp:
-        save_model_safetensors(model, tmp / "model.safetensors")
+    """A gpt2lab checkpoint directory: model.safetensors, state.json, tokenizer/.
+
+    `path` must be new, empty or gpt2lab's; its old files go first and model.safetensors, which
+    makes the directory a checkpoint, comes last: an interrupted write never looks whole."""
+    with claim_output_dir(path, "convert", flag="dst") as out:
+        out.remove_ours()
+        out.record(*NATIVE_FILES)
         state = {"step": 0, "config": to_dict(Config(model=model.config)), "converted_from": source}
         if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer")
+            with atomic_dir(out.path / "tokenizer") as tmp:
+                tokenizer.save(tmp)
             state["tokenizer"] = "tokenizer"
-        atomic_write_json(tmp / "state.json", state)
+        atomic_write_json(out.path / "state.json", state)
+        save_model_safetensors(model, out.path / "model.safetensors")

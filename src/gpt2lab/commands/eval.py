@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 from gpt2lab import config
-from gpt2lab.checkpoint.load import load_model
+from gpt2lab.budget import require_inference
+from gpt2lab.checkpoint.load import load_model, peek_config
+from gpt2lab.config import GPTConfig
 from gpt2lab.device import pick_device, pick_dtype
-from gpt2lab.errors import CheckpointError, ConfigError, DataError
+from gpt2lab.errors import CheckpointError, ConfigError, DataError, mark_key
 from gpt2lab.eval import paper
 from gpt2lab.eval.datasets import DOWNLOADS
 from gpt2lab.eval.scoring import as_logits_fn
@@ -69,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
         )
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    _check_memory(peek_config(args.model), cfg, device, dtype, loaded=False)
     model, tok = _load(args.model, device)
+    if isinstance(model.config, GPTConfig):
+        _check_memory(model.config, cfg, device, dtype, loaded=True)
     n_layer, n_embd, block_size = _shape(model)
     context = cfg.context or block_size
     if context > block_size:
@@ -96,6 +101,25 @@ def run(args: argparse.Namespace) -> int:
         row |= {"context": settings.context, "stride": settings.stride, "dtype": cfg.dtype}
         print(json.dumps({**row, "paper_size": size, "paper": published}))
     return 0
+
+
+def _check_memory(mcfg: GPTConfig | None, cfg, device, dtype, loaded: bool) -> None:
+    """Refuse a batch of windows whose logits and activations cannot fit, before allocating."""
+    if mcfg is None:
+        return
+    context = min(cfg.context or mcfg.block_size, mcfg.block_size)
+    require_inference(
+        mcfg,
+        cfg.batch_size,
+        context,
+        0,
+        dtype,
+        device,
+        f"scoring {cfg.batch_size} windows of {context} tokens",
+        f"lower {mark_key('eval.batch_size')} or {mark_key('eval.context')}",
+        loaded=loaded,
+        kv_cache=False,
+    )
 
 
 def _load(path: str, device):

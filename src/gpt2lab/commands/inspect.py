@@ -16,6 +16,7 @@ from gpt2lab.config import SampleConfig
 from gpt2lab.errors import UsageError
 from gpt2lab.generate import prompt_ids
 from gpt2lab.io import atomic_write_text
+from gpt2lab.outdir import owned_file
 
 EXAMPLES = """
 gpt2lab inspect attention --model runs/demo -p 'ROMEO: But soft' # all heads: inspect-attention.png
@@ -101,11 +102,13 @@ def run(args: argparse.Namespace) -> int:
     shown = _window(data, start)
     if args.out or not args.json:
         out = Path(args.out or _default_name(args))
-        inspect_draw.png(args.view, shown, out)
+        with owned_file(out, "inspect", inputs=[args.model]) as path:
+            inspect_draw.png(args.view, shown, path)
         note = f" (tokens {start}..{len(idx) - 1} of {len(idx)}: --window)" if start else ""
         _say(args, f"wrote {out}{note}")
     if args.html:
-        atomic_write_text(args.html, inspect_draw.html(args.view, shown))
+        with owned_file(args.html, "inspect", inputs=[args.model], flag="html") as path:
+            atomic_write_text(path, inspect_draw.html(args.view, shown))
         _say(args, f"wrote {args.html}")
     if not args.json:
         _say(args, _summary(args.view, data))

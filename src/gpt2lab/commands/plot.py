@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2lab.plot import plot_runs
+from gpt2lab.outdir import owned_file
+from gpt2lab.plot import default_plot_path, plot_runs
 
 EXAMPLES = """
 gpt2lab plot runs/sc                              # writes runs/sc/curves.png
@@ -18,5 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(plot_runs(args.runs, args.out))
+    out = default_plot_path(args.runs, args.out)
+    with owned_file(out, "plot", flag="out") as path:  # never over a file gpt2lab did not write
+        print(plot_runs(args.runs, path))
     return 0

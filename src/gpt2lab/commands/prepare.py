@@ -23,6 +23,7 @@ from gpt2lab.data.events import (
     ValSplitEmpty,
 )
 from gpt2lab.errors import UsageError
+from gpt2lab.io import RECORD_LIMIT
 from gpt2lab.tokenizer import get_tokenizer
 
 EXAMPLES = """
@@ -125,7 +126,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--workers", type=int, metavar="N", help="tokenizer processes (default: all cores)"
     )
-    out.add_argument("--force", action="store_true", help="start clean even if a run can resume")
+    out.add_argument(
+        "--max-record-bytes",
+        type=_count,
+        default=RECORD_LIMIT,
+        metavar="N",
+        help="longest JSONL line / CSV field read (default 64M); a longer one is an error",
+    )
+    out.add_argument(
+        "--force",
+        action="store_true",
+        help="start clean even if a run can resume (removes only files gpt2lab wrote in --out)",
+    )
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -209,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         data_files=args.data_files,
         preset=args.preset,
         max_docs=args.max_docs,
+        max_record_bytes=args.max_record_bytes,
     )
     if not args.input and not args.dataset:  # the preset's own source
         if "url" in preset:

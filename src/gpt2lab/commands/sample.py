@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 from gpt2lab import config
-from gpt2lab.checkpoint.load import load_model
+from gpt2lab.budget import require_inference, require_model
+from gpt2lab.checkpoint.load import load_model, peek_config
 from gpt2lab.config import SampleConfig
 from gpt2lab.device import pick_device, pick_dtype
-from gpt2lab.errors import CheckpointError, DataError, UsageError
+from gpt2lab.errors import CheckpointError, DataError, GPT2LabError, UsageError
 from gpt2lab.generate import complete, prompt_ids
-from gpt2lab.io import atomic_write_json, atomic_write_text, read_utf8
+from gpt2lab.io import atomic_write_json, atomic_write_text, read_text_bounded
+from gpt2lab.outdir import OutputDir, claim_output_dir
 from gpt2lab.tokenizer.chat import resolve_chat_template, validate_messages
 
 EXAMPLES = """
@@ -173,21 +175,36 @@ def add_device_arguments(g: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = sample_config(args)
     _check_flags(args)
+    out = None
+    if args.out:  # a directory of samples: new, empty or gpt2lab's (never the user's files)
+        inputs = [args.model, *args.prompt_file]
+        out = claim_output_dir(args.out, "sample", inputs=inputs, lock=True)
+    try:
+        return _run(args, cfg, out)
+    finally:
+        if out is not None:
+            out.release()
+
+
+def _run(args: argparse.Namespace, cfg: SampleConfig, out: OutputDir | None) -> int:
     with _warnings_to_stderr():
+        chat = args.interactive or args.chat  # the conversation is read once the tokenizer is
+        texts = [] if chat else _read_prompts(args)  # bounded, before the model
+        check_memory(args.model, cfg, len(texts) * cfg.num_samples, before_loading=True)
         model, tok = load_model_for(args.model, cfg)
+        check_memory(model.config, cfg, len(texts) * cfg.num_samples or cfg.num_samples)
         if args.interactive:
             return _interactive(model, tok, cfg, args)
         if args.chat:
             texts, prompts, cfg = _chat_prompt(args, tok, cfg)
         else:
-            texts = _read_prompts(args)
             prompts = [_encode(tok, t, args.allow_special) for t in texts]
         rows = [
             (i, t, ids)
             for i, (t, ids) in enumerate(zip(texts, prompts))
             for _ in range(cfg.num_samples)
         ]
-        writer = _Writer(args, len(rows))
+        writer = _Writer(args, len(rows), out)
         for completion, (i, text, _) in zip(
             _run_batches(model, tok, cfg, args, rows, writer), rows
         ):
@@ -226,6 +243,33 @@ def _chat_prompt(
     stop = tuple(dict.fromkeys([*cfg.stop, *(template.stop_strings or (template.end_token,))]))
     args.reply_lead = template.reply_lead
     return [template.render(messages)], [ids], dataclasses.replace(cfg, stop=stop)
+
+
+def check_memory(model: Any, cfg: SampleConfig, rows: int, before_loading: bool = False) -> None:
+    """Refuse a job whose KV cache, logits and kept tokens cannot fit (the weights too, before
+    loading); `model` is a path (its config is read without the weights) or a GPTConfig."""
+    try:
+        mcfg = peek_config(model) if before_loading else model
+    except GPT2LabError:  # not a model: loading it says so in its own words
+        return
+    if mcfg is None:  # a hub name: checked once loaded
+        return
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device) if cfg.dtype != "float16" else torch.float16
+    if before_loading:  # the weights first: a config.json may claim anything
+        require_model(mcfg, device, dtype, source=str(model))
+    require_inference(
+        mcfg,
+        max(1, min(cfg.batch_size, rows)),
+        mcfg.block_size,  # the longest prompt a row keeps
+        cfg.max_new_tokens,
+        dtype,
+        device,
+        f"sampling {cfg.max_new_tokens:,} tokens x {min(cfg.batch_size, max(rows, 1))} rows",
+        "lower --max-new-tokens or --batch-size (the context slides: any length works, but the "
+        "tokens of a sample are kept until it ends)",
+        loaded=not before_loading,
+    )
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -291,9 +335,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             texts.append(text)
     if not args.prompt and not args.prompt_file and not _stdin_is_terminal():
         try:
-            piped = sys.stdin.read()
-        except OSError:  # stdin closed or not readable: no prompt
-            piped = ""
+            piped = read_text_bounded("-", PROMPT_LIMIT, "standard input", "prompt_file")
+        except DataError as e:
+            if "cannot read" not in str(e):
+                raise
+            piped = ""  # stdin closed or not readable: no prompt
         if piped.strip():
             texts.append(piped.rstrip("\n"))
     return texts or [""]
@@ -306,18 +352,13 @@ def _stdin_is_terminal() -> bool:
         return True
 
 
+PROMPT_LIMIT = 64 << 20  # bytes of one prompt file (or of stdin) read at most
+
+
 def read_prompt_file(name: str) -> str:
-    """A prompt file's whole text ('-' = stdin); one-line errors for unreadable files."""
-    if name == "-":
-        return sys.stdin.read()
-    try:
-        return read_utf8(name)  # a file that is not UTF-8: the one error wording of gpt2lab.io
-    except OSError as e:
-        raise DataError(
-            f"cannot read prompt file {name} ({e.strerror or e})",
-            "a UTF-8 text file",
-            "check the path given to --prompt-file",
-        ) from e
+    """A prompt file's whole text ('-' = stdin), at most PROMPT_LIMIT bytes (a FIFO or /dev/zero
+    that never ends is refused, not read into memory); one-line errors for unreadable files."""
+    return read_text_bounded(name, PROMPT_LIMIT, "prompt file", "prompt_file")
 
 
 def _encode(tok: Any, text: str, allow_special: bool) -> list[int]:
@@ -363,8 +404,9 @@ def _run_batches(model, tok, cfg: SampleConfig, args, rows, writer) -> Iterator[
 class _Writer:
     """Prints samples (plain, streamed or JSON lines) or writes them to --out, in order."""
 
-    def __init__(self, args: argparse.Namespace, total: int) -> None:
+    def __init__(self, args: argparse.Namespace, total: int, out: OutputDir | None = None) -> None:
         self.args, self.total, self.count, self.streamed = args, total, 0, False
+        self.out = out
         # --chat shows the reply only, without the template's text before it (a space)
         self.chat, self.lead = bool(getattr(args, "chat", None)), getattr(args, "reply_lead", "")
         self.pending_lead = ""
@@ -393,10 +435,10 @@ class _Writer:
             "finish_reason": c.finish_reason,
         }
         if self.args.out:
-            stem = Path(self.args.out) / f"sample_{self.count:05d}"
-            atomic_write_text(stem.with_suffix(".txt"), prompt + c.text)
+            stem = f"sample_{self.count:05d}"
+            atomic_write_text(self.out.claim_file(stem + ".txt"), prompt + c.text)
             if self.args.json:
-                atomic_write_json(stem.with_suffix(".json"), record)
+                atomic_write_json(self.out.claim_file(stem + ".json"), record)
         elif self.args.json:
             print(json.dumps(record, ensure_ascii=False), flush=True)
         elif self.streamed:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from gpt2lab.errors import DataError, TokenizerError, UsageError
 from gpt2lab.io import decode_utf8
+from gpt2lab.outdir import OutputDir, claim_output_dir
 from gpt2lab.tokenizer import get_tokenizer, train_bpe
 from gpt2lab.tokenizer.base import readable_piece
 from gpt2lab.tokenizer.trainer import ALGORITHMS
@@ -125,20 +129,16 @@ def special_tokens(args: argparse.Namespace, tokenizer: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.action == "train":
         specials = args.special or ["<|endoftext|>"]
-        tok = train_bpe(
-            [Path(f) for f in args.files],
-            args.vocab_size,
-            args.pattern,
-            specials,
-            errors=args.errors,
-            progress=False if args.no_progress else None,  # None: bars when stderr is a terminal
-            algorithm=args.algorithm,
-        )
-        tok.save(args.out)
-        print(
-            f"wrote {args.out}: {tok.n_vocab} ids ({len(tok.merges)} merges, "
-            f"special {tok.special_tokens})"
-        )
+        # the output: new, empty or gpt2lab's; never one of the inputs; locked while written
+        out = claim_output_dir(args.out, "tokenizer", inputs=args.files)
+        try:
+            _train(args, specials, out)
+        except BaseException:
+            if out.created:
+                out.discard()
+            raise
+        finally:
+            out.release()
         return 0
     extra = special_tokens(args, args.tokenizer)
     tok = get_tokenizer(args.tokenizer, backend=args.backend, **_with(extra))
@@ -177,14 +177,30 @@ def _with(specials: list[str]) -> dict[str, Any]:
     return {"special_tokens": specials} if specials else {}
 
 
+INPUT_LIMIT = 1 << 30  # bytes of one input read at most (a FIFO or /dev/zero never ends)
+
+
 def _inputs(files: list[str]):
     if not files:
-        yield "<stdin>", sys.stdin.buffer.read()
+        yield "<stdin>", _bounded(sys.stdin.buffer, "<stdin>")
     for f in files:
         try:
-            yield f, Path(f).read_bytes()
+            with open(f, "rb") as fh:
+                data = _bounded(fh, f)
         except OSError as e:
             raise DataError(f"cannot read {f} ({e.strerror})", "a readable file") from None
+        yield f, data
+
+
+def _bounded(fh: Any, name: str) -> bytes:
+    data = fh.read(INPUT_LIMIT + 1)
+    if len(data) > INPUT_LIMIT:
+        raise DataError(
+            f"{name} is longer than {INPUT_LIMIT:,} bytes (or never ends)",
+            "a text file under 1 GiB",
+            "split it, or use `gpt2lab prepare` for large corpora",
+        )
+    return data
 
 
 def _parse_ids(text: str, where: str) -> list[int]:
@@ -212,3 +228,27 @@ def _show(tok: Any, text: str, color: str) -> None:
             out.append(piece)
     print(("" if use_colour else "|").join(out))
     print(f"{len(ids)} tokens, {len(text.encode('utf-8'))} bytes: {ids}")
+
+
+def _train(args: argparse.Namespace, specials: list[str], out: OutputDir) -> None:
+    tok = train_bpe(
+        [Path(f) for f in args.files],
+        args.vocab_size,
+        args.pattern,
+        specials,
+        errors=args.errors,
+        progress=False if args.no_progress else None,  # None: bars when stderr is a terminal
+        algorithm=args.algorithm,
+    )
+    out.remove_ours()  # an earlier tokenizer gpt2lab wrote here
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out.path))
+    try:
+        tok.save(staging)
+        for f in sorted(staging.iterdir()):
+            os.replace(f, out.claim_file(f.name))  # refused if a file there is not gpt2lab's
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(
+        f"wrote {args.out}: {tok.n_vocab} ids ({len(tok.merges)} merges, "
+        f"special {tok.special_tokens})"
+    )

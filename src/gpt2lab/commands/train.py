@@ -6,11 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from gpt2lab.checkpoint import native
 from gpt2lab.commands.train_console import StopSignal, TrainConsole, tune_allocator
 from gpt2lab.config import PRESETS, resolve
 from gpt2lab.errors import UsageError
+from gpt2lab.outdir import OutputDir, check_not_overlapping
 from gpt2lab.plot import plot_runs
 from gpt2lab.train import build, train
+from gpt2lab.train.dist import launched_rank
 from gpt2lab.train.events import broadcast
 
 ACCEPTS_OVERRIDES = True
@@ -64,6 +67,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    claim = None
+    if launched_rank() == 0:  # under torchrun only rank 0 takes the lock
+        inputs = [args.data, args.init_from, args.config]
+        check_not_overlapping(out, inputs)  # before anything is read or written
+        claim = build.claim_run_dir(out, inputs)
+    try:
+        return _run(args, out, claim)
+    except BaseException:
+        if claim is not None and claim.created and not native.list_checkpoints(out):
+            claim.discard()
+        raise
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _run(args: argparse.Namespace, out: Path, claim: OutputDir | None) -> int:
     overrides = list(args.overrides)
     if args.init_from:
         overrides.insert(0, f"train.init_from={args.init_from}")
@@ -94,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if summary.rank == 0:
         if not args.no_plot and summary.step > 0:
+            if claim is not None:
+                claim.claim_file("curves.png")
             print(f"plot: {plot_runs([out])}", file=sys.stderr)
         val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "-"
         print(

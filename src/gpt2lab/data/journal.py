@@ -8,7 +8,6 @@ from the newest entry whose tokens are all on disk.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -71,26 +70,47 @@ def resume_from(
     return {"task": e["task"], "tokens": list(e["tokens"]), "docs": list(e["docs"])}
 
 
-def _our_files(out: Path) -> list[Path]:
-    if not out.is_dir():
-        return []
-    names = {"meta.json", JOURNAL, "tokenizer"}
-    found = []
-    for p in out.iterdir():
-        n = p.name
-        if n in names or (n.startswith((".train_", ".val_", ".tokenizer.", ".meta.json."))):
-            found.append(p)
-        elif any(n.startswith(f"{s}_") and n.endswith(".bin") for s in shards.SPLITS):
-            found.append(p)
-    return found
+def adopt_legacy(out: Path) -> list[str] | None:
+    """The entries of a data directory that an older gpt2lab (before ownership markers) wrote,
+    or None if `out` does not look like one: a meta.json of this format with its fingerprint
+    whose shards all exist and start with the shard magic, or a prepare journal. Nothing else
+    (a project's own meta.json or tokenizer/) is ever adopted."""
+    names: list[str] = []
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict):
+        listed = meta.get("shards")
+        if (
+            meta.get("format_version") != shards.VERSION
+            or not isinstance(meta.get("fingerprint"), str)
+            or not isinstance(listed, dict)
+        ):
+            return None
+        for split in shards.SPLITS:
+            for name in listed.get(split) or []:
+                if not isinstance(name, str) or Path(name).name != name:
+                    return None
+                try:
+                    shards.read_header(out / name)
+                except DataError:
+                    return None
+                names.append(name)
+        names.append("meta.json")
+    elif read_journal(out, _journal_fingerprint(out)) is not None:
+        names.append(JOURNAL)
+        names += [p.name for s in shards.SPLITS for p in shards.list_shards(out, s)]
+    else:
+        return None
+    if (out / "tokenizer").is_dir():
+        names.append("tokenizer")
+    return names
 
 
-def clean(out: Path) -> bool:
-    """Remove what prepare writes in `out` (and nothing else); True if there was something."""
-    found = _our_files(out)
-    for p in found:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return bool(found)
+def _journal_fingerprint(out: Path) -> str:
+    try:
+        with open(out / JOURNAL, encoding="utf-8") as f:
+            return str(json.loads(f.readline()).get("fingerprint") or "-")
+    except (OSError, ValueError, AttributeError):
+        return "-"

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt2lab.data.shards import load_meta, split_shards
+from gpt2lab.data.shards import SCAN_LIMIT, check_token_ids, load_meta, split_shards
 from gpt2lab.errors import DataError, mark_key
 
 
@@ -53,6 +53,8 @@ class BatchLoader:
         self.device = torch.device(device)
         self.meta = load_meta(data_dir)
         self.vocab_size = self.meta["vocab_size"]
+        self._model_v = vocab_size
+        self._id_limit = min(self.vocab_size, vocab_size) if vocab_size else self.vocab_size
         self._shards = [s for s in split_shards(data_dir, split, vocab_size) if len(s)]
         sizes = np.array([len(s) for s in self._shards], dtype=np.int64)
         self._starts = np.concatenate(
@@ -83,6 +85,8 @@ class BatchLoader:
         slot = self.micro * self.W + self.rank
         starts = self._window_starts(self.step, slot)
         buf = np.stack([self._read(int(s), self.T + 1) for s in starts]).astype(np.int64)
+        if self.n_tokens > SCAN_LIMIT and int(buf.max()) >= self._id_limit:  # not scanned at open
+            check_token_ids(buf, self.vocab_size, f"{self.data_dir} ({self.split})", self._model_v)
         self.micro += 1
         if self.micro == self.A:
             self.step, self.micro = self.step + 1, 0

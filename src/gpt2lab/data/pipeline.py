@@ -33,7 +33,7 @@ from gpt2lab.data.events import (
     TaskWritten,
     ValSplitEmpty,
 )
-from gpt2lab.data.journal import JOURNAL, clean, read_journal, resume_from
+from gpt2lab.data.journal import JOURNAL, adopt_legacy, read_journal, resume_from
 from gpt2lab.data.sources import (
     ByteCounter,
     SourceSpec,
@@ -43,8 +43,16 @@ from gpt2lab.data.sources import (
     open_hf_dataset,
 )
 from gpt2lab.data.split import Splitter
-from gpt2lab.errors import DataError, mark_key
-from gpt2lab.io import atomic_dir, atomic_write_json
+from gpt2lab.errors import DataError, ResourceError, mark_key
+from gpt2lab.io import (
+    atomic_dir,
+    atomic_write_json,
+    disk_full_reason,
+    is_disk_full,
+    sane_workers,
+    usable_cores,
+)
+from gpt2lab.outdir import OutputDir, check_not_overlapping, claim_output_dir
 from gpt2lab.tokenizer import get_tokenizer
 from gpt2lab.tokenizer.parallel import start_pool, worker_tokenizer
 
@@ -90,6 +98,31 @@ def prepare(
         )
     files = [] if spec.dataset else expand_inputs(spec.inputs)
     local_data = [Path(f) for f in spec.data_files or [] if Path(f).is_file()]  # changes restart
+    given = [*spec.inputs, *(spec.data_files or []), *files]
+    if isinstance(tokenizer, (str, os.PathLike)) and os.fspath(tokenizer) not in ("gpt2", "char"):
+        given.append(tokenizer)
+    check_not_overlapping(out, given)  # before anything is read or written
+    workers = sane_workers(workers)
+    claim = claim_output_dir(out, "prepare", adopt=adopt_legacy)  # ours, locked, or refused
+    try:
+        return _prepare(
+            spec, claim, files, local_data, tokenizer, val_fraction, val_docs, val_tail, seed,
+            shard_tokens, workers, dtype, force, progress, command, emit,
+        )  # fmt: skip
+    except BaseException as e:
+        if claim.created and not (claim.path / "meta.json").exists():
+            if not (claim.path / JOURNAL).exists() or isinstance(e, DataError):
+                claim.discard()  # nothing to resume from: leave no trace of this run
+        raise
+    finally:
+        claim.release()
+
+
+def _prepare(
+    spec, claim: OutputDir, files, local_data, tokenizer, val_fraction, val_docs, val_tail, seed,
+    shard_tokens, workers, dtype, force, progress, command, emit,
+) -> dict[str, Any]:  # fmt: skip
+    out = claim.path
     splitter = Splitter.create(spec, files, val_fraction, val_docs, val_tail, seed)
     tok = _build_tokenizer(tokenizer, spec)
     token_dtype = shards.dtype_for_vocab(tok.n_vocab, dtype)
@@ -118,42 +151,51 @@ def prepare(
             emit(AlreadyComplete(out))
             return old
     resume = None if force else read_journal(out, fingerprint)
-    if resume is None:
-        emit(StartedClean(out, removed_earlier=clean(out)))
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(out / "tokenizer") as tok_dir:
-            tok.save(tok_dir)
-        with open(out / JOURNAL, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
     writers = [
-        shards.ShardWriter(out, name, token_dtype, tok.n_vocab, shard_tokens)
+        shards.ShardWriter(out, name, token_dtype, tok.n_vocab, shard_tokens, claim.record)
         for name in shards.SPLITS
     ]
     state = {"task": 0, "tokens": [0, 0], "docs": [0, 0]}
-    if resume is not None:
-        state = resume_from(out, writers, resume, fingerprint)
-        emit(Resumed(out, state["task"], dict(zip(shards.SPLITS, state["tokens"]))))
     try:
+        if resume is None:
+            emit(StartedClean(out, removed_earlier=bool(claim.remove_ours())))
+            claim.record("tokenizer", JOURNAL)
+            with atomic_dir(out / "tokenizer") as tok_dir:
+                tok.save(tok_dir)
+            with open(out / JOURNAL, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+        else:
+            state = resume_from(out, writers, resume, fingerprint)
+            emit(Resumed(out, state["task"], dict(zip(shards.SPLITS, state["tokens"]))))
         _run(spec, splitter, tok, out, writers, state, workers, progress, files, emit)
     except DataError:
         for w in writers:
             w.abort()
-        _remove_output(
-            out
-        )  # bad input: leave nothing behind (a rerun with fixed input starts clean)
+        claim.remove_ours()  # bad input: leave nothing (a rerun with fixed input starts clean)
+        raise
+    except OSError as e:
+        for w in writers:
+            w.abort()
+        if is_disk_full(e):
+            raise _disk_full(e, out, state) from e
         raise
     except BaseException:
         for w in writers:
             w.abort()
         raise
     if state["docs"][TRAIN] == 0 and state["docs"][VAL] == 0:
-        _remove_output(out)
+        claim.remove_ours()
         raise DataError(
             f"the input has no text ({_where(spec)})",
             "at least one non-empty document",
             f"check {mark_key('inputs')} (and {mark_key('field')} for tables)",
         )
-    names = [w.finish() for w in writers]
+    try:
+        names = [w.finish() for w in writers]
+    except OSError as e:
+        if is_disk_full(e):
+            raise _disk_full(e, out, state) from e
+        raise
     meta = {
         "format_version": shards.VERSION,
         "fingerprint": fingerprint,
@@ -170,7 +212,13 @@ def prepare(
         "seed": seed,
         "command": command,
     }
-    atomic_write_json(meta_path, meta)
+    claim.record("meta.json")
+    try:
+        atomic_write_json(meta_path, meta)  # last: a directory without it is never read as data
+    except OSError as e:
+        if is_disk_full(e):
+            raise _disk_full(e, out, state) from e
+        raise
     (out / JOURNAL).unlink(missing_ok=True)
     if state["docs"][VAL] == 0 and splitter.value > 0:
         emit(ValSplitEmpty(out))
@@ -182,11 +230,15 @@ def _ignore(event: PrepareEvent) -> None:
     pass
 
 
-def _remove_output(out: Path) -> None:
-    """Remove what this run wrote, and `out` itself if that leaves it empty."""
-    clean(out)
-    with contextlib.suppress(OSError):
-        out.rmdir()
+def _disk_full(e: OSError, out: Path, state: dict[str, Any]) -> ResourceError:
+    """The one line for a full disk (or a file-size limit) while writing shards."""
+    done = state["task"]
+    return ResourceError(
+        f"writing token shards in {out} stopped: {disk_full_reason(e, out / 'x')}; the "
+        f"{done} task(s) recorded in {out / JOURNAL} are intact on disk and resumable",
+        "room for the shards",
+        "free some space (or raise the limit) and run the same command again: it resumes",
+    )
 
 
 def _as_list(source: str | list[str]) -> list[str]:
@@ -262,7 +314,7 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files, emi
     tasks = _tasks(spec, splitter, counter)
     for _ in range(state["task"]):  # already written: read past them without tokenizing
         next(tasks)
-    workers = workers or _cores()
+    workers = workers or usable_cores()
     bar = _ProgressBar(spec, files, counter.n, sum(state["docs"])) if progress else None
     journal = open(out / JOURNAL, "a", encoding="utf-8")
     pool = None
@@ -297,14 +349,6 @@ def _run(spec, splitter, tok, out, writers, state, workers, progress, files, emi
         if pool is not None:
             pool.terminate()
             pool.join()
-
-
-def _cores() -> int:
-    """CPUs this process may use (the affinity mask, where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def _bounded_imap(pool: Any, tasks: Iterator[Task], max_in_flight: int) -> Iterator[Any]:

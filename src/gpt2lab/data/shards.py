@@ -10,6 +10,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +160,16 @@ class ShardWriter:
     """
 
     def __init__(
-        self, out_dir: Path, split: str, dtype: np.dtype, vocab_size: int, shard_tokens: int
+        self,
+        out_dir: Path,
+        split: str,
+        dtype: np.dtype,
+        vocab_size: int,
+        shard_tokens: int,
+        on_create: Callable[[str], None] | None = None,
     ) -> None:
         self.out_dir, self.split, self.dtype = Path(out_dir), split, dtype
+        self.on_create = on_create  # told each shard's name before it is created (ownership)
         self.vocab_size, self.shard_tokens = vocab_size, shard_tokens
         self.done: list[str] = []  # names of complete shards
         self.fill = 0  # tokens in the open temp shard
@@ -203,6 +211,8 @@ class ShardWriter:
         tokens = tokens.astype(self.dtype, copy=False)
         while len(tokens):
             if self._f is None:
+                if self.on_create is not None:
+                    self.on_create(shard_name(self.split, len(self.done)))
                 self._f = open(self._tmp(len(self.done)), "wb")
                 self._f.write(pack_header(self.dtype, self.vocab_size, 0))
             n = min(len(tokens), self.shard_tokens - self.fill)
@@ -268,7 +278,37 @@ def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
             f"expected {VERSION}",
             recreate_hint(path),
         )
+    _check_meta(meta, path)
     return meta
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """The fields readers rely on, by type: a hand-edited or damaged meta.json is one line."""
+
+    def names(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(n, str) and Path(n).name == n for n in v)
+
+    def counts(v: Any) -> bool:
+        return isinstance(v, dict) and all(
+            isinstance(v.get(s), int) and not isinstance(v.get(s), bool) for s in SPLITS
+        )
+
+    checks = [
+        ("vocab_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2**32),
+        ("shards", lambda v: isinstance(v, dict) and all(names(v.get(s)) for s in SPLITS)),
+        ("tokens", lambda v: v is None or counts(v)),
+        ("documents", lambda v: v is None or counts(v)),
+        ("tokenizer", lambda v: v is None or isinstance(v, dict)),
+    ]
+    for key, ok in checks:
+        if not ok(meta.get(key)):
+            shown = repr(meta.get(key))[:60]
+            raise DataError(
+                f"{path} has {key}={shown}",
+                "the meta.json `gpt2lab prepare` writes (shard file names in this directory, "
+                "counts, the vocabulary size)",
+                recreate_hint(path),
+            )
 
 
 def split_shards(
@@ -287,9 +327,13 @@ def split_shards(
             recreate_hint(Path(data_dir) / "meta.json"),
         )
     out = []
+    total = 0
     for name in names:
         arr = open_shard(Path(data_dir) / name, vocab_size)
         h = read_header(Path(data_dir) / name)
+        total += len(arr)
+        if total <= SCAN_LIMIT:  # larger splits are checked batch by batch (BatchLoader)
+            check_token_ids(arr, h["vocab_size"], Path(data_dir) / name, vocab_size)
         if h["vocab_size"] != meta["vocab_size"]:
             raise DataError(
                 f"shard {Path(data_dir) / name} has vocabulary {h['vocab_size']} but meta.json "
@@ -299,6 +343,30 @@ def split_shards(
             )
         out.append(arr)
     return out
+
+
+SCAN_LIMIT = 1 << 31  # tokens of a split checked for ids past the vocabulary when opened
+
+
+def check_token_ids(
+    tokens: np.ndarray, vocab: int, path: str | os.PathLike, model_vocab: int | None = None
+) -> None:
+    """Refuse ids >= the vocabulary (the shard's, and the model's if given), naming both sizes."""
+    limit = min(vocab, model_vocab) if model_vocab else vocab
+    if len(tokens) == 0 or (limit >= 2 ** (8 * tokens.dtype.itemsize)):
+        return  # empty, or the dtype cannot hold an id that large
+    chunk = 1 << 26
+    top = max(int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk))
+    if top >= limit:
+        sizes = f"the shard's vocabulary has {vocab} tokens" + (
+            f" and the model's {model_vocab}" if model_vocab else ""
+        )
+        raise DataError(
+            f"{path} holds token id {top} but {sizes}",
+            f"ids below {limit}",
+            "prepare the data again with the model's tokenizer (the shard is damaged or from "
+            "another tokenizer)",
+        )
 
 
 def load_tokens(data_dir: str | os.PathLike, split: str = "train") -> np.ndarray:
@@ -315,7 +383,7 @@ def load_data_tokenizer(data_dir: str | os.PathLike):
     tok_dir = Path(data_dir) / "tokenizer"
     if tok_dir.is_dir():
         tok = get_tokenizer(str(tok_dir))
-    elif meta["tokenizer"].get("kind") == "gpt2":
+    elif (meta.get("tokenizer") or {}).get("kind") == "gpt2":
         tok = get_tokenizer("gpt2")
     else:
         raise DataError(

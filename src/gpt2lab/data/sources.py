@@ -25,7 +25,7 @@ from typing import Any
 
 from gpt2lab.data.catalog import local_example
 from gpt2lab.errors import DataError, mark_key
-from gpt2lab.io import UTF8Decoder
+from gpt2lab.io import RECORD_LIMIT, UTF8Decoder, read_line_bounded
 
 PIECE_CHARS = 1 << 18  # aim for pieces of ~256K characters
 HARD_PIECE_CHARS = 1 << 24  # a 16M-character line is cut anywhere (the only inexact cut)
@@ -51,6 +51,7 @@ class SourceSpec:
     data_files: list[str] | None = None  # for load_dataset("json", data_files=...) and the like
     preset: str | None = None  # for the offline error message
     max_docs: int | None = None  # stop after this many documents (a slice of a large corpus)
+    max_record_bytes: int = RECORD_LIMIT  # a longer JSONL line / CSV field is an error
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description for meta.json."""
@@ -243,12 +244,19 @@ def _bad_record(path: Path, where: str, problem: str, fix: str) -> DataError:
 def _jsonl_records(path: Path, spec: SourceSpec, counter: ByteCounter) -> Iterator[str]:
     key = spec.field
     with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno in itertools.count(1):
+            raw = read_line_bounded(f, spec.max_record_bytes, path, lineno)  # never a whole 1 TB
+            if not raw:
+                return
             counter.n += len(raw)
             if not raw.strip():
                 continue
             try:
                 rec = json.loads(raw.decode("utf-8", errors=spec.errors))
+            except RecursionError:
+                raise _bad_record(
+                    path, f" line {lineno}", "JSON nested too deeply", "fix or remove that line"
+                ) from None
             except UnicodeDecodeError:
                 raise _bad_record(
                     path, f" line {lineno}", "not UTF-8", "convert it or pass --errors replace"
@@ -283,7 +291,7 @@ def _as_text(value: Any, path: Path, where: str, key: str) -> str:
 
 def _csv_records(path: Path, spec: SourceSpec, counter: ByteCounter) -> Iterator[str]:
     # the csv module's limit is process-wide: raise it for long documents, restore it after
-    old_limit = csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    old_limit = csv.field_size_limit(min(sys.maxsize, 2**31 - 1, spec.max_record_bytes))
     try:
         yield from _csv_rows(path, spec, counter)
     finally:
@@ -308,6 +316,13 @@ def _csv_rows(path: Path, spec: SourceSpec, counter: ByteCounter) -> Iterator[st
         except UnicodeDecodeError:
             raise _bad_record(
                 path, "", "not UTF-8", "convert it or pass --errors replace"
+            ) from None
+        except csv.Error as e:  # a field over the limit, a stray quote
+            raise _bad_record(
+                path,
+                f" row {reader.line_num}",
+                f"not CSV ({e})",
+                f"fix that row, or raise {mark_key('max_record_bytes')} for long fields",
             ) from None
 
 
@@ -384,6 +399,7 @@ def open_hf_dataset(spec: SourceSpec) -> Any:
                 split=spec.dataset_split,
                 streaming=True,
                 data_files=spec.data_files,
+                trust_remote_code=False,  # never run a dataset's script (datasets>=4 has none)
             )
     except Exception as e:  # offline, unknown name, bad config: datasets raises many types
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]

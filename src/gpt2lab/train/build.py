@@ -6,14 +6,13 @@ Everything here only reads; nothing in RUN_DIR changes until every check has pas
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from gpt2lab.budget import require
 from gpt2lab.checkpoint import native
 from gpt2lab.checkpoint.load import load_model
 from gpt2lab.checkpoint.vocab import grow_vocab, tokenizer_extends
@@ -29,8 +28,16 @@ from gpt2lab.config import (
 )
 from gpt2lab.data import load_data_tokenizer, load_meta, prepare
 from gpt2lab.data.loader import BatchLoader
-from gpt2lab.errors import ConfigError, DataError, TokenizerError, TrainingError, mark_key
+from gpt2lab.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    TokenizerError,
+    TrainingError,
+    mark_key,
+)
 from gpt2lab.model import GPT
+from gpt2lab.outdir import INFRA, OutputDir, claim_output_dir
 from gpt2lab.train.dist import Dist, launched_world_size, load_optimizer_state, wrap
 from gpt2lab.train.memory import estimate_memory
 from gpt2lab.train.recipe import apply_freeze, configure_optimizer
@@ -143,44 +150,63 @@ def check_memory(
     device: torch.device,
     world: int,
 ) -> str:
-    """Estimate one step's memory on a meta-device model; refuse before allocating if too large."""
+    """Estimate one step's memory from the config alone; refuse before allocating if too large."""
     est = estimate_memory(
         model_cfg, tcfg.micro_batch_size, model_cfg.block_size, dtype, optimizer=tcfg.optimizer
     )
     need = est.total
     if tcfg.strategy == "fsdp" and world > 1:  # weights, grads and optimizer state are sharded
         need = (est.params + est.grads + est.optimizer) // world + est.activations
-    have = _free_memory(device)
-    if have is not None and need > have:
-        raise TrainingError(
-            f"one training step needs about {need / 2**30:.1f} GiB ({est}) but {device} has "
-            f"{have / 2**30:.1f} GiB free",
-            "a batch that fits",
-            f"lower {mark_key('train.micro_batch_size')} (now {tcfg.micro_batch_size}) and raise "
-            f"{mark_key('train.grad_accum_steps')} to keep the batch, or lower "
-            f"{mark_key('model.block_size')}, or use {mark_key('train.dtype', 'bfloat16')} or "
-            f"{mark_key('train.strategy', 'fsdp')} on several GPUs",
-        )
+    require(
+        need,
+        device,
+        f"one training step ({est})",
+        f"lower {mark_key('train.micro_batch_size')} (now {tcfg.micro_batch_size}) and raise "
+        f"{mark_key('train.grad_accum_steps')} to keep the batch, or lower "
+        f"{mark_key('model.block_size')}, or use {mark_key('train.dtype', 'bfloat16')} or "
+        f"{mark_key('train.strategy', 'fsdp')} on several GPUs",
+        error=TrainingError,
+    )
     return str(est)
 
 
-def _free_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
+# what `gpt2lab train` writes in a run directory (the marker lists those it wrote)
+RUN_ENTRIES = ("config.toml", "tokenizer", "metrics.jsonl", "ckpt", "latest", "best")
+RUN_EXTRAS = ("tb", "curves.png", "data", "samples.txt", "demo.json")
+RUN_COMMANDS = ("train", "demo")  # commands whose run directories `train --resume` continues
+
+
+def claim_run_dir(
+    run_dir: str | Path,
+    inputs: list[Any] = (),
+    command: str = "train",  # type: ignore[assignment]
+) -> OutputDir:
+    """Take RUN_DIR for this process (lock, marker) or refuse: see gpt2lab.outdir."""
+    return claim_output_dir(
+        run_dir, command, inputs=inputs, adopt=adopt_legacy_run, compatible=RUN_COMMANDS
+    )
+
+
+def adopt_legacy_run(run_dir: Path) -> list[str] | None:
+    """A run directory an older gpt2lab (before markers) wrote: a `latest` pointer or complete
+    checkpoints whose state.json holds a config. Its usual entries are adopted; nothing else."""
+    found = native.list_checkpoints(run_dir)
+    if not found:
+        return None
+    try:
+        state = native.load_state(found[-1])
+    except CheckpointError:
+        return None
+    if not isinstance(state.get("config"), dict):
+        return None
+    names = [n for n in (*RUN_ENTRIES, *RUN_EXTRAS) if (run_dir / n).exists()]
+    return names + [p.name for p in run_dir.glob("*.png") if p.name not in names]
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to reuse a run directory silently: it needs resume or overwrite."""
     # a lone data/ is what `--data FILE` prepared a moment ago for this very run
-    used = run_dir.is_dir() and any(p.name != "data" for p in run_dir.iterdir())
+    used = run_dir.is_dir() and any(p.name not in ("data", *INFRA) for p in run_dir.iterdir())
     if used and not (resume or overwrite):
         raise ConfigError(
             f"run directory {run_dir} already exists and is not empty",
@@ -195,16 +221,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """overwrite: remove what an earlier run wrote (only our own files and folders)."""
-    for name in ("ckpt", "tokenizer", "tb", "latest", "best", "metrics.jsonl", "config.toml"):
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            os.unlink(p)
-    for png in run_dir.glob("*.png"):
-        png.unlink()
+def clear_run_dir(claim: OutputDir) -> None:
+    """overwrite: remove what an earlier run wrote there (what the marker lists) but the data
+    `--data FILE` prepared a moment ago for this run."""
+    claim.remove_ours(keep=("data",))
 
 
 def prepare_text(
@@ -219,6 +239,7 @@ def prepare_text(
             f"run `gpt2lab prepare {src} --out DIR` first and pass {mark_key('data', 'DIR')}",
         )
     prepare_run_dir(run_dir, resume=False, overwrite=overwrite)
+    claim = claim_run_dir(run_dir, [src])
     tok: Any = tokenizer or "gpt2"
     if init_from:
         if tokenizer:
@@ -235,7 +256,11 @@ def prepare_text(
                 f"prepare {src} yourself with `gpt2lab prepare` and pass {mark_key('data', 'DIR')}",
             )
     out = run_dir / "data"
-    prepare(str(src), out, tok, val_tail=0.1, force=True)
+    try:
+        claim.record("data")
+        prepare(str(src), out, tok, val_tail=0.1, force=True)
+    finally:
+        claim.release()
     return out
 
 

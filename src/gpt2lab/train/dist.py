@@ -47,6 +47,12 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank in the torchrun job (0 without torchrun): only rank 0 takes the run
+    directory's lock and writes its files."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_ddp(device_name: str = "auto") -> tuple[Dist, torch.device]:
     """Join the torchrun job if any (NCCL on GPUs, gloo on CPUs); pick this rank's device."""
     world = launched_world_size()

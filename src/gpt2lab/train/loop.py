@@ -26,9 +26,10 @@ import torch
 from gpt2lab.checkpoint import native
 from gpt2lab.config import Config, merge, to_dict, to_toml
 from gpt2lab.device import autocast, pick_dtype
-from gpt2lab.errors import TrainingError, mark_key
+from gpt2lab.errors import GPT2LabError, TrainingError, mark_key
 from gpt2lab.generate import PREVIEW_SAMPLING, generate
-from gpt2lab.io import atomic_write_text
+from gpt2lab.io import atomic_write_text, disk_full_reason, is_disk_full
+from gpt2lab.outdir import OutputDir
 from gpt2lab.train import build
 from gpt2lab.train.dist import (
     Dist,
@@ -128,10 +129,45 @@ def train(
         should_stop=should_stop,
     )
     world, device = setup_ddp(cfg.train.device)
+    run_dir = Path(run_dir)
+    claim = None
     try:
-        return Trainer(cfg, Path(run_dir), options, world, device, task).run()
+        claim = _claim(cfg, run_dir, world, device)
+        return Trainer(cfg, run_dir, options, world, device, task, claim).run()
+    except BaseException:
+        if claim is not None and claim.created and not native.list_checkpoints(run_dir):
+            claim.discard()  # a run that failed before its first checkpoint leaves no trace
+        raise
     finally:
+        if claim is not None:
+            claim.release()
         teardown()
+
+
+def _claim(cfg: Config, run_dir: Path, world: Dist, device: torch.device) -> OutputDir | None:
+    """Rank 0 takes RUN_DIR (lock, marker); every rank learns if it could, so none waits alone."""
+    claim, error = None, None
+    if world.is_main:
+        own_data = Path(cfg.data.dir) == run_dir / "data"  # what `--data FILE` prepared here
+        inputs = [cfg.train.init_from, None if own_data else cfg.data.dir]
+        try:
+            claim = build.claim_run_dir(run_dir, inputs)
+        except GPT2LabError as e:
+            error = e
+    if world.enabled:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+        failed = all_reduce_sum(flag, world).item() > 0
+        if failed and error is None:
+            if claim is not None:
+                claim.release()
+            raise TrainingError(
+                f"rank 0 could not take the run directory {run_dir}",
+                None,
+                "see rank 0's error above",
+            )
+    if error is not None:
+        raise error
+    return claim
 
 
 class Trainer:
@@ -145,9 +181,15 @@ class Trainer:
         world: Dist | None = None,
         device: torch.device | None = None,
         task: Task | None = None,
+        claim: OutputDir | None = None,
     ) -> None:
-        """Check everything, then build the run (on `device`, CPU by default; one process)."""
+        """Check everything, then build the run (on `device`, CPU by default; one process).
+
+        `claim` is RUN_DIR taken by `train()` (rank 0); without it rank 0 takes it here."""
         options, world = options or TrainOptions(), world or Dist()
+        if claim is None and world.is_main:
+            claim = build.claim_run_dir(run_dir, [cfg.train.init_from])
+        self.claim = claim
         device = device or torch.device("cpu")
         self.world, self.device, self.run_dir, self.options = world, device, run_dir, options
         self.task = task = task or PretrainTask()
@@ -202,9 +244,14 @@ class Trainer:
         self.t0 = time.perf_counter()  # run() resets it; the wall-clock budget counts from here
 
     def _write_run_dir(self, clear: bool) -> None:
+        assert self.claim is not None
         if clear:
-            build.clear_run_dir(self.run_dir)
+            build.clear_run_dir(self.claim)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in build.RUN_ENTRIES:  # refused if one exists that gpt2lab did not write
+            self.claim.claim_file(name)
+        if self.cfg.train.tensorboard:
+            self.claim.claim_file("tb")
         atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
         if not (self.run_dir / "tokenizer").is_dir():
             self.tok.save(str(self.run_dir / "tokenizer"))
@@ -213,7 +260,31 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> TrainSummary:
-        """Step until max_steps, the budget, a stop request or a hook; checkpoint; summarize."""
+        """Step until max_steps, the budget, a stop request or a hook; checkpoint; summarize.
+
+        A full disk (or a file-size limit) is one TrainingError saying what was being written,
+        the free space, and which complete checkpoint a resume continues from."""
+        self.writing = "the run directory"
+        try:
+            return self._run()
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            last = native.find_latest(self.run_dir)
+            kept = (
+                f"the last complete checkpoint, {last}, is intact and resumable"
+                if last is not None
+                else "no checkpoint was complete yet"
+            )
+            raise TrainingError(
+                f"writing {self.writing} in {self.run_dir} stopped: "
+                f"{disk_full_reason(e, self.run_dir / 'x')}; {kept}",
+                "room for checkpoints and metrics",
+                f"free some space (or raise the limit), then continue with "
+                f"`gpt2lab train --out {self.run_dir} --resume`",
+            ) from e
+
+    def _run(self) -> TrainSummary:
         tc = self.cfg.train
         self.emit(self.start_event())
         if self.state.step >= tc.max_steps:
@@ -244,11 +315,13 @@ class Trainer:
                     self.emit(SampleEvent(step, tc.sample_prompt, self.sample()))
             if self.epochs is not None:
                 self.count_epoch_loss(step, loss, row)
+            self.writing = "metrics.jsonl"
             if self.report(step, row, evaluated) and stopped_by is None:
                 stopped_by = "hook"
             if self.epochs is not None and self.epochs.ends_epoch(step):
                 self.finish_epoch(step, val if evaluated else None)
             if self.should_checkpoint(step, stopped_by):
+                self.writing = f"the checkpoint of step {step}"
                 checkpoint = self.save(val if evaluated else None)
             if stopped_by is not None:
                 break

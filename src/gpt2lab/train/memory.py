@@ -1,7 +1,7 @@
 """What one training step costs: its FLOPs per token (for MFU) and its peak memory, by kind.
 
-Both read only the model's config and parameter count, so they work on a meta-device model
-(nothing allocated) before a run commits to a batch size.
+Both read only the model's config and parameter count: given a GPTConfig they compute it
+(`budget.param_count`) without building anything, before a run commits to a batch size.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2lab.budget import param_count
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import ConfigError, mark_key
 from gpt2lab.model import GPT
@@ -46,10 +47,10 @@ def flops_per_token(model: GPT | GPTConfig, seq_len: int | None = None) -> int:
 
     N leaves out the position table (a lookup, not a matmul) and the vocabulary padding.
     """
-    model = _as_model(model)
-    cfg = model.config
+    cfg = model if isinstance(model, GPTConfig) else model.config
     T = seq_len or cfg.block_size
-    n = model.num_params() - model.transformer.wpe.weight.numel()
+    pad_rows = cfg.padded_vocab_size - cfg.vocab_size
+    n = _num_params(model) - pad_rows * cfg.n_embd - cfg.block_size * cfg.n_embd
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * T
 
 
@@ -73,13 +74,12 @@ def estimate_memory(
     `logits`, a part of `activations`, is the float32 logits the caller holds and their
     gradient. tests/train/test_memory.py holds this to what autograd really saves.
     """
-    model = _as_model(model)
-    cfg = model.config
+    cfg = model if isinstance(model, GPTConfig) else model.config
     T = seq or cfg.block_size
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     w = torch.empty((), dtype=dtype).element_size()
-    n = sum(p.numel() for p in model.parameters())
+    n = _num_params(model)
     if optimizer not in _OPTIMIZER_STATES:
         raise ConfigError(
             f"unknown optimizer {optimizer!r}",
@@ -101,9 +101,8 @@ def estimate_memory(
     return MemoryEstimate(4 * n, 4 * n, 4 * n * states, acts + logits, logits)
 
 
-def _as_model(model: GPT | GPTConfig) -> GPT:
-    """The model itself, or for a config a meta-device one (shapes only, nothing allocated)."""
+def _num_params(model: GPT | GPTConfig) -> int:
+    """Parameters as allocated (padding rows included): counted, or for a config computed."""
     if isinstance(model, GPTConfig):
-        with torch.device("meta"):
-            return GPT(model)
-    return model
+        return param_count(model)
+    return sum(p.numel() for p in model.parameters())
