@@ -125,22 +125,6 @@ metric_list:
     assert scores[0] == pytest.approx(scores[1], abs=1e-4)
 
 
-def make_run_dir(root: Path, model: GPT, tokenizer) -> Path:
-    """A run directory as training leaves it: tokenizer/, ckpt/step_*/ with state.json, latest."""
-    from gpt2lab.checkpoint.weights import save_model_safetensors
-    from gpt2lab.config import Config, to_dict
-
-    tokenizer.save(root / "tokenizer")
-    ckpt = root / "ckpt" / "step_00000001"
-    ckpt.mkdir(parents=True)
-    save_model_safetensors(model, ckpt / "model.safetensors")
-    torch.save({}, ckpt / "optimizer.pt")
-    state = {"step": 1, "config": to_dict(Config(model=model.config)), "tokenizer": "tokenizer"}
-    (ckpt / "state.json").write_text(json.dumps(state))
-    (root / "latest").write_text("ckpt/step_00000001\n")
-    return root
-
-
 REPO = Path(__file__).resolve().parents[2]
 PTH = "gpt2lab-lm-eval-plugins.pth"
 
@@ -200,7 +184,7 @@ def run_lm_eval(args: list[str], out: Path, site: Path | None) -> list[dict]:
 
 
 @pytest.mark.parametrize("how", ["installed", "site"])
-def test_the_lm_eval_command_scores_a_run_directory_like_hf(how, plugin_site, tmp_path):
+def test_the_lm_eval_command_scores_a_run_directory_like_hf(how, plugin_site, write_run, tmp_path):
     """`lm_eval --model gpt2lab --model_args path=RUN_DIR` (lm-eval's own command line) scores a
     local YAML task over JSONL like `lm_eval --model hf` on the Hugging Face export of the same
     weights, within 1e-4 per request."""
@@ -208,7 +192,7 @@ def test_the_lm_eval_command_scores_a_run_directory_like_hf(how, plugin_site, tm
         pytest.skip(f"this environment's gpt2lab predates {PTH}: pip install -e . again")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).eval()
-    run = make_run_dir(tmp_path / "run", model, get_tokenizer("gpt2"))
+    run = write_run(tmp_path / "run", model, get_tokenizer("gpt2"))
     save_hf(model, tmp_path / "hf")
     tasks_dir = tmp_path / "tasks"
     tasks_dir.mkdir()
