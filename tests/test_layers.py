@@ -31,6 +31,7 @@ LAYERS = {
     "train": 4,
     "eval": 4,
     "inspect": 4,
+    "posttrain": 4,
     "demo": 5,
     "plot": 5,
     "commands": 5,
@@ -51,6 +52,7 @@ LAZY_OK = {
     "huggingface_hub",
     "pyarrow",
     "tokenizers",
+    "jinja2",  # chat templates read from Hugging Face directories, rendered sandboxed
     "gguf",  # optional: llama.cpp's file writer, for `gpt2lab convert ... model.gguf` only
 }
 

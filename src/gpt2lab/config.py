@@ -176,6 +176,55 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning (`gpt2lab sft`, docs/post_training.md): data, template, packing."""
+
+    data: str = ""  # JSONL/Parquet file or dataset name: prompt/completion or messages records
+    val_data: str = ""  # held-out records; "" holds out val_fraction of `data`
+    val_fraction: float = 0.05  # share of `data` held out when no val_data is given
+    template: str = "auto"  # chat template: auto (the model's, else plain), chat, plain, or a file
+    packing: bool = False  # pack short examples into full blocks (block-diagonal attention)
+    max_length: int = 0  # tokens per example, 0 = model.block_size; longer prompts lose their start
+    errors: Literal["raise", "skip"] = "raise"  # a bad record stops the run, or is counted
+
+    def __post_init__(self) -> None:
+        _check_fraction("sft", self.val_fraction)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation (`gpt2lab dpo`, Rafailov et al. 2023)."""
+
+    data: str = ""  # preference pairs: {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}
+    val_data: str = ""  # held-out pairs; "" holds out val_fraction of `data`
+    val_fraction: float = 0.05
+    template: str = "auto"  # chat template: auto (the model's, else plain), chat, plain, or a file
+    beta: float = 0.1  # strength of the KL penalty towards the reference model
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO, IPO (Azar et al.), hinge (SLiC)
+    cache_reference: bool = True  # reference log-probs computed once into RUN_DIR/reference/
+    max_length: int = 0  # tokens per prompt + reply, 0 = model.block_size
+    errors: Literal["raise", "skip"] = "raise"
+
+    def __post_init__(self) -> None:
+        _check_fraction("dpo", self.val_fraction)
+        if not self.beta > 0:
+            raise ConfigError(
+                f"dpo.beta={self.beta} is not positive",
+                "a number > 0",
+                f"e.g. {mark_key('dpo.beta', 0.1)}",
+            )
+
+
+def _check_fraction(section: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(
+            f"{section}.val_fraction={value} is out of range",
+            "0 <= val_fraction < 1",
+            f"e.g. {mark_key(section + '.val_fraction', 0.05)}",
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     """Every section together: what a run directory records and what overrides address."""
 
@@ -184,6 +233,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 # Model shapes from the paper's Table 2 (n_layer, n_embd); n_head from the released checkpoints.
@@ -278,6 +329,34 @@ PRESETS["demo"] = {
         max_minutes=5.0,
     ),
 }
+# `gpt2lab sft` / `gpt2lab dpo` start from these unless given --preset: a short, gentle run from
+# a pretrained model (SFT: Ouyang et al. 2022 fine-tune at ~1e-5 for 124M-1.3B models; DPO:
+# Rafailov et al. 2023 use 1e-6 with beta 0.1, dpo.beta's default; both with a short warmup).
+PRESETS["sft"] = {
+    "train": dict(
+        max_steps=1000,
+        micro_batch_size=8,
+        lr=2e-5,
+        min_lr=2e-6,
+        warmup_steps=20,
+        eval_interval=100,
+        eval_steps=20,
+        checkpoint_interval=200,
+    )
+}
+PRESETS["dpo"] = {
+    "train": dict(
+        max_steps=500,
+        micro_batch_size=4,
+        lr=1e-6,
+        min_lr=1e-7,
+        warmup_steps=20,
+        weight_decay=0.0,
+        eval_interval=50,
+        eval_steps=20,
+        checkpoint_interval=100,
+    )
+}
 # TinyStories on a laptop CPU: like the demo, the clock ends the run and the LR follows it.
 PRESETS["tinystories"]["train"] = dict(
     max_steps=10**9,
@@ -325,6 +404,8 @@ PRESET_SOURCES: dict[str, str] = {
     "gpt2-10m": "gpt2lab: GPT-2's vocabulary at ~10M parameters, for CPUs",
     "finetune": "gpt2lab: a gentle fine-tuning recipe for --init-from (small LR, short run)",
     "demo": "gpt2lab demo: a 5-minute character model (README.md, 'The demo's recipe')",
+    "sft": "gpt2lab sft's defaults: a gentle fine-tuning run (docs/post_training.md)",
+    "dpo": "gpt2lab dpo's defaults: lr 1e-6 and beta 0.1 as Rafailov et al. 2023 (sec. 6)",
     "pile-10k": (
         "recipe 'pile-10k 6x256' (docs/recipes.md): 6 layers, n_embd 256, context 1024; the recipe "
         "asks for 6 heads, which do not divide 256, so 8 heads of 32 (n_embd kept); 17.9M "
