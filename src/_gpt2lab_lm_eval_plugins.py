@@ -14,11 +14,7 @@ Standard library only: this runs in every Python process of the environment.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.metadata
-import importlib.util
 import sys
-import warnings
 
 GROUP = "lm_eval.models"
 TARGET = "lm_eval.models"
@@ -26,6 +22,8 @@ TARGET = "lm_eval.models"
 
 def register_entry_points() -> list[str]:
     """Add each `lm_eval.models` entry point to lm-eval's model registry; returns their names."""
+    import importlib.metadata
+
     from lm_eval.api.registry import model_registry
 
     added = []
@@ -38,37 +36,49 @@ def register_entry_points() -> list[str]:
     return added
 
 
-class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds nothing itself: it wraps the loader of `lm_eval.models` to register afterwards."""
-
-    def __init__(self) -> None:
-        self._spec = None
+class _AfterImport:
+    """A meta path finder that finds nothing itself: for `lm_eval.models` it asks the finders
+    after it and wraps the loader they give, to register the entry points once the module ran.
+    (No importlib.abc base classes: importing those costs every Python start ~15 ms.)"""
 
     def find_spec(self, name, path=None, target=None):
-        if name != TARGET or self._spec is not None:
+        if name != TARGET:
             return None
-        sys.meta_path.remove(self)  # one time only, and out of the way of the real lookup
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
+        sys.meta_path.remove(self)  # one time only
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                break
+        else:
             return None
-        self._spec = spec
-        spec.loader, self._loader = self, spec.loader
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _RegisterAfter(spec.loader)
         return spec
 
+
+class _RegisterAfter:
+    """The real loader of `lm_eval.models`, then `register_entry_points()`."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
     def create_module(self, spec):
-        return self._loader.create_module(spec)
+        return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        module.__loader__ = module.__spec__.loader = self._loader  # as if never wrapped
+        self.loader.exec_module(module)
+        module.__loader__ = module.__spec__.loader = self.loader  # as if never wrapped
         try:
             register_entry_points()
         except Exception as exc:  # a plugin problem must not break lm-eval itself
+            import warnings
+
             warnings.warn(f"lm_eval.models entry points not registered: {exc}", stacklevel=2)
 
 
 def install() -> None:
-    if TARGET in sys.modules:  # already imported (e.g. this module imported late): add now
+    if TARGET in sys.modules:  # already imported (this module imported late): add them now
         register_entry_points()
     elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
