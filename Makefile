@@ -33,9 +33,12 @@ demo: $(VENV)/.installed-base
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# our exports run by other runtimes; llama-cpp-python compiles llama.cpp (minutes) on install
+# our exports run by other runtimes; llama-cpp-python compiles llama.cpp (minutes) on install.
+# For x86-64 it is built for AVX2 (docs/convert.md): built with GGML_NATIVE on an AVX512 CPU,
+# llama-cpp-python 0.3.36 segfaulted on every q8_0 file. Elsewhere: make test-interop LLAMA_CMAKE_ARGS=
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
 test-interop: $(VENV)/.installed-dev
-	$(PIP) -e ".[interop]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) -e ".[interop]"
 	$(PY) -m pytest -m interop $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev

@@ -3,7 +3,8 @@
 The 124M shape with random weights, a 16-token prompt, 256 new tokens, batch 1 and 8, float32 and
 bfloat16, and the memory-bandwidth limit (weight bytes read per step against measured bandwidth).
 With llama-cpp-python installed, llama.cpp runs the same weights from our GGUF files (f16, bf16,
-q8_0) at batch 1, beside gpt2lab at the matching precision (bfloat16 for q8_0, which has no twin).
+q8_0) at batch 1, beside gpt2lab at the matching precision (q8_0: gpt2lab's int8 weights where
+this gpt2lab has `gpt2lab.quantize`, else bfloat16).
 
     .venv/bin/python bench/sample.py            # full run (several minutes on 2 cores)
     .venv/bin/python bench/sample.py --quick    # a short run that checks everything works
@@ -28,7 +29,7 @@ from gpt2lab.generate import generate
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import get_tokenizer
 
-# GGUF type -> gpt2lab's dtype at the same precision (q8_0 has no twin: the nearest 16-bit one)
+# GGUF type -> gpt2lab's dtype at the same precision (q8_0: int8 weights, see gpt2lab_twin)
 GGUF_TWINS = {"f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.bfloat16}
 
 
@@ -77,6 +78,18 @@ def time_alternating(a, b, repeats: int) -> tuple[float, float]:
     return statistics.median(ta), statistics.median(tb)
 
 
+def gpt2lab_twin(base: GPT, outtype: str, dtype: torch.dtype) -> tuple[GPT, str]:
+    """gpt2lab with `base`'s weights at the GGUF type's precision, and its name: q8_0 (8-bit
+    weights, a scale per block of 32) beside gpt2lab's int8 (a scale per row) when available."""
+    ours = GPT(base.config).eval()
+    ours.load_state_dict(base.state_dict())
+    if outtype == "q8_0" and importlib.util.find_spec("gpt2lab.quantize") is not None:
+        from gpt2lab.quantize import quantize
+
+        return quantize(ours, "int8"), "int8"
+    return ours.to(dtype), str(dtype).removeprefix("torch.")
+
+
 def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None:
     """Batch-1 greedy tokens/s of llama.cpp on our GGUF files beside gpt2lab, printed as rows."""
     import llama_cpp
@@ -99,14 +112,11 @@ def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None
                     if i + 1 == new:
                         break
 
-            ours = GPT(base.config).eval()
-            ours.load_state_dict(base.state_dict())
-            ours.to(dtype)
+            ours, name = gpt2lab_twin(base, outtype, dtype)
             run_ours = functools.partial(generate, ours, idx, new, temperature=0)
             with torch.inference_mode():
                 run_ours(), run_llama()  # warm-up
                 t_ours, t_llama = time_alternating(run_ours, run_llama, repeats)
-            name = str(dtype).removeprefix("torch.")
             print(
                 f"{outtype:<9} {1:>5} {new / t_llama:>15.1f} {new / t_ours:>8.1f} "
                 f"{t_ours / t_llama:>5.2f}x   (gpt2lab at {name})"

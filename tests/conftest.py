@@ -29,3 +29,28 @@ def tiny_cfg():
     from gpt2lab.config import GPTConfig
 
     return GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(scope="session")
+def write_run():
+    """`write_run(root, model, tokenizer)`: a run directory as training leaves it (tokenizer/,
+    ckpt/step_00000001/ with model.safetensors, optimizer.pt and state.json, latest)."""
+    import json
+
+    import torch
+
+    from gpt2lab.checkpoint.weights import save_model_safetensors
+    from gpt2lab.config import Config, to_dict
+
+    def write(root: Path, model, tokenizer) -> Path:
+        tokenizer.save(root / "tokenizer")
+        ckpt = root / "ckpt" / "step_00000001"
+        ckpt.mkdir(parents=True)
+        save_model_safetensors(model, ckpt / "model.safetensors")
+        torch.save({}, ckpt / "optimizer.pt")
+        state = {"step": 1, "config": to_dict(Config(model=model.config)), "tokenizer": "tokenizer"}
+        (ckpt / "state.json").write_text(json.dumps(state))
+        (root / "latest").write_text("ckpt/step_00000001\n")
+        return root
+
+    return write

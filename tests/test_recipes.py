@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gpt2lab import cli
+from gpt2lab.checkpoint.load import load_model
 from gpt2lab.data import catalog
 from test_readme import FENCE, commands, tiny, workdir  # noqa: F401 - workdir is a fixture
 
@@ -98,3 +99,8 @@ def test_recipe_runs(name, body, recipe_dir, monkeypatch, capsys):
                 (recipe_dir / args[args.index("--out") + 1] / "meta.json").read_text()
             )
             assert meta["source"]["field"] == "text"
+        data = recipe_dir / args[args.index("--data") + 1] if "--data" in args else recipe_dir
+        if "--init-from" in args and (data / "meta.json").is_file():  # GPT-2 grows for new ids
+            vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+            model, tok = load_model(recipe_dir / args[args.index("--out") + 1])
+            assert tok.n_vocab == vocab > 50257 and model.config.vocab_size >= vocab

@@ -136,3 +136,22 @@ def test_added_special_tokens_are_control_tokens(tmp_path):
     for name, i in tok.special_tokens.items():
         assert tokens[i] == name and types[i] == gguf.TokenType.CONTROL
     assert sum(t == gguf.TokenType.CONTROL for t in types) == 3
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_partial_one(
+    model, tokenizer, tmp_path, monkeypatch
+):
+    """Ctrl-C after the header and metadata are on disk: the destination still holds the
+    previous complete file, and nothing else is left in the directory."""
+    path = tmp_path / "m.gguf"
+    save_gguf(model, path, tokenizer=tokenizer, outtype="f16")
+    before = path.read_bytes()
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_gguf(model, path, tokenizer=tokenizer, outtype="f32")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

@@ -4,6 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -68,10 +73,22 @@ def test_rolling_loglikelihoods_equal(backends):
 
 
 def test_generate_until_equals_hf_greedy(backends):
+    """Batched (3 a batch, left-padded prompts of different lengths, two `until` groups) and
+    one at a time, our continuations equal lm-eval's hf backend's."""
     ours, theirs = backends
-    args = [("The cat sat", {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False})]
+    greedy = {"max_gen_toks": 12, "do_sample": False}
+    args = [
+        ("The cat sat", {"until": ["\n\n"], **greedy}),
+        ("To be, or not to be, that is", {"until": ["\n\n"], **greedy}),
+        ("A", {"until": ["\n\n"], **greedy}),
+        ("Once upon a time there", {"until": ["\n\n"], **greedy}),
+        ("Hello", {"until": ["e", "a"], **{**greedy, "max_gen_toks": 20}}),
+    ]
     reqs = instances("generate_until", args)
-    assert ours.generate_until(reqs) == theirs.generate_until(reqs)
+    want = theirs.generate_until(reqs)
+    assert ours.generate_until(reqs) == want
+    assert [ours.generate_until([r])[0] for r in reqs] == want
+    assert len(set(want)) > 1 and all("\n\n" not in w for w in want)
 
 
 def test_a_local_yaml_task_scores_the_same_through_simple_evaluate(backends, tmp_path):
@@ -106,6 +123,110 @@ metric_list:
         scores.append([s["resps"][0][0][0] for s in samples])
     assert len(scores[0]) == len(PAIRS) - 1
     assert scores[0] == pytest.approx(scores[1], abs=1e-4)
+
+
+REPO = Path(__file__).resolve().parents[2]
+PTH = "gpt2lab-lm-eval-plugins.pth"
+
+
+def _installed_hook() -> bool:
+    """Whether this environment's gpt2lab install put its lm-eval hook in site-packages."""
+    return (Path(sysconfig.get_paths()["purelib"]) / PTH).is_file()
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory):
+    """A site directory with what installing gpt2lab puts beside it for lm-eval: the .pth file of
+    src/ and the `lm_eval.models` entry points that pyproject.toml declares (for an environment
+    where gpt2lab was installed before it had them)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    site = tmp_path_factory.mktemp("site")
+    shutil.copy(REPO / "src" / PTH, site)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    points = project["entry-points"]["lm_eval.models"]
+    info = site / "gpt2lab_from_source-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gpt2lab-from-source\nVersion: 0\n")
+    lines = "".join(f"{name} = {value}\n" for name, value in points.items())
+    (info / "entry_points.txt").write_text("[lm_eval.models]\n" + lines)
+    return site
+
+
+def run_lm_eval(args: list[str], out: Path, site: Path | None) -> list[dict]:
+    """The real `lm_eval` command; with `site`, its CLI after `site.addsitedir(site)` (the way
+    Python reads site-packages' .pth files at start). Returns the task's logged samples."""
+    path = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if site is None:
+        cmd = [str(Path(sys.executable).with_name("lm_eval"))]
+    else:
+        boot = (
+            "import site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'lm_eval'; "
+            "from lm_eval.__main__ import cli_evaluate; cli_evaluate()"
+        )
+        cmd = [sys.executable, "-c", boot, str(site)]
+    done = subprocess.run(
+        [*cmd, *args, "--output_path", str(out), "--log_samples"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (samples,) = out.rglob("samples_*.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    return sorted(rows, key=lambda r: r["doc_id"])
+
+
+@pytest.mark.parametrize("how", ["installed", "site"])
+def test_the_lm_eval_command_scores_a_run_directory_like_hf(how, plugin_site, write_run, tmp_path):
+    """`lm_eval --model gpt2lab --model_args path=RUN_DIR` (lm-eval's own command line) scores a
+    local YAML task over JSONL like `lm_eval --model hf` on the Hugging Face export of the same
+    weights, within 1e-4 per request."""
+    if how == "installed" and not _installed_hook():
+        pytest.skip(f"this environment's gpt2lab predates {PTH}: pip install -e . again")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)).eval()
+    run = write_run(tmp_path / "run", model, get_tokenizer("gpt2"))
+    save_hf(model, tmp_path / "hf")
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    data = tasks_dir / "pairs.jsonl"
+    pairs = [(c, t) for c, t in PAIRS if c]
+    data.write_text("".join(json.dumps({"context": c, "continuation": t}) + "\n" for c, t in pairs))
+    task = {
+        "task": "gpt2lab_cli",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "loglikelihood",
+        "doc_to_text": "{{context}}",
+        "doc_to_target": "{{continuation}}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc"}],
+    }
+    (tasks_dir / "task.yaml").write_text(yaml.safe_dump(task))
+    common = ["--tasks", "gpt2lab_cli", "--include_path", str(tasks_dir), "--batch_size", "2"]
+    site = plugin_site if how == "site" else None
+    ours = run_lm_eval(
+        ["--model", "gpt2lab", "--model_args", f"path={run}", *common], tmp_path / "ours", site
+    )
+    hf_args = f"pretrained={tmp_path / 'hf'},dtype=float32"
+    theirs = run_lm_eval(
+        ["--model", "hf", "--model_args", hf_args, "--device", "cpu", *common],
+        tmp_path / "hf_out",
+        site,
+    )
+    assert len(ours) == len(theirs) == len(pairs)
+    for a, b in zip(ours, theirs):
+        (lp, greedy), (lp_hf, greedy_hf) = a["resps"][0][0], b["resps"][0][0]
+        assert lp == pytest.approx(lp_hf, abs=1e-4) and greedy == greedy_hf
+    assert ours[0]["resps"][0][0][0] != pytest.approx(ours[1]["resps"][0][0][0], abs=1e-3)
 
 
 def _passages(tiny_shakespeare, lines_per_passage):

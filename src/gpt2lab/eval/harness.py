@@ -1,9 +1,11 @@
 """An lm-evaluation-harness backend: `lm_eval` scores gpt2lab run directories directly.
 
-Importing this module registers the model name `gpt2lab` with lm-eval (`lm_eval.api.registry`), so
-`lm_eval.simple_evaluate(model="gpt2lab", model_args="path=runs/sc", tasks=[...])` works once it is
-imported. Scoring follows lm-eval's Hugging Face backend: the same context/continuation split
-(lm-eval's TemplateLM), windows of at most block_size tokens, rolling windows for perplexity.
+`lm_eval --model gpt2lab --model_args path=runs/sc --tasks ...` finds it through the entry point
+`gpt2lab` of the group `lm_eval.models` (pyproject.toml), which `_gpt2lab_lm_eval_plugins` adds to
+lm-eval's registry (lm-eval reads no entry points itself). Importing this module registers the name
+as well, so `lm_eval.simple_evaluate(model="gpt2lab", ...)` works either way. Scoring follows
+lm-eval's Hugging Face backend: the same context/continuation split (lm-eval's TemplateLM), windows
+of at most block_size tokens, rolling windows for perplexity.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from gpt2lab.checkpoint.load import load_model
+from gpt2lab.device import pick_device
 from gpt2lab.errors import CheckpointError
-from gpt2lab.generate import generate
+from gpt2lab.generate import complete
 
 
 @register_model("gpt2lab")
@@ -29,13 +32,18 @@ class GPT2LabLM(TemplateLM):
         self,
         path: str,
         batch_size: int | str = 8,
-        device: str = "cpu",
+        device: str | None = "auto",
         dtype: str | None = None,
         max_gen_toks: int = 256,
         **_: Any,
     ) -> None:
         super().__init__()
-        self.model, self.tokenizer = load_model(path, device=device, dtype=dtype)
+        # lm_eval's command line asks for cuda:0 unless told; like its hf backend, a machine
+        # without CUDA then runs on what it has
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "auto"
+        self._device = pick_device(str(device))
+        self.model, self.tokenizer = load_model(path, device=self._device, dtype=dtype)
         if self.tokenizer is None:
             raise CheckpointError(
                 f"{path} has no tokenizer",
@@ -43,7 +51,6 @@ class GPT2LabLM(TemplateLM):
                 "use a run directory",
             )
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
-        self._device = torch.device(device)
         self.max_length = self.model.config.block_size
         self.max_gen_toks = int(max_gen_toks)
 
@@ -102,23 +109,23 @@ class GPT2LabLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for context, gen_kwargs in (req.args for req in requests):
+        """Greedy continuations, batch_size prompts at a time (left-padded, one KV cache), each cut
+        at <|endoftext|> or before the first of its `until` strings, as lm-eval's hf backend."""
+        groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+        for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
             until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            ids = (
-                self.tok_encode(context)[-(self.max_length - new) :]
-                if new < self.max_length
-                else []
-            )
-            prompt = torch.tensor([ids or [self.eot_token_id]], device=self._device)
-            tokens = generate(self.model, prompt, new, temperature=0.0)[0, prompt.shape[1] :]
-            tokens = tokens.tolist()
-            if self.eot_token_id in tokens:
-                tokens = tokens[: tokens.index(self.eot_token_id)]
-            text = self.tok_decode(tokens)
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
+            keep = self.max_length - new  # the context's latest tokens that leave room for `new`
+            ids = self.tok_encode(context)[-keep:] if keep > 0 else []
+            groups.setdefault((until, new), []).append((i, ids or [self.eot_token_id]))
+        out = [""] * len(requests)
+        for (until, new), rows in groups.items():
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                done = complete(
+                    self.model, self.tokenizer, [ids for _, ids in chunk], new, 0.0, stop=until
+                )
+                for (i, _), completion in zip(chunk, done):
+                    out[i] = completion.text
         return out
