@@ -31,9 +31,11 @@ LAYERS = {
     "train": 4,
     "eval": 4,
     "inspect": 4,
+    "batching": 4,
     "demo": 5,
     "plot": 5,
     "commands": 5,
+    "serve": 5,
     "cli": 5,
     "__main__": 5,
     "__init__": 5,  # the package root: the public API binds the stages' conveniences to GPT
@@ -52,6 +54,8 @@ LAZY_OK = {
     "pyarrow",
     "tokenizers",
     "gguf",  # optional: llama.cpp's file writer, for `gpt2lab convert ... model.gguf` only
+    "starlette",  # optional (the serve extra): `gpt2lab serve`'s web framework
+    "uvicorn",  # optional (the serve extra): `gpt2lab serve`'s ASGI server
 }
 
 APP = {name for name, layer in LAYERS.items() if layer == len(LAYER_NAMES) - 1}

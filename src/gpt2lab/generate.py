@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from gpt2lab.config import SampleConfig
-from gpt2lab.kernels.cpu_decode import decode_kernels
+from gpt2lab.kernels.cpu_decode import DecodeKernels, decode_kernels
 from gpt2lab.model import KVCache
 
 # The settings of the short previews shown while training and after the demo.
@@ -346,7 +347,6 @@ class _CachedRunner:
         self.mask: Tensor | None = None  # (B, max_len) real-token mask of what the cache holds
         self.next_pos: Tensor | None = None  # (B, 1) position of each row's next token
         self.kernels = decode_kernels(model, batch) if kernels else None
-        self.last_only = "last_only" in inspect.signature(model.forward).parameters
 
     def full(self) -> bool:
         return self.cache is not None and self.cache.pos >= self.max_len
@@ -375,14 +375,35 @@ class _CachedRunner:
         return self._forward(ids, self.mask[:, : p + 1], pos)
 
     def _forward(self, ids: Tensor, mask: Tensor | None, pos: Tensor | None) -> Tensor:
-        kw = {"last_only": True} if self.last_only else {}
-        kernels = self.kernels.applied() if self.kernels else contextlib.nullcontext()
-        # no_grad here, not around the loop: a generator must not leak grad mode
-        with torch.no_grad(), kernels:
-            logits, _ = self.model(
-                ids, cache=self.cache, attention_mask=mask, position_ids=pos, **kw
-            )
-        return logits[:, -1, :]
+        return cached_forward(self.model, ids, self.cache, mask, pos, self.kernels)[:, -1, :]
+
+
+def cached_forward(
+    model: torch.nn.Module,
+    ids: Tensor,
+    cache: KVCache,
+    mask: Tensor | None = None,
+    positions: Tensor | None = None,
+    kernels: DecodeKernels | None = None,
+    keep: int = 1,
+) -> Tensor:
+    """Feed `ids` (B, T) after what `cache` holds; the logits of the last `keep` positions
+    (B, keep, V). `mask` (B, cached + T) marks real tokens, `positions` (B, T) their positions;
+    `kernels` (from `decode_kernels`) run the linear layers packed for a CPU."""
+    params = _forward_parameters(type(model))
+    kw = {"logits_to_keep": keep} if "logits_to_keep" in params else {}
+    if keep == 1 and "last_only" in params:
+        kw = {"last_only": True}
+    applied = kernels.applied() if kernels else contextlib.nullcontext()
+    # no_grad here, not around a loop: a generator must not leak grad mode
+    with torch.no_grad(), applied:
+        logits, _ = model(ids, cache=cache, attention_mask=mask, position_ids=positions, **kw)
+    return logits[:, -keep:, :]
+
+
+@functools.cache
+def _forward_parameters(model_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_type.forward).parameters)
 
 
 @dataclass

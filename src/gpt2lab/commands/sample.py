@@ -35,7 +35,9 @@ gpt2lab sample --model runs/sc --interactive
 _DEFAULTS = SampleConfig()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--model and the precision options (--device, --dtype), read by `sample_config` and
+    `load_model_for`; `gpt2lab serve` takes the same ones. Returns the precision group."""
     p.add_argument(
         "--model",
         required=True,
@@ -43,6 +45,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a gpt2lab run or checkpoint directory, a Hugging Face GPT-2 directory, or a hub "
         "name already in the local cache (gpt2); its tokenizer comes with it",
     )
+    g = p.add_argument_group("model precision")
+    g.add_argument("--device", metavar="DEVICE", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and compute dtype. auto (default): bfloat16 on GPUs and on "
+        "CPUs with native bfloat16 (AVX512-BF16/AMX: half the bytes to read per token), else "
+        "float32; --dtype float32 for exact results",
+    )
+    return g
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     g = p.add_argument_group("prompts (none: start from <|endoftext|>)")
     g.add_argument(
         "-p",
@@ -137,14 +153,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"samples generated together (default {_DEFAULTS.batch_size})",
     )
-    g.add_argument("--device", metavar="DEVICE", help="auto (default), cpu, cuda, cuda:N or mps")
-    g.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and compute dtype. auto (default): bfloat16 on GPUs and on "
-        "CPUs with native bfloat16 (AVX512-BF16/AMX: half the bytes to read per token), else "
-        "float32; --dtype float32 for exact results",
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,7 +184,8 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
     flags = {
         f"sample.{f.name}": getattr(args, f.name, None) for f in dataclasses.fields(SampleConfig)
     }
-    flags["sample.stop"] = tuple(args.stop) if args.stop else None
+    stop = getattr(args, "stop", None)  # `gpt2lab serve` shares this without --stop
+    flags["sample.stop"] = tuple(stop) if stop else None
     return config.resolve(
         config_file=toml if toml.is_file() else None, flags=flags, sections=["sample"]
     ).sample

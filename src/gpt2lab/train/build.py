@@ -28,6 +28,7 @@ from gpt2lab.config import (
 )
 from gpt2lab.data import load_data_tokenizer, load_meta, prepare
 from gpt2lab.data.loader import BatchLoader
+from gpt2lab.device import free_memory
 from gpt2lab.errors import ConfigError, DataError, TokenizerError, TrainingError, mark_key
 from gpt2lab.model import GPT
 from gpt2lab.train.dist import Dist, launched_world_size, load_optimizer_state, wrap
@@ -151,7 +152,7 @@ def check_memory(
     need = est.total
     if tcfg.strategy == "fsdp" and world > 1:  # weights, grads and optimizer state are sharded
         need = (est.params + est.grads + est.optimizer) // world + est.activations
-    have = _free_memory(device)
+    have = free_memory(device)
     if have is not None and need > have:
         raise TrainingError(
             f"one training step needs about {need / 2**30:.1f} GiB ({est}) but {device} has "
@@ -163,19 +164,6 @@ def check_memory(
             f"{mark_key('train.strategy', 'fsdp')} on several GPUs",
         )
     return str(est)
-
-
-def _free_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
