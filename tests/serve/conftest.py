@@ -46,6 +46,12 @@ def save_tiny(path: Path, block_size: int = 64, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session")
+def make_tiny():
+    """save_tiny(path, block_size=64, seed=0) -> path."""
+    return save_tiny
+
+
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("serve") / "tiny")
 

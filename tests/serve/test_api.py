@@ -401,16 +401,16 @@ def paused(live):
 
 def test_too_many_concurrent_requests_get_429_and_then_run(live):
     body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0}
-    with paused(live), ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(post, live, "/v1/completions", body) for _ in range(6)]
-        deadline = time.monotonic() + 10
-        while live.state.active < 6 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        err = error_of(post(live, "/v1/completions", body), 429)
-        assert "--max-concurrent" in err["message"]
-        with pytest.raises(openai.RateLimitError):
-            live.client().completions.create(model="x", prompt="hi", max_tokens=2)
-        live.state.engine.call(lambda: None)  # (still paused)
+    with ThreadPoolExecutor(6) as pool:
+        with paused(live):  # the 6 requests wait in the engine, in flight
+            futures = [pool.submit(post, live, "/v1/completions", body) for _ in range(6)]
+            deadline = time.monotonic() + 10
+            while live.state.active < 6 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            err = error_of(post(live, "/v1/completions", body), 429)
+            assert "--max-concurrent" in err["message"]
+            with pytest.raises(openai.RateLimitError):
+                live.client().completions.create(model="x", prompt="hi", max_tokens=2)
     assert [f.result().status_code for f in futures] == [200] * 6
     assert live.wait_idle()["busy_slots"] == 0
 
