@@ -53,6 +53,7 @@ LAZY_OK = {
     "huggingface_hub",
     "pyarrow",
     "tokenizers",
+    "jinja2",  # chat templates read from Hugging Face directories, rendered sandboxed
     "gguf",  # optional: llama.cpp's file writer, for `gpt2lab convert ... model.gguf` only
     "starlette",  # optional (the serve extra): `gpt2lab serve`'s web framework
     "uvicorn",  # optional (the serve extra): `gpt2lab serve`'s ASGI server

@@ -91,9 +91,7 @@ def read_gpt2_format(vocab_path: Path, merges_path: Path, special: set[str] | No
             f"cannot read the vocabulary {vocab_path} / {merges_path} ({e})",
             "a JSON object token -> id and a merges file of 'left right' lines",
         ) from None
-    if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
-        raise TokenizerError(f"{vocab_path} is not a JSON object of token -> id", "GPT-2's format")
-    merges = []
+    pairs = []
     # Every line counts, the last one too (GPT-2's last merge makes " gazed", id 50255).
     for n, line in enumerate(lines, 1):
         if not line or line.startswith("#version"):
@@ -103,9 +101,48 @@ def read_gpt2_format(vocab_path: Path, merges_path: Path, special: set[str] | No
             raise TokenizerError(
                 f"{merges_path} line {n} is {line!r}", "two tokens separated by one space"
             )
-        merges.append(
-            (str_to_token(parts[0], str(merges_path)), str_to_token(parts[1], str(merges_path)))
+        pairs.append(parts)
+    return _vocab_from_strings(encoder, pairs, special, str(vocab_path), str(merges_path))
+
+
+def read_hf_tokenizer_json(path: Path) -> Vocab:
+    """The vocabulary of a `tokenizers` tokenizer.json (what transformers 5 saves alone) holding
+    a GPT-2 style byte-level BPE; its added tokens are special tokens."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read {path} ({e})", "a tokenizers tokenizer.json") from None
+    model = d.get("model") or {}
+    pre = d.get("pre_tokenizer") or {}
+    if (
+        model.get("type") != "BPE"
+        or pre.get("type") != "ByteLevel"
+        or not pre.get("use_regex", True)
+        or pre.get("add_prefix_space")
+    ):
+        raise TokenizerError(
+            f"{path} is not a GPT-2 style tokenizer (model {model.get('type')!r}, pre-tokenizer "
+            f"{pre.get('type')!r})",
+            "a byte-level BPE with GPT-2's pattern and no prefix space",
         )
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
+    added = d.get("added_tokens") or []
+    encoder = dict(model.get("vocab") or {})
+    encoder.update({t["content"]: t["id"] for t in added if isinstance(t, dict)})
+    special = {t["content"] for t in added if isinstance(t, dict)}
+    return _vocab_from_strings(encoder, merges, special, str(path), str(path))
+
+
+def _vocab_from_strings(
+    encoder: Any, pairs: list, special: set[str] | None, vocab_where: str, merges_where: str
+) -> Vocab:
+    if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
+        raise TokenizerError(f"{vocab_where} is not a JSON object of token -> id", "GPT-2's format")
+    merges = []
+    for n, parts in enumerate(pairs, 1):
+        if not (isinstance(parts, list) and len(parts) == 2):
+            raise TokenizerError(f"{merges_where} merge {n} is {parts!r}", "two tokens")
+        merges.append((str_to_token(parts[0], merges_where), str_to_token(parts[1], merges_where)))
     made = {a + b for a, b in merges}
     special = set(special or ())
     ranks: dict[bytes, int] = {}
@@ -182,6 +219,8 @@ def read_vocab_dir(directory: str | os.PathLike, special_tokens: dict[str, int])
     for vocab_name, merges_name in _PAIRS:
         if (folder / vocab_name).is_file() and (folder / merges_name).is_file():
             return read_gpt2_format(folder / vocab_name, folder / merges_name, set(special_tokens))
+    if (folder / META_FILE).is_file() and not read_meta(folder):  # transformers' own
+        return read_hf_tokenizer_json(folder / META_FILE)
     found = sorted(folder.glob("*.tiktoken")) if folder.is_dir() else []
     if not found:
         raise TokenizerError(
@@ -233,11 +272,13 @@ def write_hf_files(
     special_tokens: dict[str, int],
     pattern: str,
     model_max_length: int = 1024,
+    chat_template: str | None = None,
 ) -> None:
     """Write the files `transformers.AutoTokenizer.from_pretrained(dir)` reads for GPT-2.
 
-    vocab.json + merges.txt + tokenizer_config.json. HF's GPT2Tokenizer splits text with GPT-2's
-    own pattern, so only tokenizers with that pattern can be written this way.
+    vocab.json + merges.txt + tokenizer_config.json (+ special_tokens_map.json). HF's
+    GPT2Tokenizer splits text with GPT-2's own pattern, so only tokenizers with that pattern can
+    be written this way. `chat_template` (Jinja) goes into tokenizer_config.json.
     """
     if pattern != GPT2_PATTERN:
         raise TokenizerError(
@@ -246,8 +287,24 @@ def write_hf_files(
             "keep using gpt2lab's own tok.save(dir) for this vocabulary",
         )
     encoder, merges_text = _gpt2_files(ranks, merges, special_tokens)
+    folder = Path(directory)
+    atomic_write_text(folder / "vocab.json", encoder)
+    atomic_write_text(folder / "merges.txt", merges_text)
+    config = hf_tokenizer_config(special_tokens, model_max_length, chat_template)
+    atomic_write_json(folder / "tokenizer_config.json", config)
+    eot = config["eos_token"]
+    atomic_write_json(
+        folder / "special_tokens_map.json", {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    )
+
+
+def hf_tokenizer_config(
+    special_tokens: dict[str, int], model_max_length: int = 1024, chat_template: str | None = None
+) -> dict[str, Any]:
+    """tokenizer_config.json of a GPT-2 style vocabulary: `<|endoftext|>` is bos, eos and unk;
+    every special token is listed as an added, special token (never split, never stripped)."""
     eot = EOT if EOT in special_tokens else None
-    config = {
+    config: dict[str, Any] = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model_max_length,
         "add_prefix_space": False,
@@ -255,8 +312,18 @@ def write_hf_files(
         "eos_token": eot,
         "unk_token": eot,
         "additional_special_tokens": [s for s in special_tokens if s != EOT],
+        "added_tokens_decoder": {
+            str(i): {
+                "content": s,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for s, i in sorted(special_tokens.items(), key=lambda kv: kv[1])
+        },
     }
-    folder = Path(directory)
-    atomic_write_text(folder / "vocab.json", encoder)
-    atomic_write_text(folder / "merges.txt", merges_text)
-    atomic_write_json(folder / "tokenizer_config.json", config)
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return config
