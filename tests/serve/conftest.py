@@ -29,8 +29,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def save_tiny(path: Path, block_size: int = 64, seed: int = 0) -> Path:
-    """A 2-layer GPT over GPT-2's vocabulary, written as a Hugging Face GPT-2 directory."""
+def save_tiny(path: Path, block_size: int = 64, seed: int = 0, chat: bool = False) -> Path:
+    """A 2-layer GPT over GPT-2's vocabulary, written as a Hugging Face GPT-2 directory; with
+    `chat`, the plain chat template (User: ... Assistant:) travels with its tokenizer."""
     from gpt2lab.config import GPTConfig
     from gpt2lab.model import GPT
     from gpt2lab.tokenizer import get_tokenizer
@@ -42,6 +43,10 @@ def save_tiny(path: Path, block_size: int = 64, seed: int = 0) -> Path:
         for p in model.parameters():
             p.mul_(8)
     model.save_pretrained(path, tokenizer=get_tokenizer("gpt2"))
+    if chat:
+        from gpt2lab.tokenizer.chat import PLAIN
+
+        PLAIN.save(path / "gpt2lab_tokenizer")
     return path
 
 
@@ -53,7 +58,7 @@ def make_tiny():
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("serve") / "tiny")
+    return save_tiny(tmp_path_factory.mktemp("serve") / "tiny", chat=True)
 
 
 def serve_args(model_dir: Path, *flags: str) -> argparse.Namespace:

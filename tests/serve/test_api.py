@@ -230,13 +230,105 @@ def test_models_and_health(live):
     assert h["status"] == "ok" and h["slots"] == 8
 
 
-def test_chat_without_a_chat_template_is_a_clear_400(live):
-    with pytest.raises(openai.BadRequestError) as e:
-        live.client().chat.completions.create(
-            model="x", messages=[{"role": "user", "content": "hi"}]
-        )
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a colour."},
+]
+
+
+def hf_chat_reply(hf_model, model_dir, messages, n: int) -> str:
+    """The greedy reply, with the prompt made by transformers' apply_chat_template from the
+    template's Jinja and the reply cut as the template says (stop strings, reply lead)."""
+    transformers = pytest.importorskip("transformers")
+    from gpt2lab.tokenizer.chat import load_chat_template
+
+    template = load_chat_template(model_dir)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids = hf_tok.apply_chat_template(
+        messages, chat_template=template.to_jinja(), add_generation_prompt=True, tokenize=True
+    )
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    out = hf_greedy(hf_model, ids, n)
+    stop = out.index(50256) if 50256 in out else len(out)
+    return template.parse_reply(hf_tok.decode(out[:stop]))
+
+
+def test_chat_greedy_reply_is_transformers_with_the_template(live, hf_model, model_dir):
+    r = live.client().chat.completions.create(
+        model="x", messages=MESSAGES, max_tokens=24, temperature=0
+    )
+    ch = r.choices[0]
+    assert ch.message.role == "assistant"
+    assert ch.message.content == hf_chat_reply(hf_model, model_dir, MESSAGES, 24)
+    assert len(ch.message.content) > 10 and not ch.message.content.startswith(" ")
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_streams_the_same_reply(live):
+    c = live.client()
+    kw = dict(model="x", messages=MESSAGES, max_tokens=24, temperature=0)
+    whole = c.chat.completions.create(**kw).choices[0]
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert text == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+
+
+def test_chat_n_and_logprobs(live):
+    r = live.client().chat.completions.create(
+        model="x",
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=1.0,
+        seed=3,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert [ch.index for ch in r.choices] == [0, 1]
+    for ch in r.choices:
+        content = ch.logprobs.content
+        assert content and all(len(e.top_logprobs) == 3 for e in content)
+        for e in content:
+            assert e.logprob <= 0 and bytes(e.bytes) == e.token.encode()
+            assert e.top_logprobs[0].logprob >= e.logprob - 1e-6
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        "hi",
+        [{"role": "robot", "content": "hi"}],
+        [{"role": "user", "content": 5}],
+        [{"content": "hi"}],
+    ],
+)
+def test_bad_chat_messages_are_400(live, messages):
+    r = post(live, "/v1/chat/completions", {"messages": messages})
+    err = error_of(r, 400)
+    assert err["param"].startswith("messages")
+
+
+def test_chat_without_a_chat_template_is_a_clear_400(live, tmp_path):
+    from gpt2lab.tokenizer.chat import load_chat_template
+
+    plain = live.state.template
+    assert load_chat_template(tmp_path) is None  # a model directory without a template
+    live.state.template = None
+    try:
+        with pytest.raises(openai.BadRequestError) as e:
+            live.client().chat.completions.create(
+                model="x", messages=[{"role": "user", "content": "hi"}]
+            )
+    finally:
+        live.state.template = plain
     assert e.value.status_code == 400
     assert "chat template" in e.value.body["message"]
+    assert e.value.body["code"] == "no_chat_template"
 
 
 def error_of(response: httpx.Response, status: int, param: str | None = None) -> dict:

@@ -16,11 +16,7 @@ from gpt2lab.errors import GPT2LabError, UsageError, mark_key
 from gpt2lab.serve.app import Server, State, bind, create_app, missing_packages
 from gpt2lab.serve.engine import Engine
 from gpt2lab.serve.protocol import Limits
-
-try:  # chat templates (the SFT issue); without them every model is a completion model
-    from gpt2lab.tokenizer.chat import load_chat_template
-except ImportError:  # pragma: no cover - until gpt2lab.tokenizer.chat exists
-    load_chat_template = None
+from gpt2lab.tokenizer.chat import load_chat_template
 
 EXAMPLES = """
 gpt2lab serve --model runs/sc                        # http://127.0.0.1:8000/ (playground)
@@ -178,7 +174,7 @@ def build(args: argparse.Namespace) -> tuple[State, Server]:
         max_n=args.max_n,
         max_concurrent=args.max_concurrent,
     )
-    template = load_chat_template(args.model) if load_chat_template is not None else None
+    template = load_chat_template(args.model)  # None: a completion model (chat gets a 400)
     name = args.model_name or Path(args.model).resolve().name or str(args.model)
     try:
         sock = bind(args.host, args.port)

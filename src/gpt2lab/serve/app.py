@@ -317,6 +317,7 @@ async def _disconnected(request: Any) -> None:
 
 @dataclass
 class _Choice:
+    lead: str = ""  # what is left to strip of a chat template's reply lead (its " ")
     text: list[str] = field(default_factory=list)
     tokens: int = 0
     finish_reason: str | None = None
@@ -332,7 +333,8 @@ class _Run:
         self.created = protocol.now()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.n = parsed.params.n
-        self.choices = [_Choice() for _ in range(len(parsed.prompts) * self.n)]
+        lead = getattr(state.template, "reply_lead", "") if chat else ""
+        self.choices = [_Choice(lead=lead or "") for _ in range(len(parsed.prompts) * self.n)]
         self.requests: list[EngineRequest] = []
         self.released = False
 
@@ -376,6 +378,8 @@ class _Run:
                 continue
             index = i * self.n + event.choice
             c = self.choices[index]
+            if isinstance(event, TokenEvent | FinishEvent) and c.lead and event.text:
+                event.text = _strip_lead(c, event.text)
             if isinstance(event, TokenEvent):
                 c.tokens += 1
                 c.text.append(event.text)
@@ -551,6 +555,18 @@ class _Run:
             out.append(self._text_chunk(index, event.text, None, None))
             return [*out, self._text_chunk(index, "", None, event.reason)]
         return [self._text_chunk(index, event.text, None, event.reason)]
+
+
+def _strip_lead(c: _Choice, text: str) -> str:
+    """A chat reply's text without the template's reply lead, which may arrive in pieces."""
+    n = 0
+    while n < min(len(c.lead), len(text)) and text[n] == c.lead[n]:
+        n += 1
+    if n < min(len(c.lead), len(text)):  # the reply does not start with the lead after all
+        c.lead = ""
+        return text
+    c.lead = c.lead[n:]
+    return text[n:]
 
 
 def _data(obj: Any) -> bytes:

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from gpt2lab.errors import GPT2LabError
 from gpt2lab.generate import prompt_ids
 from gpt2lab.serve.engine import SamplingParams
 
@@ -348,7 +349,10 @@ def parse_chat(body: Any, tokenizer, template, context: int, limits: Limits) -> 
             param="messages",
             code="no_chat_template",
         )
-    prompt = list(template.encode(tokenizer, messages, add_generation_prompt=True))
+    try:
+        prompt = list(template.encode(tokenizer, messages, add_generation_prompt=True))
+    except GPT2LabError as e:  # a role the template has no place for, content it refuses
+        raise APIError(f"messages: {e}", param="messages", code="invalid_value") from e
     if max_tokens is None:
         max_tokens = max(min(limits.max_tokens, context - len(prompt)), 0)
     _fit("messages", len(prompt), max_tokens, context, limits)
