@@ -121,6 +121,12 @@ async function generate() {
   clearOutput();
   if (state.mode === "complete") addPrompt(state.prompt);
   setBusy(true);
+  let live = null;  // chat: the reply as it streams in
+  if (state.mode === "chat") {
+    live = document.createElement("div");
+    live.className = "msg assistant";
+    $("chat-log").appendChild(live);
+  }
   const started = performance.now();
   let count = 0, first = null, finish = null;
   state.controller = new AbortController();
@@ -143,7 +149,10 @@ async function generate() {
           count++;
           addToken(step.token, step.logprob, step.top);
         }
-        if (step.text) state.generated += step.text;
+        if (step.text) {
+          state.generated += step.text;
+          if (live) live.textContent = state.generated;
+        }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
       const secs = (performance.now() - started) / 1000;
