@@ -96,9 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-n",
         type=int,
-        default=_LIMITS.max_n,
         metavar="N",
-        help=f"most choices per request, n x prompts (default {_LIMITS.max_n})",
+        help=f"most choices per request, n x prompts (default {_LIMITS.max_n}, at most "
+        "--max-batch)",
     )
     g.add_argument(
         "--max-concurrent",
@@ -152,9 +152,11 @@ def build(args: argparse.Namespace) -> tuple[State, Server]:
             "an API key for a server beyond localhost",
             "add --api-key KEY (or set GPT2LAB_API_KEY), or --insecure to serve without one",
         )
-    for name in ("max_batch", "prefill_chunk", "max_body_bytes", "max_n", "max_concurrent"):
+    for name in ("max_batch", "prefill_chunk", "max_body_bytes", "max_concurrent"):
         _positive(args, name)
-    for name in ("max_prompt_tokens", "max_tokens"):
+    if args.max_n is None:
+        args.max_n = min(_LIMITS.max_n, args.max_batch)
+    for name in ("max_n", "max_prompt_tokens", "max_tokens"):
         if getattr(args, name) is not None:
             _positive(args, name)
     if args.max_n > args.max_batch:
