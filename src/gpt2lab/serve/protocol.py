@@ -221,16 +221,15 @@ def _sampling(body: dict, limits: Limits, max_tokens: int | None) -> dict[str, A
                 "'stream_options' is only allowed when 'stream' is true", param="stream_options"
             )
         include_usage = _field(options, "include_usage", ("bool", "null"), False)
-    return dict(
+    sampler = dict(
         temperature=float(temperature),
         top_p=None if top_p is None or top_p >= 1 else float(top_p),
         top_k=None if top_k in (None, -1, 0) else top_k,
         n=n,
         seed=seed,
         stop=tuple(s for s in stop if s),
-        stream=stream,
-        include_usage=include_usage,
     )
+    return dict(sampler=sampler, n=n, stream=stream, include_usage=include_usage)
 
 
 def _fit(name: str, prompt_len: int, max_tokens: int, context: int, limits: Limits) -> None:
@@ -278,12 +277,7 @@ def parse_completion(body: Any, tokenizer, context: int, limits: Limits) -> Pars
         )
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=common["temperature"],
-        top_p=common["top_p"],
-        top_k=common["top_k"],
-        seed=common["seed"],
-        n=common["n"],
-        stop=common["stop"],
+        **common["sampler"],
         stop_ids=_eos(tokenizer),
         logprobs=logprobs,
         prompt_logprobs=bool(echo and logprobs is not None),
@@ -362,15 +356,11 @@ def parse_chat(body: Any, tokenizer, template, context: int, limits: Limits) -> 
         stop_ids.add(tokenizer.special_tokens[end])
     elif isinstance(end, int):
         stop_ids.add(end)
-    stop = tuple(common["stop"]) + tuple(getattr(template, "stop_strings", ()) or ())
+    sampler = common["sampler"]
+    sampler["stop"] += tuple(getattr(template, "stop_strings", ()) or ())
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=common["temperature"],
-        top_p=common["top_p"],
-        top_k=common["top_k"],
-        seed=common["seed"],
-        n=common["n"],
-        stop=stop,
+        **sampler,
         stop_ids=tuple(sorted(stop_ids)),
         logprobs=(top_logprobs or 0) if logprobs else None,
     )
