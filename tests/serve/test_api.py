@@ -72,7 +72,9 @@ def sse(live, body) -> list[dict]:
 def test_greedy_completion_is_transformers_greedy(live, hf_model, tok):
     c = live.client()
     for prompt in PROMPTS[:2]:
-        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0)
+        r = c.completions.create(
+            model="tiny", prompt=prompt, max_tokens=20, temperature=0, user="tester"
+        )
         ids = tok.encode_ordinary(prompt)
         want = hf_greedy(hf_model, ids, 20)
         stop = want.index(50256) if 50256 in want else len(want)
@@ -546,7 +548,8 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(live):
 
 def test_concurrent_streams_lose_and_repeat_nothing(live):
     """The load test, small: 4 clients x 3 streams each, all greedy, checked token by token
-    against each prompt's response computed alone."""
+    against each prompt's response computed alone, beside a client that walks away from two
+    streams; every slot is free at the end."""
     prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 3)]
     body = {"max_tokens": 24, "temperature": 0, "logprobs": 0}
     alone = {
@@ -568,10 +571,25 @@ def test_concurrent_streams_lose_and_repeat_nothing(live):
             out.append((p, text, tokens))
         return out
 
-    with ThreadPoolExecutor(4) as pool:
+    def quitter() -> int:  # two streams cut after their first tokens, while the others run
+        cut = 0
+        for p in prompts[:2]:
+            with httpx.stream(
+                "POST",
+                live.url + "/v1/completions",
+                json={**body, "prompt": p, "stream": True},
+                headers=live.headers,
+                timeout=30,
+            ) as r:
+                cut += next(ln for ln in r.iter_lines() if ln).startswith("data: ")
+        return cut
+
+    with ThreadPoolExecutor(5) as pool:
+        cutting = pool.submit(quitter)
         results = [
             r for f in [pool.submit(client, prompts[i::4]) for i in range(4)] for r in f.result()
         ]
+        assert cutting.result() == 2
     assert len(results) == len(prompts)
     for p, text, tokens in results:
         assert text == alone[p]["text"]
