@@ -71,6 +71,22 @@ def create_app(state: State) -> Any:
     from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
+    class Stream(StreamingResponse):
+        """The SSE response of a run, which releases the run however the response ends (also
+        when the client is gone before the first chunk, and the stream never starts)."""
+
+        def __init__(self, run: _Run) -> None:
+            super().__init__(
+                run.sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+            self.run = run
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.run.release()
+
     def error(e: APIError) -> Response:
         headers = {"Retry-After": "1"} if e.status == 429 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -115,9 +131,7 @@ def create_app(state: State) -> Any:
             state.active -= 1
             raise
         if parsed.stream:
-            return StreamingResponse(
-                run.sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
+            return Stream(run)
         collect = asyncio.ensure_future(run.collect())
         gone = asyncio.ensure_future(_disconnected(request))
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
