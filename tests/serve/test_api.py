@@ -501,6 +501,9 @@ def test_too_many_concurrent_requests_get_429_and_then_run(live):
             deadline = time.monotonic() + 10
             while live.state.active < 6 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            t0 = time.monotonic()  # the event loop answers while the engine thread is busy
+            assert live.health()["waiting"] + live.health()["queued"] >= 1
+            assert time.monotonic() - t0 < 2
             err = error_of(post(live, "/v1/completions", body), 429)
             assert "--max-concurrent" in err["message"]
             with pytest.raises(openai.RateLimitError):
