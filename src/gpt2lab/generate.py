@@ -96,12 +96,13 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     seen: Tensor | None = None,
 ) -> Tensor:
     """Choose one token per row from (B, V) logits; temperature 0 is greedy (argmax).
 
     The order is the usual one (and transformers'): repetition penalty, temperature, top-k, top-p.
+    `generator` may be one per row (a server's requests each with its own seed).
     """
     logits = logits.float()
     if seen is not None:
@@ -113,8 +114,27 @@ def sample_next(
         logits = top_k_mask(logits, top_k)
     if top_p is not None:
         logits = top_p_mask(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(torch.softmax(logits, dim=-1), generator)
+
+
+def draw(
+    probs: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
+) -> Tensor:
+    """One token per row of (B, V) probabilities, by inverting each row's cumulative distribution
+    at a uniform draw (from the row's own generator when given one per row). The same
+    distribution as `torch.multinomial(probs, 1)`, which is ~100x slower on a CPU for a
+    50k-token vocabulary."""
+    B = probs.size(0)
+    if generator is None or isinstance(generator, torch.Generator):
+        u = torch.rand(B, 1, generator=generator, device=probs.device)
+    else:
+        if len(generator) != B:
+            raise ValueError(f"{len(generator)} generators for {B} rows")
+        u = torch.cat([torch.rand(1, 1, generator=g, device=probs.device) for g in generator])
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.size(-1) - 1)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

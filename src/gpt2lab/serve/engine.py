@@ -305,15 +305,18 @@ class Engine:
             for i in range(p.n):
                 self._finish_choice(r, i, "length", "", 0)
             return
-        live = []
+        choices = []
         for i in range(p.n):
             generator = None
             if p.temperature > 0:
                 seed = p.seed + i if p.seed is not None else int.from_bytes(os.urandom(8), "little")
                 generator = torch.Generator(device=self.device).manual_seed(seed % 2**63)
-            c = _Choice(r, i, TextStream(self.tokenizer.decode_bytes, p.stop), generator)
-            if not self._advance(c, logits):
-                live.append(c)
+            choices.append(
+                _Choice(r, i, TextStream(self.tokenizer.decode_bytes, p.stop), generator)
+            )
+        logits = logits[: self.vocab]
+        first = self._sample(choices, logits.expand(len(choices), -1))
+        live = [c for c, t in zip(choices, first) if not self._advance(c, t, logits)]
         if live:
             rows = self.cache.join(pf, index, copies=len(live))
             assert rows == list(range(len(self._rows), len(self._rows) + len(live)))
@@ -321,21 +324,34 @@ class Engine:
 
     def _decode_step(self) -> None:
         tokens = torch.tensor([c.last for c in self._rows], dtype=torch.long)
-        logits = self.cache.step(tokens)
+        logits = self.cache.step(tokens)[:, : self.vocab]
         self.steps += 1
-        done = [r for r, c in enumerate(self._rows) if self._advance(c, logits[r])]
+        chosen = self._sample(self._rows, logits)
+        done = [
+            r for r, (c, t) in enumerate(zip(self._rows, chosen)) if self._advance(c, t, logits[r])
+        ]
         self._remove_rows(done)
 
-    def _advance(self, c: _Choice, logits: torch.Tensor) -> bool:
-        """Sample a choice's next token from its logits (V,) and emit it; True when it ended."""
-        p = c.request.params
-        logits = logits[: self.vocab]
-        if p.temperature == 0:
-            token = int(logits.argmax())
-        else:
-            token = int(
-                sample_next(logits[None], p.temperature, p.top_k, p.top_p, 1.0, c.generator)[0]
+    def _sample(self, choices: Sequence[_Choice], logits: torch.Tensor) -> list[int]:
+        """Each choice's next token from its row of logits (k, V): rows with the same settings
+        are sampled together, each from its own generator."""
+        groups: dict[tuple, list[int]] = {}
+        for r, c in enumerate(choices):
+            p = c.request.params
+            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(r)
+        tokens = [0] * len(choices)
+        for (temperature, top_k, top_p), rows in groups.items():
+            gens = [choices[r].generator for r in rows]
+            picked = sample_next(
+                logits[rows], temperature, top_k, top_p, 1.0, gens if temperature else None
             )
+            for r, t in zip(rows, picked.tolist()):
+                tokens[r] = t
+        return tokens
+
+    def _advance(self, c: _Choice, token: int, logits: torch.Tensor) -> bool:
+        """Emit a choice's next token (sampled from its logits, (V,)); True when it ended."""
+        p = c.request.params
         c.last, c.generated = token, c.generated + 1
         self.tokens += 1
         if token in p.stop_ids:
