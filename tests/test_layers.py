@@ -31,6 +31,7 @@ LAYERS = {
     "train": 4,
     "eval": 4,
     "inspect": 4,
+    "quantize": 4,
     "demo": 5,
     "plot": 5,
     "commands": 5,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2lab.model import GPT
+from gpt2lab.model import GPT, LMHead
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -134,8 +134,9 @@ class DecodeKernels:
 
 def decode_kernels(model: nn.Module, rows: int) -> DecodeKernels | None:
     """Kernels for decoding `rows` rows of a GPT on a CPU, or None where none apply (GPU, other
-    models, or layers already swapped by an enclosing generation)."""
-    if not isinstance(model, GPT) or isinstance(model.lm_head, (PackedLinear, TransposedHead)):
+    models, models whose layers are not `nn.Linear` (int8, `gpt2lab.quantize`), or layers already
+    swapped by an enclosing generation)."""
+    if not isinstance(model, GPT) or type(model.lm_head) is not LMHead:
         return None
     param = next(model.parameters())
     return DecodeKernels(model, rows, param.dtype) if param.device.type == "cpu" else None
