@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gpt2lab.config import SampleConfig
-from gpt2lab.kernels.cpu_decode import decode_kernels
+from gpt2lab.kernels.cpu_decode import decode_kernels, decode_step
 from gpt2lab.model import KVCache
 
 # The settings of the short previews shown while training and after the demo.
@@ -336,7 +336,8 @@ class _CachedRunner:
     """Runs the model over a preallocated KV cache, keeping per-row positions for left padding.
 
     A gpt2lab GPT on a CPU decodes through `gpt2lab.kernels.cpu_decode` unless `kernels=False`
-    (the plain model, which the kernels are tested equal to).
+    (the plain model, which the kernels are tested equal to): the prompt through the model with
+    packed weights swapped in, each new token through the flat `DecodeStep`.
     """
 
     def __init__(
@@ -348,6 +349,7 @@ class _CachedRunner:
         self.mask: Tensor | None = None  # (B, max_len) real-token mask of what the cache holds
         self.next_pos: Tensor | None = None  # (B, 1) position of each row's next token
         self.kernels = decode_kernels(model, batch) if kernels else None
+        self.fast_step = decode_step(model, batch) if kernels else None
         self.last_only = "last_only" in inspect.signature(model.forward).parameters
 
     def full(self) -> bool:
@@ -369,12 +371,15 @@ class _CachedRunner:
         """Feed one new token per row (B, 1); returns its logits (B, V)."""
         assert self.cache is not None
         if self.mask is None or self.next_pos is None:
-            return self._forward(ids, None, None)
-        p = self.cache.pos
-        self.mask[:, p] = True
-        pos = self.next_pos
-        self.next_pos = pos + 1
-        return self._forward(ids, self.mask[:, : p + 1], pos)
+            mask = pos = None
+        else:
+            p = self.cache.pos
+            self.mask[:, p] = True
+            mask, pos = self.mask[:, : p + 1], self.next_pos
+            self.next_pos = pos + 1
+        if self.fast_step is not None and not torch.is_autocast_enabled("cpu"):
+            return self.fast_step.step(ids, self.cache, pos, mask)
+        return self._forward(ids, mask, pos)
 
     def _forward(self, ids: Tensor, mask: Tensor | None, pos: Tensor | None) -> Tensor:
         kw = {"last_only": True} if self.last_only else {}

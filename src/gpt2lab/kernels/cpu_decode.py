@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2lab.model import GPT, LMHead
+from gpt2lab.model import GPT, KVCache, LMHead
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -145,3 +146,108 @@ def decode_kernels(model: nn.Module, rows: int) -> DecodeKernels | None:
 def _linears(block: nn.Module) -> list[tuple[nn.Module, str]]:
     attn, mlp = block.attn, block.mlp
     return [(attn, "c_attn"), (attn, "c_proj"), (mlp, "c_fc"), (mlp, "c_proj")]
+
+
+class DecodeStep:
+    """One new token per row through a GPT on a CPU, the model's cached forward written flat.
+
+    `step(ids, cache, position_ids, mask)` equals `model(ids, cache=cache, attention_mask=mask,
+    position_ids=position_ids, last_only=True)[0][:, -1]` for ids (B, 1) (tested): the same
+    KVCache, written in place at `cache.pos`, the same left-padding rules. What it saves, per
+    token: the modules' calls and the views between them (about 30 operations a layer become
+    10), since it calls oneDNN's packed products directly, with the bias, the GELU and the
+    residual add fused into them. The weights are packed once for `rows` rows; `current(model)`
+    says whether they still match the model's (in-place updates bump their versions).
+    """
+
+    def __init__(self, model: GPT, rows: int, dtype: torch.dtype) -> None:
+        self.rows, self.dtype = rows, dtype
+        cfg = model.config
+        self.n_head, self.head_size, self.vocab = cfg.n_head, cfg.head_size, cfg.vocab_size
+        self.versions = _versions(model)
+
+        def pack(w: Tensor) -> Tensor:
+            return torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), rows)
+
+        def vec(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().to(dtype)
+
+        self.layers = []
+        for block in model.transformer.h:
+            attn, mlp = block.attn, block.mlp
+            self.layers.append(
+                (
+                    (vec(block.ln_1.weight), vec(block.ln_1.bias), block.ln_1.eps),
+                    (pack(attn.c_attn.weight), vec(attn.c_attn.bias)),
+                    (pack(attn.c_proj.weight), vec(attn.c_proj.bias)),
+                    (vec(block.ln_2.weight), vec(block.ln_2.bias), block.ln_2.eps),
+                    (pack(mlp.c_fc.weight), vec(mlp.c_fc.bias)),
+                    (pack(mlp.c_proj.weight), vec(mlp.c_proj.bias)),
+                )
+            )
+        ln_f = model.transformer.ln_f
+        self.ln_f = (vec(ln_f.weight), vec(ln_f.bias), ln_f.eps)
+        self.head = pack(model.lm_head.weight[: self.vocab])
+        self.wte, self.wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+
+    def current(self, model: GPT) -> bool:
+        return self.versions == _versions(model)
+
+    @torch.no_grad()
+    def step(
+        self,
+        ids: Tensor,
+        cache: KVCache,
+        position_ids: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, vocab_size), float32, of one new token per row; advances `cache.pos`."""
+        B, pos = ids.size(0), cache.pos
+        nh, hs = self.n_head, self.head_size
+        C = nh * hs
+        linear = torch.ops.mkldnn._linear_pointwise
+        pos_emb = self.wpe[pos] if position_ids is None else self.wpe[position_ids[:, 0]]
+        x = (self.wte[ids[:, 0]] + pos_emb).to(self.dtype)  # (B, C)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, pos+1)
+        for i, (ln1, qkv, proj, ln2, fc, fc_proj) in enumerate(self.layers):
+            h = F.layer_norm(x, (C,), *ln1)
+            q, k, v = linear(h, *qkv, "none", [], "").view(B, 3, nh, 1, hs).unbind(1)
+            k_cache, v_cache = cache.k[i], cache.v[i]  # (B, nh, max_len, hs)
+            k_cache[:, :, pos : pos + 1] = k
+            v_cache[:, :, pos : pos + 1] = v
+            y = F.scaled_dot_product_attention(
+                q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1], attn_mask=attn_mask
+            )
+            x = torch.ops.mkldnn._linear_pointwise.binary(y.reshape(B, C), x, *proj, "add")
+            h = F.layer_norm(x, (C,), *ln2)
+            u = linear(h, *fc, "gelu", [], "tanh")
+            x = torch.ops.mkldnn._linear_pointwise.binary(u, x, *fc_proj, "add")
+        cache.pos = pos + 1
+        h = F.layer_norm(x, (C,), *self.ln_f)
+        return linear(h, self.head, None, "none", [], "").float()
+
+
+def decode_step(model: nn.Module, rows: int) -> DecodeStep | None:
+    """The flat decoding step of a GPT in eval mode on a CPU where oneDNN multiplies its dtype,
+    else None. Kept per model and row count while the weights stay as they were (the packing is
+    not repeated for each generation). Not for use under autocast (`gpt2lab.generate` checks)."""
+    if not isinstance(model, GPT) or type(model.lm_head) is not LMHead:
+        return None
+    param = model.lm_head.weight
+    if param.device.type != "cpu" or not onednn_can_multiply(param.dtype) or model.training:
+        return None
+    steps = _STEPS.setdefault(model, {})
+    step = steps.get((rows, param.dtype))
+    if step is None or not step.current(model):
+        try:
+            step = steps[(rows, param.dtype)] = DecodeStep(model, rows, param.dtype)
+        except RuntimeError:  # oneDNN has no kernel for this CPU after all
+            return None
+    return step
+
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _versions(model: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
