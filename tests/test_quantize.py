@@ -171,3 +171,29 @@ def test_sample_quantize_int8_flag(trained, capsys):
     assert int8_text.startswith(want)
     assert cli.main([*args, "--quantize", "int4"]) == 2
     assert "int4" in capsys.readouterr().err
+
+
+def test_int8_decode_step_equals_the_int8_models_forward():
+    from gpt2lab.kernels.cpu_decode import decode_step
+    from gpt2lab.model import KVCache
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # spread-out logits, so greedy choices are not decided by rounding
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    q = quantize(model, "int8")
+    step = decode_step(q, 2)
+    if step is None:
+        pytest.skip("no fbgemm in this build")
+    idx = torch.randint(0, 97, (2, 5))
+    caches = [KVCache(cfg, 2, 8), KVCache(cfg, 2, 8)]
+    with torch.no_grad():
+        for c in caches:
+            q(idx, cache=c)
+        want = q(idx[:, :1], cache=caches[0])[0][:, -1]
+        got = step.step(idx[:, :1], caches[1])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    plain = q.generate(idx, 12, temperature=0, kernels=False)
+    assert q.generate(idx, 12, temperature=0).tolist() == plain.tolist()
