@@ -64,7 +64,7 @@ def test_one_generator_per_row_draws_each_row_as_alone():
     ids = sample_next(LOGITS.expand(DRAWS, -1), generator=gens)
     assert torch.allclose(freq(ids), PROBS, atol=0.03)
     alone = [
-        int(sample_next(LOGITS[None], generator=torch.Generator().manual_seed(i))[0])
+        int(sample_next(LOGITS[None], generator=[torch.Generator().manual_seed(i)])[0])
         for i in (0, 1, 2, 3)
     ]
     assert ids[:4].tolist() == alone

@@ -32,6 +32,7 @@ LAYERS = {
     "eval": 4,
     "inspect": 4,
     "batching": 4,
+    "quantize": 4,
     "demo": 5,
     "plot": 5,
     "commands": 5,

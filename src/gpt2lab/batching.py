@@ -11,7 +11,8 @@ first `rows` ones and a step computes nothing for empty slots. When the write co
 end, the columns before the oldest row's first one are dropped (`compact`).
 
 The forward pass is the model's own, through `gpt2lab.generate.cached_forward` (and the packed
-CPU kernels of `gpt2lab.kernels`); nothing here prints or samples.
+CPU kernels of `gpt2lab.kernels`; a decoding step on a CPU through its flat `DecodeStep`, which
+is tested equal to the model); nothing here prints or samples.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from gpt2lab.generate import cached_forward, left_pad
-from gpt2lab.kernels.cpu_decode import DecodeKernels, decode_kernels
+from gpt2lab.kernels.cpu_decode import DecodeKernels, decode_kernels, decode_step
 from gpt2lab.model import KVCache
 
 
@@ -125,6 +126,7 @@ class SlotCache:
         self.rows = 0
         self.pos = 0
         self.kernels = decode_kernels(model, slots) if kernels else None
+        self.fast_step = decode_step(model, slots) if kernels else None  # a flat CPU step
 
     @property
     def free(self) -> int:
@@ -168,12 +170,14 @@ class SlotCache:
         self.mask[:n, p] = True
         view = _RowsView(self.store.k[:, :n], self.store.v[:, :n], p)
         ids = tokens.to(self.mask.device)[:, None]
-        logits = cached_forward(
-            self.model, ids, view, self.mask[:n, : p + 1], self.lengths[:n], self.kernels
-        )
+        mask, positions = self.mask[:n, : p + 1], self.lengths[:n]
+        if self.fast_step is not None and not torch.is_autocast_enabled("cpu"):
+            logits = self.fast_step.step(ids, view, positions, mask)
+        else:
+            logits = cached_forward(self.model, ids, view, mask, positions, self.kernels)[:, -1]
         self.lengths[:n] += 1
         self.pos = p + 1
-        return logits[:, -1, :]
+        return logits
 
     def remove(self, row: int) -> int | None:
         """Free a live row; the last live row moves into it. Returns the row that moved (its

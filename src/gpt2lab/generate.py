@@ -8,6 +8,8 @@ import codecs
 import contextlib
 import functools
 import inspect
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gpt2lab.config import SampleConfig
-from gpt2lab.kernels.cpu_decode import DecodeKernels, decode_kernels
+from gpt2lab.kernels.cpu_decode import DecodeKernels, decode_kernels, decode_step
 from gpt2lab.model import KVCache
 
 # The settings of the short previews shown while training and after the demo.
@@ -114,16 +116,19 @@ def sample_next(
         logits = top_k_mask(logits, top_k)
     if top_p is not None:
         logits = top_p_mask(logits, top_p)
-    return draw(torch.softmax(logits, dim=-1), generator)
+    probs = torch.softmax(logits, dim=-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
 
 
 def draw(
     probs: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
 ) -> Tensor:
     """One token per row of (B, V) probabilities, by inverting each row's cumulative distribution
-    at a uniform draw (from the row's own generator when given one per row). The same
-    distribution as `torch.multinomial(probs, 1)`, which is ~100x slower on a CPU for a
-    50k-token vocabulary."""
+    at a uniform draw (from the row's own generator when given one per row): the same
+    distribution as `torch.multinomial(probs, 1)` (which takes one generator, and a few ms per
+    row of a 50k-token vocabulary on a CPU, where this takes a few ms for a batch)."""
     B = probs.size(0)
     if generator is None or isinstance(generator, torch.Generator):
         u = torch.rand(B, 1, generator=generator, device=probs.device)
@@ -355,7 +360,8 @@ class _CachedRunner:
     """Runs the model over a preallocated KV cache, keeping per-row positions for left padding.
 
     A gpt2lab GPT on a CPU decodes through `gpt2lab.kernels.cpu_decode` unless `kernels=False`
-    (the plain model, which the kernels are tested equal to).
+    (the plain model, which the kernels are tested equal to): the prompt through the model with
+    packed weights swapped in, each new token through the flat `DecodeStep`.
     """
 
     def __init__(
@@ -367,6 +373,7 @@ class _CachedRunner:
         self.mask: Tensor | None = None  # (B, max_len) real-token mask of what the cache holds
         self.next_pos: Tensor | None = None  # (B, 1) position of each row's next token
         self.kernels = decode_kernels(model, batch) if kernels else None
+        self.fast_step = decode_step(model, batch) if kernels else None
 
     def full(self) -> bool:
         return self.cache is not None and self.cache.pos >= self.max_len
@@ -387,12 +394,15 @@ class _CachedRunner:
         """Feed one new token per row (B, 1); returns its logits (B, V)."""
         assert self.cache is not None
         if self.mask is None or self.next_pos is None:
-            return self._forward(ids, None, None)
-        p = self.cache.pos
-        self.mask[:, p] = True
-        pos = self.next_pos
-        self.next_pos = pos + 1
-        return self._forward(ids, self.mask[:, : p + 1], pos)
+            mask = pos = None
+        else:
+            p = self.cache.pos
+            self.mask[:, p] = True
+            mask, pos = self.mask[:, : p + 1], self.next_pos
+            self.next_pos = pos + 1
+        if self.fast_step is not None and not torch.is_autocast_enabled("cpu"):
+            return self.fast_step.step(ids, self.cache, pos, mask)
+        return self._forward(ids, mask, pos)
 
     def _forward(self, ids: Tensor, mask: Tensor | None, pos: Tensor | None) -> Tensor:
         return cached_forward(self.model, ids, self.cache, mask, pos, self.kernels)[:, -1, :]
@@ -477,3 +487,14 @@ class TextStream:
                     best = n
                     break
         return best
+
+
+class _CallableModule(types.ModuleType):
+    """`gpt2lab.generate` names both this module and its function, and importing the module binds
+    the module to that name on the package: calling the module calls the function."""
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
