@@ -142,3 +142,18 @@ def live(model_dir):
     )
     yield server
     server.close()
+
+
+@pytest.fixture
+def start_server(model_dir):
+    """start_server(*flags) -> a Live server over the tiny model with more flags; stopped after."""
+    pytest.importorskip("httpx")
+    servers = []
+
+    def start(*flags: str) -> Live:
+        servers.append(Live(serve_args(model_dir, *flags)))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

@@ -599,3 +599,24 @@ def test_concurrent_streams_lose_and_repeat_nothing(live):
         assert tokens == alone[p]["logprobs"]["tokens"]
     assert live.state.engine.steps > 0
     assert live.wait_idle()["busy_slots"] == 0
+
+
+def test_quantized_serving_equals_quantized_sampling(start_server, model_dir, capsys):
+    """--quantize comes from `gpt2lab sample`'s options: the same int8 model either way."""
+    prompt = "The quick brown fox"
+    code = cli.main(
+        ["sample", "--model", str(model_dir), "-p", prompt, "-m", "16", "--quantize", "int8"]
+        + ["--temperature", "0", "--dtype", "float32", "--json"]
+    )
+    assert code == 0
+    sampled = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    server = start_server("--quantize", "int8")
+    from gpt2lab.quantize import Int8Linear
+
+    assert isinstance(server.state.model.lm_head, Int8Linear)
+    r = httpx.post(
+        server.url + "/v1/completions",
+        json={"prompt": prompt, "max_tokens": 16, "temperature": 0},
+        timeout=30,
+    ).json()
+    assert r["choices"][0]["text"] == sampled["text"]

@@ -51,6 +51,7 @@ def test_help_has_examples(capsys):
         "--max-n",
         "--device",
         "--dtype",
+        "--quantize",
     ):
         assert flag in out
     assert "gpt2lab serve --model" in out

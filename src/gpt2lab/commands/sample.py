@@ -195,7 +195,8 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
     flags = {
         f"sample.{f.name}": getattr(args, f.name, None) for f in dataclasses.fields(SampleConfig)
     }
-    flags["sample.stop"] = tuple(args.stop) if args.stop else None
+    stop = getattr(args, "stop", None)  # `gpt2lab serve` reads its model options here too
+    flags["sample.stop"] = tuple(stop) if stop else None
     return config.resolve(
         config_file=toml if toml.is_file() else None, flags=flags, sections=["sample"]
     ).sample
