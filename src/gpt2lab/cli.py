@@ -45,6 +45,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "an OpenAI-compatible API server with a web playground",
         "gpt2lab serve --model runs/sc --port 8000",
     ),
+    "chat": (
+        "gpt2lab.commands.chat",
+        "talk to a chat model in the terminal (history, /reset, /system)",
+        "gpt2lab chat --model runs/sft",
+    ),
     "eval": (
         "gpt2lab.commands.eval",
         "zero-shot evaluations from the paper, HellaSwag, perplexity",

@@ -50,8 +50,20 @@ def test_new_rows_are_the_mean_and_old_rows_are_unchanged(old, new, pad):
     assert torch.allclose(logits[..., old], logits[..., new - 1])  # the new rows are equal
     padded = model.lm_head(torch.randn(1, 16))  # the head still masks the padding columns
     assert torch.isinf(padded[..., new:]).all() and torch.isfinite(padded[..., :new]).all()
-    with pytest.raises(ConfigError, match="cannot shrink"):
+    with pytest.raises(ConfigError, match="cannot grow"):
         grow_vocab(model, old - 1)
+
+
+def test_rows_the_tokenizer_never_used_are_set_in_place():
+    """A model padded past its tokenizer (50304 for 50257, say) keeps its size."""
+    model = tiny(110, pad=1)
+    before = model.transformer.wte.weight.detach().clone()
+    tok = get_tokenizer("char", text="abcdefghij" * 10)  # 11 ids, the model has 110
+    grown = add_special_tokens(model, tok, ["<|pad|>", "<|user|>"])
+    w = model.transformer.wte.weight
+    assert model.config.vocab_size == 110 and grown.n_vocab == 13
+    assert torch.equal(w[11:13], before[:11].double().mean(0).float().expand(2, -1))
+    assert torch.equal(w[:11], before[:11]) and torch.equal(w[13:], before[13:])
 
 
 def test_grown_model_trains_its_new_rows():
@@ -117,7 +129,7 @@ def test_round_trip_through_transformers(chat_model, tmp_path):
     hf_tok.save_pretrained(tmp_path / "resaved")
     again, again_tok = load_model(tmp_path / "resaved")
     assert again_tok.special_tokens == tok.special_tokens
-    assert again_tok.chat_template is not None  # transformers' copy of our Jinja, sandboxed
+    assert again_tok.chat_template == CHAT  # transformers' copy of our Jinja is recognised
     assert again_tok.chat_template.encode(again_tok, CONV) == ids
     with torch.no_grad():
         assert torch.allclose(again(x)[0], ours, atol=1e-4)
@@ -167,3 +179,42 @@ def test_train_init_from_grows_for_the_data_tokens(tmp_path, tiny_shakespeare, c
     model, tok = load_model(run)
     assert model.config.vocab_size == 50260 and tok.special_tokens["<|unk|>"] == 50259
     assert tok.encode("<|pad|>", allowed_special="all") == [50258]
+
+
+def test_gguf_carries_the_chat_template(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from gpt2lab.checkpoint.gguf import save_gguf
+    from gpt2lab.tokenizer import train_bpe
+
+    tok = train_bpe("Hello there, general Kenobi! " * 50, 270)
+    model = tiny(tok.n_vocab, seed=2)
+    tok = add_special_tokens(model, tok, CHAT_TOKENS)
+    tok.chat_template = CHAT
+    save_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["tokenizer.chat_template"].contents() == CHAT.to_jinja()
+    end = tok.special_tokens["<|end|>"]
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == end == tok.n_vocab - 1
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[-4:] == list(CHAT_TOKENS)
+
+
+def test_a_char_model_takes_the_chat_tokens(tmp_path):
+    """The demo's character models: chat tokens after <|endoftext|>, saved and read back."""
+    tok = get_tokenizer("char", text="ROMEO: But soft!\nJULIET: Ay me.\n")
+    model = tiny(tok.n_vocab, pad=1)
+    grown = add_special_tokens(model, tok, CHAT_TOKENS)
+    assert grown.n_vocab == model.config.vocab_size == tok.n_vocab + 4
+    assert [grown.special_tokens[s] for s in CHAT_TOKENS] == list(range(tok.n_vocab, grown.n_vocab))
+    assert tokenizer_extends(tok, grown) and not tokenizer_extends(grown, tok)
+    grown.chat_template = CHAT
+    grown.save(tmp_path / "tok")
+    back = get_tokenizer(tmp_path / "tok")
+    assert back.special_tokens == grown.special_tokens and back.chat_template == CHAT
+    assert get_tokenizer(back.spec()).special_tokens == grown.special_tokens
+    messages = [
+        {"role": "user", "content": "ROMEO: But soft!"},
+        {"role": "assistant", "content": "Ay me."},
+    ]
+    ids, learn = CHAT.encode_with_mask(back, messages)
+    assert back.decode(ids) == CHAT.render(messages, add_generation_prompt=False)
+    assert back.decode([i for i, k in zip(ids, learn) if k]) == "Ay me.<|end|>"

@@ -174,6 +174,12 @@ def save_gguf(
             writer.add_bos_token_id(eot)
             writer.add_eos_token_id(eot)
         writer.add_add_bos_token(False)  # gpt2lab never prepends a token to a prompt
+        template = getattr(tokenizer, "chat_template", None)
+        if template is not None:  # llama.cpp renders it for its chat endpoints
+            writer.add_chat_template(template.to_jinja())
+            end = tokenizer.special_tokens.get(template.end_token)
+            if end is not None:
+                writer.add_eot_token_id(end)
         for tensor_name, array in gguf_tensors(model).items():
             kind = tensor_type(tensor_name, array, outtype)
             if kind == "f32":

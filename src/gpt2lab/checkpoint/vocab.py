@@ -25,26 +25,30 @@ from gpt2lab.model import GPT, LMHead
 _PROBE = "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n\tÉtude naïve."
 
 
-def grow_vocab(model: GPT, new_vocab_size: int) -> GPT:
+def grow_vocab(model: GPT, new_vocab_size: int, n_real: int | None = None) -> GPT:
     """Grow `model` (in place, returned) to `new_vocab_size` tokens: rows
-    [old vocab_size, new_vocab_size) of `transformer.wte` (tied to `lm_head`) become the mean of
-    rows [0, old vocab_size); old rows are unchanged. A size equal to the current one is a no-op.
-    """
+    [n_real, new_vocab_size) of `transformer.wte` (tied to `lm_head`) become the mean of rows
+    [0, n_real); all other rows are unchanged. `n_real` defaults to the model's vocab_size; a
+    smaller one sets rows that the model has but its tokenizer never used (a vocabulary padded
+    to 50304, say); then a `new_vocab_size` within the model's changes values, not sizes."""
     cfg: GPTConfig = model.config
     old = cfg.vocab_size
-    if new_vocab_size < old:
+    n_real = old if n_real is None else n_real
+    if new_vocab_size < n_real or not 0 < n_real <= old:
         raise ConfigError(
-            f"cannot shrink the vocabulary from {old} to {new_vocab_size} tokens",
-            f"a size of at least {old}",
+            f"cannot grow the vocabulary from {n_real} real tokens (of {old}) to {new_vocab_size}",
+            f"0 < n_real <= {old} and a new size of at least n_real",
         )
-    if new_vocab_size == old:
-        return model
-    new_cfg = dataclasses.replace(cfg, vocab_size=new_vocab_size)
     weight = model.transformer.wte.weight
     with torch.no_grad():
+        mean = weight[:n_real].double().mean(0).to(weight.dtype)
+        if new_vocab_size <= old:  # the rows exist: only their values change
+            weight[n_real:new_vocab_size] = mean
+            return model
+        new_cfg = dataclasses.replace(cfg, vocab_size=new_vocab_size)
         table = weight.new_zeros(new_cfg.padded_vocab_size, cfg.n_embd)
-        table[:old] = weight[:old]
-        table[old:new_vocab_size] = weight[:old].double().mean(0).to(weight.dtype)
+        table[:n_real] = weight[:n_real]
+        table[n_real:new_vocab_size] = mean
     wte = nn.Embedding(new_cfg.padded_vocab_size, cfg.n_embd, device=weight.device)
     wte.weight = nn.Parameter(table, requires_grad=weight.requires_grad)
     head = LMHead(new_cfg).to(device=weight.device, dtype=weight.dtype)
@@ -79,7 +83,6 @@ def add_special_tokens(model: GPT, tokenizer: Any, names: Iterable[str]) -> Any:
             "a byte-level BPE tokenizer (GPT-2's or a trained one)",
         )
     grown = tokenizer.with_special_tokens(missing)
-    if grown.n_vocab > model.config.vocab_size:
-        grow_vocab(model, grown.n_vocab)
+    grow_vocab(model, grown.n_vocab, tokenizer.n_vocab)
     model.tokenizer = grown
     return grown

@@ -23,6 +23,7 @@ from gpt2lab.generate import complete, prompt_ids
 from gpt2lab.io import atomic_write_json, atomic_write_text, read_utf8
 from gpt2lab.quantize import METHODS as QUANTIZE_METHODS
 from gpt2lab.quantize import quantize
+from gpt2lab.tokenizer.chat import resolve_chat_template, validate_messages
 
 EXAMPLES = """
 gpt2lab sample --model runs/sc -p 'ROMEO:' -m 200 --temperature 0.8 --top-k 200
@@ -33,6 +34,7 @@ gpt2lab sample --model runs/owt --prompt-file prompts.txt --lines --json > out.j
 echo 'Once upon a time' | gpt2lab sample --model runs/sc
 gpt2lab sample --model runs/sc --interactive
 gpt2lab sample --model gpt2 -p 'Hello' --quantize int8 --temperature 0       # int8 weights
+gpt2lab sample --model runs/sft --chat conversation.json      # the assistant's next reply
 """
 
 _DEFAULTS = SampleConfig()
@@ -50,14 +52,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "name already in the local cache (gpt2); its tokenizer comes with it",
     )
     g = p.add_argument_group("model precision")
-    g.add_argument("--device", metavar="DEVICE", help="auto (default), cpu, cuda, cuda:N or mps")
-    g.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and compute dtype. auto (default): bfloat16 on GPUs and on "
-        "CPUs with native bfloat16 (AVX512-BF16/AMX: half the bytes to read per token), else "
-        "float32; --dtype float32 for exact results",
-    )
+    add_device_arguments(g)
     g.add_argument(
         "--quantize",
         choices=list(QUANTIZE_METHODS),
@@ -88,6 +83,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Without -p or --prompt-file, text piped on stdin is the prompt",
     )
     g.add_argument(
+        "--chat",
+        metavar="FILE",
+        help='a conversation, JSON: [{"role": "user", "content": ...}, ...] (or {"messages": '
+        "[...]}), rendered with the model's chat template; prints the assistant's reply",
+    )
+    g.add_argument(
+        "--template",
+        metavar="NAME",
+        help="with --chat: 'chat', 'plain' or a chat_template.json instead of the model's own",
+    )
+    g.add_argument(
         "--lines",
         action="store_true",
         help="each non-empty line of the prompt files is a separate prompt",
@@ -106,28 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"tokens to generate per sample (default {_DEFAULTS.max_new_tokens})",
     )
-    g.add_argument(
-        "--temperature",
-        type=float,
-        metavar="T",
-        help="divide logits by this; 0 = greedy (default 1.0)",
-    )
-    g.add_argument(
-        "--top-k", type=int, metavar="K", help="sample from the k most likely tokens only"
-    )
-    g.add_argument(
-        "--top-p",
-        type=float,
-        metavar="P",
-        help="nucleus sampling: the fewest most likely tokens with probability >= p, 0 < p <= 1",
-    )
-    g.add_argument(
-        "--repetition-penalty",
-        type=float,
-        metavar="R",
-        help="> 1 makes tokens already in the text less likely (default 1.0 = off)",
-    )
-    g.add_argument("--seed", type=int, metavar="S", help="seed for reproducible samples")
+    add_sampling_arguments(g)
     g.add_argument("--num-samples", type=int, metavar="N", help="samples per prompt (default 1)")
     g.add_argument(
         "--stop",
@@ -166,6 +151,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_sampling_arguments(g: Any) -> None:
+    """--temperature, --top-k, --top-p, --repetition-penalty and --seed (sample, chat)."""
+    g.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="divide logits by this; 0 = greedy (default 1.0)",
+    )
+    g.add_argument(
+        "--top-k", type=int, metavar="K", help="sample from the k most likely tokens only"
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        metavar="P",
+        help="nucleus sampling: the fewest most likely tokens with probability >= p, 0 < p <= 1",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        help="> 1 makes tokens already in the text less likely (default 1.0 = off)",
+    )
+    g.add_argument("--seed", type=int, metavar="S", help="seed for reproducible samples")
+
+
+def add_device_arguments(g: Any) -> None:
+    """--device and --dtype (sample, chat)."""
+    g.add_argument("--device", metavar="DEVICE", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and compute dtype. auto (default): bfloat16 on GPUs and on "
+        "CPUs with native bfloat16 (AVX512-BF16/AMX: half the bytes to read per token), else "
+        "float32; --dtype float32 for exact results",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = sample_config(args)
     _check_flags(args)
@@ -173,8 +196,11 @@ def run(args: argparse.Namespace) -> int:
         model, tok = load_model_for(args.model, cfg)
         if args.interactive:
             return _interactive(model, tok, cfg, args)
-        texts = _read_prompts(args)
-        prompts = [_encode(tok, t, args.allow_special) for t in texts]
+        if args.chat:
+            texts, prompts, cfg = _chat_prompt(args, tok, cfg)
+        else:
+            texts = _read_prompts(args)
+            prompts = [_encode(tok, t, args.allow_special) for t in texts]
         rows = [
             (i, t, ids)
             for i, (t, ids) in enumerate(zip(texts, prompts))
@@ -202,6 +228,26 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
     ).sample
 
 
+def _chat_prompt(
+    args: argparse.Namespace, tok: Any, cfg: SampleConfig
+) -> tuple[list[str], list[list[int]], SampleConfig]:
+    """--chat FILE: the rendered conversation and its ids; the template's stop strings added."""
+    template = resolve_chat_template(args.model, tok, args.template)
+    text = read_prompt_file(args.chat)
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise DataError(
+            f"--chat file {args.chat} is not JSON ({e})",
+            'a list of {"role": ..., "content": ...} messages',
+        ) from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    ids = template.encode(tok, validate_messages(messages, where=args.chat))
+    stop = tuple(dict.fromkeys([*cfg.stop, *(template.stop_strings or (template.end_token,))]))
+    args.reply_lead = template.reply_lead
+    return [template.render(messages)], [ids], dataclasses.replace(cfg, stop=stop)
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     if args.stream and (args.json or args.out):
         raise UsageError(
@@ -214,6 +260,14 @@ def _check_flags(args: argparse.Namespace) -> None:
             "no -p, --prompt-file, --json or --out with it",
             "drop those flags, or drop --interactive",
         )
+    if args.chat and (args.prompt or args.prompt_file or args.interactive):
+        raise UsageError(
+            "--chat reads the conversation from its file",
+            "no -p, --prompt-file or --interactive with it",
+            "drop those flags (or use `gpt2lab chat` to talk turn by turn)",
+        )
+    if args.template and not args.chat:
+        raise UsageError("--template applies to --chat only", fix="add --chat FILE")
     if args.lines and not args.prompt_file:
         raise UsageError("--lines needs --prompt-file", fix="add --prompt-file FILE (or -)")
 
@@ -334,15 +388,21 @@ class _Writer:
 
     def __init__(self, args: argparse.Namespace, total: int) -> None:
         self.args, self.total, self.count, self.streamed = args, total, 0, False
+        # --chat shows the reply only, without the template's text before it (a space)
+        self.chat, self.lead = bool(getattr(args, "chat", None)), getattr(args, "reply_lead", "")
+        self.pending_lead = ""
 
     def begin(self, prompt: str) -> None:
         """A streamed sample starts: show its prompt."""
         self._separator()
-        print(prompt, end="", flush=True)
-        self.streamed = True
+        print("" if self.chat else prompt, end="", flush=True)
+        self.streamed, self.pending_lead = True, self.lead
 
     def live(self, row: int, piece: str) -> None:
         if row == 0:
+            if self.pending_lead:
+                piece = piece.removeprefix(self.pending_lead)
+                self.pending_lead = ""
             print(piece, end="", flush=True)
 
     def done(self, prompt: str, prompt_index: int, c: Any) -> None:
@@ -367,7 +427,8 @@ class _Writer:
             self.streamed = False
         else:
             self._separator()
-            print(prompt + c.text, flush=True)
+            shown = c.text.removeprefix(self.lead) if self.chat else prompt + c.text
+            print(shown, flush=True)
         self.count += 1
 
     def _separator(self) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.errors import DataError, TokenizerError
+from gpt2lab.errors import ConfigError, DataError, TokenizerError, mark_key
 from gpt2lab.io import atomic_write_json
 
 ROLES = ("system", "user", "assistant")
@@ -292,6 +292,54 @@ def get_chat_template(name: str) -> ChatTemplate:
     )
 
 
+def crop_history(
+    template: ChatTemplate, tokenizer: Any, messages: Sequence[Message], max_tokens: int
+) -> tuple[list[Message], list[int]]:
+    """The latest turns that fit: (messages, prompt ids) with at most `max_tokens` ids.
+
+    Whole turns go from the oldest on: a user message with the assistant reply after it; a
+    system message first stays while anything else can go. If the last message alone does not
+    fit, a DataError says how long it is."""
+    messages = validate_messages(messages)
+    keep_system = 1 if messages and messages[0]["role"] == "system" else 0
+    while True:
+        ids = template.encode(tokenizer, messages, add_generation_prompt=True)
+        if len(ids) <= max_tokens:
+            return list(messages), ids
+        if len(messages) > keep_system + 1:
+            drop = 2 if messages[keep_system + 1]["role"] == "assistant" else 1
+            drop = min(drop, len(messages) - keep_system - 1)
+            messages = messages[:keep_system] + messages[keep_system + drop :]
+        elif keep_system:
+            messages, keep_system = messages[1:], 0
+        else:
+            raise DataError(
+                f"the message is {len(ids)} tokens with the chat markup, more than the "
+                f"{max_tokens} the context leaves for it",
+                "a shorter message",
+                "shorten it, or generate fewer tokens per reply",
+            )
+
+
+def resolve_chat_template(
+    model_path: str | os.PathLike, tokenizer: Any, name: str | None = None
+) -> ChatTemplate:
+    """The template a command uses: `name` if given (built-in or a file), else the one that
+    travels with the model (its tokenizer's, or found beside `model_path`), else a one-line
+    ConfigError (a model never fine-tuned for chat)."""
+    if name:
+        return get_chat_template(name)
+    template = getattr(tokenizer, "chat_template", None) or load_chat_template(model_path)
+    if template is None:
+        raise ConfigError(
+            f"{model_path} has no chat template",
+            "a model fine-tuned for chat (gpt2lab sft saves the template with its tokenizer)",
+            f"fine-tune it with `gpt2lab sft`, or pass {mark_key('template', 'plain')} to talk "
+            "to a base model",
+        )
+    return template
+
+
 def validate_messages(messages: Any, where: str = "the conversation") -> list[Message]:
     """The messages as a list of {"role", "content"} dicts, or a one-line DataError naming the
     message index and field."""
@@ -460,6 +508,9 @@ def _hf_template(p: Path) -> ChatTemplate | None:
         source = jinja_file.read_text(encoding="utf-8")
     if not isinstance(source, str) or not source:
         return None
+    for known in TEMPLATES.values():  # ours, exported (or re-saved by transformers)
+        if source == known.to_jinja():
+            return known
     eos = config.get("eos_token", _EOT)
     if isinstance(eos, dict):  # an AddedToken written out
         eos = eos.get("content", _EOT)

@@ -111,10 +111,10 @@ def pretrained(cfg: Config, data_tok: Any, meta: dict[str, Any]) -> tuple[Config
     or the model's plus special tokens (then the model grows: `checkpoint.vocab.grow_vocab`)."""
     src = cfg.train.init_from
     model, tok = load_model(src, device="cpu", dtype=torch.float32)
-    if tok is not None and data_tok.n_vocab > model.config.vocab_size:
-        if tokenizer_extends(tok, data_tok):  # the data's tokenizer adds special tokens
-            grow_vocab(model, data_tok.n_vocab)  # their rows start at the mean of the others
-            tok = data_tok
+    if tok is not None and data_tok.n_vocab > tok.n_vocab and tokenizer_extends(tok, data_tok):
+        # the data's tokenizer adds special tokens: their rows start at the mean of the others
+        grow_vocab(model, data_tok.n_vocab, tok.n_vocab)
+        tok = data_tok
     mcfg = model.config
     if tok is not None and not tokenizers_match(tok, data_tok):
         raise TokenizerError(
