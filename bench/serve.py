@@ -39,6 +39,9 @@ from gpt2lab.device import pick_device, pick_dtype
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import get_tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sample import measure_bandwidth, weight_bytes_per_step  # noqa: E402 - bench/sample.py
+
 PROMPT_TOKENS = 16
 
 
@@ -66,12 +69,10 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-def stream_once(url: str, body: dict, headers: dict) -> Stream:
+def stream_once(url: str, body: dict) -> Stream:
     s = Stream(time.perf_counter())
     try:
-        with httpx.stream(
-            "POST", url + "/v1/completions", json=body, headers=headers, timeout=120
-        ) as r:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
             if r.status_code != 200:
                 s.error = f"HTTP {r.status_code}: {r.read()[:200]!r}"
                 return s
@@ -89,14 +90,15 @@ def stream_once(url: str, body: dict, headers: dict) -> Stream:
     return s
 
 
-def run_level(url: str, n: int, args, headers: dict, extra: dict) -> dict:
-    """N clients, each sending up to args.requests requests in turn within args.seconds."""
-    rng = random.Random(n)
+def run_level(url: str, n: int, args, extra: dict, seed: int) -> tuple[list[Stream], float]:
+    """N clients, each sending up to args.requests requests in turn within args.seconds; the
+    streams and the wall time."""
+    rng = random.Random(seed)
     streams: list[Stream] = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + args.seconds
 
-    def client(i: int) -> None:
+    def client() -> None:
         for _ in range(args.requests):
             if time.perf_counter() > stop_at:
                 return
@@ -109,38 +111,42 @@ def run_level(url: str, n: int, args, headers: dict, extra: dict) -> dict:
                 "stream": True,
                 **extra,
             }
-            s = stream_once(url, body, headers)
+            s = stream_once(url, body)
             with lock:
                 streams.append(s)
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=client) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    ok = [s for s in streams if s.error is None]
-    tokens = sum(len(s.arrivals) for s in ok)
+    return streams, time.perf_counter() - t0
+
+
+def summarize(n: int, runs: list[tuple[list[Stream], float]]) -> dict:
+    """Aggregate tokens/s of each run (median, min, max); latencies pooled over the runs."""
+    rates = []
+    ok: list[Stream] = []
+    errors = []
+    for streams, wall in runs:
+        good = [s for s in streams if s.error is None]
+        rates.append(sum(len(s.arrivals) for s in good) / wall)
+        ok += good
+        errors += [s.error for s in streams if s.error]
+    gaps = [g for s in ok for g in s.gaps()]
     return {
         "n": n,
-        "requests": len(streams),
-        "errors": [s.error for s in streams if s.error],
-        "tokens": tokens,
-        "wall": wall,
-        "tok_s": tokens / wall,
+        "requests": sum(len(streams) for streams, _ in runs),
+        "tokens": sum(len(s.arrivals) for s in ok),
+        "errors": errors,
+        "tok_s": statistics.median(rates),
+        "tok_s_min": min(rates),
+        "tok_s_max": max(rates),
         "ttft_p50": percentile([s.ttft for s in ok], 50),
         "ttft_p99": percentile([s.ttft for s in ok], 99),
-        "itl_p50": percentile([g for s in ok for g in s.gaps()], 50),
-        "itl_p99": percentile([g for s in ok for g in s.gaps()], 99),
-        "per_stream_tok_s": statistics.median(
-            [
-                (len(s.arrivals) - 1) / (s.arrivals[-1] - s.arrivals[0])
-                for s in ok
-                if len(s.arrivals) > 1
-            ]
-            or [float("nan")]
-        ),
+        "itl_p50": percentile(gaps, 50),
+        "itl_p99": percentile(gaps, 99),
     }
 
 
@@ -211,21 +217,30 @@ def find_llama_server(given: str | None) -> str | None:
 
 
 def bench(name: str, url: str, args, extra: dict) -> list[dict]:
-    stream_once(url, {"prompt": [464] * PROMPT_TOKENS, "max_tokens": 4, "stream": True}, {})
+    stream_once(url, {"prompt": [464] * PROMPT_TOKENS, "max_tokens": 4, "stream": True})
     rows = []
     for n in args.levels:
-        row = run_level(url, n, args, {}, extra)
+        runs = [run_level(url, n, args, extra, seed=100 * n + r) for r in range(args.repeat)]
+        row = summarize(n, runs)
         rows.append(row)
         base = rows[0]["tok_s"]
+        spread = f" ({row['tok_s_min']:.1f}-{row['tok_s_max']:.1f})" if args.repeat > 1 else ""
         print(
             f"{name:<12} N={n:<3} {row['requests']:>3} req {row['tokens']:>5} tok "
-            f"{row['tok_s']:7.1f} tok/s ({row['tok_s'] / base:4.1f}x N=1)  "
+            f"{row['tok_s']:7.1f} tok/s{spread} = {row['tok_s'] / base:4.1f}x N=1  "
             f"TTFT p50 {row['ttft_p50']:.2f} p99 {row['ttft_p99']:.2f} s  "
             f"per-token p50 {1000 * row['itl_p50']:.0f} p99 {1000 * row['itl_p99']:.0f} ms"
             + (f"  ERRORS {len(row['errors'])}: {row['errors'][0]}" if row["errors"] else ""),
             flush=True,
         )
     return rows
+
+
+def decode_limit(dtype: torch.dtype) -> float:
+    """One sequence's tokens/s if each token only read the weights once at the measured memory
+    bandwidth (bench/sample.py's measure)."""
+    model = GPT(GPTConfig())
+    return measure_bandwidth() / weight_bytes_per_step(model, dtype)
 
 
 def main() -> int:
@@ -235,6 +250,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2, help="requests per client (default 2)")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--seconds", type=float, default=90, help="stop new requests after this")
+    p.add_argument("--repeat", type=int, default=2, help="runs of each level (default 2)")
     p.add_argument("--dtype", default="auto", help="gpt2lab's dtype (auto: as gpt2lab sample)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
     p.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary")
@@ -243,13 +259,19 @@ def main() -> int:
     args = p.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     if args.quick:
-        args.levels, args.max_tokens, args.requests = [1, 4], 16, 1
+        args.levels, args.max_tokens, args.requests, args.repeat = [1, 4], 16, 1, 1
     dtype = pick_dtype(args.dtype, pick_device("cpu"))
     gguf_type = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(dtype, "f32")
     print(
         f"serving bench: 124M shape, random weights, {PROMPT_TOKENS}-token prompts, "
         f"{args.max_tokens} new tokens, {args.requests} requests per client, "
         f"{os.cpu_count()} CPUs, gpt2lab {dtype}, llama.cpp {gguf_type}",
+        flush=True,
+    )
+    limit = decode_limit(dtype)
+    print(
+        "machine limit at N=1 (the weights read once per token at the measured bandwidth): "
+        f"{limit:.0f} tok/s",
         flush=True,
     )
     results: dict[str, list[dict]] = {}
