@@ -620,3 +620,16 @@ def test_quantized_serving_equals_quantized_sampling(start_server, model_dir, ca
         timeout=30,
     ).json()
     assert r["choices"][0]["text"] == sampled["text"]
+
+
+def test_an_unexpected_failure_is_a_500_in_openai_json(live, monkeypatch):
+    from gpt2lab.serve import protocol
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(protocol, "parse_completion", broken)
+    err = error_of(post(live, "/v1/completions", {"prompt": "hi"}), 500)
+    assert "boom" in err["message"] and err["type"] == "server_error"
+    monkeypatch.undo()
+    assert post(live, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200

@@ -237,7 +237,12 @@ def create_app(state: State) -> Any:
         Route("/", index, methods=["GET"]),
         Route("/static/{path:path}", static, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    async def internal(request: Request, exc: Exception) -> Response:
+        return error(APIError(f"internal error: {type(exc).__name__}: {exc}", 500))
+
+    return Starlette(
+        routes=routes, exception_handlers={HTTPException: not_found, Exception: internal}
+    )
 
 
 _NO_CACHE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
