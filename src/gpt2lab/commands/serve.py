@@ -124,6 +124,13 @@ def run(args: argparse.Namespace) -> int:
         f"(OpenAI API at /v1, playground at /); Ctrl-C stops",
         flush=True,
     )
+    if state.api_key is None and not is_local(args.host):
+        print(
+            f"gpt2lab: warning: listening on {args.host} without an API key (--insecure): "
+            "whoever reaches this port can use the model",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         server.run()
     finally:
