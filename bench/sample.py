@@ -2,9 +2,11 @@
 
 The 124M shape with random weights, a 16-token prompt, 256 new tokens, batch 1 and 8, float32 and
 bfloat16, and the memory-bandwidth limit (weight bytes read per step against measured bandwidth).
-With llama-cpp-python installed, llama.cpp runs the same weights from our GGUF files (f16, bf16,
-q8_0) at batch 1, beside gpt2lab at the matching precision (q8_0: gpt2lab's int8 weights where
-this gpt2lab has `gpt2lab.quantize`, else bfloat16).
+Then gpt2lab's int8 weights (`gpt2lab.quantize`) beside its bfloat16, in turns, with the limit of
+the int8 bytes read per step. With llama-cpp-python installed, llama.cpp runs the same weights
+from our GGUF files (f16, bf16, q8_0) at batch 1, beside gpt2lab at the matching precision (int8
+for q8_0). Every figure is the median of --repeats runs taken in turns with its peer; the spread
+(min-max) is printed beside it, since this machine is shared.
 
     .venv/bin/python bench/sample.py            # full run (several minutes on 2 cores)
     .venv/bin/python bench/sample.py --quick    # a short run that checks everything works
@@ -27,10 +29,11 @@ from gpt2lab.config import GPTConfig
 from gpt2lab.device import cpu_has_native_bf16, pick_dtype
 from gpt2lab.generate import generate
 from gpt2lab.model import GPT
+from gpt2lab.quantize import model_bytes, quantize
 from gpt2lab.tokenizer import get_tokenizer
 
-# GGUF type -> gpt2lab's dtype at the same precision (q8_0: int8 weights, see gpt2lab_twin)
-GGUF_TWINS = {"f16": torch.float16, "bf16": torch.bfloat16, "q8_0": torch.bfloat16}
+# GGUF type -> gpt2lab's weights at the same precision
+GGUF_TWINS = {"f16": torch.float16, "bf16": torch.bfloat16, "q8_0": "int8"}
 
 
 def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
@@ -67,34 +70,68 @@ def hf_twin(model: GPT, dtype: torch.dtype):
     return hf.to(dtype)
 
 
-def time_alternating(a, b, repeats: int) -> tuple[float, float]:
-    """Median seconds of `a` and of `b`, run in turns so that load from elsewhere hits both."""
+def time_alternating(a, b, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of each run of `a` and of `b`, run in turns so that load from elsewhere hits both."""
     ta, tb = [], []
     for _ in range(repeats):
         for fn, times in ((a, ta), (b, tb)):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    return ta, tb
 
 
-def gpt2lab_twin(base: GPT, outtype: str, dtype: torch.dtype) -> tuple[GPT, str]:
-    """gpt2lab with `base`'s weights at the GGUF type's precision, and its name: q8_0 (8-bit
-    weights, a scale per block of 32) beside gpt2lab's int8 (a scale per row) when available."""
+def rate(work: float, times: list[float]) -> tuple[float, str]:
+    """(median work/s, 'min-max' work/s) of runs that took `times` seconds each."""
+    rates = sorted(work / t for t in times)
+    return statistics.median(rates), f"{rates[0]:.1f}-{rates[-1]:.1f}"
+
+
+def twin(base: GPT, precision) -> torch.nn.Module:
+    """A copy of `base` at a dtype, or int8 (`gpt2lab.quantize`)."""
     ours = GPT(base.config).eval()
     ours.load_state_dict(base.state_dict())
-    if outtype == "q8_0" and importlib.util.find_spec("gpt2lab.quantize") is not None:
-        from gpt2lab.quantize import quantize
+    return quantize(ours, "int8") if precision == "int8" else ours.to(precision)
 
-        return quantize(ours, "int8"), "int8"
-    return ours.to(dtype), str(dtype).removeprefix("torch.")
+
+def int8_rows(base: GPT, prompt_tokens: int, new: int, repeats: int, batches, bw: float) -> None:
+    """gpt2lab int8 beside gpt2lab bfloat16, in turns, and the int8 bandwidth limit."""
+    q, bf16 = twin(base, "int8"), twin(base, torch.bfloat16)
+    int8_bytes = weight_bytes_per_step(base, torch.int8)
+    f32_bytes, q_bytes = model_bytes(base), model_bytes(q)
+    print(
+        f"int8 weights: {q_bytes / 1e6:.0f} MB loaded ({q_bytes / f32_bytes:.2f}x float32; "
+        f"compact=True: {model_bytes(quantize(base, 'int8', compact=True)) / f32_bytes:.2f}x)"
+    )
+    print(
+        f"{'int8':<9} {'batch':>5} {'int8 tok/s':>14} {'(spread)':>13} {'bf16 tok/s':>11} "
+        f"{'ratio':>6} {'bw limit':>9} {'of limit':>8}"
+    )
+    for B in batches:
+        g = torch.Generator().manual_seed(B)
+        idx = torch.randint(0, base.config.vocab_size, (B, prompt_tokens), generator=g)
+        run_q = functools.partial(generate, q, idx, new, temperature=0)
+        run_b = functools.partial(generate, bf16, idx, new, temperature=0)
+        with torch.inference_mode():
+            same = (run_q() == run_b()).float().mean().item()  # + warm-up
+            tq, tb = time_alternating(run_q, run_b, repeats)
+        (q_tps, q_spread), (b_tps, _) = rate(B * new, tq), rate(B * new, tb)
+        limit = B * bw / int8_bytes
+        print(
+            f"{'int8':<9} {B:>5} {q_tps:>14.1f} {q_spread:>13} {b_tps:>11.1f} "
+            f"{q_tps / b_tps:>5.2f}x {limit:>9.1f} {q_tps / limit:>7.0%}   "
+            f"(greedy ids equal to bf16: {same:.0%})"
+        )
 
 
 def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None:
     """Batch-1 greedy tokens/s of llama.cpp on our GGUF files beside gpt2lab, printed as rows."""
     import llama_cpp
 
-    print(f"{'llama.cpp':<9} {'batch':>5} {'llama.cpp tok/s':>15} {'gpt2lab':>8} {'ratio':>6}")
+    print(
+        f"{'llama.cpp':<9} {'batch':>5} {'llama.cpp tok/s':>15} {'(spread)':>11} {'gpt2lab':>8} "
+        f"{'ratio':>6}"
+    )
     idx = torch.tensor([prompt])
     with tempfile.TemporaryDirectory() as tmp:
         for outtype, dtype in GGUF_TWINS.items():
@@ -112,14 +149,16 @@ def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None
                     if i + 1 == new:
                         break
 
-            ours, name = gpt2lab_twin(base, outtype, dtype)
+            ours = twin(base, dtype)
             run_ours = functools.partial(generate, ours, idx, new, temperature=0)
             with torch.inference_mode():
                 run_ours(), run_llama()  # warm-up
                 t_ours, t_llama = time_alternating(run_ours, run_llama, repeats)
+            (ours_tps, _), (llama_tps, llama_spread) = rate(new, t_ours), rate(new, t_llama)
+            name = str(dtype).removeprefix("torch.")
             print(
-                f"{outtype:<9} {1:>5} {new / t_llama:>15.1f} {new / t_ours:>8.1f} "
-                f"{t_ours / t_llama:>5.2f}x   (gpt2lab at {name})"
+                f"{outtype:<9} {1:>5} {llama_tps:>15.1f} {llama_spread:>11} {ours_tps:>8.1f} "
+                f"{ours_tps / llama_tps:>5.2f}x   (gpt2lab at {name})"
             )
 
 
@@ -130,7 +169,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8")
     args = ap.parse_args()
     new, repeats = (32, 1) if args.quick else (args.new_tokens, args.repeats)
     torch.manual_seed(0)
@@ -143,17 +182,17 @@ def main() -> None:
         f"read bandwidth {bw / 1e9:.1f} GB/s | torch {torch.__version__}"
     )
     print(
-        f"{'dtype':<9} {'batch':>5} {'gpt2lab tok/s':>14} {'transformers':>13} {'ratio':>6} "
+        f"{'dtype':<9} {'batch':>5} {'gpt2lab tok/s':>14} {'(spread)':>13} {'transformers':>13} "
+        f"{'ratio':>6} "
         f"{'bw limit':>9} {'of limit':>8}"
     )
     results: dict[tuple[str, int], tuple[float, float]] = {}
-    for dname in args.dtypes.split(","):
+    batches = [int(b) for b in args.batches.split(",")]
+    for dname in (d for d in args.dtypes.split(",") if d != "int8"):
         dtype = getattr(torch, dname)
-        ours = GPT(base.config).eval()
-        ours.load_state_dict(base.state_dict())
-        ours.to(dtype)
+        ours = twin(base, dtype)
         hf = hf_twin(base, dtype)
-        for B in map(int, args.batches.split(",")):
+        for B in batches:
             g = torch.Generator().manual_seed(B)
             idx = torch.randint(0, base.config.vocab_size, (B, args.prompt_tokens), generator=g)
             run_ours = functools.partial(generate, ours, idx, new, temperature=0)
@@ -170,13 +209,16 @@ def main() -> None:
             with torch.inference_mode():
                 same = (run_ours() == run_hf()).all(dim=1).float().mean().item()  # + warm-up
                 t_ours, t_hf = time_alternating(run_ours, run_hf, repeats)
-            ours_tps, hf_tps = B * new / t_ours, B * new / t_hf
+            (ours_tps, spread), (hf_tps, _) = rate(B * new, t_ours), rate(B * new, t_hf)
             limit = B * bw / weight_bytes_per_step(ours, dtype)
             results[(dname, B)] = (ours_tps, hf_tps)
             print(
-                f"{dname:<9} {B:>5} {ours_tps:>14.1f} {hf_tps:>13.1f} {ours_tps / hf_tps:>5.2f}x "
-                f"{limit:>9.1f} {ours_tps / limit:>7.0%}   (greedy ids equal: {same:.0%} of rows)"
+                f"{dname:<9} {B:>5} {ours_tps:>14.1f} {spread:>13} {hf_tps:>13.1f} "
+                f"{ours_tps / hf_tps:>5.2f}x {limit:>9.1f} {ours_tps / limit:>7.0%}   "
+                f"(greedy ids equal: {same:.0%} of rows)"
             )
+    if "int8" in args.dtypes.split(","):
+        int8_rows(base, args.prompt_tokens, new, repeats, batches, bw)
     key = (str(default_dtype).removeprefix("torch."), 1)
     if key in results and ("float32", 1) in results:
         print(

@@ -19,6 +19,9 @@ from gpt2lab.generate import (
     top_k_mask,
     top_p_mask,
 )
+from gpt2lab.generate import (
+    draw as sample_draw,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,6 +57,26 @@ def test_temperature_zero_is_argmax_and_ignores_the_generator():
 def test_plain_sampling_follows_the_distribution():
     # 4000 draws: the standard error of each frequency is below 0.008, so 0.03 is ~4 sigma
     assert torch.allclose(freq(draw()), PROBS, atol=0.03)
+
+
+def test_one_generator_per_row_draws_each_row_as_alone():
+    gens = [torch.Generator().manual_seed(i) for i in range(DRAWS)]
+    ids = sample_next(LOGITS.expand(DRAWS, -1), generator=gens)
+    assert torch.allclose(freq(ids), PROBS, atol=0.03)
+    alone = [
+        int(sample_next(LOGITS[None], generator=[torch.Generator().manual_seed(i)])[0])
+        for i in (0, 1, 2, 3)
+    ]
+    assert ids[:4].tolist() == alone
+    assert len(set(ids[:50].tolist())) > 1
+    with pytest.raises(ValueError, match="generators"):
+        sample_next(LOGITS.expand(3, -1), generator=gens[:2])
+
+
+def test_a_token_of_probability_zero_is_never_drawn():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(DRAWS, -1)
+    ids = sample_draw(probs, generator=torch.Generator().manual_seed(0))
+    assert set(ids.tolist()) == {1, 3}
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])

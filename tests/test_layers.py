@@ -34,9 +34,12 @@ LAYERS = {
     "eval": 4,
     "inspect": 4,
     "posttrain": 4,
+    "batching": 4,
+    "quantize": 4,
     "demo": 5,
     "plot": 5,
     "commands": 5,
+    "serve": 5,
     "cli": 5,
     "__main__": 5,
     "__init__": 5,  # the package root: the public API binds the stages' conveniences to GPT
@@ -56,6 +59,8 @@ LAZY_OK = {
     "tokenizers",
     "jinja2",  # chat templates read from Hugging Face directories, rendered sandboxed
     "gguf",  # optional: llama.cpp's file writer, for `gpt2lab convert ... model.gguf` only
+    "starlette",  # optional (the serve extra): `gpt2lab serve`'s web framework
+    "uvicorn",  # optional (the serve extra): `gpt2lab serve`'s ASGI server
 }
 
 APP = {name for name, layer in LAYERS.items() if layer == len(LAYER_NAMES) - 1}

@@ -29,6 +29,7 @@ _EXPORTS = {
     "generate": "gpt2lab.generate",
     "get_tokenizer": "gpt2lab.tokenizer",
     "load_model": "gpt2lab.checkpoint.load",
+    "quantize": "gpt2lab.quantize",
     "train_bpe": "gpt2lab.tokenizer",
 }
 __all__ = sorted(_EXPORTS)

@@ -54,6 +54,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "generate text from a trained model",
         "gpt2lab sample --model runs/sc -p 'ROMEO:' -m 200",
     ),
+    "serve": (
+        "gpt2lab.commands.serve",
+        "an OpenAI-compatible API server with a web playground",
+        "gpt2lab serve --model runs/sc --port 8000",
+    ),
     "chat": (
         "gpt2lab.commands.chat",
         "talk to a chat model in the terminal (history, /reset, /system)",

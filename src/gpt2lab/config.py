@@ -216,11 +216,13 @@ class SampleConfig:
     batch_size: int = 16  # rows generated together (prompts x samples are split into batches)
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     dtype: str = "auto"  # auto: bfloat16 on GPUs and on CPUs with native bfloat16, else float32
+    quantize: str | None = None  # int8: 8-bit weight matrices (gpt2lab.quantize)
 
     def __post_init__(self) -> None:
         _check_fields("sample", self, [])
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 0, "an integer >= 0", None),
+            ("quantize", self.quantize in (None, "int8"), "int8 (or unset)", "int8"),
             ("temperature", self.temperature >= 0, "a number >= 0 (0 = greedy)", None),
             ("top_k", self.top_k is None or self.top_k >= 1, "an integer >= 1", None),
             ("top_p", self.top_p is None or 0 < self.top_p <= 1, "a number in (0, 1]", "0.9"),

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import functools
 import sys
+from pathlib import Path
 
 import torch
 
@@ -99,3 +100,17 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return False
     return bool(ok)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (a GPU's free memory, a Linux CPU's MemAvailable), or None."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None

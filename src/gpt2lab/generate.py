@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import inspect
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +18,7 @@ import torch
 from torch import Tensor
 
 from gpt2lab.config import SampleConfig
-from gpt2lab.kernels.cpu_decode import decode_kernels
+from gpt2lab.kernels.cpu_decode import DecodeKernels, decode_kernels, decode_step
 from gpt2lab.model import KVCache
 
 # The settings of the short previews shown while training and after the demo.
@@ -95,12 +98,13 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     seen: Tensor | None = None,
 ) -> Tensor:
     """Choose one token per row from (B, V) logits; temperature 0 is greedy (argmax).
 
     The order is the usual one (and transformers'): repetition penalty, temperature, top-k, top-p.
+    `generator` may be one per row (a server's requests each with its own seed).
     """
     logits = logits.float()
     if seen is not None:
@@ -113,7 +117,29 @@ def sample_next(
     if top_p is not None:
         logits = top_p_mask(logits, top_p)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
+
+
+def draw(
+    probs: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None
+) -> Tensor:
+    """One token per row of (B, V) probabilities, by inverting each row's cumulative distribution
+    at a uniform draw (from the row's own generator when given one per row): the same
+    distribution as `torch.multinomial(probs, 1)` (which takes one generator, and a few ms per
+    row of a 50k-token vocabulary on a CPU, where this takes a few ms for a batch)."""
+    B = probs.size(0)
+    if generator is None or isinstance(generator, torch.Generator):
+        u = torch.rand(B, 1, generator=generator, device=probs.device)
+    else:
+        if len(generator) != B:
+            raise ValueError(f"{len(generator)} generators for {B} rows")
+        u = torch.cat([torch.rand(1, 1, generator=g, device=probs.device) for g in generator])
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.size(-1) - 1)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -344,7 +370,8 @@ class _CachedRunner:
     """Runs the model over a preallocated KV cache, keeping per-row positions for left padding.
 
     A gpt2lab GPT on a CPU decodes through `gpt2lab.kernels.cpu_decode` unless `kernels=False`
-    (the plain model, which the kernels are tested equal to).
+    (the plain model, which the kernels are tested equal to): the prompt through the model with
+    packed weights swapped in, each new token through the flat `DecodeStep`.
     """
 
     def __init__(
@@ -356,7 +383,7 @@ class _CachedRunner:
         self.mask: Tensor | None = None  # (B, max_len) real-token mask of what the cache holds
         self.next_pos: Tensor | None = None  # (B, 1) position of each row's next token
         self.kernels = decode_kernels(model, batch) if kernels else None
-        self.last_only = "last_only" in inspect.signature(model.forward).parameters
+        self.fast_step = decode_step(model, batch) if kernels else None
 
     def full(self) -> bool:
         return self.cache is not None and self.cache.pos >= self.max_len
@@ -377,22 +404,46 @@ class _CachedRunner:
         """Feed one new token per row (B, 1); returns its logits (B, V)."""
         assert self.cache is not None
         if self.mask is None or self.next_pos is None:
-            return self._forward(ids, None, None)
-        p = self.cache.pos
-        self.mask[:, p] = True
-        pos = self.next_pos
-        self.next_pos = pos + 1
-        return self._forward(ids, self.mask[:, : p + 1], pos)
+            mask = pos = None
+        else:
+            p = self.cache.pos
+            self.mask[:, p] = True
+            mask, pos = self.mask[:, : p + 1], self.next_pos
+            self.next_pos = pos + 1
+        if self.fast_step is not None and not torch.is_autocast_enabled("cpu"):
+            return self.fast_step.step(ids, self.cache, pos, mask)
+        return self._forward(ids, mask, pos)
 
     def _forward(self, ids: Tensor, mask: Tensor | None, pos: Tensor | None) -> Tensor:
-        kw = {"last_only": True} if self.last_only else {}
-        kernels = self.kernels.applied() if self.kernels else contextlib.nullcontext()
-        # no_grad here, not around the loop: a generator must not leak grad mode
-        with torch.no_grad(), kernels:
-            logits, _ = self.model(
-                ids, cache=self.cache, attention_mask=mask, position_ids=pos, **kw
-            )
-        return logits[:, -1, :]
+        return cached_forward(self.model, ids, self.cache, mask, pos, self.kernels)[:, -1, :]
+
+
+def cached_forward(
+    model: torch.nn.Module,
+    ids: Tensor,
+    cache: KVCache,
+    mask: Tensor | None = None,
+    positions: Tensor | None = None,
+    kernels: DecodeKernels | None = None,
+    keep: int = 1,
+) -> Tensor:
+    """Feed `ids` (B, T) after what `cache` holds; the logits of the last `keep` positions
+    (B, keep, V). `mask` (B, cached + T) marks real tokens, `positions` (B, T) their positions;
+    `kernels` (from `decode_kernels`) run the linear layers packed for a CPU."""
+    params = _forward_parameters(type(model))
+    kw = {"logits_to_keep": keep} if "logits_to_keep" in params else {}
+    if keep == 1 and "last_only" in params:
+        kw = {"last_only": True}
+    applied = kernels.applied() if kernels else contextlib.nullcontext()
+    # no_grad here, not around a loop: a generator must not leak grad mode
+    with torch.no_grad(), applied:
+        logits, _ = model(ids, cache=cache, attention_mask=mask, position_ids=positions, **kw)
+    return logits[:, -keep:, :]
+
+
+@functools.cache
+def _forward_parameters(model_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_type.forward).parameters)
 
 
 @dataclass
@@ -446,3 +497,14 @@ class TextStream:
                     best = n
                     break
         return best
+
+
+class _CallableModule(types.ModuleType):
+    """`gpt2lab.generate` names both this module and its function, and importing the module binds
+    the module to that name on the package: calling the module calls the function."""
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -17,6 +17,7 @@ from gpt2lab.kernels.cpu_decode import (
     PackedLinear,
     TransposedHead,
     decode_kernels,
+    decode_step,
     onednn_can_multiply,
 )
 from gpt2lab.model import GPT, KVCache, LMHead
@@ -167,6 +168,55 @@ def test_a_onednn_refusal_falls_back_to_the_plain_product(monkeypatch):
 
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
     assert generate(model, idx, 8, temperature=0).tolist() == ref.tolist()
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_equals_the_models_cached_forward(dtype, padded):
+    model = tiny_gpt(pad=64).to(dtype)
+    if dtype == torch.bfloat16 and not onednn_can_multiply(dtype):
+        pytest.skip("no oneDNN bfloat16 here")
+    idx = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    if padded:
+        mask[0, :2] = mask[2, :4] = False  # left padding
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    step = decode_step(model, 3)
+    assert step is not None
+    out, caches = {}, {}
+    for name in ("plain", "step"):
+        cache = caches[name] = KVCache(model.config, 3, 8, dtype=dtype)
+        kw = dict(attention_mask=mask[:, :6], position_ids=pos[:, :6]) if padded else {}
+        nxt = torch.tensor([[4], [50], [96]])
+        kw1 = dict(attention_mask=mask, position_ids=pos[:, 6:]) if padded else {}
+        with torch.no_grad():
+            model(idx, cache=cache, **kw)
+            if name == "plain":
+                out[name] = model(nxt, cache=cache, **kw1)[0][:, -1]
+            else:
+                out[name] = step.step(
+                    nxt, cache, kw1.get("position_ids"), kw1.get("attention_mask")
+                )
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    torch.testing.assert_close(out["step"], out["plain"], **tol)
+    assert caches["step"].pos == caches["plain"].pos == 7
+    torch.testing.assert_close(caches["step"].k, caches["plain"].k, **tol)
+    torch.testing.assert_close(caches["step"].v, caches["plain"].v, **tol)
+
+
+@needs_onednn
+def test_decode_step_is_kept_until_the_weights_change():
+    model = tiny_gpt()
+    step = decode_step(model, 2)
+    assert decode_step(model, 2) is step and decode_step(model, 1) is not step
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(0.5)
+    assert decode_step(model, 2) is not step
+    idx = torch.tensor([[5, 17, 3], [1, 2, 3]])
+    ref = generate(model, idx, 8, temperature=0, kernels=False)
+    assert generate(model, idx, 8, temperature=0).tolist() == ref.tolist()
+    assert decode_step(model.train(), 2) is None
 
 
 def test_no_kernels_for_other_models():

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2lab.model import GPT
+from gpt2lab.kernels.int8 import Int8Linear
+from gpt2lab.model import GPT, KVCache, LMHead
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -134,8 +136,9 @@ class DecodeKernels:
 
 def decode_kernels(model: nn.Module, rows: int) -> DecodeKernels | None:
     """Kernels for decoding `rows` rows of a GPT on a CPU, or None where none apply (GPU, other
-    models, or layers already swapped by an enclosing generation)."""
-    if not isinstance(model, GPT) or isinstance(model.lm_head, (PackedLinear, TransposedHead)):
+    models, models whose layers are not `nn.Linear` (int8, `gpt2lab.quantize`), or layers already
+    swapped by an enclosing generation)."""
+    if not isinstance(model, GPT) or type(model.lm_head) is not LMHead:
         return None
     param = next(model.parameters())
     return DecodeKernels(model, rows, param.dtype) if param.device.type == "cpu" else None
@@ -144,3 +147,133 @@ def decode_kernels(model: nn.Module, rows: int) -> DecodeKernels | None:
 def _linears(block: nn.Module) -> list[tuple[nn.Module, str]]:
     attn, mlp = block.attn, block.mlp
     return [(attn, "c_attn"), (attn, "c_proj"), (mlp, "c_fc"), (mlp, "c_proj")]
+
+
+class DecodeStep:
+    """One new token per row through a GPT on a CPU, the model's cached forward written flat.
+
+    `step(ids, cache, position_ids, mask)` equals `model(ids, cache=cache, attention_mask=mask,
+    position_ids=position_ids, last_only=True)[0][:, -1]` for ids (B, 1) (tested): the same
+    KVCache, written in place at `cache.pos`, the same left-padding rules. What it saves, per
+    token: the modules' calls and the views between them (about 30 operations a layer become
+    10). A float model's products are oneDNN's, on weights packed once for `rows` rows, with the
+    bias, the GELU and the residual add fused into them; an int8 model's (`gpt2lab.quantize`)
+    are fbgemm's, on the weights its `Int8Linear`s packed. `current(model)` says whether the
+    packed weights still match the model's (in-place updates bump their versions).
+    """
+
+    def __init__(self, model: GPT, rows: int, dtype: torch.dtype) -> None:
+        self.rows, self.dtype = rows, dtype
+        cfg = model.config
+        self.n_head, self.head_size, self.vocab = cfg.n_head, cfg.head_size, cfg.vocab_size
+        self.versions = _versions(model)
+        self.int8 = isinstance(model.lm_head, Int8Linear)
+
+        def mat(m: nn.Module, rows_out: int | None = None) -> tuple:
+            if self.int8:  # fbgemm's packed weight (bias inside), and 7-bit inputs where needed
+                return (m.packed, m.reduce_range)
+            w = m.weight.detach()[:rows_out].to(dtype)
+            b = None if m.bias is None else m.bias.detach().to(dtype)
+            return (torch.ops.mkldnn._reorder_linear_weight(w, rows), b)
+
+        def norm(ln: nn.LayerNorm) -> tuple:
+            b = None if ln.bias is None else ln.bias.detach().to(dtype)
+            return (ln.weight.detach().to(dtype), b, ln.eps)
+
+        self.layers = []
+        for block in model.transformer.h:
+            attn, mlp = block.attn, block.mlp
+            self.layers.append(
+                (
+                    norm(block.ln_1),
+                    *(mat(m) for m in (attn.c_attn, attn.c_proj)),
+                    norm(block.ln_2),
+                    *(mat(m) for m in (mlp.c_fc, mlp.c_proj)),
+                )
+            )
+        self.ln_f = norm(model.transformer.ln_f)
+        self.head = mat(model.lm_head, self.vocab)
+        self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
+
+    def current(self, model: GPT) -> bool:
+        return self.versions == _versions(model)
+
+    def _mm(self, x: Tensor, w: tuple, gelu: bool = False) -> Tensor:
+        if self.int8:
+            y = torch.ops.quantized.linear_dynamic(x, *w)
+            return F.gelu(y, approximate="tanh") if gelu else y
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, *w, "gelu", [], "tanh")
+        return torch.ops.mkldnn._linear_pointwise(x, *w, "none", [], "")
+
+    def _mm_add(self, x: Tensor, w: tuple, residual: Tensor) -> Tensor:
+        if self.int8:
+            return torch.ops.quantized.linear_dynamic(x, *w).add_(residual)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, *w, "add")
+
+    @torch.no_grad()
+    def step(
+        self,
+        ids: Tensor,
+        cache: KVCache,
+        position_ids: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, vocab_size), float32, of one new token per row; advances `cache.pos`."""
+        B, pos = ids.size(0), cache.pos
+        nh, hs = self.n_head, self.head_size
+        C = nh * hs
+        pos_emb = self.wpe[pos] if position_ids is None else self.wpe[position_ids[:, 0]]
+        tok_emb = self.wte(ids[:, 0]) if self.int8 else self.wte.weight[ids[:, 0]]
+        x = (tok_emb + pos_emb).to(self.dtype)  # (B, C)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, pos+1)
+        for i, (ln1, qkv, proj, ln2, fc, fc_proj) in enumerate(self.layers):
+            h = F.layer_norm(x, (C,), *ln1)
+            q, k, v = self._mm(h, qkv).view(B, 3, nh, 1, hs).unbind(1)
+            k_cache, v_cache = cache.k[i], cache.v[i]  # (B, nh, max_len, hs)
+            k_cache[:, :, pos : pos + 1] = k
+            v_cache[:, :, pos : pos + 1] = v
+            y = F.scaled_dot_product_attention(
+                q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1], attn_mask=attn_mask
+            )
+            x = self._mm_add(y.reshape(B, C), proj, x)
+            u = self._mm(F.layer_norm(x, (C,), *ln2), fc, gelu=True)
+            x = self._mm_add(u, fc_proj, x)
+        cache.pos = pos + 1
+        return self._mm(F.layer_norm(x, (C,), *self.ln_f), self.head).float()
+
+
+def decode_step(model: nn.Module, rows: int) -> DecodeStep | None:
+    """The flat decoding step of a GPT in eval mode on a CPU, else None: float models where
+    oneDNN multiplies their dtype, int8 models whose matrices are all fbgemm-packed. Kept per
+    model and row count while the weights stay as they were (the packing is not repeated for each
+    generation). Not for use under autocast (`gpt2lab.generate` checks)."""
+    if not isinstance(model, GPT) or model.training:
+        return None
+    if isinstance(model.lm_head, Int8Linear):
+        int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        if any(m.packed is None for m in int8):
+            return None
+        dtype = torch.float32
+    elif type(model.lm_head) is LMHead:
+        dtype = model.lm_head.weight.dtype
+        if model.lm_head.weight.device.type != "cpu" or not onednn_can_multiply(dtype):
+            return None
+    else:
+        return None
+    steps = _STEPS.setdefault(model, {})
+    step = steps.get((rows, dtype))
+    if step is None or not step.current(model):
+        try:
+            step = steps[(rows, dtype)] = DecodeStep(model, rows, dtype)
+        except RuntimeError:  # oneDNN has no kernel for this CPU after all
+            return None
+    return step
+
+
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _versions(model: nn.Module) -> tuple:
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((t.data_ptr(), t._version) for t in tensors)

@@ -1,0 +1,112 @@
+"""int8 weights: `quantize(model, "int8")`, a GPT whose every matrix is stored in 8 bits.
+
+Each weight matrix W (out, in), the head included, becomes int8 values q and one float32 scale
+per output channel (row): W ~ q * scale[:, None], symmetric (no zero point), with
+scale = max|row| / 127, so every row uses the full range [-127, 127]. The LayerNorms, the biases
+and the position embedding stay float32. The token embedding is the head's matrix (GPT-2 ties
+them): a lookup returns float32 rows q[id] * scale[id] of the head's int8 table.
+
+On a CPU the products run through fbgemm's int8 kernels (`gpt2lab.kernels.int8`): the input of
+each product is quantized to 8 bits on the fly, the weight stays packed in fbgemm's layout, and
+the int32 result is rescaled to float32. Elsewhere the int8 matrix is converted to the input's
+dtype inside each product (weight-only). The quantized model computes in float32 and is for
+inference: `generate`, `gpt2lab sample --quantize int8`, `gpt2lab serve --quantize int8`.
+Figures and the memory trade-off of the tied table: docs/quantize.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import types
+
+import torch
+from torch import nn
+
+from gpt2lab.errors import ConfigError
+from gpt2lab.kernels.int8 import (  # noqa: F401 - part of this module's API
+    Int8Embedding,
+    Int8Linear,
+    dequantize_rows,
+    quantize_rows,
+    scale_of,
+)
+from gpt2lab.model import GPT
+
+METHODS = ("int8",)
+
+
+def quantize(model: GPT, method: str = "int8", compact: bool = False) -> GPT:
+    """A copy of `model` with int8 weights (see the module doc); `model` is left as it is.
+
+    The copy is in eval mode, computes in float32 and has no gradients. The tied embedding/head
+    table is stored twice by default, as the int8 rows the lookup gathers and in fbgemm's packed
+    layout for the head's product (~0.33x of float32 for GPT-2). `compact=True` stores it once
+    (~0.26x) and multiplies the head from the plain int8 rows, which is slower (`torch._int_mm`).
+    """
+    if method not in METHODS:
+        raise ConfigError(
+            f"quantization method {method!r} is not known",
+            " or ".join(METHODS),
+            "use quantize(model, 'int8') (or --quantize int8)",
+        )
+    if not isinstance(model, GPT):
+        raise ConfigError(
+            f"quantize() got a {type(model).__name__}",
+            "a gpt2lab GPT",
+            "load the model with gpt2lab.load_model (or GPT.from_pretrained) first",
+        )
+    head_weight, wte = model.lm_head.weight, model.transformer.wte.weight
+    # copy everything but the matrices, which are replaced below (no float copy of them is made)
+    memo = {id(lin.weight): None for lin in _matrices(model)}
+    memo.update({id(head_weight): None, id(wte): None})
+    q = copy.deepcopy(model, memo)
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        for (parent, name), own in zip(_linear_slots(q), _matrices(model)):
+            setattr(parent, name, Int8Linear.from_float(own.weight, own.bias))
+        values, scale = quantize_rows(head_weight[:vocab])
+        q.lm_head = Int8Linear(values, scale, None, pack=not compact)
+        if head_weight is not wte:  # an untied model: its own table
+            values, scale = quantize_rows(wte)
+        q.transformer.wte = Int8Embedding(values, scale)
+    q.float().eval().requires_grad_(False)
+    q.quantization = method
+    return q
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes the model holds: parameters and buffers (each tensor once) and fbgemm's packed int8
+    weights (out x in bytes each, plus their scales)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, Int8Linear) and m.packed is not None:
+            total += m.out_features * m.in_features
+    return total
+
+
+def _matrices(model: GPT) -> list[nn.Linear]:
+    return [getattr(parent, name) for parent, name in _linear_slots(model)]
+
+
+def _linear_slots(model: GPT) -> list[tuple[nn.Module, str]]:
+    slots = []
+    for block in model.transformer.h:
+        attn, mlp = block.attn, block.mlp
+        slots += [(attn, "c_attn"), (attn, "c_proj"), (mlp, "c_fc"), (mlp, "c_proj")]
+    return slots
+
+
+class _CallableModule(types.ModuleType):
+    """`gpt2lab.quantize` names both this module and its function, and importing the module binds
+    the module to that name on the package: calling the module calls the function."""
+
+    def __call__(self, *args, **kwargs) -> GPT:
+        return quantize(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,199 @@
+"""`gpt2lab.quantize(model, "int8")`: exact scales, the memory it saves, and a trained model's
+greedy choices and perplexity kept (the demo's model, trained here at a small size)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gpt2lab
+from gpt2lab import cli
+from gpt2lab.config import GPTConfig
+from gpt2lab.errors import ConfigError
+from gpt2lab.model import GPT
+from gpt2lab.quantize import (
+    Int8Embedding,
+    Int8Linear,
+    dequantize_rows,
+    model_bytes,
+    quantize,
+    quantize_rows,
+)
+
+
+def test_scales_round_trip_exactly():
+    torch.manual_seed(0)
+    w = torch.randn(300, 96) * torch.logspace(-6, 3, 300)[:, None]  # rows over 9 decades
+    w[7] = 0.0  # an all-zero row
+    w[8, 3] = 1e-30  # a row with one tiny value
+    values, scale = quantize_rows(w)
+    assert values.dtype == torch.int8 and scale.dtype == torch.float32
+    again_values, again_scale = quantize_rows(dequantize_rows(values, scale))
+    assert torch.equal(again_values, values)
+    assert torch.equal(again_scale, scale)  # bit-identical, not merely close
+    # symmetric, full range: each nonzero row reaches +-127, and the error is half a step at most
+    nonzero = w.abs().amax(1) > 0
+    assert torch.equal(values.abs().amax(1)[nonzero], torch.full((299,), 127, dtype=torch.int8))
+    assert bool(((dequantize_rows(values, scale) - w).abs() <= scale[:, None] / 2 * 1.0001).all())
+    assert torch.equal(values[7], torch.zeros(96, dtype=torch.int8))
+
+
+def test_every_matrix_is_int8_and_the_rest_stays_float(tiny_cfg):
+    model = GPT(tiny_cfg).eval()
+    q = gpt2lab.quantize(model, "int8")
+    linears = [m for m in q.modules() if isinstance(m, torch.nn.Linear)]
+    assert not linears, linears
+    int8 = [m for m in q.modules() if isinstance(m, Int8Linear)]
+    assert len(int8) == 4 * tiny_cfg.n_layer + 1  # the head included
+    assert isinstance(q.transformer.wte, Int8Embedding)
+    for name, p in q.named_parameters():  # LayerNorms and the position embedding
+        assert p.dtype == torch.float32, name
+    assert q.transformer.wpe.weight.dtype == torch.float32
+    # the original is untouched, and int8 values equal those of quantize_rows
+    assert isinstance(model.transformer.h[0].attn.c_attn, torch.nn.Linear)
+    w = model.transformer.h[1].mlp.c_fc.weight
+    assert torch.equal(q.transformer.h[1].mlp.c_fc.int8_weight(), quantize_rows(w)[0])
+    head = quantize_rows(model.lm_head.weight[: tiny_cfg.vocab_size])
+    assert torch.equal(q.lm_head.int8_weight(), head[0])
+    assert torch.equal(q.transformer.wte.values, head[0])  # the tied table: the head's rows
+
+
+def test_unknown_method_is_a_one_line_error(tiny_cfg):
+    with pytest.raises(ConfigError, match="int4"):
+        quantize(GPT(tiny_cfg), "int4")
+
+
+def test_int8_model_equals_transformers_on_the_dequantized_weights(tiny_cfg, tmp_path):
+    """The int8 model computes what an independent implementation computes on its dequantized
+    weights, up to the 8-bit rounding of the activations."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = GPT(tiny_cfg).eval()
+    q = quantize(model, "int8")
+    deq = GPT(tiny_cfg).eval()
+    with torch.no_grad():
+        deq.load_state_dict(model.state_dict())
+        for name, own in q.named_modules():
+            if isinstance(own, Int8Linear) and name != "lm_head":
+                deq.get_submodule(name).weight.copy_(own.dequantized())
+        deq.transformer.wte.weight[: tiny_cfg.vocab_size].copy_(q.lm_head.dequantized())
+    deq.save_pretrained(tmp_path / "hf")
+    ref = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, tiny_cfg.vocab_size, (3, 20))
+    with torch.no_grad():
+        want = ref(idx).logits[..., : tiny_cfg.vocab_size]
+        got, _ = q(idx)
+    err = (got - want).abs().max() / want.std()
+    assert err < 0.05, err
+
+
+def test_memory_of_gpt2_small_is_at_most_0_3x_float32_when_compact():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).eval()  # the 124M shape
+    f32 = model_bytes(model)
+    compact = quantize(model, "int8", compact=True)
+    assert model_bytes(compact) <= 0.30 * f32, model_bytes(compact) / f32
+    # the default keeps the head in fbgemm's layout too (a second int8 copy of the tied table)
+    fast = quantize(model, "int8")
+    assert model_bytes(fast) <= 0.34 * f32, model_bytes(fast) / f32
+    with torch.no_grad():
+        idx = torch.randint(0, 50257, (1, 8))
+        a, b = compact(idx)[0], fast(idx)[0]
+    assert (a - b).abs().max() < 0.1 * a.std()  # per-row vs per-call activation scales
+
+
+# ---- a trained model: the demo's, at a small size -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shakespeare: Path, tmp_path_factory) -> Path:
+    text = tmp_path_factory.mktemp("q") / "input.txt"
+    text.write_text(tiny_shakespeare.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    out = tmp_path_factory.mktemp("q") / "run"
+    args = ["demo", "--input", str(text), "--out", str(out), "--minutes", "2", "--no-progress"]
+    args += ["--samples", "1", "--sample-tokens", "10"]
+    args += ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64"]
+    args += ["--model.block_size=64", "--train.micro_batch_size=8", "--train.max_steps=80"]
+    args += ["--train.eval_interval=80", "--train.eval_steps=1", "--train.warmup_steps=10"]
+    args += ["--train.lr=3e-3", "--train.sample_tokens=10", "--train.dtype=float32"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(args) == 0
+    return out
+
+
+def _val_windows(run: Path, T: int = 64, n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    from gpt2lab.data import load_tokens
+
+    val = np.asarray(load_tokens(run / "data", "val"), dtype=np.int64)
+    n = min(n, (len(val) - 1) // T)
+    x = np.stack([val[i * T : i * T + T] for i in range(n)])
+    y = np.stack([val[i * T + 1 : i * T + T + 1] for i in range(n)])
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def test_trained_model_keeps_greedy_choices_and_perplexity(trained):
+    from gpt2lab.checkpoint.load import load_model
+
+    bf16, _ = load_model(trained, dtype=torch.bfloat16)
+    f32, _ = load_model(trained, dtype=torch.float32)
+    q = quantize(f32, "int8")
+    x, y = _val_windows(trained)
+    with torch.no_grad():
+        ref_logits, ref_loss = bf16(x, y)
+        q_logits, q_loss = q(x, y)
+    # it learned: well below guessing among the characters
+    assert ref_loss.item() < math.log(ref_logits.size(-1)) - 0.8
+    agree = (ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, agree
+    assert math.exp(q_loss.item()) <= 1.01 * math.exp(ref_loss.item()), (q_loss, ref_loss)
+    # free-running greedy continuations agree as well
+    prompts = x[:8, :16]
+    a = bf16.generate(prompts, 32, temperature=0)[:, 16:]
+    b = q.generate(prompts, 32, temperature=0)[:, 16:]
+    assert (a == b).float().mean().item() >= 0.75  # a row that parts once stays apart
+
+
+def test_sample_quantize_int8_flag(trained, capsys):
+    args = ["sample", "--model", str(trained), "-p", "ROMEO:", "-m", "24", "--temperature", "0"]
+    assert cli.main([*args, "--quantize", "int8"]) == 0
+    int8_text = capsys.readouterr().out
+    from gpt2lab.checkpoint.load import load_model
+
+    model, tok = load_model(trained, dtype=torch.float32)
+    ids = torch.tensor([tok.encode("ROMEO:")])
+    want = tok.decode(quantize(model, "int8").generate(ids, 24, temperature=0)[0].tolist())
+    assert int8_text.startswith(want)
+    assert cli.main([*args, "--quantize", "int4"]) == 2
+    assert "int4" in capsys.readouterr().err
+
+
+def test_int8_decode_step_equals_the_int8_models_forward():
+    from gpt2lab.kernels.cpu_decode import decode_step
+    from gpt2lab.model import KVCache
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # spread-out logits, so greedy choices are not decided by rounding
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    q = quantize(model, "int8")
+    step = decode_step(q, 2)
+    if step is None:
+        pytest.skip("no fbgemm in this build")
+    idx = torch.randint(0, 97, (2, 5))
+    caches = [KVCache(cfg, 2, 8), KVCache(cfg, 2, 8)]
+    with torch.no_grad():
+        for c in caches:
+            q(idx, cache=c)
+        want = q(idx[:, :1], cache=caches[0])[0][:, -1]
+        got = step.step(idx[:, :1], caches[1])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    plain = q.generate(idx, 12, temperature=0, kernels=False)
+    assert q.generate(idx, 12, temperature=0).tolist() == plain.tolist()
