@@ -127,8 +127,8 @@ def train(
     claim = None
     try:
         claim = _claim(cfg, run_dir, world, device)
-        trainer = Trainer(cfg, run_dir, options, world, device, claim)
-        return trainer.run()
+        # no name for the Trainer: it (DDP, its buffers) must be gone before teardown() below
+        return Trainer(cfg, run_dir, options, world, device, claim).run()
     except BaseException:
         if claim is not None and claim.created and not native.list_checkpoints(run_dir):
             claim.discard()  # a run that failed before its first checkpoint leaves no trace
