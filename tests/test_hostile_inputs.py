@@ -818,3 +818,15 @@ def test_max_new_tokens_past_the_context_slides_within_memory(world, cli_proc):
     r = cli_proc.run("sample", *argv)
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["ids"]) == 200  # block_size is 16
+
+
+def test_overwrite_keeps_the_users_files_in_a_run_directory(world, cli_proc, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    (run / "notes.txt").write_text("mine\n")
+    tiny = "--model.block_size=16 --model.n_layer=1 --model.n_head=2 --model.n_embd=16".split()
+    steps = ["--train.max_steps=1", "--train.micro_batch_size=2", "--train.eval_steps=1"]
+    r = cli_proc.run("train", "--data", world.data, "--out", run, "--overwrite", *tiny, *steps)
+    assert r.returncode == 0, r.stderr
+    assert (run / "notes.txt").read_text() == "mine\n"
+    assert [p.name for p in (run / "ckpt").iterdir()] == ["step_00000001"]  # the old run went

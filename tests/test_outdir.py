@@ -57,7 +57,7 @@ def test_a_marker_cannot_point_outside_its_directory(tmp_path):
     victim.write_text("keep me")
     out = tmp_path / "out"
     out.mkdir()
-    marker = {"tool": "gpt2lab", "files": ["../victim.txt", str(victim), "ok"]}
+    marker = {"tool": "gpt2lab", "command": "train", "files": ["../victim.txt", str(victim), "ok"]}
     (out / MARKER).write_text(json.dumps(marker))
     with claim_output_dir(out, "train") as claim:
         assert claim.files == ["ok"]

@@ -133,6 +133,7 @@ def train(
     claim = None
     try:
         claim = _claim(cfg, run_dir, world, device)
+        # no name for the Trainer: it (DDP, its buffers) must be gone before teardown() below
         return Trainer(cfg, run_dir, options, world, device, task, claim).run()
     except BaseException:
         if claim is not None and claim.created and not native.list_checkpoints(run_dir):
