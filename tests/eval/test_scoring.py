@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gpt2lab.errors import ConfigError, DataError
 from gpt2lab.eval.scoring import as_logits_fn, score_continuations, score_ids, sliding_windows
+from gpt2lab.kernels.cpu_decode import onednn_can_multiply
 
 TEXT = (
     "The lobster is a species of crustacean from the eastern Atlantic Ocean. It may grow to a "
@@ -135,9 +136,17 @@ def test_our_gpt_computes_only_the_scored_positions_and_scores_as_transformers(h
     rows: list[int] = []
     ours.lm_head.register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
     idx = torch.randint(0, cfg.vocab_size, (2, 20))
-    got = as_logits_fn(ours)(idx, 3)
+    got = as_logits_fn(ours, kernels=False)(idx, 3)
     assert rows == [3] and got.shape == (2, 3, cfg.vocab_size)
-    torch.testing.assert_close(got, as_logits_fn(hf_model)(idx, 3), atol=1e-4, rtol=0)
+    want = as_logits_fn(hf_model)(idx, 3)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # the fused CPU path (the default) computes the same
+    fused = as_logits_fn(ours)(idx, 3)
+    assert rows == [3] and fused.shape == (2, 3, cfg.vocab_size)
+    torch.testing.assert_close(fused, want, atol=1e-4, rtol=0)
+    if onednn_can_multiply(torch.bfloat16):  # in bfloat16: within its rounding
+        bf16 = as_logits_fn(ours, torch.bfloat16)(idx, 3)
+        assert (bf16 - want).abs().max() < 0.05 * want.std()
 
 
 def test_candidates_of_one_context_share_its_kv_cache_and_score_as_transformers(hf_model):

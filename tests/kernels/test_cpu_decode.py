@@ -221,3 +221,15 @@ def test_decode_step_is_kept_until_the_weights_change():
 
 def test_no_kernels_for_other_models():
     assert decode_kernels(nn.Linear(2, 2), 1) is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("keep", [None, 3])
+def test_flat_scoring_equals_the_models_forward(keep):
+    model = tiny_gpt(pad=64)
+    idx = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(idx, logits_to_keep=keep)[0]
+        got = decode_step(model, 22).score(idx, keep)
+    assert got.shape == want.shape == (2, keep or 11, 97)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

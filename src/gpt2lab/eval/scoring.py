@@ -18,17 +18,21 @@ from tqdm import tqdm
 
 from gpt2lab.device import autocast
 from gpt2lab.errors import ConfigError, DataError, mark_key
+from gpt2lab.kernels.cpu_decode import decode_step
 from gpt2lab.model import GPT, KVCache
 
 LogitsFn = Callable[[Tensor, int], Tensor]  # (B, T) ids, keep -> (B, keep, V) float logits
 
 
-def as_logits_fn(model, dtype: torch.dtype = torch.float32) -> LogitsFn:
+def as_logits_fn(model, dtype: torch.dtype = torch.float32, kernels: bool = True) -> LogitsFn:
     """Wrap our GPT (returns `(logits, loss)`), a transformers LM (`.logits`) or a callable.
 
     `fn(idx, keep)` gives the logits of the last `keep` positions. A model whose forward takes
     `logits_to_keep` (ours, and transformers' GPT-2) computes only those, which saves the head's
     matmul and the memory of a (B, T, V) tensor where most predictions would go unscored.
+    On a CPU our GPT runs through the fused products of `gpt2lab.kernels.cpu_decode`
+    (`DecodeStep.score`, computing in `dtype`) unless `kernels=False`. Our GPT's `fn` also has
+    `fn.after_prefix(prefix, continuations)`, which runs a shared context once (KV cache).
     """
     params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = params.device if params is not None else torch.device("cpu")
@@ -37,7 +41,12 @@ def as_logits_fn(model, dtype: torch.dtype = torch.float32) -> LogitsFn:
     forward = getattr(model, "forward", model)
     trims = "logits_to_keep" in inspect.signature(forward).parameters
 
+    flat = decode_step(model, 1024, dtype) if kernels and device.type == "cpu" else None
+
     def fn(idx: Tensor, keep: int) -> Tensor:
+        if flat is not None and idx.size(1) <= model.config.block_size:
+            with torch.inference_mode():
+                return flat.score(idx.to(device), keep)
         kw = {"logits_to_keep": keep} if trims else {}
         with torch.inference_mode(), autocast(device, dtype):
             out = model(idx.to(device), **kw)

@@ -242,10 +242,34 @@ class DecodeStep:
         cache.pos = pos + 1
         return self._mm(F.layer_norm(x, (C,), *self.ln_f), self.head).float()
 
+    @torch.no_grad()
+    def score(self, ids: Tensor, keep: int | None = None) -> Tensor:
+        """Logits (B, keep, vocab_size), float32, of the last `keep` positions (default all) of
+        whole sequences `ids` (B, T) from position 0, no cache: `model(ids,
+        logits_to_keep=keep)[0]` (tested), for scoring and evaluation. The same fused products;
+        the GELU, the biases and the residual adds cost no pass of their own over memory."""
+        B, T = ids.shape
+        keep = keep or T
+        nh, hs = self.n_head, self.head_size
+        C = nh * hs
+        tok_emb = self.wte(ids) if self.int8 else self.wte.weight[ids]
+        x = (tok_emb + self.wpe[:T]).to(self.dtype).view(B * T, C)
+        for ln1, qkv, proj, ln2, fc, fc_proj in self.layers:
+            h = F.layer_norm(x, (C,), *ln1)
+            q, k, v = self._mm(h, qkv).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
+            x = self._mm_add(y.transpose(1, 2).reshape(B * T, C), proj, x)
+            u = self._mm(F.layer_norm(x, (C,), *ln2), fc, gelu=True)
+            x = self._mm_add(u, fc_proj, x)
+        x = x.view(B, T, C)[:, T - keep :].reshape(B * keep, C)
+        logits = self._mm(F.layer_norm(x, (C,), *self.ln_f), self.head)
+        return logits.view(B, keep, -1).float()
 
-def decode_step(model: nn.Module, rows: int) -> DecodeStep | None:
+
+def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -> DecodeStep | None:
     """The flat decoding step of a GPT in eval mode on a CPU, else None: float models where
-    oneDNN multiplies their dtype, int8 models whose matrices are all fbgemm-packed. Kept per
+    oneDNN multiplies `dtype` (default: the weights'; another one computes in it, with weights
+    converted once), int8 models whose matrices are all fbgemm-packed. Kept per
     model and row count while the weights stay as they were (the packing is not repeated for each
     generation). Not for use under autocast (`gpt2lab.generate` checks)."""
     if not isinstance(model, GPT) or model.training:
@@ -256,7 +280,7 @@ def decode_step(model: nn.Module, rows: int) -> DecodeStep | None:
             return None
         dtype = torch.float32
     elif type(model.lm_head) is LMHead:
-        dtype = model.lm_head.weight.dtype
+        dtype = dtype or model.lm_head.weight.dtype
         if model.lm_head.weight.device.type != "cpu" or not onednn_can_multiply(dtype):
             return None
     else:
