@@ -64,24 +64,24 @@ def as_logits_fn(model, dtype: torch.dtype = torch.float32, kernels: bool = True
 def _after_prefix(
     model: GPT, device: torch.device, dtype: torch.dtype, prefix: list[int], conts: list[list[int]]
 ) -> list[Tensor]:
-    """For each continuation, the logits (len(cont), V) that predict its tokens after `prefix`.
+    """For each continuation, the logits (len(cont), V) that predict its tokens after `prefix`
+    (at least 2 tokens).
 
-    The prefix runs once into a KV cache, which every continuation then reads (one batch)."""
-    n, longest = len(conts), max(len(c) for c in conts)
+    All but the prefix's last token run once into a KV cache; then one batch, a row per
+    continuation, feeds that last token and the continuation (but its last token) after it."""
+    n, longest, p = len(conts), max(len(c) for c in conts), len(prefix) - 1
     with torch.inference_mode(), autocast(device, dtype):
-        cache = KVCache(model.config, 1, len(prefix), device, model.lm_head.weight.dtype)
-        first, _ = model(torch.tensor([prefix], device=device), cache=cache, last_only=True)
-        if longest == 1:
-            return [first[0] for _ in conts]
-        shared = KVCache(model.config, n, len(prefix) + longest - 1, device, cache.k.dtype)
-        shared.k[:, :, :, : len(prefix)] = cache.k  # the same prefix for every row
-        shared.v[:, :, :, : len(prefix)] = cache.v
-        shared.pos = len(prefix)
-        x = torch.zeros(n, longest - 1, dtype=torch.long)
+        cache = KVCache(model.config, 1, p, device, model.lm_head.weight.dtype)
+        model(torch.tensor([prefix[:-1]], device=device), cache=cache, last_only=True)
+        shared = KVCache(model.config, n, p + longest, device, cache.k.dtype)
+        shared.k[:, :, :, :p] = cache.k  # the same prefix for every row
+        shared.v[:, :, :, :p] = cache.v
+        shared.pos = p
+        x = torch.full((n, longest), prefix[-1], dtype=torch.long)
         for b, c in enumerate(conts):  # right padding: causal attention never sees it
-            x[b, : len(c) - 1] = torch.as_tensor(c[:-1])
-        rest, _ = model(x.to(device), cache=shared)
-    return [torch.cat([first[0], rest[b, : len(c) - 1]]) for b, c in enumerate(conts)]
+            x[b, 1 : len(c)] = torch.as_tensor(c[:-1])
+        logits, _ = model(x.to(device), cache=shared)
+    return [logits[b, : len(c)] for b, c in enumerate(conts)]
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ def _score_shared_contexts(
             j += 1
         prefix = list(requests[i][0])
         conts = [list(requests[r][1]) for r in range(i, j)]
-        if j - i < 2 or len(prefix) + max(map(len, conts)) > context + 1:
+        if j - i < 2 or len(prefix) < 2 or len(prefix) + max(map(len, conts)) > context + 1:
             left += range(i, j)
         else:
             for r, logits in zip(range(i, j), after_prefix(prefix, conts)):
