@@ -233,3 +233,18 @@ def test_flat_scoring_equals_the_models_forward(keep):
         got = decode_step(model, 22).score(idx, keep)
     assert got.shape == want.shape == (2, keep or 11, 97)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_flat_scoring_after_a_cache_equals_the_models_cached_forward():
+    model = tiny_gpt(pad=64)
+    idx = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(5))
+    step = decode_step(model, 1)
+    caches = [KVCache(model.config, 3, 12), KVCache(model.config, 3, 12)]
+    with torch.no_grad():
+        want = [model(idx[:, :5], cache=caches[0])[0], model(idx[:, 5:], cache=caches[0])[0]]
+        got = [step.score(idx[:, :5], None, caches[1]), step.score(idx[:, 5:], 2, caches[1])]
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1][:, -2:], atol=1e-4, rtol=1e-4)
+    assert caches[1].pos == 9
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=1e-5)

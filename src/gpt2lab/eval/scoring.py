@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from gpt2lab.device import autocast
 from gpt2lab.errors import ConfigError, DataError, mark_key
-from gpt2lab.kernels.cpu_decode import decode_step
+from gpt2lab.kernels.cpu_decode import DecodeStep, decode_step
 from gpt2lab.model import GPT, KVCache
 
 LogitsFn = Callable[[Tensor, int], Tensor]  # (B, T) ids, keep -> (B, keep, V) float logits
@@ -57,30 +57,44 @@ def as_logits_fn(model, dtype: torch.dtype = torch.float32, kernels: bool = True
         return out[:, -keep:]
 
     if isinstance(model, GPT):
-        fn.after_prefix = functools.partial(_after_prefix, model, device, dtype)  # type: ignore
+        fn.after_prefix = functools.partial(_after_prefix, model, device, dtype, flat)  # type: ignore
     return fn
 
 
 def _after_prefix(
-    model: GPT, device: torch.device, dtype: torch.dtype, prefix: list[int], conts: list[list[int]]
+    model: GPT,
+    device: torch.device,
+    dtype: torch.dtype,
+    flat: DecodeStep | None,
+    prefix: list[int],
+    conts: list[list[int]],
 ) -> list[Tensor]:
     """For each continuation, the logits (len(cont), V) that predict its tokens after `prefix`
     (at least 2 tokens).
 
     All but the prefix's last token run once into a KV cache; then one batch, a row per
-    continuation, feeds that last token and the continuation (but its last token) after it."""
+    continuation, feeds that last token and the continuation (but its last token) after it.
+    Through the fused CPU path (`flat`) where there is one, else the model under autocast."""
     n, longest, p = len(conts), max(len(c) for c in conts), len(prefix) - 1
+    x = torch.full((n, longest), prefix[-1], dtype=torch.long)
+    for b, c in enumerate(conts):  # right padding: causal attention never sees it
+        x[b, 1 : len(c)] = torch.as_tensor(c[:-1])
+    head = torch.tensor([prefix[:-1]], device=device)
+    kv_dtype = flat.dtype if flat is not None else model.lm_head.weight.dtype
     with torch.inference_mode(), autocast(device, dtype):
-        cache = KVCache(model.config, 1, p, device, model.lm_head.weight.dtype)
-        model(torch.tensor([prefix[:-1]], device=device), cache=cache, last_only=True)
-        shared = KVCache(model.config, n, p + longest, device, cache.k.dtype)
+        cache = KVCache(model.config, 1, p, device, kv_dtype)
+        if flat is not None:
+            flat.score(head, 1, cache)
+        else:
+            model(head, cache=cache, last_only=True)
+        shared = KVCache(model.config, n, p + longest, device, kv_dtype)
         shared.k[:, :, :, :p] = cache.k  # the same prefix for every row
         shared.v[:, :, :, :p] = cache.v
         shared.pos = p
-        x = torch.full((n, longest), prefix[-1], dtype=torch.long)
-        for b, c in enumerate(conts):  # right padding: causal attention never sees it
-            x[b, 1 : len(c)] = torch.as_tensor(c[:-1])
-        logits, _ = model(x.to(device), cache=shared)
+        if flat is not None:
+            logits = flat.score(x.to(device), None, shared)
+        else:
+            logits, _ = model(x.to(device), cache=shared)
     return [logits[b, : len(c)] for b, c in enumerate(conts)]
 
 

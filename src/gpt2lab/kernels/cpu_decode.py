@@ -243,24 +243,38 @@ class DecodeStep:
         return self._mm(F.layer_norm(x, (C,), *self.ln_f), self.head).float()
 
     @torch.no_grad()
-    def score(self, ids: Tensor, keep: int | None = None) -> Tensor:
+    def score(self, ids: Tensor, keep: int | None = None, cache: KVCache | None = None) -> Tensor:
         """Logits (B, keep, vocab_size), float32, of the last `keep` positions (default all) of
-        whole sequences `ids` (B, T) from position 0, no cache: `model(ids,
-        logits_to_keep=keep)[0]` (tested), for scoring and evaluation. The same fused products;
-        the GELU, the biases and the residual adds cost no pass of their own over memory."""
+        `ids` (B, T), no padding: `model(ids, cache=cache, logits_to_keep=keep)[0]` (tested).
+        For scoring and evaluation (whole windows, no cache) and for a shared context followed
+        by candidates (with a cache of this step's dtype, written in place at `cache.pos`). The
+        same fused products: the GELU, the biases and the residual adds cost no pass of their
+        own over memory, and the weights are converted to the compute dtype once, not per call.
+        """
         B, T = ids.shape
         keep = keep or T
         nh, hs = self.n_head, self.head_size
         C = nh * hs
+        pos = cache.pos if cache is not None else 0
         tok_emb = self.wte(ids) if self.int8 else self.wte.weight[ids]
-        x = (tok_emb + self.wpe[:T]).to(self.dtype).view(B * T, C)
-        for ln1, qkv, proj, ln2, fc, fc_proj in self.layers:
+        x = (tok_emb + self.wpe[pos : pos + T]).to(self.dtype).view(B * T, C)
+        mask = None
+        if pos > 0 and T > 1:  # new tokens after cached ones: causal, offset by pos
+            mask = torch.ones(T, pos + T, dtype=torch.bool).tril_(diagonal=pos)
+        for i, (ln1, qkv, proj, ln2, fc, fc_proj) in enumerate(self.layers):
             h = F.layer_norm(x, (C,), *ln1)
             q, k, v = self._mm(h, qkv).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
+            if cache is not None:
+                cache.k[i][:, :, pos : pos + T] = k
+                cache.v[i][:, :, pos : pos + T] = v
+                k, v = cache.k[i][:, :, : pos + T], cache.v[i][:, :, : pos + T]
+            causal = mask is None and pos == 0 and T > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
             x = self._mm_add(y.transpose(1, 2).reshape(B * T, C), proj, x)
             u = self._mm(F.layer_norm(x, (C,), *ln2), fc, gelu=True)
             x = self._mm_add(u, fc_proj, x)
+        if cache is not None:
+            cache.pos = pos + T
         x = x.view(B, T, C)[:, T - keep :].reshape(B * keep, C)
         logits = self._mm(F.layer_norm(x, (C,), *self.ln_f), self.head)
         return logits.view(B, keep, -1).float()
