@@ -18,6 +18,8 @@ import argparse
 import functools
 import importlib.util
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -124,6 +126,21 @@ def int8_rows(base: GPT, prompt_tokens: int, new: int, repeats: int, batches, bw
         )
 
 
+def llama_crashes(path: Path, prompt: list[int]) -> str:
+    """Why llama.cpp cannot run this file, tried in a child process (some builds segfault on
+    q8_0 GPT-2 files, which would end this whole run), or '' where it runs."""
+    code = (
+        "import sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, verbose=False); "
+        f"next(iter(llm.generate({prompt[:4]!r}, top_k=1, temp=0.0)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=300)
+    if r.returncode == 0:
+        return ""
+    if r.returncode < 0:
+        return f"llama.cpp crashed on this file (signal {-r.returncode}): this build's fault"
+    return "llama.cpp failed: " + r.stderr.decode(errors="replace").strip().splitlines()[-1]
+
+
 def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None:
     """Batch-1 greedy tokens/s of llama.cpp on our GGUF files beside gpt2lab, printed as rows."""
     import llama_cpp
@@ -137,6 +154,10 @@ def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None
         for outtype, dtype in GGUF_TWINS.items():
             path = Path(tmp) / f"gpt2-{outtype}.gguf"
             save_gguf(base, path, tokenizer=get_tokenizer("gpt2"), outtype=outtype)
+            crash = llama_crashes(path, prompt)
+            if crash:
+                print(f"{outtype:<9} {1:>5} {'not measured':>15}   ({crash})")
+                continue
             llm = llama_cpp.Llama(
                 str(path),
                 n_ctx=len(prompt) + new,
