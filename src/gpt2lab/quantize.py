@@ -17,8 +17,6 @@ Figures and the memory trade-off of the tied table: docs/quantize.md.
 from __future__ import annotations
 
 import copy
-import sys
-import types
 
 import torch
 from torch import nn
@@ -99,14 +97,3 @@ def _linear_slots(model: GPT) -> list[tuple[nn.Module, str]]:
         attn, mlp = block.attn, block.mlp
         slots += [(attn, "c_attn"), (attn, "c_proj"), (mlp, "c_fc"), (mlp, "c_proj")]
     return slots
-
-
-class _CallableModule(types.ModuleType):
-    """`gpt2lab.quantize` names both this module and its function, and importing the module binds
-    the module to that name on the package: calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs) -> GPT:
-        return quantize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
