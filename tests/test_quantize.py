@@ -197,3 +197,19 @@ def test_int8_decode_step_equals_the_int8_models_forward():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     plain = q.generate(idx, 12, temperature=0, kernels=False)
     assert q.generate(idx, 12, temperature=0).tolist() == plain.tolist()
+
+
+def test_compact_int8_decodes_through_the_flat_step_too():
+    from gpt2lab.kernels.cpu_decode import decode_step
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    q = quantize(model, "int8", compact=True)
+    assert q.lm_head.packed is None and decode_step(q, 2) is not None
+    idx = torch.randint(0, 97, (2, 5))
+    plain = q.generate(idx, 12, temperature=0, kernels=False)
+    assert q.generate(idx, 12, temperature=0).tolist() == plain.tolist()

@@ -158,7 +158,8 @@ class DecodeStep:
     token: the modules' calls and the views between them (about 30 operations a layer become
     10). A float model's products are oneDNN's, on weights packed once for `rows` rows, with the
     bias, the GELU and the residual add fused into them; an int8 model's (`gpt2lab.quantize`)
-    are fbgemm's, on the weights its `Int8Linear`s packed. `current(model)` says whether the
+    are fbgemm's, on the weights its `Int8Linear`s packed (or the layer's own product where a
+    layer is not packed: the head of `compact=True`). `current(model)` says whether the
     packed weights still match the model's (in-place updates bump their versions).
     """
 
@@ -171,7 +172,7 @@ class DecodeStep:
 
         def mat(m: nn.Module, rows_out: int | None = None) -> tuple:
             if self.int8:  # fbgemm's packed weight (bias inside), and 7-bit inputs where needed
-                return (m.packed, m.reduce_range)
+                return (m.packed, m.reduce_range) if m.packed is not None else (None, m)
             w = m.weight.detach()[:rows_out].to(dtype)
             b = None if m.bias is None else m.bias.detach().to(dtype)
             return (torch.ops.mkldnn._reorder_linear_weight(w, rows), b)
@@ -199,8 +200,8 @@ class DecodeStep:
         return self.versions == _versions(model)
 
     def _mm(self, x: Tensor, w: tuple, gelu: bool = False) -> Tensor:
-        if self.int8:
-            y = torch.ops.quantized.linear_dynamic(x, *w)
+        if self.int8:  # fbgemm, or an unpacked layer's own product (the compact head)
+            y = torch.ops.quantized.linear_dynamic(x, *w) if w[0] is not None else w[1](x)
             return F.gelu(y, approximate="tanh") if gelu else y
         if gelu:
             return torch.ops.mkldnn._linear_pointwise(x, *w, "gelu", [], "tanh")
@@ -208,7 +209,7 @@ class DecodeStep:
 
     def _mm_add(self, x: Tensor, w: tuple, residual: Tensor) -> Tensor:
         if self.int8:
-            return torch.ops.quantized.linear_dynamic(x, *w).add_(residual)
+            return self._mm(x, w).add_(residual)
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, *w, "add")
 
     @torch.no_grad()
@@ -283,14 +284,13 @@ class DecodeStep:
 def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -> DecodeStep | None:
     """The flat decoding step of a GPT in eval mode on a CPU, else None: float models where
     oneDNN multiplies `dtype` (default: the weights'; another one computes in it, with weights
-    converted once), int8 models whose matrices are all fbgemm-packed. Kept per
+    converted once), and int8 models (`gpt2lab.quantize`). Kept per
     model and row count while the weights stay as they were (the packing is not repeated for each
     generation). Not for use under autocast (`gpt2lab.generate` checks)."""
     if not isinstance(model, GPT) or model.training:
         return None
     if isinstance(model.lm_head, Int8Linear):
-        int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
-        if any(m.packed is None for m in int8):
+        if model.lm_head.scale.device.type != "cpu":
             return None
         dtype = torch.float32
     elif type(model.lm_head) is LMHead:
