@@ -34,13 +34,14 @@ from gpt2lab.model import GPT
 METHODS = ("int8",)
 
 
-def quantize(model: GPT, method: str = "int8", compact: bool = False) -> GPT:
+def quantize(model: GPT, method: str = "int8", compact: bool = True) -> GPT:
     """A copy of `model` with int8 weights (see the module doc); `model` is left as it is.
 
-    The copy is in eval mode, computes in float32 and has no gradients. The tied embedding/head
-    table is stored twice by default, as the int8 rows the lookup gathers and in fbgemm's packed
-    layout for the head's product (~0.33x of float32 for GPT-2). `compact=True` stores it once
-    (~0.26x) and multiplies the head from the plain int8 rows, which is slower (`torch._int_mm`).
+    The copy is in eval mode, computes in float32 and has no gradients. By default the tied
+    embedding/head table is stored once, as int8 rows that the lookup gathers and the head
+    multiplies (`torch._int_mm`, the input's rows quantized on the fly): ~0.26x of the float32
+    model's bytes for GPT-2. `compact=False` also keeps the head in fbgemm's packed layout, a
+    second int8 copy of the table (~0.33x), for a faster head product (docs/quantize.md).
     """
     if method not in METHODS:
         raise ConfigError(
