@@ -248,3 +248,15 @@ def test_flat_scoring_after_a_cache_equals_the_models_cached_forward():
     torch.testing.assert_close(got[1], want[1][:, -2:], atol=1e-4, rtol=1e-4)
     assert caches[1].pos == 9
     torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_attention_in_blocks_equals_sdpa():
+    from gpt2lab.kernels.cpu_decode import causal_attention_in_blocks
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=g) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(causal_attention_in_blocks(q, k, v), want, atol=1e-5, rtol=1e-5)
+    b = [t.bfloat16() for t in (q, k, v)]
+    got = causal_attention_in_blocks(*b).float()
+    assert (got - want).abs().max() < 0.05
