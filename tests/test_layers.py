@@ -30,6 +30,7 @@ LAYERS = {
     "generate": 4,
     "train": 4,
     "eval": 4,
+    "posttrain": 4,
     "inspect": 4,
     "demo": 5,
     "plot": 5,

@@ -225,11 +225,19 @@ def load_hf(path: str | Path, pad_vocab_to: int = 1):
     return model.eval()
 
 
-def save_hf(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> None:
+def save_hf(
+    model: torch.nn.Module,
+    path: str | Path,
+    tokenizer: Any = None,
+    score: Tensor | None = None,
+    pad_token_id: int | None = None,
+) -> None:
     """Write a HF GPT-2 directory (config.json, model.safetensors, tokenizer files) atomically.
 
     Without `tokenizer`: the one `load_model` attached to the model, else GPT-2's when the model
-    has its 50257 tokens, else none (weights and config only).
+    has its 50257 tokens, else none (weights and config only). With `score` (1, n_embd), a reward
+    model's head, it is a `GPT2ForSequenceClassification` with `num_labels=1` whose
+    `pad_token_id` tells transformers which token is the last real one.
     """
     cfg: GPTConfig = model.config  # type: ignore[assignment]
     if tokenizer is None:  # the one load_model found with the model, else GPT-2's if it fits
@@ -238,10 +246,19 @@ def save_hf(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> 
         tokenizer = get_tokenizer("gpt2")
     eot = getattr(tokenizer, "eot_token", None)
     with atomic_dir(path) as tmp:
-        atomic_write_json(tmp / "config.json", config_to_hf(cfg, eot))
+        hf_config, tensors = config_to_hf(cfg, eot), to_hf_state(model)
+        if score is not None:
+            hf_config.update(
+                architectures=["GPT2ForSequenceClassification"],
+                id2label={"0": "LABEL_0"},
+                label2id={"LABEL_0": 0},
+                pad_token_id=pad_token_id,
+            )
+            tensors["score.weight"] = score.detach().float().cpu().reshape(1, cfg.n_embd)
+        atomic_write_json(tmp / "config.json", hf_config)
         gen = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
         atomic_write_json(tmp / "generation_config.json", gen)
-        save_tensors(to_hf_state(model), tmp / "model.safetensors", {})
+        save_tensors(tensors, tmp / "model.safetensors", {})
         if tokenizer is not None:
             write_hf_tokenizer(tokenizer, tmp, cfg.block_size)
 

@@ -80,7 +80,7 @@ def _load_native(ckpt: Path) -> tuple[Any, Any]:
     cfg = from_dict(GPTConfig, cfg_dict, source=str(source))
     model = GPT(cfg)
     load_model_safetensors(model, ckpt / "model.safetensors")
-    return model, _native_tokenizer(ckpt, state.get("tokenizer", "tokenizer"))
+    return model, native_tokenizer(ckpt, state.get("tokenizer", "tokenizer"))
 
 
 def _read_state(ckpt: Path) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def _metadata_config(path: Path) -> dict[str, Any]:
         ) from e
 
 
-def _native_tokenizer(ckpt: Path, spec: Any) -> Any:
+def native_tokenizer(ckpt: Path, spec: Any) -> Any:
     if isinstance(spec, dict):
         return get_tokenizer(spec)
     if isinstance(spec, str):  # relative to the checkpoint, or to its run directory
