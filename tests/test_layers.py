@@ -52,6 +52,7 @@ LAZY_OK = {
     "huggingface_hub",
     "pyarrow",
     "tokenizers",
+    "jinja2",  # chat templates read from Hugging Face directories, rendered sandboxed
     "gguf",  # optional: llama.cpp's file writer, for `gpt2lab convert ... model.gguf` only
 }
 

@@ -7,7 +7,6 @@ Reading never executes code from a file: safetensors, or `torch.load(weights_onl
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from gpt2lab.config import GPTConfig
 from gpt2lab.errors import CheckpointError
 from gpt2lab.io import atomic_dir, atomic_write_json
 from gpt2lab.model import GPT
-from gpt2lab.tokenizer import GPT2_PATTERN, get_tokenizer
+from gpt2lab.tokenizer import GPT2_PATTERN, BPETokenizer, get_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_VOCAB = 50257  # a model of this vocabulary without a tokenizer of its own speaks GPT-2's
@@ -264,35 +263,10 @@ def save_hf(
 
 
 def write_hf_tokenizer(tokenizer: Any, path: Path, max_length: int = 1024) -> None:
-    """GPT-2 style vocabularies become vocab.json + merges.txt (what AutoTokenizer reads);
-    every tokenizer is also saved as itself under gpt2lab_tokenizer/ so round trips keep it."""
-    own = path / "gpt2lab_tokenizer"
-    tokenizer.save(own)
-    if not ((own / "encoder.json").is_file() and (own / "vocab.bpe").is_file()):
-        return  # not byte-level BPE: transformers has no matching class
-    if getattr(tokenizer, "pattern", GPT2_PATTERN) != GPT2_PATTERN:
-        return  # HF's GPT2Tokenizer would split text with GPT-2's regex and give other ids
-    shutil.copyfile(own / "encoder.json", path / "vocab.json")
-    merges = (own / "vocab.bpe").read_text(encoding="utf-8")
-    if not merges.startswith("#version"):
-        merges = "#version: 0.2\n" + merges
-    (path / "merges.txt").write_text(merges, encoding="utf-8")
-    eot_id = getattr(tokenizer, "eot_token", None)
-    names = {i: s for s, i in getattr(tokenizer, "special_tokens", {}).items()}
-    eot = names.get(eot_id, "<|endoftext|>")
-    others = [name for name in names.values() if name != eot]
-    atomic_write_json(
-        path / "tokenizer_config.json",
-        {
-            "tokenizer_class": "GPT2Tokenizer",
-            "model_max_length": max_length,
-            "bos_token": eot,
-            "eos_token": eot,
-            "unk_token": eot,
-            "add_prefix_space": False,
-            "additional_special_tokens": others,
-        },
-    )
-    atomic_write_json(
-        path / "special_tokens_map.json", {"bos_token": eot, "eos_token": eot, "unk_token": eot}
-    )
+    """GPT-2 style vocabularies become vocab.json + merges.txt + tokenizer_config.json (with the
+    chat template as Jinja), what AutoTokenizer reads; every tokenizer is also saved as itself
+    under gpt2lab_tokenizer/ so round trips keep it (and its chat_template.json)."""
+    tokenizer.save(path / "gpt2lab_tokenizer")
+    if not isinstance(tokenizer, BPETokenizer) or tokenizer.pattern != GPT2_PATTERN:
+        return  # transformers' GPT2Tokenizer would split the text otherwise and give other ids
+    tokenizer.save_hf(path, max_length)

@@ -19,6 +19,9 @@ class Tokenizer:
 
     special_tokens: dict[str, int]
     n_vocab: int
+    # a gpt2lab.tokenizer.chat.ChatTemplate that travels with the vocabulary (None: no chat);
+    # save() writes it as chat_template.json, get_tokenizer(dir) reads it back
+    chat_template: Any = None
 
     # --- what a subclass provides -------------------------------------------------------------
     def _encode_ordinary(self, text: str) -> list[int]:
@@ -37,6 +40,10 @@ class Tokenizer:
         raise NotImplementedError
 
     # --- shared ---------------------------------------------------------------------------------
+    def _save_chat_template(self, directory: str | os.PathLike) -> None:
+        if self.chat_template is not None:
+            self.chat_template.save(directory)
+
     @property
     def eot_token(self) -> int:
         """The id of `<|endoftext|>`."""

@@ -197,15 +197,17 @@ class BPETokenizer(Tokenizer):
         for name in names:
             if name not in specials:
                 specials[name] = self.n_vocab + len(specials) - len(self.special_tokens)
-        return BPETokenizer(
-            self.ranks, self.merges, self.pattern, specials, self.backend, self.kind
-        )
+        tok = BPETokenizer(self.ranks, self.merges, self.pattern, specials, self.backend, self.kind)
+        tok.chat_template = self.chat_template
+        return tok
 
     def with_backend(self, backend: str) -> BPETokenizer:
         """The same vocabulary on another backend."""
-        return BPETokenizer(
+        tok = BPETokenizer(
             self.ranks, self.merges, self.pattern, self.special_tokens, backend, self.kind
         )
+        tok.chat_template = self.chat_template
+        return tok
 
     def __reduce__(self) -> tuple:
         # Pickle (e.g. for DataLoader workers) the definition, not the caches and tiktoken state;
@@ -248,11 +250,20 @@ class BPETokenizer(Tokenizer):
             "vocab_sha256": self.vocab_sha256(),
         }
         write_gpt2_files(directory, self.ranks, self.merges, self.special_tokens, meta)
+        self._save_chat_template(directory)
 
     def save_hf(self, directory: str | os.PathLike, model_max_length: int = 1024) -> None:
-        """Write vocab.json, merges.txt and tokenizer_config.json for `transformers`."""
+        """Write vocab.json, merges.txt and tokenizer_config.json for `transformers` (with the
+        chat template as Jinja, if this tokenizer has one)."""
+        jinja = self.chat_template.to_jinja() if self.chat_template is not None else None
         write_hf_files(
-            directory, self.ranks, self.merges, self.special_tokens, self.pattern, model_max_length
+            directory,
+            self.ranks,
+            self.merges,
+            self.special_tokens,
+            self.pattern,
+            model_max_length,
+            jinja,
         )
 
 

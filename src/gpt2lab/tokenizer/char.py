@@ -95,3 +95,4 @@ class CharTokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json (kind, characters, special tokens)."""
         write_meta(directory, {**self.spec(), "special_tokens": self.special_tokens})
+        self._save_chat_template(directory)

@@ -233,11 +233,13 @@ def write_hf_files(
     special_tokens: dict[str, int],
     pattern: str,
     model_max_length: int = 1024,
+    chat_template: str | None = None,
 ) -> None:
     """Write the files `transformers.AutoTokenizer.from_pretrained(dir)` reads for GPT-2.
 
-    vocab.json + merges.txt + tokenizer_config.json. HF's GPT2Tokenizer splits text with GPT-2's
-    own pattern, so only tokenizers with that pattern can be written this way.
+    vocab.json + merges.txt + tokenizer_config.json (+ special_tokens_map.json). HF's
+    GPT2Tokenizer splits text with GPT-2's own pattern, so only tokenizers with that pattern can
+    be written this way. `chat_template` (Jinja) goes into tokenizer_config.json.
     """
     if pattern != GPT2_PATTERN:
         raise TokenizerError(
@@ -246,8 +248,24 @@ def write_hf_files(
             "keep using gpt2lab's own tok.save(dir) for this vocabulary",
         )
     encoder, merges_text = _gpt2_files(ranks, merges, special_tokens)
+    folder = Path(directory)
+    atomic_write_text(folder / "vocab.json", encoder)
+    atomic_write_text(folder / "merges.txt", merges_text)
+    config = hf_tokenizer_config(special_tokens, model_max_length, chat_template)
+    atomic_write_json(folder / "tokenizer_config.json", config)
+    eot = config["eos_token"]
+    atomic_write_json(
+        folder / "special_tokens_map.json", {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    )
+
+
+def hf_tokenizer_config(
+    special_tokens: dict[str, int], model_max_length: int = 1024, chat_template: str | None = None
+) -> dict[str, Any]:
+    """tokenizer_config.json of a GPT-2 style vocabulary: `<|endoftext|>` is bos, eos and unk;
+    every special token is listed as an added, special token (never split, never stripped)."""
     eot = EOT if EOT in special_tokens else None
-    config = {
+    config: dict[str, Any] = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model_max_length,
         "add_prefix_space": False,
@@ -255,8 +273,18 @@ def write_hf_files(
         "eos_token": eot,
         "unk_token": eot,
         "additional_special_tokens": [s for s in special_tokens if s != EOT],
+        "added_tokens_decoder": {
+            str(i): {
+                "content": s,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for s, i in sorted(special_tokens.items(), key=lambda kv: kv[1])
+        },
     }
-    folder = Path(directory)
-    atomic_write_text(folder / "vocab.json", encoder)
-    atomic_write_text(folder / "merges.txt", merges_text)
-    atomic_write_json(folder / "tokenizer_config.json", config)
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return config

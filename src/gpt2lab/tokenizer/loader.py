@@ -10,6 +10,7 @@ from gpt2lab.errors import TokenizerError
 from gpt2lab.tokenizer.base import EOT, Tokenizer
 from gpt2lab.tokenizer.bpe import BACKENDS, BPETokenizer, load_gpt2
 from gpt2lab.tokenizer.char import CharTokenizer
+from gpt2lab.tokenizer.chat import read_chat_template
 from gpt2lab.tokenizer.files import META_FILE, read_meta, read_vocab_dir
 from gpt2lab.tokenizer.pretokenize import GPT2_PATTERN
 
@@ -71,7 +72,14 @@ def _from_spec(spec: dict[str, Any], backend: str) -> Tokenizer:
 
 
 def load_dir(directory: str | os.PathLike, backend: str = "tiktoken") -> Tokenizer:
-    """Load what `save(dir)` wrote, a dir of GPT-2 / HF files, or of a .tiktoken file."""
+    """Load what `save(dir)` wrote, a dir of GPT-2 / HF files, or of a .tiktoken file, with the
+    chat template saved beside it (`tok.chat_template`, None if there is none)."""
+    tok = _load_vocab_dir(directory, backend)
+    tok.chat_template = read_chat_template(directory)
+    return tok
+
+
+def _load_vocab_dir(directory: str | os.PathLike, backend: str) -> Tokenizer:
     meta = read_meta(directory)
     meta_path = Path(directory) / META_FILE
     if meta.get("kind") == "char":

@@ -4,11 +4,16 @@ Step s (1-based) = A micro-batches per rank, gradients synced on the last one, t
 the optimizer. After step s: log, evaluate, sample, checkpoint as their intervals say; a stop
 request, the wall-clock budget or max_steps ends the run with a checkpoint. Nothing is printed:
 the run reports through events (gpt2lab.train.events) to the caller's `on_event`.
+
+What the steps train on and minimise is a `Task` (gpt2lab.train.task: its data setup, batch
+source and objective); pretraining on token shards (`PretrainTask`) is the default, and
+post-training (gpt2lab.posttrain: SFT, DPO) passes its own to `train(..., task=...)`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +25,6 @@ import torch
 
 from gpt2lab.checkpoint import native
 from gpt2lab.config import Config, merge, to_dict, to_toml
-from gpt2lab.data import load_tokens
 from gpt2lab.device import autocast, pick_dtype
 from gpt2lab.errors import TrainingError, mark_key
 from gpt2lab.generate import PREVIEW_SAMPLING, generate, prompt_ids
@@ -57,7 +61,7 @@ from gpt2lab.train.metrics import MetricsLog, peak_flops
 from gpt2lab.train.progress import ProgressBar
 from gpt2lab.train.recipe import budget_fraction, lr_at
 from gpt2lab.train.state import TrainState
-from gpt2lab.train.validation import val_loss
+from gpt2lab.train.task import PretrainTask, Task
 
 Hook = Callable[[dict[str, Any]], Any]
 
@@ -97,6 +101,7 @@ def train(
     progress: bool = False,
     should_stop: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
+    task: Task | None = None,
 ) -> TrainSummary:
     """Train (or fine-tune, or continue) a GPT as `cfg` says, writing RUN_DIR; returns a summary.
 
@@ -105,6 +110,7 @@ def train(
     `progress=True` draws a bar, `log(message)` receives its warnings as text. `on_log(row)` /
     `on_eval(row)` run after each logged step / evaluation with the metrics row; returning True
     from either stops the run (with a checkpoint). `should_stop()` is asked once a step.
+    `task` says what to train on and minimise (gpt2lab.train.task); default: pretraining.
     """
 
     def log_warnings(event: Event) -> None:
@@ -123,7 +129,7 @@ def train(
     )
     world, device = setup_ddp(cfg.train.device)
     try:
-        return Trainer(cfg, Path(run_dir), options, world, device).run()
+        return Trainer(cfg, Path(run_dir), options, world, device, task).run()
     finally:
         teardown()
 
@@ -138,34 +144,31 @@ class Trainer:
         options: TrainOptions | None = None,
         world: Dist | None = None,
         device: torch.device | None = None,
+        task: Task | None = None,
     ) -> None:
         """Check everything, then build the run (on `device`, CPU by default; one process)."""
         options, world = options or TrainOptions(), world or Dist()
         device = device or torch.device("cpu")
         self.world, self.device, self.run_dir, self.options = world, device, run_dir, options
-        tc = cfg.train
-        self.dtype = pick_dtype(tc.dtype, device)
+        self.task = task = task or PretrainTask()
+        self.dtype = pick_dtype(cfg.train.dtype, device)
         # ---- checks that only read: nothing in RUN_DIR changes before they all pass ----
         build.prepare_run_dir(run_dir, options.resume, options.overwrite)
         ckpt = native.require_latest(run_dir) if options.resume else None
-        self.meta, self.tok = build.check_data(cfg.data.dir)
         self.state = TrainState()
-        init_weights: dict[str, torch.Tensor] | None = None
         if ckpt is not None:
             self.state = TrainState.from_json(native.load_state(ckpt))
-            build.check_resumed_vocab(cfg, self.meta, run_dir)
-        elif tc.init_from:
-            cfg, init_weights = build.pretrained(cfg, self.tok, self.meta)
-        else:  # from scratch: the data decides the vocabulary
-            cfg = merge(cfg, {"model": {"vocab_size": int(self.meta["vocab_size"])}})
+        setup = task.setup(cfg, ckpt, run_dir)
+        cfg, self.tok, init_weights = setup.cfg, setup.tokenizer, setup.init_weights
+        self.meta = setup.extra.get("meta")  # pretraining: the data's meta.json
         self.epochs: EpochPlan | None = None
-        if cfg.train.max_epochs > 0:  # shuffled passes: the split's size decides the steps
+        if cfg.train.max_epochs > 0:  # shuffled passes: the data's size decides the steps
             cfg = merge(cfg, {"data": {"sampling": "sequential"}}, source="train.max_epochs")
-            windows = build.train_loader(cfg, world.rank, world.world_size, device).n_windows
-            self.epochs = plan_epochs(cfg, windows, world.world_size)
+            self.epochs = plan_epochs(cfg, task.epoch_size(cfg, world, device), world.world_size)
             cfg = epochs_config(cfg, self.epochs)
         self.cfg, tc = cfg, cfg.train
-        self.memory = build.check_memory(cfg.model, tc, self.dtype, device, world.world_size)
+        rows = dataclasses.replace(tc, micro_batch_size=tc.micro_batch_size * task.rows_per_item)
+        self.memory = build.check_memory(cfg.model, rows, self.dtype, device, world.world_size)
         # ---- from here on the run directory is ours (once every rank has checked it) ----
         barrier(world)
         if world.is_main:
@@ -179,8 +182,10 @@ class Trainer:
         self.tokens_per_step = (
             tc.micro_batch_size * cfg.model.block_size * tc.grad_accum_steps * world.world_size
         )
-        self.loader = build.train_loader(cfg, world.rank, world.world_size, device)
-        self.val_tokens = load_tokens(cfg.data.dir, "val")
+        task.begin(self.model, run_dir, world, resumed=ckpt is not None)
+        self.loader = task.batches(cfg, world, device)
+        self.objective = task.objective(cfg, world, device, self.dtype)
+        self.step_metrics: dict[str, float] = {}  # the objective's, of the last step
         if ckpt is not None and (
             note := build.restore_loader_and_rng(self.loader, self.state, world)
         ):
@@ -201,6 +206,7 @@ class Trainer:
         atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
         if not (self.run_dir / "tokenizer").is_dir():
             self.tok.save(str(self.run_dir / "tokenizer"))
+        self.task.write_run_dir(self.run_dir)
 
     # ---------------------------------------------------------------- the loop
 
@@ -216,7 +222,8 @@ class Trainer:
                 )
             )
         self.first_step, self.t0 = self.state.step + 1, time.perf_counter()
-        self.last_row = (self.t0, self.state.step)  # time and step of the last metrics row
+        self.first_tokens = self.state.tokens
+        self.last_row = (self.t0, self.state.tokens)  # time and tokens of the last metrics row
         loss, val, checkpoint, stopped_by = math.nan, None, None, None
         while self.state.step < tc.max_steps:
             result = self.train_step()
@@ -226,9 +233,11 @@ class Trainer:
             row = self.metrics_row(result) if self.should_log(step, stopped_by) else None
             evaluated = self.should_eval(step, stopped_by)
             if evaluated:
-                val = self.evaluate(self.eval_batches(stopped_by))
+                scores = self.evaluate_all(self.eval_batches(stopped_by))
+                val = scores["val_loss"]
                 assert row is not None
                 row.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+                row.update(scores)
                 if self.should_sample(step):
                     self.emit(SampleEvent(step, tc.sample_prompt, self.sample()))
             if self.epochs is not None:
@@ -319,14 +328,20 @@ class Trainer:
         tc, world = self.cfg.train, self.world
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}  # the objective's metrics, summed over micro-batches
+        tokens = 0
         for micro in range(tc.grad_accum_steps):
-            x, y = self.loader.next_batch()
+            batch = self.loader.next_batch()
             with self.gradient_sync(last=micro == tc.grad_accum_steps - 1):
                 with autocast(self.device, self.dtype):
-                    _, loss = self.model(x, y)
+                    loss, metrics = self.objective.loss(self.model, batch)
                 loss = loss / tc.grad_accum_steps
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
+            tokens += self.objective.count_tokens(batch)
+            for key, value in metrics.items():
+                value = value.detach().float().reshape(()).to(self.device)
+                sums[key] = sums[key] + value if key in sums else value
         self.scaler.unscale_(self.opt)
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(
@@ -336,10 +351,16 @@ class Trainer:
         # one sync per step, so every rank takes the same decisions: the loss (NaN guard, log),
         # the stop request and the clock (the wall-time LR and budget)
         asked = self.options.should_stop is not None and self.options.should_stop()
-        extra = torch.tensor([float(asked), self.clock()], device=self.device)
-        flags = torch.cat([loss_sum.float().view(1), norm.float().view(1).to(self.device), extra])
-        loss_v, norm_v, stop_v, clock = all_reduce_sum(flags, world).tolist()
+        extra = torch.tensor([float(asked), self.clock(), float(tokens)], device=self.device)
+        flags = torch.cat(
+            [loss_sum.float().view(1), norm.float().view(1).to(self.device), extra]
+            + [v.view(1) for v in sums.values()]
+        )
+        loss_v, norm_v, stop_v, clock, tokens_v, *metric_v = all_reduce_sum(flags, world).tolist()
         loss_v, clock = loss_v / world.world_size, clock / world.world_size
+        self.state.tokens += int(tokens_v)
+        per = world.world_size * tc.grad_accum_steps
+        self.step_metrics = {k: v / per for k, v in zip(sums, metric_v)}
         if tc.warmup_steps <= self.state.step and self.state.warmup_end_s is None:
             self.state.warmup_end_s = clock
         time_frac = budget_fraction(self.state.step, tc, clock, self.state.warmup_end_s)
@@ -391,17 +412,11 @@ class Trainer:
 
     def evaluate(self, max_batches: int = 0) -> float:
         """Mean validation loss of the model now (0 batches = the whole validation split)."""
-        return val_loss(
-            self.model,
-            self.val_tokens,
-            self.cfg.model.block_size,
-            self.cfg.train.micro_batch_size,
-            max_batches,
-            self.device,
-            self.dtype,
-            self.world,
-            source=self.cfg.data.dir,
-        )
+        return self.evaluate_all(max_batches)["val_loss"]
+
+    def evaluate_all(self, max_batches: int = 0) -> dict[str, float]:
+        """The objective's evaluation of the model now: val_loss and the task's other scores."""
+        return self.objective.evaluate(self.model, max_batches)
 
     def sample(self) -> str:
         """A short continuation of train.sample_prompt by the model being trained.
@@ -410,7 +425,8 @@ class Trainer:
         resumed run would differ from an uninterrupted one.
         """
         tc, model = self.cfg.train, self.raw
-        ids = prompt_ids(self.tok, tc.sample_prompt)[-self.cfg.model.block_size :]
+        ids = prompt_ids(self.tok, self.task.sample_prompt(tc.sample_prompt))
+        ids = ids[-self.cfg.model.block_size :]
         idx = torch.tensor([ids], device=self.device)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), autocast(self.device, self.dtype):
@@ -425,11 +441,11 @@ class Trainer:
     def metrics_row(self, result: StepResult) -> dict[str, Any]:
         """The metrics.jsonl row of the step just taken; speed is measured since the last row."""
         now, step = time.perf_counter(), self.state.step
-        last_t, last_step = self.last_row
-        tps = self.tokens_per_step * (step - last_step) / (now - last_t)
+        last_t, last_tokens = self.last_row
+        tps = (self.state.tokens - last_tokens) / (now - last_t)
         row: dict[str, Any] = {
             "step": step,
-            "tokens": step * self.tokens_per_step,
+            "tokens": self.state.tokens,
             "loss": result.loss,
             "lr": result.lr,
             "grad_norm": result.grad_norm,
@@ -439,6 +455,7 @@ class Trainer:
         }
         if self.state.skipped_steps:
             row["skipped_steps"] = self.state.skipped_steps
+        row.update(self.step_metrics)
         return row
 
     def report(self, step: int, row: dict[str, Any] | None, evaluated: bool) -> bool:
@@ -455,7 +472,7 @@ class Trainer:
                 self.emit(EvalEvent(step, dict(row)))
             hooks = ((self.options.on_log, True), (self.options.on_eval, evaluated))
             stop = any(hook(dict(row)) is True for hook, on in hooks if hook is not None and on)
-        self.last_row = (time.perf_counter(), step)
+        self.last_row = (time.perf_counter(), self.state.tokens)
         flag = torch.tensor([float(stop)], device=self.device)
         return bool(all_reduce_sum(flag, self.world).item() > 0)
 
@@ -489,7 +506,6 @@ class Trainer:
         state.val_loss = val
         if val is not None and (state.best_val_loss is None or val < state.best_val_loss):
             state.best_val_loss = val
-        state.tokens = state.step * self.tokens_per_step
         state.elapsed_s = self.clock()
         state.scaler = self.scaler.state_dict() if self.scaler.is_enabled() else None
         model_sd = model_state(self.model, tc.strategy, world)
@@ -514,11 +530,11 @@ class Trainer:
     ) -> TrainSummary:
         elapsed = time.perf_counter() - self.t0
         ran = self.state.step - (self.first_step - 1)
-        tps = self.tokens_per_step * ran / elapsed if ran else 0.0
+        tps = (self.state.tokens - self.first_tokens) / elapsed if ran else 0.0
         return TrainSummary(
             run_dir=str(self.run_dir),
             step=self.state.step,
-            tokens=self.state.step * self.tokens_per_step,
+            tokens=self.state.tokens,
             loss=loss,
             val_loss=val,
             val_ppl=math.exp(min(val, 50.0)) if val is not None else None,
