@@ -62,7 +62,9 @@ def test_clipped_policy_loss_by_hand():
 
 def test_policy_loss_ignores_padding_and_its_gradient_is_the_surrogates():
     logp = torch.tensor([[0.1, 5.0]], requires_grad=True)
-    out = policy_loss(logp, torch.zeros(1, 2), torch.tensor([[2.0, 3.0]]), torch.tensor([[1, 0]]), 0.2)
+    out = policy_loss(
+        logp, torch.zeros(1, 2), torch.tensor([[2.0, 3.0]]), torch.tensor([[1, 0]]), 0.2
+    )
     out.loss.backward()
     # one real token, ratio e^0.1 = 1.105 inside the clip range: loss = -A rho, d/dlogp = -A rho
     assert out.loss.item() == pytest.approx(-2.0 * math.exp(0.1))

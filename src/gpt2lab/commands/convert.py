@@ -107,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if is_reward_dir(src) and args.to != "gpt2lab":  # a reward model: GPT2ForSequenceClassification
         rm = load_reward_model(src)
-        save_hf(rm.body, args.dst, rm.tokenizer, score=rm.score.weight, pad_token_id=rm.pad_token_id)
-        print(f"wrote {args.dst} (hf GPT2ForSequenceClassification, pad_token_id {rm.pad_token_id})")
+        save_hf(rm, args.dst, rm.tokenizer, score=rm.score.weight, pad_token_id=rm.pad_token_id)
+        print(
+            f"wrote {args.dst} (hf GPT2ForSequenceClassification, pad_token_id {rm.pad_token_id})"
+        )
         return 0
     to = args.to
     if to == "auto":

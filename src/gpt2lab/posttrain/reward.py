@@ -41,7 +41,9 @@ def forward_hidden(
     seen: list[Tensor] = []
     handle = gpt.transformer.ln_f.register_forward_hook(lambda _m, _i, out: seen.append(out))
     try:
-        logits, _ = gpt(idx, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
+        logits, _ = GPT.forward(
+            gpt, idx, attention_mask=attention_mask, logits_to_keep=logits_to_keep
+        )
     finally:
         handle.remove()
     return logits, seen[0]
@@ -53,18 +55,21 @@ def last_real(mask: Tensor) -> Tensor:
     return (idx * mask.long()).argmax(dim=1)
 
 
-class RewardModel(nn.Module):
-    """GPT-2 + a bias-free linear `score` head read at each sequence's last real token."""
+class RewardModel(GPT):
+    """GPT-2 + a bias-free linear `score` head read at each sequence's last real token.
+
+    Its parameters are GPT's (`transformer.*`, the tied head) and `score.weight`, exactly the
+    names of transformers' GPT2ForSequenceClassification; `forward` returns scores, not logits.
+    """
 
     def __init__(self, cfg: GPTConfig, pad_token_id: int) -> None:
-        super().__init__()
-        self.body = GPT(cfg)
+        super().__init__(cfg)
         self.score = nn.Linear(cfg.n_embd, 1, bias=False)
         nn.init.normal_(self.score.weight, std=0.02)  # as transformers initialises it
-        self.config, self.pad_token_id = cfg, int(pad_token_id)
+        self.pad_token_id = int(pad_token_id)
         self.tokenizer: Any = None
 
-    def forward(self, idx: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, attention_mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """(B,) scores of (B, T) ids; `attention_mask` marks real tokens (left or right padding).
 
         The score is read at the rightmost token that is real and not `pad_token_id`, as
@@ -73,7 +78,7 @@ class RewardModel(nn.Module):
         mask = attention_mask
         if mask is not None and bool(mask.all()):
             mask = None
-        _, hidden = forward_hidden(self.body, idx, mask, logits_to_keep=1)
+        _, hidden = forward_hidden(self, idx, mask, logits_to_keep=1)
         read = idx != self.pad_token_id
         if mask is not None:
             read &= mask.to(device=idx.device, dtype=torch.bool)
@@ -82,7 +87,8 @@ class RewardModel(nn.Module):
 
     def trim(self, ids: Sequence[int]) -> list[int]:
         """The ids the score reads: trailing `pad_token_id`s dropped (transformers does the same;
-        GPT-2's pad is its <|endoftext|>, so a text ending in it is scored at the token before)."""
+        GPT-2's pad is its <|endoftext|>, so a text ending in it is scored at the token before),
+        then the last block_size of them."""
         ids = list(ids)
         while len(ids) > 1 and ids[-1] == self.pad_token_id:
             ids.pop()
@@ -116,9 +122,7 @@ class RewardModel(nn.Module):
 
     def weights(self) -> dict[str, Tensor]:
         """Our GPT keys plus `score.weight`: what a reward-model checkpoint holds."""
-        sd = {k: v for k, v in self.body.state_dict().items() if k != "lm_head.weight"}
-        sd[SCORE_KEY] = self.score.weight.detach()
-        return sd
+        return {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}
 
 
 def bradley_terry(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
@@ -131,7 +135,7 @@ def reward_from_policy(model: GPT, tokenizer: Any, pad_token_id: int | None = No
     """A reward model whose backbone starts as `model` (a fresh score head)."""
     pad = pad_token_id if pad_token_id is not None else default_pad(tokenizer)
     rm = RewardModel(model.config, pad)
-    rm.body.load_state_dict(model.state_dict())
+    rm.load_state_dict({**model.state_dict(), SCORE_KEY: rm.score.weight.detach().clone()})
     rm.tokenizer = tokenizer
     return rm
 
@@ -173,8 +177,7 @@ def load_reward_model(path: str | Path, device: Any = None) -> RewardModel:
     ckpt = find_checkpoint(p)
     info = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))["reward_model"]
     tensors = read_tensors(ckpt / "model.safetensors")
-    score = tensors.pop(SCORE_KEY, None)
-    if score is None:
+    if SCORE_KEY not in tensors:
         raise CheckpointError(
             f"{ckpt / 'model.safetensors'} has no {SCORE_KEY}",
             "a reward model's weights",
@@ -182,9 +185,7 @@ def load_reward_model(path: str | Path, device: Any = None) -> RewardModel:
         )
     cfg = from_dict(GPTConfig, info_config(ckpt), source=str(ckpt / "state.json"))
     rm = RewardModel(cfg, int(info["pad_token_id"]))
-    assign_state(rm.body, tensors, source=str(ckpt / "model.safetensors"))
-    with torch.no_grad():
-        rm.score.weight.copy_(score.float())
+    assign_state(rm, tensors, source=str(ckpt / "model.safetensors"))
     rm.tokenizer = native_tokenizer(ckpt, "tokenizer")
     return rm.to(device).eval()
 

@@ -267,7 +267,10 @@ class RLTrainer:
         if self.options.resume is False:
             self._write_run_dir(self.options.overwrite)
         self.metrics = MetricsLog(
-            self.run_dir, self.step if ckpt is not None else None, tc.tensorboard, tc.wandb,
+            self.run_dir,
+            self.step if ckpt is not None else None,
+            tc.tensorboard,
+            tc.wandb,
             to_dict(cfg),
         )
         if rng is not None:
@@ -456,7 +459,10 @@ class RLTrainer:
                 mask = sub.response_mask.to(self.device)
                 with autocast(self.device, self.dtype):
                     logp, ent, values = score_tokens(
-                        self.policy, sub, self.value_head, rc.temperature,
+                        self.policy,
+                        sub,
+                        self.value_head,
+                        rc.temperature,
                         getattr(self.tok, "n_vocab", None),
                     )
                 pl = policy_loss(logp, old_logp[dev_rows], adv[dev_rows], mask, rc.clip)
