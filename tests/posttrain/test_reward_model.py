@@ -1,4 +1,4 @@
-"""The reward model against transformers' GPT2ForSequenceClassification: same weights, same score."""
+"""The reward model against transformers' GPT2ForSequenceClassification: same weights, score."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def last_index(mask: Tensor) -> Tensor:
 
 
 def token_rewards(scores: Tensor, kl: Tensor, beta: float, mask: Tensor) -> Tensor:
-    """Ziegler et al.'s per-token reward: -beta * kl_t everywhere, + score on the last real token."""
+    """Ziegler et al.'s per-token reward: -beta kl_t on every token, + the score on the last."""
     rewards = -beta * kl * mask.to(kl.dtype)
     rows = torch.arange(scores.size(0), device=scores.device)
     rewards[rows, last_index(mask)] += scores.to(rewards.dtype)

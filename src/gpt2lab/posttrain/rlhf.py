@@ -352,7 +352,7 @@ class RLTrainer:
 
     def rl_step(self) -> dict[str, Any]:
         """One rollout batch and its updates; returns the metrics row."""
-        rc, tc = self.cfg.rl, self.cfg.train
+        rc = self.cfg.rl
         t0 = time.perf_counter()
         chosen = self.next_prompts()
         if rc.algorithm == "grpo":
