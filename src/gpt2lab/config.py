@@ -176,20 +176,67 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning (`gpt2lab sft`, docs/post_training.md): data, template, packing."""
+
+    data: str = ""  # JSONL/Parquet file or dataset name: prompt/completion or messages records
+    val_data: str = ""  # held-out records; "" holds out val_fraction of `data`
+    val_fraction: float = 0.05  # share of `data` held out when no val_data is given
+    template: str = "auto"  # chat template: auto (the model's, else plain), chat, plain, or a file
+    packing: bool = False  # pack short examples into full blocks (block-diagonal attention)
+    max_length: int = 0  # tokens per example, 0 = model.block_size; longer prompts lose their start
+    errors: Literal["raise", "skip"] = "raise"  # a bad record stops the run, or is counted
+
+    def __post_init__(self) -> None:
+        _check_fraction("sft", self.val_fraction)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation (`gpt2lab dpo`, Rafailov et al. 2023)."""
+
+    data: str = ""  # preference pairs: {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}
+    val_data: str = ""  # held-out pairs; "" holds out val_fraction of `data`
+    val_fraction: float = 0.05
+    template: str = "auto"  # chat template: auto (the model's, else plain), chat, plain, or a file
+    beta: float = 0.1  # strength of the KL penalty towards the reference model
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO, IPO (Azar et al.), hinge (SLiC)
+    cache_reference: bool = True  # reference log-probs computed once into RUN_DIR/reference/
+    max_length: int = 0  # tokens per prompt + reply, 0 = model.block_size
+    errors: Literal["raise", "skip"] = "raise"
+
+    def __post_init__(self) -> None:
+        _check_fraction("dpo", self.val_fraction)
+        if not self.beta > 0:
+            raise ConfigError(
+                f"dpo.beta={self.beta} is not positive",
+                "a number > 0",
+                f"e.g. {mark_key('dpo.beta', 0.1)}",
+            )
+
+
+def _check_fraction(section: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(
+            f"{section}.val_fraction={value} is out of range",
+            "0 <= val_fraction < 1",
+            f"e.g. {mark_key(section + '.val_fraction', 0.05)}",
+        )
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     """`gpt2lab reward`: a reward model trained on preference pairs (Bradley-Terry)."""
 
-    val_frac: float = 0.1  # pairs held out for the held-out loss and accuracy
-    max_length: int = 0  # tokens per text (prompt + reply), cropped from the left; 0 = block_size
-    eval_batches: int = 0  # held-out batches per evaluation; 0 = all held-out pairs
+    data: str = ""  # preference pairs: {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}
+    val_data: str = ""  # held-out pairs; "" holds out val_fraction of `data`
+    val_fraction: float = 0.1
+    template: str = "auto"  # chat template: auto (the model's, else plain), chat, plain, or a file
+    max_length: int = 0  # tokens per prompt + reply, 0 = model.block_size; cut from the left
+    errors: Literal["raise", "skip"] = "raise"  # a bad record stops the run, or is counted
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.val_frac < 1.0:
-            raise ConfigError(
-                f"reward.val_frac={self.val_frac} is out of range",
-                "0 <= val_frac < 1",
-                f"e.g. {mark_key('reward.val_frac', 0.1)}",
-            )
+        _check_fraction("reward", self.val_fraction)
 
 
 @dataclass(frozen=True)
@@ -247,6 +294,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
 

@@ -191,6 +191,8 @@ class GPT(nn.Module):
         and values are written at [pos, pos+T) and `cache.pos` advances. `attention_mask`
         (B, pos+T) marks real tokens 1 and left padding 0; without `position_ids` each row's
         positions then count real tokens only, so a left-padded row matches its unpadded self.
+        A 3-D bool `attention_mask` (B, T, pos+T) says which keys each query sees (e.g. block-
+        diagonal for packed sequences; pass their `position_ids` too).
         Without targets, `logits_to_keep=n` computes the logits of the last n positions only,
         (B, n, V), and `last_only=True` is `logits_to_keep=1`. A list passed as `attentions`
         receives each layer's attention probabilities, (B, n_head, T, pos+T), in layer order.
@@ -205,7 +207,9 @@ class GPT(nn.Module):
                 "make a KVCache with a larger max_len (at most block_size)",
             )
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dim() == 3:  # packed rows (see docstring)
+            mask = attention_mask.to(device=idx.device, dtype=torch.bool)[:, None]
+        elif attention_mask is not None:
             if tuple(attention_mask.shape) != (B, pos + T):
                 raise ConfigError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}",

@@ -19,7 +19,7 @@ from gpt2lab.checkpoint.native import find_latest
 from gpt2lab.checkpoint.weights import load_model_safetensors
 from gpt2lab.config import GPTConfig, from_dict
 from gpt2lab.device import DTYPES
-from gpt2lab.errors import CheckpointError, mark_key
+from gpt2lab.errors import CheckpointError, TokenizerError, mark_key
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import get_tokenizer
 
@@ -127,6 +127,11 @@ def hf_tokenizer(path: Path) -> Any:
         return get_tokenizer(path / "gpt2lab_tokenizer")
     if any((path / a).is_file() and (path / b).is_file() for a, b in _TOKENIZER_PAIRS):
         return get_tokenizer(path)
+    if (path / "tokenizer.json").is_file():  # transformers 5 saves tokenizers' file alone
+        try:
+            return get_tokenizer(path)
+        except TokenizerError:  # not a GPT-2 style BPE: the model comes without a tokenizer
+            return None
     return None
 
 

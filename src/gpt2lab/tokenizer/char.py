@@ -14,11 +14,14 @@ UNK = "<|unk|>"
 
 
 class CharTokenizer(Tokenizer):
-    """Ids 0..len(chars)-1 are the sorted characters; `<|endoftext|>` (and `<|unk|>`) come after."""
+    """Ids 0..len(chars)-1 are the sorted characters; `<|endoftext|>` (and `<|unk|>`) come after,
+    then any special tokens added later (`with_special_tokens`, e.g. chat tokens), in order."""
 
     kind = "char"
 
-    def __init__(self, chars: Iterable[str], unk: bool = False) -> None:
+    def __init__(
+        self, chars: Iterable[str], unk: bool = False, specials: Iterable[str] = ()
+    ) -> None:
         self.chars = "".join(sorted(set(chars)))
         if not self.chars:
             raise TokenizerError(
@@ -30,6 +33,9 @@ class CharTokenizer(Tokenizer):
         self._stoi = {c: i for i, c in enumerate(self.chars)}
         n = len(self.chars)
         self.special_tokens = {EOT: n, **({UNK: n + 1} if unk else {})}
+        self.added = tuple(s for s in dict.fromkeys(specials) if s not in self.special_tokens)
+        for name in self.added:
+            self.special_tokens[name] = n + len(self.special_tokens)
         self.n_vocab = n + len(self.special_tokens)
         self._itos = list(self.chars) + list(self.special_tokens)
 
@@ -45,7 +51,10 @@ class CharTokenizer(Tokenizer):
             raise TokenizerError(
                 f"{where} has no 'chars' string", "the char tokenizer's characters"
             )
-        tok = cls(chars, bool(meta.get("unk", False)))
+        added = meta.get("specials", [])
+        if not isinstance(added, list) or not all(isinstance(a, str) for a in added):
+            raise TokenizerError(f"{where}: 'specials' is {added!r}", "a list of strings")
+        tok = cls(chars, bool(meta.get("unk", False)), added)
         if tok.chars != chars:
             raise TokenizerError(f"{where}: 'chars' is not sorted and unique", "sorted characters")
         return tok
@@ -89,8 +98,16 @@ class CharTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8")
 
     def spec(self) -> dict[str, Any]:
-        """`{"kind": "char", "chars": ..., "unk": ...}`: enough to rebuild the tokenizer."""
-        return {"kind": "char", "chars": self.chars, "unk": self.unk}
+        """`{"kind": "char", "chars": ..., "unk": ...}` (and the added `specials`, if any):
+        enough to rebuild the tokenizer."""
+        spec = {"kind": "char", "chars": self.chars, "unk": self.unk}
+        return {**spec, "specials": list(self.added)} if self.added else spec
+
+    def with_special_tokens(self, names: Iterable[str]) -> CharTokenizer:
+        """A copy with extra special tokens, given the next free ids in order."""
+        tok = CharTokenizer(self.chars, self.unk, [*self.added, *names])
+        tok.chat_template = self.chat_template
+        return tok
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json (kind, characters, special tokens)."""

@@ -91,9 +91,7 @@ def read_gpt2_format(vocab_path: Path, merges_path: Path, special: set[str] | No
             f"cannot read the vocabulary {vocab_path} / {merges_path} ({e})",
             "a JSON object token -> id and a merges file of 'left right' lines",
         ) from None
-    if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
-        raise TokenizerError(f"{vocab_path} is not a JSON object of token -> id", "GPT-2's format")
-    merges = []
+    pairs = []
     # Every line counts, the last one too (GPT-2's last merge makes " gazed", id 50255).
     for n, line in enumerate(lines, 1):
         if not line or line.startswith("#version"):
@@ -103,9 +101,48 @@ def read_gpt2_format(vocab_path: Path, merges_path: Path, special: set[str] | No
             raise TokenizerError(
                 f"{merges_path} line {n} is {line!r}", "two tokens separated by one space"
             )
-        merges.append(
-            (str_to_token(parts[0], str(merges_path)), str_to_token(parts[1], str(merges_path)))
+        pairs.append(parts)
+    return _vocab_from_strings(encoder, pairs, special, str(vocab_path), str(merges_path))
+
+
+def read_hf_tokenizer_json(path: Path) -> Vocab:
+    """The vocabulary of a `tokenizers` tokenizer.json (what transformers 5 saves alone) holding
+    a GPT-2 style byte-level BPE; its added tokens are special tokens."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read {path} ({e})", "a tokenizers tokenizer.json") from None
+    model = d.get("model") or {}
+    pre = d.get("pre_tokenizer") or {}
+    if (
+        model.get("type") != "BPE"
+        or pre.get("type") != "ByteLevel"
+        or not pre.get("use_regex", True)
+        or pre.get("add_prefix_space")
+    ):
+        raise TokenizerError(
+            f"{path} is not a GPT-2 style tokenizer (model {model.get('type')!r}, pre-tokenizer "
+            f"{pre.get('type')!r})",
+            "a byte-level BPE with GPT-2's pattern and no prefix space",
         )
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
+    added = d.get("added_tokens") or []
+    encoder = dict(model.get("vocab") or {})
+    encoder.update({t["content"]: t["id"] for t in added if isinstance(t, dict)})
+    special = {t["content"] for t in added if isinstance(t, dict)}
+    return _vocab_from_strings(encoder, merges, special, str(path), str(path))
+
+
+def _vocab_from_strings(
+    encoder: Any, pairs: list, special: set[str] | None, vocab_where: str, merges_where: str
+) -> Vocab:
+    if not isinstance(encoder, dict) or not all(isinstance(v, int) for v in encoder.values()):
+        raise TokenizerError(f"{vocab_where} is not a JSON object of token -> id", "GPT-2's format")
+    merges = []
+    for n, parts in enumerate(pairs, 1):
+        if not (isinstance(parts, list) and len(parts) == 2):
+            raise TokenizerError(f"{merges_where} merge {n} is {parts!r}", "two tokens")
+        merges.append((str_to_token(parts[0], merges_where), str_to_token(parts[1], merges_where)))
     made = {a + b for a, b in merges}
     special = set(special or ())
     ranks: dict[bytes, int] = {}
@@ -182,6 +219,8 @@ def read_vocab_dir(directory: str | os.PathLike, special_tokens: dict[str, int])
     for vocab_name, merges_name in _PAIRS:
         if (folder / vocab_name).is_file() and (folder / merges_name).is_file():
             return read_gpt2_format(folder / vocab_name, folder / merges_name, set(special_tokens))
+    if (folder / META_FILE).is_file() and not read_meta(folder):  # transformers' own
+        return read_hf_tokenizer_json(folder / META_FILE)
     found = sorted(folder.glob("*.tiktoken")) if folder.is_dir() else []
     if not found:
         raise TokenizerError(

@@ -17,6 +17,7 @@ from torch import nn
 
 from gpt2lab.checkpoint import native
 from gpt2lab.checkpoint.load import load_model
+from gpt2lab.checkpoint.vocab import grow_vocab, tokenizer_extends
 from gpt2lab.checkpoint.weights import load_model_safetensors
 from gpt2lab.config import (
     Config,
@@ -50,8 +51,6 @@ FIXED_ON_RESUME = (
     "train.strategy",
     "train.optimizer",
 )
-
-_PROBE = "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n\tÉtude naïve."
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> tuple[Config, Path]:
@@ -92,13 +91,8 @@ def check_data(data_dir: str) -> tuple[dict[str, Any], Any]:
 
 
 def tokenizers_match(a: Any, b: Any) -> bool:
-    """Same vocabulary size and the same ids for a probe text (spec dicts may differ in form)."""
-    if a.n_vocab != b.n_vocab:
-        return False
-    try:
-        return a.encode_ordinary(_PROBE) == b.encode_ordinary(_PROBE)
-    except Exception:  # a char vocabulary cannot encode the probe; compare the specs instead
-        return a.spec() == b.spec()
+    """Same vocabulary size, special tokens and ids for a probe text (specs may differ in form)."""
+    return a.n_vocab == b.n_vocab and tokenizer_extends(a, b)
 
 
 def check_resumed_vocab(cfg: Config, meta: dict[str, Any], run_dir: Path) -> None:
@@ -113,9 +107,14 @@ def check_resumed_vocab(cfg: Config, meta: dict[str, Any], run_dir: Path) -> Non
 
 
 def pretrained(cfg: Config, data_tok: Any, meta: dict[str, Any]) -> tuple[Config, dict]:
-    """Weights and model config of `train.init_from`; the data's tokenizer must be the model's."""
+    """Weights and model config of `train.init_from`; the data's tokenizer must be the model's,
+    or the model's plus special tokens (then the model grows: `checkpoint.vocab.grow_vocab`)."""
     src = cfg.train.init_from
     model, tok = load_model(src, device="cpu", dtype=torch.float32)
+    if tok is not None and data_tok.n_vocab > model.config.vocab_size:
+        if tokenizer_extends(tok, data_tok):  # the data's tokenizer adds special tokens
+            grow_vocab(model, data_tok.n_vocab)  # their rows start at the mean of the others
+            tok = data_tok
     mcfg = model.config
     if tok is not None and not tokenizers_match(tok, data_tok):
         raise TokenizerError(

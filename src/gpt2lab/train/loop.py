@@ -27,7 +27,7 @@ from gpt2lab.checkpoint import native
 from gpt2lab.config import Config, merge, to_dict, to_toml
 from gpt2lab.device import autocast, pick_dtype
 from gpt2lab.errors import TrainingError, mark_key
-from gpt2lab.generate import PREVIEW_SAMPLING, generate, prompt_ids
+from gpt2lab.generate import PREVIEW_SAMPLING, generate
 from gpt2lab.io import atomic_write_text
 from gpt2lab.train import build
 from gpt2lab.train.dist import (
@@ -425,8 +425,7 @@ class Trainer:
         resumed run would differ from an uninterrupted one.
         """
         tc, model = self.cfg.train, self.raw
-        ids = prompt_ids(self.tok, self.task.sample_prompt(tc.sample_prompt))
-        ids = ids[-self.cfg.model.block_size :]
+        ids = self.task.prompt_ids(self.tok, tc.sample_prompt)[-self.cfg.model.block_size :]
         idx = torch.tensor([ids], device=self.device)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), autocast(self.device, self.dtype):

@@ -30,7 +30,8 @@ rest, in four parts, so that post-training (SFT, DPO, reward models, PPO) runs o
   directory (rank 0); `begin(model, run_dir, world, resumed)` runs on every rank once the model
   holds its starting weights (the initial ones, or the checkpoint's on resume) and before
   `batches` and `objective`: DPO computes or loads its cached reference log-probabilities there;
-  `sample_prompt(text)` turns train.sample_prompt into the text a training preview continues.
+  `prompt_ids(tokenizer, text)` turns train.sample_prompt into the ids a training preview
+  continues (a chat task renders it as a user turn).
 
 `PretrainTask` is next-token prediction on `gpt2lab prepare`'s token shards: what `gpt2lab
 train` does, and what `train()` uses when given no task.
@@ -48,6 +49,7 @@ from torch import Tensor, nn
 
 from gpt2lab.config import Config, merge
 from gpt2lab.data import load_tokens
+from gpt2lab.generate import prompt_ids
 from gpt2lab.model import GPT
 from gpt2lab.train import build
 from gpt2lab.train.dist import Dist
@@ -114,9 +116,9 @@ class Task:
     def begin(self, model: nn.Module, run_dir: Path, world: Dist, resumed: bool) -> None:
         """Every rank, once `model` holds its starting weights, before batches and objective."""
 
-    def sample_prompt(self, text: str) -> str:
-        """The text a training preview continues, given train.sample_prompt."""
-        return text
+    def prompt_ids(self, tokenizer: Any, text: str) -> list[int]:
+        """The ids a training preview continues, given train.sample_prompt."""
+        return prompt_ids(tokenizer, text)
 
 
 class PretrainTask(Task):
