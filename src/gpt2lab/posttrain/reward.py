@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from gpt2lab.checkpoint.load import find_checkpoint, native_tokenizer
 from gpt2lab.checkpoint.weights import assign_state, read_tensors
 from gpt2lab.config import GPTConfig, from_dict
-from gpt2lab.errors import CheckpointError, mark_key
+from gpt2lab.errors import CheckpointError
 from gpt2lab.generate import left_pad
 from gpt2lab.model import GPT
 
@@ -150,47 +151,35 @@ def default_pad(tokenizer: Any) -> int:
 
 
 def is_reward_dir(path: str | Path) -> bool:
-    """True for a reward-model run or checkpoint directory."""
+    """True for a run or checkpoint directory whose weights hold a reward head (`score.weight`)."""
     try:
         ckpt = find_checkpoint(Path(path))
-    except CheckpointError:
-        return False
-    state = ckpt / "state.json"
-    if not state.is_file():
-        return False
-    try:
-        return "reward_model" in json.loads(state.read_text(encoding="utf-8"))
-    except ValueError:
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            return SCORE_KEY in f.keys()
+    except Exception:  # noqa: BLE001 - not a model directory, or a corrupt file: not a reward model
         return False
 
 
 def load_reward_model(path: str | Path, device: Any = None) -> RewardModel:
-    """A RewardModel (eval mode, with its tokenizer) from a reward-model run or checkpoint dir."""
+    """A RewardModel (eval mode, with its tokenizer) from a reward-model run or checkpoint dir.
+
+    Its pad id is state.json's `reward_model.pad_token_id` if given, else its tokenizer's
+    (`default_pad`), as `gpt2lab reward` chose it."""
     p = Path(path)
     if not is_reward_dir(p):
         raise CheckpointError(
-            f"{p} is not a reward-model directory (no checkpoint whose state.json has "
-            "`reward_model`)",
+            f"{p} is not a reward-model directory (no checkpoint with a {SCORE_KEY} head)",
             "a directory written by `gpt2lab reward`",
             f"train one with `gpt2lab reward --init-from MODEL --data PAIRS --out {p}`",
         )
     ckpt = find_checkpoint(p)
-    info = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))["reward_model"]
-    tensors = read_tensors(ckpt / "model.safetensors")
-    if SCORE_KEY not in tensors:
-        raise CheckpointError(
-            f"{ckpt / 'model.safetensors'} has no {SCORE_KEY}",
-            "a reward model's weights",
-            f"point {mark_key('reward')} at a directory written by `gpt2lab reward`",
-        )
-    cfg = from_dict(GPTConfig, info_config(ckpt), source=str(ckpt / "state.json"))
-    rm = RewardModel(cfg, int(info["pad_token_id"]))
-    assign_state(rm, tensors, source=str(ckpt / "model.safetensors"))
-    rm.tokenizer = native_tokenizer(ckpt, "tokenizer")
-    return rm.to(device).eval()
-
-
-def info_config(ckpt: Path) -> dict[str, Any]:
-    """The model section of a checkpoint's saved config."""
     state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-    return (state.get("config") or {}).get("model") or {}
+    cfg = from_dict(
+        GPTConfig, (state.get("config") or {}).get("model") or {}, source=str(ckpt / "state.json")
+    )
+    tok = native_tokenizer(ckpt, state.get("tokenizer", "tokenizer"))
+    pad = (state.get("reward_model") or {}).get("pad_token_id")
+    rm = RewardModel(cfg, int(pad) if pad is not None else default_pad(tok))
+    assign_state(rm, read_tensors(ckpt / "model.safetensors"), str(ckpt / "model.safetensors"))
+    rm.tokenizer = tok
+    return rm.to(device).eval()
