@@ -244,6 +244,9 @@ class RLConfig:
     """`gpt2lab rlhf`: PPO (Ziegler et al. 2019) or GRPO against a reward. See `--help`."""
 
     algorithm: Literal["ppo", "grpo"] = "ppo"
+    prompts: str = ""  # JSONL with a `prompt` field, or plain text with one prompt per line
+    reward_model: str = ""  # a reward-model directory (`gpt2lab reward`)
+    template: str = "auto"  # chat template for the prompts: auto (the policy's, else plain)
     batch_size: int = 16  # prompts per rollout batch (GRPO: each sampled group_size times)
     group_size: int = 4  # GRPO: samples per prompt
     minibatch_size: int = 8  # rollouts per optimizer step
@@ -441,6 +444,7 @@ PRESETS["ppo"] = {
         grad_clip=1.0,
         log_interval=1,
         checkpoint_interval=50,
+        dtype="float32",
     ),
     "rl": dict(algorithm="ppo"),
 }
@@ -454,6 +458,7 @@ PRESETS["grpo"] = {
         grad_clip=1.0,
         log_interval=1,
         checkpoint_interval=50,
+        dtype="float32",
     ),
     "rl": dict(algorithm="grpo", batch_size=8, group_size=4, kl_coef=0.04, target_kl=0.0),
 }

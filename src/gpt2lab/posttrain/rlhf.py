@@ -35,6 +35,7 @@ from gpt2lab.checkpoint import native
 from gpt2lab.checkpoint.load import load_model
 from gpt2lab.checkpoint.weights import load_model_safetensors
 from gpt2lab.config import Config, merge, to_dict, to_toml
+from gpt2lab.data.records import read_prompts
 from gpt2lab.device import autocast, pick_device, pick_dtype
 from gpt2lab.errors import ConfigError, DataError, TrainingError, mark_key
 from gpt2lab.io import atomic_write_text
@@ -48,8 +49,9 @@ from gpt2lab.posttrain.ppo import (
     value_loss,
     whiten,
 )
-from gpt2lab.posttrain.reward import RewardModel
+from gpt2lab.posttrain.reward import RewardModel, load_reward_model
 from gpt2lab.posttrain.rollout import Rollouts, sample, score_tokens
+from gpt2lab.tokenizer.chat import PLAIN, ChatTemplate, get_chat_template
 from gpt2lab.train import build
 from gpt2lab.train.events import (
     CheckpointEvent,
@@ -203,8 +205,10 @@ class RLTrainer:
         stop_ids: Sequence[int],
         options: RLOptions | None = None,
         reward_fn_spec: str = "",
+        template: ChatTemplate | None = None,
     ) -> None:
         self.options = options or RLOptions()
+        self.template = template
         self.run_dir = Path(run_dir)
         self.scorer, self.prompts, self.stop_ids = scorer, prompts, list(stop_ids)
         rc, tc = cfg.rl, cfg.train
@@ -415,7 +419,8 @@ class RLTrainer:
         reply = batch.ids(row)[1]
         if batch.finish[row] == "stop":
             reply = reply[:-1]
-        return self.tok.decode(reply) if self.tok is not None else ""
+        text = self.tok.decode(reply) if self.tok is not None else ""
+        return self.template.parse_reply(text) if self.template is not None else text
 
     def normalize(self, raw: Tensor) -> Tensor:
         """Scores scaled by the first batch's mean and std (Ziegler et al.), clipped if asked."""
@@ -425,7 +430,8 @@ class RLTrainer:
         else:
             if self.state.reward_mean is None:
                 self.state.reward_mean = raw.mean().item()
-                self.state.reward_std = max(raw.std().item() if raw.numel() > 1 else 1.0, 1e-6)
+                std = raw.std().item() if raw.numel() > 1 else 0.0
+                self.state.reward_std = std if std > 1e-6 else 1.0  # all equal: shift only
             scores = (raw - self.state.reward_mean) / (self.state.reward_std or 1.0)
         if rc.reward_clip > 0:
             scores = scores.clamp(-rc.reward_clip, rc.reward_clip)
@@ -534,3 +540,89 @@ class RLTrainer:
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
         )
+
+
+# ------------------------------------------------------------------------- the whole job
+
+
+def rlhf(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    reward_fn: str = "",
+    prompts: Sequence[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_event: EventHandler | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainSummary:
+    """RL-tune cfg.train.init_from against cfg.rl.reward_model, or the function `reward_fn`
+    (`FILE.py:NAME`, run as Python: name only files you trust), on the prompts of cfg.rl.prompts
+    (or `prompts`). Writes RUN_DIR like a training run; returns its summary."""
+    rc = cfg.rl
+    policy_tok = load_model(cfg.train.init_from, device="cpu")[1] if cfg.train.init_from else None
+    if policy_tok is None:
+        raise ConfigError(
+            f"the policy {cfg.train.init_from or '(none)'} carries no tokenizer",
+            "a gpt2lab run directory or a Hugging Face GPT-2 directory",
+            f"point {mark_key('policy')} at the run directory of `gpt2lab sft`",
+        )
+    template = pick_template(rc.template, policy_tok)
+    if prompts is None:
+        if not rc.prompts:
+            raise ConfigError(
+                "no prompts given", "a prompts file", f"pass {mark_key('prompts', 'FILE')}"
+            )
+        records = read_prompts(rc.prompts)
+        texts = [prompt_text(p.messages, p.raw) for p in records]
+        messages = [list(p.messages) for p in records]
+    else:
+        texts = list(prompts)
+        messages = [[{"role": "user", "content": t}] for t in texts]
+    by_text = dict(zip(texts, messages))
+
+    def encode(text: str) -> list[int]:
+        return template.encode(policy_tok, by_text[text], add_generation_prompt=True)
+
+    if reward_fn:
+        scorer = Scorer(fn=load_reward_fn(reward_fn), name=reward_fn)
+    elif rc.reward_model:
+        rm = load_reward_model(rc.reward_model, device=pick_device(cfg.train.device))
+        same = rm.tokenizer is not None and build.tokenizers_match(rm.tokenizer, policy_tok)
+        scorer = Scorer(rm=rm, same_tokenizer=same, batch_size=rc.minibatch_size)
+    else:
+        raise ConfigError(
+            "no reward given",
+            f"{mark_key('reward', 'RM_DIR')} or --reward-fn FILE.py:NAME",
+            f"train a reward model with `gpt2lab reward` and pass {mark_key('reward', 'RM_DIR')}",
+        )
+    stops = stop_ids(policy_tok, template)
+    options = RLOptions(resume, overwrite, on_event, should_stop)
+    trainer = RLTrainer(
+        cfg, run_dir, scorer, PromptSet(texts, encode), stops, options, reward_fn, template
+    )
+    return trainer.run()
+
+
+def pick_template(name: str, tokenizer: Any) -> ChatTemplate:
+    """`auto`: the tokenizer's own chat template, else the plain-text one; or a name."""
+    if name == "auto":
+        return getattr(tokenizer, "chat_template", None) or PLAIN
+    return get_chat_template(name)
+
+
+def stop_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
+    """The tokens that end a reply: the template's end of turn, and <|endoftext|>."""
+    special = getattr(tokenizer, "special_tokens", {}) or {}
+    out = [special[template.end_token]] if template.end_token in special else []
+    eot = getattr(tokenizer, "eot_token", None)
+    if eot is not None and eot not in out:
+        out.append(eot)
+    return out
+
+
+def prompt_text(messages: Sequence[dict[str, str]], raw: str | None) -> str:
+    """What a reward function sees as the prompt: the text given, else the last user message."""
+    if raw is not None:
+        return raw
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
