@@ -39,7 +39,8 @@ def prompts_file(path: Path) -> Path:
 def count_fn(path: Path, chars: str = "aeiou") -> Path:
     """A reward-function file: how many of the completion's characters are in `chars`."""
     path.write_text(
-        f"def score(prompt, completion):\n    return float(sum(c in {chars!r} for c in completion))\n",
+        "def score(prompt, completion):\n"
+        f"    return float(sum(c in {chars!r} for c in completion))\n",
         encoding="utf-8",
     )
     return path
