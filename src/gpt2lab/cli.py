@@ -35,6 +35,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "pretrain or fine-tune a GPT (CPU, GPU, torchrun)",
         "gpt2lab train --data data/shakespeare-char --out runs/sc --preset shakespeare-char",
     ),
+    "sft": (
+        "gpt2lab.commands.sft",
+        "supervised fine-tuning on chats or prompt/completion records",
+        "gpt2lab sft --init-from runs/demo --data chats.jsonl --out runs/sft",
+    ),
+    "dpo": (
+        "gpt2lab.commands.dpo",
+        "preference tuning (DPO) from an SFT model and preference pairs",
+        "gpt2lab dpo --init-from runs/sft --data pairs.jsonl --out runs/dpo",
+    ),
     "sample": (
         "gpt2lab.commands.sample",
         "generate text from a trained model",
@@ -74,6 +84,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "gpt2lab.commands.demo",
         "train a small GPT on Shakespeare in minutes, then sample",
         "gpt2lab demo --minutes 5",
+    ),
+    "posttrain-demo": (
+        "gpt2lab.commands.posttrain_demo",
+        "SFT then DPO on Shakespeare's dialogue in minutes, measured on held-out plays",
+        "gpt2lab posttrain-demo --model runs/demo",
     ),
     "config": (
         "gpt2lab.commands.config",

@@ -395,6 +395,34 @@ PRESETS["demo"] = {
         max_minutes=5.0,
     ),
 }
+# `gpt2lab sft` / `gpt2lab dpo` start from these unless given --preset: a short, gentle run from
+# a pretrained model (SFT: Ouyang et al. 2022 fine-tune at ~1e-5 for 124M-1.3B models; DPO:
+# Rafailov et al. 2023 use 1e-6 with beta 0.1, dpo.beta's default; both with a short warmup).
+PRESETS["sft"] = {
+    "train": dict(
+        max_steps=1000,
+        micro_batch_size=8,
+        lr=2e-5,
+        min_lr=2e-6,
+        warmup_steps=20,
+        eval_interval=100,
+        eval_steps=20,
+        checkpoint_interval=200,
+    )
+}
+PRESETS["dpo"] = {
+    "train": dict(
+        max_steps=500,
+        micro_batch_size=4,
+        lr=1e-6,
+        min_lr=1e-7,
+        warmup_steps=20,
+        weight_decay=0.0,
+        eval_interval=50,
+        eval_steps=20,
+        checkpoint_interval=100,
+    )
+}
 # TinyStories on a laptop CPU: like the demo, the clock ends the run and the LR follows it.
 PRESETS["tinystories"]["train"] = dict(
     max_steps=10**9,
@@ -487,6 +515,8 @@ PRESET_SOURCES: dict[str, str] = {
     "gpt2-10m": "gpt2lab: GPT-2's vocabulary at ~10M parameters, for CPUs",
     "finetune": "gpt2lab: a gentle fine-tuning recipe for --init-from (small LR, short run)",
     "demo": "gpt2lab demo: a 5-minute character model (README.md, 'The demo's recipe')",
+    "sft": "gpt2lab sft's defaults: a gentle fine-tuning run (docs/post_training.md)",
+    "dpo": "gpt2lab dpo's defaults: lr 1e-6 and beta 0.1 as Rafailov et al. 2023 (sec. 6)",
     "pile-10k": (
         "recipe 'pile-10k 6x256' (docs/recipes.md): 6 layers, n_embd 256, context 1024; the recipe "
         "asks for 6 heads, which do not divide 256, so 8 heads of 32 (n_embd kept); 17.9M "

@@ -161,6 +161,8 @@ class Trainer:
         setup = task.setup(cfg, ckpt, run_dir)
         cfg, self.tok, init_weights = setup.cfg, setup.tokenizer, setup.init_weights
         self.meta = setup.extra.get("meta")  # pretraining: the data's meta.json
+        for note in setup.notes:
+            self.emit(WarningEvent(note))
         self.epochs: EpochPlan | None = None
         if cfg.train.max_epochs > 0:  # shuffled passes: the data's size decides the steps
             cfg = merge(cfg, {"data": {"sampling": "sequential"}}, source="train.max_epochs")

