@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
-from conftest import RUN_FLAGS
 from safetensors.torch import load_file
 
+from conftest import RUN_FLAGS
 from gpt2lab import GPT, cli
 from gpt2lab.checkpoint import native
 from gpt2lab.checkpoint.load import load_model

@@ -39,6 +39,7 @@ from gpt2lab.data.records import read_prompts
 from gpt2lab.device import autocast, pick_device, pick_dtype
 from gpt2lab.errors import ConfigError, DataError, TrainingError, mark_key
 from gpt2lab.io import atomic_write_text
+from gpt2lab.posttrain.common import pick_template
 from gpt2lab.posttrain.kl import KLController, kl_k1, kl_k3
 from gpt2lab.posttrain.ppo import (
     gae,
@@ -51,7 +52,7 @@ from gpt2lab.posttrain.ppo import (
 )
 from gpt2lab.posttrain.reward import RewardModel, load_reward_model
 from gpt2lab.posttrain.rollout import Rollouts, sample, score_tokens
-from gpt2lab.tokenizer.chat import PLAIN, ChatTemplate, get_chat_template
+from gpt2lab.tokenizer.chat import ChatTemplate
 from gpt2lab.train import build
 from gpt2lab.train.events import (
     CheckpointEvent,
@@ -602,13 +603,6 @@ def rlhf(
         cfg, run_dir, scorer, PromptSet(texts, encode), stops, options, reward_fn, template
     )
     return trainer.run()
-
-
-def pick_template(name: str, tokenizer: Any) -> ChatTemplate:
-    """`auto`: the tokenizer's own chat template, else the plain-text one; or a name."""
-    if name == "auto":
-        return getattr(tokenizer, "chat_template", None) or PLAIN
-    return get_chat_template(name)
 
 
 def stop_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:

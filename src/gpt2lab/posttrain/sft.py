@@ -32,8 +32,8 @@ from gpt2lab.posttrain.batching import (
     ItemBatches,
     eval_indices,
     pack,
-    pad_batch,
     packed_batch,
+    pad_batch,
     to_device,
     truncate,
 )
