@@ -1,4 +1,4 @@
-"""`gpt2lab reward`: train a reward model on preference pairs; `gpt2lab reward score` scores texts."""
+"""`gpt2lab reward`: train a reward model on preference pairs; `reward score` scores texts."""
 
 from __future__ import annotations
 
