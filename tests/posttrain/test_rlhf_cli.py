@@ -79,6 +79,9 @@ def test_rl_raises_a_checkable_reward_in_a_few_steps(setup, tmp_path, algorithm)
     last = sum(r["reward"] for r in got[-3:]) / 3
     assert last > 2 * first + 0.5, [r["reward"] for r in got]
     assert (got[0]["value_loss"] is None) == (algorithm == "grpo")
+    # gpt2lab plot draws reward and KL against steps, and reward against KL
+    assert cli.main(["plot", str(run)]) == 0
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the run directory loads like any run: the policy is a plain GPT
     model, tok = load_model(run)
     assert tok is not None and model.config.vocab_size == tok.n_vocab
