@@ -126,7 +126,7 @@ def hf_grads(hf, ours) -> dict[str, torch.Tensor]:
     """transformers' gradients under our parameter names and layouts."""
     out = {}
     grads = {k: p.grad for k, p in hf.named_parameters()}
-    for name, p in ours.named_parameters():
+    for name, _p in ours.named_parameters():
         g = grads["transformer.wte.weight" if name == "lm_head.weight" else name]
         if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
             g = g.t()

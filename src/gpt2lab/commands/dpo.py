@@ -18,9 +18,7 @@ gpt2lab dpo --out runs/dpo --resume --train.max_steps=1000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common(
-        p, "preference pairs: {prompt, chosen, rejected} (text or messages) or HH-RLHF's"
-    )
+    add_common(p, "preference pairs: {prompt, chosen, rejected} (text or messages) or HH-RLHF's")
 
 
 def run(args: argparse.Namespace) -> int:

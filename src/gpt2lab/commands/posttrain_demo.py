@@ -26,7 +26,7 @@ import torch
 from gpt2lab.checkpoint.load import load_model
 from gpt2lab.commands.train_console import StopSignal, TrainConsole
 from gpt2lab.demo import run_demo
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import ConfigError, TrainingError
 from gpt2lab.generate import ContextWarning
 from gpt2lab.io import atomic_open, atomic_write_json
 from gpt2lab.posttrain.run import dpo
@@ -50,7 +50,7 @@ ACCEPTS_OVERRIDES = False
 EXAMPLES = """
 gpt2lab posttrain-demo                               # base model (5 min), SFT, DPO: ~12 min
 gpt2lab posttrain-demo --model runs/demo             # start from a `gpt2lab demo` run
-gpt2lab posttrain-demo --model runs/demo --sft-steps 300 --dpo-steps 100 --out runs/quick
+gpt2lab posttrain-demo --model runs/demo --sft-minutes 1 --dpo-minutes 1 --out runs/quick
 """
 
 
@@ -69,8 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the cached corpus `gpt2lab demo` fetched)",
     )
     p.add_argument("--base-minutes", type=float, default=5.0, help="base model training (5)")
-    p.add_argument("--sft-steps", type=int, default=600, help="SFT steps (600)")
-    p.add_argument("--dpo-steps", type=int, default=150, help="DPO steps (150)")
+    p.add_argument("--sft-minutes", type=float, default=3.0, help="SFT training time (3)")
+    p.add_argument("--dpo-minutes", type=float, default=2.0, help="DPO training time (2)")
     p.add_argument(
         "--pair-prompts", type=int, default=2000, help="training prompts sampled for pairs (2000)"
     )
@@ -80,10 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("sft_steps", "dpo_steps", "pair_prompts", "samples"):
-        if getattr(args, name) < 1:
+    for name in ("sft_minutes", "dpo_minutes", "pair_prompts", "samples", "base_minutes"):
+        if not getattr(args, name) > 0:
             flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} {getattr(args, name)}", "a number >= 1", f"raise {flag}")
+            raise ConfigError(f"{flag} {getattr(args, name)}", "a number > 0", f"raise {flag}")
     out = Path(args.out)
     t_start = time.perf_counter()
     console = TrainConsole(progress=not args.no_progress and sys.stderr.isatty())
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             base,
             out / "sft",
             chat,
-            steps=args.sft_steps,
+            minutes=args.sft_minutes,
             overwrite=args.overwrite,
             on_event=handle,
             should_stop=stop.requested,
@@ -134,10 +134,19 @@ def run(args: argparse.Namespace) -> int:
         pairs = preference_pairs(sft_model, tok, template, chat.train[: args.pair_prompts], k=4)
         pairs_s = time.perf_counter() - t
         say(f"   {len(pairs):,} pairs from {min(args.pair_prompts, len(chat.train)):,} prompts")
+        if len(pairs) < 8:
+            raise TrainingError(
+                f"the SFT model in {out / 'sft'} gave {len(pairs)} preference pairs from "
+                f"{min(args.pair_prompts, len(chat.train)):,} prompts (its replies rarely end "
+                "with <|end|> or never with '?')",
+                "a model that closes its replies",
+                "train the base model or SFT longer (--base-minutes, --sft-minutes), or raise "
+                "--pair-prompts",
+            )
         say(f"== 4/4 DPO from {out / 'sft'}")
         t = time.perf_counter()
         s_dpo = dpo(
-            dpo_config(out / "sft", args.dpo_steps),
+            dpo_config(out / "sft", args.dpo_minutes),
             out / "dpo",
             records=pairs,
             overwrite=args.overwrite,
@@ -147,9 +156,8 @@ def run(args: argparse.Namespace) -> int:
         dpo_s = time.perf_counter() - t
     dpo_model, _ = load_model(out / "dpo", device="cpu", dtype=torch.float32)
     dpo_replies = sample_replies(dpo_model, tok, template, held, seed=1)
-    kl = (
-        reply_logps(dpo_model, dpo_replies.prompts, dpo_replies.ids)
-        - reply_logps(sft_model, dpo_replies.prompts, dpo_replies.ids)
+    kl = reply_logps(dpo_model, dpo_replies.prompts, dpo_replies.ids) - reply_logps(
+        sft_model, dpo_replies.prompts, dpo_replies.ids
     )
     n_tokens = sum(len(r) for r in dpo_replies.ids)
     result: dict[str, Any] = {
@@ -169,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         "question_rate_dpo": _rate([asks(t) for t in dpo_replies.texts]),
         "kl_dpo_sft_per_reply": kl.mean().item(),
         "kl_dpo_sft_per_token": kl.sum().item() / max(1, n_tokens),
-        "dpo_beta": dpo_config(out / "sft", 1).dpo.beta,
+        "dpo_beta": dpo_config(out / "sft", 1.0).dpo.beta,
         "sft_steps": s_sft.step,
         "dpo_steps": s_dpo.step,
         "sft_seconds": sft_s,
@@ -230,9 +238,15 @@ def _plot(r: dict[str, Any], dpo_run: Path, path: Path) -> Path:
     ax[0].bar(["base", "SFT"], [r["completion_loss_base"], r["completion_loss_sft"]])
     ax[0].set_title("held-out completion loss (nats/char)")
     x = range(2)
-    ax[1].bar([i - 0.2 for i in x], [r["question_rate_sft"], r["question_rate_dpo"]], 0.4,
-              label="ends with '?'")
-    ax[1].bar([i + 0.2 for i in x], [r["ended_sft"], r["ended_dpo"]], 0.4, label="ends with <|end|>")
+    ax[1].bar(
+        [i - 0.2 for i in x],
+        [r["question_rate_sft"], r["question_rate_dpo"]],
+        0.4,
+        label="ends with '?'",
+    )
+    ax[1].bar(
+        [i + 0.2 for i in x], [r["ended_sft"], r["ended_dpo"]], 0.4, label="ends with <|end|>"
+    )
     ax[1].set_xticks(list(x), ["SFT", "DPO"])
     ax[1].set_ylim(0, 1)
     ax[1].legend()

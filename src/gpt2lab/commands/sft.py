@@ -88,8 +88,7 @@ def config_of(args: argparse.Namespace, section: str) -> Config:
         if args.preset or args.config or args.init_from or args.overwrite or args.template:
             raise UsageError(
                 "--resume continues with the saved config",
-                "only --out, --data, --val-data, --errors and overrides such as "
-                "--train.max_steps",
+                "only --out, --data, --val-data, --errors and overrides such as --train.max_steps",
                 "drop --preset/--config/--init-from/--overwrite/--template",
             )
         given = [f"{k}={v}" for k, v in flags.items() if v is not None]
@@ -105,9 +104,7 @@ def config_of(args: argparse.Namespace, section: str) -> Config:
     return resolve(args.preset or section, args.config, overrides, flags=flags)
 
 
-def run_command(
-    args: argparse.Namespace, section: str, runner: Callable[..., TrainSummary]
-) -> int:
+def run_command(args: argparse.Namespace, section: str, runner: Callable[..., TrainSummary]) -> int:
     cfg = config_of(args, section)
     out = Path(args.out)
     tune_allocator(cfg.train.device)

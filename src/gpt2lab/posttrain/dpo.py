@@ -107,7 +107,10 @@ def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     logits, _ = model(batch["x"])
     y = batch["y"]
     nll = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-1, reduction="none"
+        logits.reshape(-1, logits.size(-1)).float(),
+        y.reshape(-1),
+        ignore_index=-1,
+        reduction="none",
     )
     return -nll.view(y.shape).sum(-1)
 
@@ -123,7 +126,9 @@ def encode_reply(
     if isinstance(prompt, list) or isinstance(reply, list):
         head = _as_messages(prompt, "user")
         p_ids = template.encode(tokenizer, head, add_generation_prompt=True)
-        ids, learn = template.encode_with_mask(tokenizer, [*head, *_as_messages(reply, "assistant")])
+        ids, learn = template.encode_with_mask(
+            tokenizer, [*head, *_as_messages(reply, "assistant")]
+        )
         if ids[: len(p_ids)] != p_ids:
             raise DataError(
                 f"chat template {template.name!r} renders the prompt differently once a reply "
@@ -137,9 +142,9 @@ def encode_reply(
     return p_ids + r_ids, [False] * len(p_ids) + [True] * len(r_ids)
 
 
-def encode_pair(record: dict[str, Any], tokenizer: Any, template: ChatTemplate, max_len: int) -> (
-    Pair | None
-):
+def encode_pair(
+    record: dict[str, Any], tokenizer: Any, template: ChatTemplate, max_len: int
+) -> Pair | None:
     """A record's pair, its prompt cut from the left (the same for both) to fit `max_len`."""
     prompt = record.get("prompt", "")
     c_ids, c_learn = encode_reply(prompt, record["chosen"], tokenizer, template)
@@ -344,9 +349,7 @@ class DPOTask(Task):
     def objective(
         self, cfg: Config, world: Dist, device: torch.device, dtype: torch.dtype
     ) -> DPOObjective:
-        return DPOObjective(
-            cfg, self.val, self.ref["val"], self.ref_model, world, device, dtype
-        )
+        return DPOObjective(cfg, self.val, self.ref["val"], self.ref_model, world, device, dtype)
 
     def prompt_ids(self, tokenizer: Any, text: str) -> list[int]:
         return self.template.encode(tokenizer, [{"role": "user", "content": text}])

@@ -49,18 +49,20 @@ from gpt2lab.train.dist import Dist, all_reduce_sum
 from gpt2lab.train.task import Task, TaskSetup
 
 
-def encode_example(record: dict[str, Any], tokenizer: Any, template: ChatTemplate) -> tuple[
-    list[int], list[bool]
-]:
+def encode_example(
+    record: dict[str, Any], tokenizer: Any, template: ChatTemplate
+) -> tuple[list[int], list[bool]]:
     """(ids, learn) of one SFT record (see the module docstring)."""
     if "messages" in record:
         return template.encode_with_mask(tokenizer, record["messages"])
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list) or isinstance(completion, list):
         p = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        c = completion if isinstance(completion, list) else [
-            {"role": "assistant", "content": completion}
-        ]
+        c = (
+            completion
+            if isinstance(completion, list)
+            else [{"role": "assistant", "content": completion}]
+        )
         return template.encode_with_mask(tokenizer, [*p, *c])
     p_ids = tokenizer.encode_ordinary(prompt)
     c_ids = [*tokenizer.encode_ordinary(completion), end_id(tokenizer, template)]
@@ -151,7 +153,9 @@ class SFTTask(Task):
             rows = self._rows(cfg)
 
             def collate(idx: list[int]) -> dict:
-                batch = packed_batch([[examples[i] for i in rows[j]] for j in idx], cfg.model.block_size)
+                batch = packed_batch(
+                    [[examples[i] for i in rows[j]] for j in idx], cfg.model.block_size
+                )
                 batch["tokens"] = sum(len(examples[i].ids) - 1 for j in idx for i in rows[j])
                 return batch
 
@@ -207,7 +211,13 @@ class SFTObjective:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        self.val, self.B, self.world, self.device, self.dtype = val, batch_size, world, device, dtype
+        self.val, self.B, self.world, self.device, self.dtype = (
+            val,
+            batch_size,
+            world,
+            device,
+            dtype,
+        )
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         return masked_loss(model, batch), {}

