@@ -54,6 +54,7 @@ LAZY_OK = {
     "pyarrow",
     "tokenizers",
     "jinja2",  # chat templates read from Hugging Face directories, rendered sandboxed
+    "vaderSentiment",  # optional: the RLHF demo's sentiment labeller
     "gguf",  # optional: llama.cpp's file writer, for `gpt2lab convert ... model.gguf` only
 }
 

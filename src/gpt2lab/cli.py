@@ -80,6 +80,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "RLHF: PPO (or GRPO) against a reward model, KL-penalised to the start",
         "gpt2lab rlhf --policy runs/sft --reward runs/rm --prompts prompts.txt --out runs/ppo",
     ),
+    "rlhf-demo": (
+        "gpt2lab.commands.rlhf_demo",
+        "RLHF demo: make the Shakespeare chatbot cheerful (VADER, reward model, PPO, DPO)",
+        "gpt2lab rlhf-demo --sft runs/posttrain-demo/sft",
+    ),
     "demo": (
         "gpt2lab.commands.demo",
         "train a small GPT on Shakespeare in minutes, then sample",
