@@ -36,7 +36,7 @@ def test_comparisons_prefer_the_higher_score_and_skip_ties_and_unfinished(monkey
 
     def fake_sample(model, tok, template, speeches, seed, **kw):
         texts = [t for t, _ in rounds[seed % 2][: len(speeches)]]
-        ended = [e for _, e in rounds[seed % 2][: len(speeches)]]
+        ended = [bool(e) for _, e in rounds[seed % 2][: len(speeches)]]
         return Replies([[0]] * len(speeches), [[1]] * len(speeches), texts, ended)
 
     monkeypatch.setattr(cheerful, "sample_replies", fake_sample)
