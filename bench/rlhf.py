@@ -229,7 +229,10 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--group", type=int, default=4, help="samples per prompt")
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both (0: as is)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.layers, args.width, args.new_tokens = 1, 2, 64, 8
     torch.manual_seed(0)

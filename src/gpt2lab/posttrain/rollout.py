@@ -64,6 +64,7 @@ def sample(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     pad_id: int = 0,
+    kernels: bool = True,
 ) -> Rollouts:
     """Sample one reply per prompt (ids) with the batched sampler; see the module docstring."""
     block = policy.config.block_size
@@ -78,6 +79,7 @@ def sample(
         attention_mask=qmask,
         eos_token_id=list(stop_ids) or None,
         vocab_size=vocab_size,
+        kernels=kernels,
     )
     tokens = [t.cpu() for t in steps]
     B = idx.size(0)
