@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import random
 
-from rlutil import tiny_policy
+import pytest
+import torch
+from rlutil import prompts_file, tiny_policy
 
 from gpt2lab import cli
 from gpt2lab.posttrain.reward import load_reward_model
@@ -58,3 +60,20 @@ def test_reward_model_learns_pairs_and_scores_texts(tmp_path, capsys, monkeypatc
     assert [float(x) for x in plain] == [round(o["score"], 6) for o in out]
     assert cli.main(["reward", "score", "--model", str(rm_dir), "--input", str(text_file)]) == 0
     assert capsys.readouterr().out.split() == plain
+
+    # the trained directory exports to transformers and scores the same there
+    transformers = pytest.importorskip("transformers")
+    assert cli.main(["convert", str(rm_dir), str(tmp_path / "hf")]) == 0
+    hf = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    ids = rm.tokenizer.encode(good, allowed_special="all")
+    with torch.no_grad():
+        assert abs(hf(torch.tensor([ids])).logits[0, 0].item() - want[0]) < 1e-5
+
+    # and PPO runs against it
+    run = tmp_path / "ppo"
+    argv = ["rlhf", "--policy", str(policy), "--reward", str(rm_dir), "--out", str(run)]
+    argv += ["--prompts", str(prompts_file(tmp_path / "p.txt")), "--no-plot"]
+    argv += ["--train.max_steps=2", "--rl.batch_size=4", "--rl.max_new_tokens=6"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["reward"], float) for r in rows)
