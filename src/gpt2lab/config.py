@@ -461,33 +461,20 @@ PRESETS["pile-10k"]["train"] = dict(
 )
 
 # RLHF (`gpt2lab rlhf`): small constant learning rates, as RL fine-tuning uses them.
-PRESETS["ppo"] = {
-    "train": dict(
-        max_steps=200,
-        lr=1e-5,
-        min_lr=1e-5,
-        warmup_steps=0,
-        weight_decay=0.0,
-        beta2=0.95,
-        grad_clip=1.0,
-        log_interval=1,
-        checkpoint_interval=50,
-        dtype="float32",
-    ),
-    "rl": dict(algorithm="ppo"),
-}
+_RL_TRAIN = dict(
+    max_steps=200,
+    lr=1e-5,
+    min_lr=1e-5,
+    warmup_steps=0,
+    weight_decay=0.0,
+    grad_clip=1.0,
+    log_interval=1,
+    checkpoint_interval=50,
+    dtype="float32",
+)
+PRESETS["ppo"] = {"train": dict(_RL_TRAIN), "rl": dict(algorithm="ppo")}
 PRESETS["grpo"] = {
-    "train": dict(
-        max_steps=200,
-        lr=1e-5,
-        min_lr=1e-5,
-        warmup_steps=0,
-        weight_decay=0.0,
-        grad_clip=1.0,
-        log_interval=1,
-        checkpoint_interval=50,
-        dtype="float32",
-    ),
+    "train": dict(_RL_TRAIN),
     "rl": dict(algorithm="grpo", batch_size=8, group_size=4, kl_coef=0.04, target_kl=0.0),
 }
 # `gpt2lab reward`: a few passes over some thousand comparisons (Ziegler et al. used one epoch)

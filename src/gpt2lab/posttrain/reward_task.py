@@ -12,7 +12,7 @@ at each evaluation. Checkpoints, exact resume, DDP, metrics.jsonl and events are
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from gpt2lab.posttrain.records import read_records
 from gpt2lab.posttrain.reward import SCORE_KEY, RewardModel, bradley_terry, default_pad
 from gpt2lab.train import train
 from gpt2lab.train.dist import Dist, all_reduce_sum
-from gpt2lab.train.events import EventHandler, TrainSummary
+from gpt2lab.train.events import TrainSummary
 from gpt2lab.train.task import Task, TaskSetup
 
 STATS = ("loss", "accuracy", "margin")
@@ -202,25 +202,9 @@ def reward_model(
     *,
     records: Sequence[dict] | None = None,
     val: Sequence[dict] | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_event: EventHandler | None = None,
-    progress: bool = False,
-    should_stop: Callable[[], bool] | None = None,
-    log: Callable[[str], None] | None = None,
-    **hooks: Any,
+    **options: Any,
 ) -> TrainSummary:
     """Train a reward model from cfg.train.init_from on the pairs of cfg.reward.data (or
-    `records`, held out: `val`) into RUN_DIR, as `gpt2lab reward` does."""
-    return train(
-        cfg,
-        run_dir,
-        resume=resume,
-        overwrite=overwrite,
-        on_event=on_event,
-        progress=progress,
-        should_stop=should_stop,
-        log=log,
-        task=RewardTask(records, val),
-        **hooks,
-    )
+    `records`, held out: `val`) into RUN_DIR, as `gpt2lab reward` does; `options` are
+    `gpt2lab.train.train`'s (resume, overwrite, on_event, should_stop, progress, ...)."""
+    return train(cfg, run_dir, task=RewardTask(records, val), **options)
