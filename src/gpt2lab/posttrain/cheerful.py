@@ -105,8 +105,11 @@ def label_comparisons(
 ) -> Comparisons:
     """`n` comparisons by LABEL_RULE from two sampled replies per speech (in order)."""
     out = Comparisons([], 0, 0, 0)
-    for start in range(0, len(speeches), chunk):
-        part = list(speeches[start : start + chunk])
+    start = 0
+    while start < len(speeches) and len(out.records) < n:
+        # sample about twice the comparisons still missing (ties and unfinished replies happen)
+        size = max(64, min(chunk, 2 * (n - len(out.records))))
+        part = list(speeches[start : start + size])
         a = sample_replies(model, tokenizer, template, part, seed=seed + 2 * start)
         b = sample_replies(model, tokenizer, template, part, seed=seed + 2 * start + 1)
         for i, speech in enumerate(part):
@@ -128,6 +131,7 @@ def label_comparisons(
             )
             if len(out.records) == n:
                 return out
+        start += size
     return out
 
 
