@@ -70,6 +70,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppo-minutes", type=float, default=3.0, help="PPO (3)")
     p.add_argument("--dpo-minutes", type=float, default=1.5, help="DPO (1.5)")
     p.add_argument("--samples", type=int, default=400, help="held-out prompts measured (400)")
+    for stage in ("rm", "ppo", "dpo"):
+        p.add_argument(
+            f"--{stage}-steps",
+            type=int,
+            default=0,
+            help=f"end the {stage.upper()} run after this many steps instead of its minutes "
+            "(for a busy machine; 0: the minutes)",
+        )
     p.add_argument("--overwrite", action="store_true", help="start OUT's runs over")
 
 
@@ -141,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"== 3/6 reward model, {args.rm_minutes:g} min -> {out / 'rm'}")
         t = time.perf_counter()
         reward_model(
-            reward_config(sft_dir, args.rm_minutes),
+            reward_config(sft_dir, args.rm_minutes, by_steps(args.rm_steps)),
             out / "rm",
             records=comps.records,
             overwrite=args.overwrite,
@@ -159,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             print_event(event)
 
         rlhf(
-            ppo_config(sft_dir, out / "rm", args.ppo_minutes),
+            ppo_config(sft_dir, out / "rm", args.ppo_minutes, by_steps(args.ppo_steps)),
             out / "ppo",
             prompts=held_in,
             overwrite=args.overwrite,
@@ -170,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
 
         say(f"== 5/6 DPO on the same comparisons, {args.dpo_minutes:g} min -> {out / 'dpo'}")
         t = time.perf_counter()
-        dpo(
-            dpo_config(sft_dir, args.dpo_minutes),
+        s_dpo = dpo(
+            dpo_config(sft_dir, args.dpo_minutes, by_steps(args.dpo_steps)),
             out / "dpo",
             records=comps.records,
             overwrite=args.overwrite,
@@ -212,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         "rm_steps": rm_rows[-1]["step"] if rm_rows else 0,
         "ppo_steps": ppo_rows[-1]["step"] if ppo_rows else 0,
         "ppo_final_beta": ppo_rows[-1]["beta"] if ppo_rows else None,
+        "dpo_steps": s_dpo.step,
         "table": table,
         "ppo_checkpoints": curve,
         "seconds": {**times, "total": time.perf_counter() - t_start},
@@ -228,13 +237,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def by_steps(steps: int) -> list[str]:
+    """Overrides that end a stage after `steps` steps rather than on the clock (0: none)."""
+    return [f"train.max_steps={steps}", "train.max_minutes=0"] if steps > 0 else []
+
+
 def summary_text(r: dict[str, Any]) -> str:
     """The demo's table, its figures and a few samples side by side."""
     lines = [
         f"RLHF demo ({r['date']}): {r['comparisons']:,} VADER-labelled comparisons; reward model "
         f"held-out accuracy {r['rm_val_accuracy']:.3f} (loss {r['rm_val_loss']:.3f}, "
         f"{r['rm_steps']} steps); PPO {r['ppo_steps']} steps (final beta "
-        f"{r['ppo_final_beta']:.4f})",
+        f"{r['ppo_final_beta']:.4f}); DPO {r['dpo_steps']} steps",
         f"held-out prompts: {r['held_out_prompts']} speeches of {', '.join(r['held_out_plays'])}",
         "",
         "| model | VADER (true reward) | RM score | KL to SFT (nats/reply) | distinct-1 | "
