@@ -84,3 +84,22 @@ def test_a_long_prompt_keeps_room_for_one_token():
     batch = sample(model, [list(range(1, 10)) * 2], max_new_tokens=5, stop_ids=[EOT])
     prompt, reply = batch.ids(0)
     assert len(prompt) == 7 and len(reply) == 1 and batch.finish == ["context"]
+
+
+def test_prompts_of_very_different_lengths_each_get_their_own_room():
+    model = policy(block_size=32, stop_bias=-20.0)
+    prompts = [[1] * 20, [2, 3], [4] * 19]  # 2 and ~20 tokens: two batches (spread > 32 / 8)
+    batch = sample(model, prompts, max_new_tokens=40, stop_ids=[EOT, END], pad_id=EOT)
+    assert batch.response_mask.sum(1).tolist() == [12, 30, 12]  # 19 and 20 share a batch
+    assert batch.finish == ["context"] * 3
+    for row, p in enumerate(prompts):
+        assert batch.ids(row)[0] == p
+    # the merged batch scores like each row alone
+    logp, _, _ = score_tokens(model, batch)
+    for row, p in enumerate(prompts):
+        reply = batch.ids(row)[1]
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([p + reply]))
+        lp = torch.log_softmax(logits[0, len(p) - 1 : -1], -1)
+        want = lp.gather(-1, torch.tensor(reply)[:, None])[:, 0]
+        torch.testing.assert_close(logp[row, : len(reply)].detach(), want, atol=1e-5, rtol=0)

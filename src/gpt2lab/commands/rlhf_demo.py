@@ -31,9 +31,10 @@ from gpt2lab.commands.train_console import StopSignal, TrainConsole
 from gpt2lab.demo import run_demo
 from gpt2lab.errors import ConfigError, TrainingError
 from gpt2lab.generate import ContextWarning
-from gpt2lab.io import atomic_open, atomic_write_json, atomic_write_text
+from gpt2lab.io import atomic_open, atomic_write_json, atomic_write_text, read_utf8
 from gpt2lab.posttrain.cheerful import (
     LABEL_RULE,
+    Comparisons,
     label_comparisons,
     measure,
     ppo_config,
@@ -66,6 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-minutes", type=float, default=4.0, help="base model training (4)")
     p.add_argument("--sft-minutes", type=float, default=2.0, help="SFT training (2)")
     p.add_argument("--comparisons", type=int, default=5000, help="VADER-labelled pairs (5000)")
+    p.add_argument(
+        "--reuse-comparisons",
+        metavar="FILE",
+        help="the comparisons.jsonl of an earlier run instead of sampling and labelling anew",
+    )
     p.add_argument("--rm-minutes", type=float, default=1.5, help="reward model training (1.5)")
     p.add_argument("--ppo-minutes", type=float, default=3.0, help="PPO (3)")
     p.add_argument("--dpo-minutes", type=float, default=1.5, help="DPO (1.5)")
@@ -132,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
 
         say(f"== 2/6 {args.comparisons:,} comparisons: {LABEL_RULE}")
         t = time.perf_counter()
-        comps = label_comparisons(sft, tok, template, held_in, args.comparisons, score)
+        if args.reuse_comparisons:
+            records = [json.loads(ln) for ln in read_utf8(args.reuse_comparisons).splitlines()]
+            comps = Comparisons(records[: args.comparisons], 0, 0, 0)
+        else:
+            comps = label_comparisons(sft, tok, template, held_in, args.comparisons, score)
         times["comparisons"] = time.perf_counter() - t
         with atomic_open(out / "comparisons.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in comps.records)

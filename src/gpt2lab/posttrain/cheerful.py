@@ -25,7 +25,9 @@ from torch import nn
 from gpt2lab.config import Config, resolve
 from gpt2lab.errors import ConfigError
 from gpt2lab.posttrain.reward import RewardModel
-from gpt2lab.posttrain.shakespeare import Replies, reply_logps, sample_replies
+from gpt2lab.posttrain.rlhf import stop_ids
+from gpt2lab.posttrain.rollout import sample
+from gpt2lab.posttrain.shakespeare import Replies, reply_logps
 from gpt2lab.tokenizer.chat import ChatTemplate
 
 LABEL_RULE = (
@@ -81,6 +83,44 @@ def reply_content(text: str) -> str:
     """A reply without its speaker line (the play prints the speaker's name first)."""
     head, sep, rest = text.partition("\n")
     return rest if sep and head.rstrip().endswith(".") and len(head) < 30 else text
+
+
+def sample_replies(
+    model: nn.Module,
+    tokenizer: Any,
+    template: ChatTemplate,
+    speeches: Sequence[str],
+    seed: int,
+    max_new_tokens: int = 100,
+    batch_size: int = 256,
+) -> Replies:
+    """One reply per speech (a user turn) from the RL sampler (posttrain.rollout.sample, which
+    gives short prompts the room long ones would take), at temperature 1, seeded."""
+    stops = stop_ids(tokenizer, template)
+    end = tokenizer.special_tokens[template.end_token]
+    prompts = [template.encode(tokenizer, [{"role": "user", "content": s}]) for s in speeches]
+    out = Replies([], [], [], [])
+    model.eval()
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            batch = sample(
+                model,
+                prompts[i : i + batch_size],
+                max_new_tokens,
+                stops,
+                vocab_size=tokenizer.n_vocab,
+                pad_id=stops[0],
+            )
+            for row in range(batch.query.size(0)):
+                prompt, ids = batch.ids(row)
+                ended = batch.finish[row] == "stop" and ids[-1] == end
+                text = tokenizer.decode(ids[:-1] if batch.finish[row] == "stop" else ids)
+                out.prompts.append(prompt)
+                out.ids.append(ids)
+                out.texts.append(text)
+                out.ended.append(ended)
+    return out
 
 
 @dataclass

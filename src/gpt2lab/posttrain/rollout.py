@@ -56,6 +56,18 @@ def crop_prompt(ids: Sequence[int], block_size: int) -> list[int]:
     return list(ids)[-(block_size - 1) :]
 
 
+def length_groups(lengths: Sequence[int], spread: int) -> list[list[int]]:
+    """Rows grouped by length (shortest first), each group's lengths within `spread` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] - lengths[groups[-1][0]] <= spread:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def sample(
     policy: GPT,
     prompts: Sequence[Sequence[int]],
@@ -66,11 +78,65 @@ def sample(
     pad_id: int = 0,
     kernels: bool = True,
 ) -> Rollouts:
-    """Sample one reply per prompt (ids) with the batched sampler; see the module docstring."""
+    """Sample one reply per prompt (ids) with the batched sampler; see the module docstring.
+
+    Prompts whose lengths differ by more than an eighth of the context are sampled in separate
+    batches (shortest first), so a long prompt does not take a short one's room in the context.
+    """
     block = policy.config.block_size
-    idx, qmask = left_pad([crop_prompt(p, block) for p in prompts], pad_id)
-    room = block - idx.size(1)
-    new = min(max_new_tokens, room)
+    cropped = [crop_prompt(p, block) for p in prompts]
+    parts = []
+    for rows in length_groups([len(p) for p in cropped], block // 8):
+        group = [cropped[i] for i in rows]
+        parts.append(
+            (
+                rows,
+                _sample_batch(
+                    policy,
+                    group,
+                    max_new_tokens,
+                    stop_ids,
+                    temperature,
+                    vocab_size,
+                    pad_id,
+                    kernels,
+                ),
+            )
+        )
+    if len(parts) == 1 and parts[0][0] == list(range(len(prompts))):
+        return parts[0][1]
+    B = len(prompts)
+    P = max(r.query.size(1) for _, r in parts)
+    L = max(r.response.size(1) for _, r in parts)
+    query = torch.full((B, P), pad_id, dtype=torch.long)
+    qmask = torch.zeros((B, P), dtype=torch.bool)
+    response = torch.full((B, L), pad_id, dtype=torch.long)
+    rmask = torch.zeros((B, L), dtype=torch.bool)
+    finish = [""] * B
+    for rows, r in parts:
+        at = torch.tensor(rows)
+        p, n = r.query.size(1), r.response.size(1)
+        query[at, P - p :], qmask[at, P - p :] = r.query, r.query_mask
+        response[at, :n], rmask[at, :n] = r.response, r.response_mask
+        for j, row in enumerate(rows):
+            finish[row] = r.finish[j]
+    return Rollouts(query, qmask, response, rmask, finish)
+
+
+def _sample_batch(
+    policy: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    temperature: float,
+    vocab_size: int | None,
+    pad_id: int,
+    kernels: bool,
+) -> Rollouts:
+    """One left-padded batch through `iter_tokens`; replies laid out right-padded."""
+    block = policy.config.block_size
+    idx, qmask = left_pad(prompts, pad_id)
+    new = min(max_new_tokens, block - idx.size(1))
     steps = iter_tokens(
         policy,
         idx,
