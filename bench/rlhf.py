@@ -95,12 +95,12 @@ def timed_ours(policy_dir: Path, texts: list[str], args, steps: int) -> list[dic
     try:
         with tempfile.TemporaryDirectory() as d:
             scorer = Scorer(fn=reward, name="count e")
-            encode = lambda t: tok.encode_ordinary(t)  # noqa: E731 - plain text prompts
+            ids = [tok.encode_ordinary(t) for t in texts]  # plain-text prompts
             trainer = RLTrainer(
                 cfg,
                 Path(d) / "run",
                 scorer,
-                PromptSet(texts, encode),
+                PromptSet(texts, ids),
                 [tok.eot_token],
                 RLOptions(),
             )

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                 f"only {len(comps.records)} comparisons", "a chat model that closes its replies"
             )
 
-        say(f"== 3/6 reward model, {args.rm_minutes:g} min -> {out / 'rm'}")
+        say(f"== 3/6 reward model, {budget(args.rm_minutes, args.rm_steps)} -> {out / 'rm'}")
         t = time.perf_counter()
         reward_model(
             reward_config(sft_dir, args.rm_minutes, by_steps(args.rm_steps)),
@@ -169,7 +169,10 @@ def run(args: argparse.Namespace) -> int:
         times["reward_model"] = time.perf_counter() - t
         rm_rows = [r for r in read_metrics(out / "rm") if "val_accuracy" in r]
 
-        say(f"== 4/6 PPO against the reward model, {args.ppo_minutes:g} min -> {out / 'ppo'}")
+        say(
+            f"== 4/6 PPO against the reward model, {budget(args.ppo_minutes, args.ppo_steps)} "
+            f"-> {out / 'ppo'}"
+        )
         t = time.perf_counter()
 
         def ppo_events(event: Any) -> None:
@@ -186,7 +189,10 @@ def run(args: argparse.Namespace) -> int:
         )
         times["ppo"] = time.perf_counter() - t
 
-        say(f"== 5/6 DPO on the same comparisons, {args.dpo_minutes:g} min -> {out / 'dpo'}")
+        say(
+            f"== 5/6 DPO on the same comparisons, {budget(args.dpo_minutes, args.dpo_steps)} "
+            f"-> {out / 'dpo'}"
+        )
         t = time.perf_counter()
         s_dpo = dpo(
             dpo_config(sft_dir, args.dpo_minutes, by_steps(args.dpo_steps)),
@@ -245,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "rlhf_demo.txt", text + "\n")
     print(text)
     return 0
+
+
+def budget(minutes: float, steps: int) -> str:
+    return f"{steps} steps" if steps > 0 else f"{minutes:g} min"
 
 
 def by_steps(steps: int) -> list[str]:

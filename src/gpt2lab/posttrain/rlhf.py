@@ -159,10 +159,11 @@ class Scorer:
 
 @dataclass
 class PromptSet:
-    """The prompts and how a prompt becomes ids (a chat template's user turn, or plain text)."""
+    """The prompts: their text (what a reward function sees) and their ids (a chat template's
+    user turn with the generation prompt, or plain text)."""
 
     texts: list[str]
-    encode: Callable[[str], list[int]]
+    ids: list[list[int]]
 
     def order(self, seed: int, epoch: int) -> list[int]:
         """The shuffled order of pass `epoch`: a function of the seed and the pass only."""
@@ -363,7 +364,7 @@ class RLTrainer:
         if rc.algorithm == "grpo":
             chosen = [i for i in chosen for _ in range(rc.group_size)]
         texts = [self.prompts.texts[i] for i in chosen]
-        ids = [self.prompts.encode(t) for t in texts]
+        ids = [self.prompts.ids[i] for i in chosen]
         vocab = getattr(self.tok, "n_vocab", None)
         with autocast(self.device, self.dtype):
             batch = sample(
@@ -580,11 +581,7 @@ def rlhf(
     else:
         texts = list(prompts)
         messages = [[{"role": "user", "content": t}] for t in texts]
-    by_text = dict(zip(texts, messages))
-
-    def encode(text: str) -> list[int]:
-        return template.encode(policy_tok, by_text[text], add_generation_prompt=True)
-
+    ids = [template.encode(policy_tok, m, add_generation_prompt=True) for m in messages]
     if reward_fn:
         scorer = Scorer(fn=load_reward_fn(reward_fn), name=reward_fn)
     elif rc.reward_model:
@@ -600,7 +597,7 @@ def rlhf(
     stops = stop_ids(policy_tok, template)
     options = RLOptions(resume, overwrite, on_event, should_stop)
     trainer = RLTrainer(
-        cfg, run_dir, scorer, PromptSet(texts, encode), stops, options, reward_fn, template
+        cfg, run_dir, scorer, PromptSet(texts, ids), stops, options, reward_fn, template
     )
     return trainer.run()
 
