@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
     for name, model in models.items():
         m, r = measure(model, sft, rm, tok, template, held_out, score)
         table[name], replies[name] = m.to_dict(), r.texts
-    curve = []
+    m0, _ = measure(sft, sft, rm, tok, template, held_out[:128], score, seed=2)
+    curve = [{"step": 0, **m0.to_dict()}]  # the SFT model is PPO's step 0
     for ckpt in native.list_checkpoints(out / "ppo"):
         model, _ = load_model(ckpt, device="cpu", dtype=torch.float32)
         m, _ = measure(model, sft, rm, tok, template, held_out[:128], score, seed=2)
@@ -316,13 +317,13 @@ def plot(r: dict[str, Any], ppo_rows: list[dict], path: Path) -> Path:
     twin.legend(loc="lower right", fontsize=8)
     ax = axes[1]
     curve = r["ppo_checkpoints"]
-    sft = r["table"]["sft"]
     ax.plot(
-        [0.0] + [c["kl_to_sft"] for c in curve],
-        [sft["vader"]] + [c["vader"] for c in curve],
+        [c["kl_to_sft"] for c in curve],
+        [c["vader"] for c in curve],
         "o-",
         color="C2",
-        label="PPO checkpoints",
+        alpha=0.5,
+        label="PPO checkpoints (128 prompts)",
     )
     for name, color in (("sft", "C0"), ("dpo", "C1"), ("ppo", "C2")):
         m = r["table"][name]
