@@ -51,8 +51,8 @@ REWARD_RECIPE = (
 )
 PPO_RECIPE = (
     "train.max_steps=1000000000",
-    "train.lr=3e-5",
-    "train.min_lr=3e-5",
+    "train.lr=1e-4",
+    "train.min_lr=1e-4",
     "train.checkpoint_interval=20",
     "train.keep_last=0",
     "rl.batch_size=32",
@@ -60,7 +60,7 @@ PPO_RECIPE = (
     "rl.epochs=4",
     "rl.max_new_tokens=80",
     "rl.kl_coef=0.05",
-    "rl.target_kl=4.0",
+    "rl.target_kl=6.0",
     "rl.kl_horizon=2000",
 )
 
