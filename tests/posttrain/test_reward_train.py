@@ -47,7 +47,7 @@ def test_reward_model_learns_pairs_and_scores_texts(tmp_path, capsys, monkeypatc
     text_file.write_text(
         good.replace("\n", "\\n") + "\n" + bad.replace("\n", "\\n") + "\n", encoding="utf-8"
     )
-    assert cli.main(["reward", "score", str(text_file), "--model", str(rm_dir), "--json"]) == 0
+    assert cli.main(["reward", "score", "--model", str(rm_dir), str(text_file), "--json"]) == 0
     out = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert [o["text"] for o in out] == [good, bad]
     assert out[0]["score"] > out[1]["score"]

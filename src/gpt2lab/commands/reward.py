@@ -19,45 +19,41 @@ gpt2lab reward --init-from runs/sft --data pairs.jsonl --out runs/rm
 gpt2lab reward --init-from runs/sft --data hh.jsonl --out runs/rm --errors skip \\
     --train.max_steps=1000 --reward.val_fraction=0.05
 gpt2lab reward --out runs/rm --resume --train.max_steps=2000
-gpt2lab reward score --model runs/rm --input texts.txt    # one score per line
-gpt2lab reward score texts.txt --model runs/rm --json     # {"score": ..., "text": ...} per line
+gpt2lab reward score --model runs/rm texts.txt           # one score per line
+gpt2lab reward score --model runs/rm texts.txt --json    # {"score": ..., "text": ...} per line
 echo 'What a joyful day!' | gpt2lab reward score --model runs/rm --json   # {"score": ...}
 gpt2lab convert runs/rm hf/rm           # -> transformers GPT2ForSequenceClassification
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "action",
-        nargs="?",
-        choices=["score"],
-        help="score: score texts with a reward model (without it: train one)",
-    )
-    p.add_argument(
-        "texts",
-        nargs="?",
-        metavar="FILE",
-        help="score: a file with one text per line (default: standard input); `\\n` inside a "
-        "line stands for a newline",
-    )
-    p.add_argument("--input", metavar="FILE", help="score: the texts file (as FILE above)")
-    p.add_argument("--model", metavar="RM_DIR", help="score: the reward-model directory")
-    p.add_argument("--json", action="store_true", help="score: one JSON object per text")
-    p.add_argument("--batch-size", type=int, default=16, help="score: texts per forward pass")
     add_common(p, "preference pairs: {prompt, chosen, rejected} (text or messages) or HH-RLHF's")
     for action in p._actions:  # --out is required to train, not to score
         if action.dest == "out":
             action.required = False
+    sub = p.add_subparsers(dest="action", metavar="score", required=False)
+    s = sub.add_parser(
+        "score",
+        help="score texts with a reward model (without `score`: train one)",
+        description="Score texts, one per line, with a reward model.",
+    )
+    s.add_argument(
+        "texts",
+        nargs="?",
+        metavar="FILE",
+        help="a file with one text per line (default: standard input); `\\n` inside a line "
+        "stands for a newline",
+    )
+    s.add_argument("--input", metavar="FILE", help="the texts file (as FILE)")
+    s.add_argument("--model", metavar="RM_DIR", required=True, help="the reward-model directory")
+    s.add_argument("--json", action="store_true", help='one {"score": ..., "text": ...} per line')
+    s.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (16)")
+    s.add_argument("--debug", action="store_true", help="show a traceback on errors")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "score":
         return score(args)
-    if args.model or args.json or args.texts or args.input:
-        raise UsageError(
-            "--model, --json and FILE belong to `gpt2lab reward score`",
-            fix="write `gpt2lab reward score --model RM_DIR [FILE]`",
-        )
     if not args.out:
         raise UsageError(
             "`gpt2lab reward` needs --out RM_DIR", fix="add --out runs/rm (or use `reward score`)"
@@ -66,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def score(args: argparse.Namespace) -> int:
-    if not args.model:
-        raise UsageError("`gpt2lab reward score` needs --model RM_DIR", fix="add --model runs/rm")
     if args.overrides:
         raise UsageError("`gpt2lab reward score` takes no config overrides", fix="drop them")
     if args.texts and args.input:
