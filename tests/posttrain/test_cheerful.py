@@ -41,9 +41,8 @@ def test_comparisons_prefer_the_higher_score_and_skip_ties_and_unfinished(monkey
 
     monkeypatch.setattr(cheerful, "sample_replies", fake_sample)
     score = {"I am happy": 0.5, "I am glum": -0.2, "I am sad": -0.4, "O joy": 0.6, "same": 0.0}
-    got = cheerful.label_comparisons(
-        None, None, None, ["s1", "s2", "s3", "s4"], n=10, score=lambda t: score.get(t, 0.0)
-    )
+    fn = lambda t: score.get(t, 0.0)  # noqa: E731
+    got = cheerful.label_comparisons(None, None, None, ["s1", "s2", "s3", "s4"], 10, fn, passes=1)
     assert got.prompts_used == 4 and got.unended == 1 and got.ties == 1  # s3 unended, s4 tie
     assert [r["chosen"][0]["content"] for r in got.records] == ["Ham.\nI am happy", "Oph.\nO joy"]
     assert [r["rejected"][0]["content"] for r in got.records] == [
@@ -51,6 +50,9 @@ def test_comparisons_prefer_the_higher_score_and_skip_ties_and_unfinished(monkey
         "Ham.\nI am sad",
     ]
     assert got.records[0]["prompt"] == [{"role": "user", "content": "s1"}]
+    # when the speeches run out, another pass samples them again, until n
+    again = cheerful.label_comparisons(None, None, None, ["s1", "s2", "s3", "s4"], 3, fn)
+    assert len(again.records) == 3 and again.prompts_used == 5
 
 
 def test_vader_scores_cheer_above_gloom():

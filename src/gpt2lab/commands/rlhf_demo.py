@@ -138,11 +138,21 @@ def run(args: argparse.Namespace) -> int:
 
         say(f"== 2/6 {args.comparisons:,} comparisons: {LABEL_RULE}")
         t = time.perf_counter()
-        if args.reuse_comparisons:
-            records = [json.loads(ln) for ln in read_utf8(args.reuse_comparisons).splitlines()]
-            comps = Comparisons(records[: args.comparisons], 0, 0, 0)
-        else:
-            comps = label_comparisons(sft, tok, template, held_in, args.comparisons, score)
+        comps = Comparisons([], 0, 0, 0)
+        if args.reuse_comparisons:  # an earlier run's, topped up with new samples if short
+            lines = read_utf8(args.reuse_comparisons).splitlines()
+            comps.records = [json.loads(ln) for ln in lines][: args.comparisons]
+        missing = args.comparisons - len(comps.records)
+        if missing > 0:
+            more = label_comparisons(
+                sft, tok, template, held_in, missing, score, seed=10**7 if comps.records else 0
+            )
+            comps.records += more.records
+            comps.prompts_used, comps.ties, comps.unended = (
+                more.prompts_used,
+                more.ties,
+                more.unended,
+            )
         times["comparisons"] = time.perf_counter() - t
         with atomic_open(out / "comparisons.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in comps.records)

@@ -98,6 +98,7 @@ def sample_replies(
     gives short prompts the room long ones would take), at temperature 1, seeded."""
     stops = stop_ids(tokenizer, template)
     end = tokenizer.special_tokens[template.end_token]
+    specials = set(tokenizer.special_tokens.values())
     prompts = [template.encode(tokenizer, [{"role": "user", "content": s}]) for s in speeches]
     out = Replies([], [], [], [])
     model.eval()
@@ -114,7 +115,9 @@ def sample_replies(
             )
             for row in range(batch.query.size(0)):
                 prompt, ids = batch.ids(row)
+                # closed by the end-of-turn token, with no other control token inside
                 ended = batch.finish[row] == "stop" and ids[-1] == end
+                ended = ended and not specials.intersection(ids[:-1])
                 text = tokenizer.decode(ids[:-1] if batch.finish[row] == "stop" else ids)
                 out.prompts.append(prompt)
                 out.ids.append(ids)
@@ -142,9 +145,29 @@ def label_comparisons(
     score: Callable[[str], float],
     seed: int = 0,
     chunk: int = 1024,
+    passes: int = 4,
 ) -> Comparisons:
-    """`n` comparisons by LABEL_RULE from two sampled replies per speech (in order)."""
+    """`n` comparisons by LABEL_RULE from two sampled replies per speech, in order; when the
+    speeches run out, another pass samples them again (new seeds), up to `passes`."""
     out = Comparisons([], 0, 0, 0)
+    for p in range(passes):
+        _label_pass(model, tokenizer, template, speeches, n, score, seed + p * 10**6, chunk, out)
+        if len(out.records) >= n:
+            break
+    return out
+
+
+def _label_pass(
+    model: nn.Module,
+    tokenizer: Any,
+    template: ChatTemplate,
+    speeches: Sequence[str],
+    n: int,
+    score: Callable[[str], float],
+    seed: int,
+    chunk: int,
+    out: Comparisons,
+) -> None:
     start = 0
     while start < len(speeches) and len(out.records) < n:
         # sample about twice the comparisons still missing (ties and unfinished replies happen)
@@ -170,9 +193,8 @@ def label_comparisons(
                 }
             )
             if len(out.records) == n:
-                return out
+                return
         start += size
-    return out
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
