@@ -32,8 +32,8 @@ LAYERS = {
     "generate": 4,
     "train": 4,
     "eval": 4,
-    "inspect": 4,
     "posttrain": 4,
+    "inspect": 4,
     "batching": 4,
     "quantize": 4,
     "demo": 5,
@@ -58,6 +58,7 @@ LAZY_OK = {
     "pyarrow",
     "tokenizers",
     "jinja2",  # chat templates read from Hugging Face directories, rendered sandboxed
+    "vaderSentiment",  # optional: the RLHF demo's sentiment labeller
     "gguf",  # optional: llama.cpp's file writer, for `gpt2lab convert ... model.gguf` only
     "starlette",  # optional (the serve extra): `gpt2lab serve`'s web framework
     "uvicorn",  # optional (the serve extra): `gpt2lab serve`'s ASGI server

@@ -84,6 +84,21 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "plot loss and perplexity curves of training runs",
         "gpt2lab plot runs/sc runs/other --out curves.png",
     ),
+    "reward": (
+        "gpt2lab.commands.reward",
+        "train a reward model on preference pairs, or score texts with one",
+        "gpt2lab reward --init-from runs/sft --data pairs.jsonl --out runs/rm",
+    ),
+    "rlhf": (
+        "gpt2lab.commands.rlhf",
+        "RLHF: PPO (or GRPO) against a reward model, KL-penalised to the start",
+        "gpt2lab rlhf --policy runs/sft --reward runs/rm --prompts prompts.txt --out runs/ppo",
+    ),
+    "rlhf-demo": (
+        "gpt2lab.commands.rlhf_demo",
+        "RLHF demo: make the Shakespeare chatbot cheerful (VADER, reward model, PPO, DPO)",
+        "gpt2lab rlhf-demo --sft runs/posttrain-demo/sft",
+    ),
     "demo": (
         "gpt2lab.commands.demo",
         "train a small GPT on Shakespeare in minutes, then sample",

@@ -317,6 +317,70 @@ def _check_fraction(section: str, value: float) -> None:
 
 
 @dataclass(frozen=True)
+class RewardConfig:
+    """`gpt2lab reward`: a reward model trained on preference pairs (Bradley-Terry)."""
+
+    data: str = ""  # preference pairs: {prompt, chosen, rejected} or HH-RLHF {chosen, rejected}
+    val_data: str = ""  # held-out pairs; "" holds out val_fraction of `data`
+    val_fraction: float = 0.1
+    template: str = "auto"  # chat template: auto (the model's, else plain), chat, plain, or a file
+    max_length: int = 0  # tokens per prompt + reply, 0 = model.block_size; cut from the left
+    errors: Literal["raise", "skip"] = "raise"  # a bad record stops the run, or is counted
+
+    def __post_init__(self) -> None:
+        _check_fraction("reward", self.val_fraction)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """`gpt2lab rlhf`: PPO (Ziegler et al. 2019) or GRPO against a reward. See `--help`."""
+
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    prompts: str = ""  # JSONL with a `prompt` field, or plain text with one prompt per line
+    reward_model: str = ""  # a reward-model directory (`gpt2lab reward`)
+    template: str = "auto"  # chat template for the prompts: auto (the policy's, else plain)
+    batch_size: int = 16  # prompts per rollout batch (GRPO: each sampled group_size times)
+    group_size: int = 4  # GRPO: samples per prompt
+    minibatch_size: int = 8  # rollouts per optimizer step
+    epochs: int = 4  # passes over each rollout batch (PPO's minibatch epochs)
+    max_new_tokens: int = 48  # reply length; rollouts are also cut by the model's context
+    temperature: float = 1.0  # sampling temperature of the rollouts (1 = the policy itself)
+    gamma: float = 1.0  # discount (GAE)
+    lam: float = 0.95  # GAE's lambda
+    clip: float = 0.2  # PPO's epsilon: the ratio's clip range
+    value_clip: float = 0.2  # the value loss's clip range
+    value_coef: float = 0.5  # weight of the value loss
+    entropy_coef: float = 0.0  # weight of an entropy bonus
+    kl_coef: float = 0.1  # beta: the initial (or fixed) weight of the KL penalty
+    target_kl: float = 6.0  # nats per reply the adaptive beta steers to; 0 = a fixed beta
+    kl_horizon: float = 10000.0  # how fast beta moves: K_beta = batch / horizon (Ziegler et al.)
+    whiten_advantages: bool = True
+    normalize_reward: bool = True  # scale scores to mean 0, std 1 on the first batch (Ziegler)
+    reward_clip: float = 0.0  # clip normalized scores to [-c, c]; 0 = off
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("batch_size", self.batch_size >= 1),
+            ("group_size", self.group_size >= 1),
+            ("minibatch_size", self.minibatch_size >= 1),
+            ("epochs", self.epochs >= 1),
+            ("max_new_tokens", self.max_new_tokens >= 1),
+            ("temperature", self.temperature > 0),
+            ("clip", self.clip > 0),
+            ("kl_coef", self.kl_coef >= 0),
+            ("target_kl", self.target_kl >= 0),
+            ("kl_horizon", self.kl_horizon > 0),
+        ]
+        for key, ok in checks:
+            if not ok:
+                raise ConfigError(
+                    f"rl.{key}={getattr(self, key)!r} is out of range",
+                    "a positive value" if key not in ("kl_coef", "target_kl") else "a value >= 0",
+                    f"change {mark_key('rl.' + key)}",
+                )
+
+
+@dataclass(frozen=True)
 class Config:
     """Every section together: what a run directory records and what overrides address."""
 
@@ -327,6 +391,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 # Model shapes from the paper's Table 2 (n_layer, n_embd); n_head from the released checkpoints.
@@ -486,6 +552,38 @@ PRESETS["pile-10k"]["train"] = dict(
     checkpoint_interval=500,
 )
 
+# RLHF (`gpt2lab rlhf`): small constant learning rates, as RL fine-tuning uses them.
+_RL_TRAIN = dict(
+    max_steps=200,
+    lr=1e-5,
+    min_lr=1e-5,
+    warmup_steps=0,
+    weight_decay=0.0,
+    grad_clip=1.0,
+    log_interval=1,
+    checkpoint_interval=50,
+    dtype="float32",
+)
+PRESETS["ppo"] = {"train": dict(_RL_TRAIN), "rl": dict(algorithm="ppo")}
+PRESETS["grpo"] = {
+    "train": dict(_RL_TRAIN),
+    "rl": dict(algorithm="grpo", batch_size=8, group_size=4, kl_coef=0.04, target_kl=0.0),
+}
+# `gpt2lab reward`: a few passes over some thousand comparisons (Ziegler et al. used one epoch)
+PRESETS["reward"] = {
+    "train": dict(
+        max_steps=500,
+        micro_batch_size=16,
+        lr=5e-5,
+        min_lr=5e-6,
+        warmup_steps=20,
+        weight_decay=0.0,
+        log_interval=10,
+        eval_interval=50,
+        checkpoint_interval=100,
+    ),
+}
+
 # Where each preset comes from: `gpt2lab config --preset NAME` prints it first, as a TOML comment.
 PRESET_SOURCES: dict[str, str] = {
     "gpt2": "GPT-2 124M (Radford et al. 2019, Table 2); training as nanoGPT's train_gpt2.py",
@@ -508,6 +606,9 @@ PRESET_SOURCES: dict[str, str] = {
         "recipe 'openwebtext-10k small GPT' (docs/recipes.md): 2 blocks, context 512, batch 32 x "
         "grad_accum_steps 16, cosine from 5e-4; width 384, 6 heads, steps: gpt2lab's"
     ),
+    "ppo": "gpt2lab rlhf: PPO with Ziegler et al. 2019's adaptive KL penalty, constant LR",
+    "grpo": "gpt2lab rlhf: GRPO (Shao et al. 2024), 4 samples per prompt, KL in the loss",
+    "reward": "gpt2lab reward: a reward model on preference pairs (Bradley-Terry)",
     "tinystories": (
         "recipe 'TinyStories on a CPU in 15 minutes' (docs/recipes.md): gpt2lab's 4x128 GPT-2 "
         "(Eldan & Li 2023 show such small models learn fluent stories); wsd LR over 15 minutes"

@@ -164,15 +164,16 @@ def iter_tokens(
     generator: torch.Generator | None = None,
     *,
     attention_mask: Tensor | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     vocab_size: int | None = None,
     kernels: bool = True,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), for up to `max_new_tokens` steps.
 
     `idx` (B, T) may be left-padded, with `attention_mask` (B, T) marking real tokens. The prompt is
-    run once into a preallocated KV cache, then one token per step. With `eos_token_id`, a row that
-    produced it yields it again from then on, and the loop ends once every row has. `vocab_size`
+    run once into a preallocated KV cache, then one token per step. With `eos_token_id` (one id or
+    several, e.g. `<|endoftext|>` and an end-of-turn token), a row that produced one yields the
+    first of them from then on, and the loop ends once every row has. `vocab_size`
     keeps ids below it (a model's table may be larger than its tokenizer's vocabulary). A prompt
     longer than the context is cropped from the left with a ContextWarning; past the context the
     window slides (the last 3/4 of it is re-run). On a CPU a GPT decodes through the packed
@@ -212,6 +213,10 @@ def iter_tokens(
         seen = counts > 0  # padding ids count only where they are real tokens too
     vocab_limit = min(vocab_size or cfg.vocab_size, cfg.vocab_size)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    stops = None
+    if eos_token_id is not None:
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        stops = torch.tensor(ids, dtype=torch.long, device=device)
     runner = _CachedRunner(model, B, min(cfg.block_size, T + max_new_tokens), device, kernels)
 
     length = kept  # tokens in the buffer
@@ -222,9 +227,9 @@ def iter_tokens(
         if vocab_limit < logits.size(-1):
             logits = logits[:, :vocab_limit]
         tok = sample_next(logits, temperature, top_k, top_p, repetition_penalty, generator, seen)
-        if eos_token_id is not None:
-            tok = torch.where(done, eos_token_id, tok)
-            done |= tok == eos_token_id
+        if stops is not None:
+            tok = torch.where(done, stops[0], tok)
+            done |= torch.isin(tok, stops)
         if length == cap:  # keep the last block: all that any window reads
             seq[:, : cfg.block_size] = seq[:, length - cfg.block_size : length].clone()
             if full_mask is not None:
@@ -236,7 +241,7 @@ def iter_tokens(
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
         yield tok
-        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+        if step == max_new_tokens - 1 or (stops is not None and bool(done.all())):
             return
         if runner.full():
             if T <= cfg.block_size and total == cfg.block_size + 1:  # the first slide only

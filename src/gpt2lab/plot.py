@@ -1,4 +1,5 @@
-"""PNG plots of training runs: train/val loss and perplexity against steps and tokens."""
+"""PNG plots of training runs: train/val loss and perplexity against steps and tokens; for RL
+runs (`gpt2lab rlhf`) reward and KL against steps, and reward against KL."""
 
 from __future__ import annotations
 
@@ -30,14 +31,17 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path
     runs = [Path(r) for r in run_dirs]
     if not runs:
         raise DataError("no run directory given", "one or more RUN_DIRs", "gpt2lab plot RUN_DIR")
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
-    for i, run in enumerate(runs):
+    for run in runs:
         if not (run / "metrics.jsonl").is_file():
             raise DataError(
                 f"{run / 'metrics.jsonl'} does not exist",
                 "a run directory written by `gpt2lab train`",
                 "check the path (the run may not have logged a step yet)",
             )
+    if all(is_rl_run(read_metrics(run)) for run in runs):
+        return _plot_rl(plt, runs, out)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
+    for i, run in enumerate(runs):
         rows = read_metrics(run)
         color = f"C{i % 10}"
         label = run.name if len(runs) > 1 else ""
@@ -74,6 +78,39 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path
     fig.suptitle(", ".join(r.name for r in runs))
     fig.tight_layout()
     path = default_plot_path(run_dirs, out)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def is_rl_run(rows: list[dict]) -> bool:
+    """Rows of `gpt2lab rlhf` (reward and KL per step) rather than of a training loss."""
+    return bool(rows) and all("reward" in r and "kl" in r for r in rows)
+
+
+def _plot_rl(plt, runs: list[Path], out: str | Path | None) -> Path:
+    """RL runs: mean reward and KL to the reference against steps, and reward against KL."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), squeeze=False)
+    ax_r, ax_k, ax_rk = axes[0]
+    for i, run in enumerate(runs):
+        rows = read_metrics(run)
+        color, label = f"C{i % 10}", run.name
+        steps = [r["step"] for r in rows]
+        reward, kl = [r["reward"] for r in rows], [r["kl"] for r in rows]
+        ax_r.plot(steps, reward, color=color, lw=1.2, label=label)
+        ax_k.plot(steps, kl, color=color, lw=1.2, label=label)
+        ax_rk.scatter(kl, reward, c=steps, cmap="viridis", s=12, label=label)
+        ax_rk.plot(kl, reward, color=color, lw=0.5, alpha=0.4)
+    ax_r.set(xlabel="step", ylabel="mean reward of the rollouts", title="reward")
+    ax_k.set(xlabel="step", ylabel="KL(policy || reference), nats per reply", title="KL")
+    ax_rk.set(xlabel="KL, nats per reply", ylabel="mean reward", title="reward vs KL (color: step)")
+    for ax in (ax_r, ax_k, ax_rk):
+        ax.grid(alpha=0.3)
+    ax_r.legend(fontsize=8)
+    fig.suptitle(", ".join(r.name for r in runs))
+    fig.tight_layout()
+    path = Path(out) if out else (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
     with atomic_open(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)

@@ -313,14 +313,22 @@ HF_FILES = (
 )
 
 
-def save_hf(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> None:
+def save_hf(
+    model: torch.nn.Module,
+    path: str | Path,
+    tokenizer: Any = None,
+    score: Tensor | None = None,
+    pad_token_id: int | None = None,
+) -> None:
     """Write a HF GPT-2 directory (config.json, model.safetensors, tokenizer files).
 
     `path` must be new, empty or gpt2lab's (gpt2lab.outdir); only gpt2lab's files there are
     replaced, each atomically, config.json last, so an interrupted save never looks whole.
 
     Without `tokenizer`: the one `load_model` attached to the model, else GPT-2's when the model
-    has its 50257 tokens, else none (weights and config only).
+    has its 50257 tokens, else none (weights and config only). With `score` (1, n_embd), a reward
+    model's head, it is a `GPT2ForSequenceClassification` with `num_labels=1` whose
+    `pad_token_id` tells transformers which token is the last real one.
     """
     cfg: GPTConfig = model.config  # type: ignore[assignment]
     if tokenizer is None:  # the one load_model found with the model, else GPT-2's if it fits
@@ -328,15 +336,24 @@ def save_hf(model: torch.nn.Module, path: str | Path, tokenizer: Any = None) -> 
     if tokenizer is None and cfg.vocab_size == GPT2_VOCAB:
         tokenizer = get_tokenizer("gpt2")
     eot = getattr(tokenizer, "eot_token", None)
+    hf_config, tensors = config_to_hf(cfg, eot), to_hf_state(model)
+    if score is not None:
+        hf_config.update(
+            architectures=["GPT2ForSequenceClassification"],
+            id2label={"0": "LABEL_0"},
+            label2id={"LABEL_0": 0},
+            pad_token_id=pad_token_id,
+        )
+        tensors["score.weight"] = score.detach().float().cpu().reshape(1, cfg.n_embd)
     with claim_output_dir(path, "convert", flag="dst") as out:
         out.remove_ours()  # the keystone (config.json) first: a crash leaves no "whole" model
         out.record(*HF_FILES)
         gen = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
         atomic_write_json(out.path / "generation_config.json", gen)
-        save_tensors(to_hf_state(model), out.path / "model.safetensors", {})
+        save_tensors(tensors, out.path / "model.safetensors", {})
         if tokenizer is not None:
             write_hf_tokenizer(tokenizer, out.path, cfg.block_size)
-        atomic_write_json(out.path / "config.json", config_to_hf(cfg, eot))  # last
+        atomic_write_json(out.path / "config.json", hf_config)  # last
 
 
 def write_hf_tokenizer(tokenizer: Any, path: Path, max_length: int = 1024) -> None:

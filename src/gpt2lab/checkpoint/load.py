@@ -108,7 +108,7 @@ def _load_native(ckpt: Path) -> tuple[Any, Any]:
             "load an earlier checkpoint of the run",
         )
     cfg = from_dict(GPTConfig, cfg_dict, source=str(source))
-    tok = _native_tokenizer(ckpt, state.get("tokenizer", "tokenizer"))  # checked before building
+    tok = native_tokenizer(ckpt, state.get("tokenizer", "tokenizer"))  # checked before building
     tensors = read_tensors(ckpt / "model.safetensors")
     check_config_fits(cfg, tensors, str(source))
     require_model(cfg, None, source=str(ckpt))
@@ -145,7 +145,7 @@ def _metadata_config(path: Path) -> dict[str, Any]:
         ) from e
 
 
-def _native_tokenizer(ckpt: Path, spec: Any) -> Any:
+def native_tokenizer(ckpt: Path, spec: Any) -> Any:
     if isinstance(spec, dict):
         return get_tokenizer(spec)
     if isinstance(spec, str):  # relative to the checkpoint, or to its run directory

@@ -22,6 +22,7 @@ from gpt2lab.config import Config, to_dict
 from gpt2lab.errors import UsageError
 from gpt2lab.io import atomic_dir, atomic_write_json
 from gpt2lab.outdir import check_not_overlapping, claim_output_dir, claim_output_file
+from gpt2lab.posttrain.reward import is_reward_dir, load_reward_model
 
 EXAMPLES = """
 gpt2lab convert runs/sc hf/sc                  # newest checkpoint of a run -> HF GPT-2 directory
@@ -32,6 +33,7 @@ gpt2lab convert runs/sc sc.gguf                # llama.cpp file, float32 weights
 gpt2lab convert hf/gpt2 gpt2-q8.gguf --outtype q8_0
 gpt2lab convert runs/sc sc.onnx                # onnxruntime graph: input_ids -> logits
 gpt2lab convert runs/sc sc-past.onnx --past    # ... with past keys/values for decoding
+gpt2lab convert runs/rm hf/rm                  # reward model -> GPT2ForSequenceClassification
 """
 # DST suffix -> the file format written; directories (HF, gpt2lab) have no suffix of their own
 FILE_FORMATS = {".gguf": "gguf", ".onnx": "onnx"}
@@ -107,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
                 kind = "onnx with past keys/values" if args.past else "onnx"
             out.commit()
         print(f"wrote {args.dst} ({kind}, {model.num_params():,} parameters)")
+        return 0
+    if is_reward_dir(src) and args.to != "gpt2lab":  # a reward model: GPT2ForSequenceClassification
+        rm = load_reward_model(src)
+        save_hf(rm, args.dst, rm.tokenizer, score=rm.score.weight, pad_token_id=rm.pad_token_id)
+        print(
+            f"wrote {args.dst} (hf GPT2ForSequenceClassification, pad_token_id {rm.pad_token_id})"
+        )
         return 0
     to = args.to
     if to == "auto":

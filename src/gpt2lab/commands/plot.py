@@ -1,4 +1,5 @@
-"""`gpt2lab plot`: loss and perplexity curves of one or more runs, as a PNG."""
+"""`gpt2lab plot`: loss and perplexity curves of one or more runs, as a PNG; for RL runs
+(`gpt2lab rlhf`), reward and KL against steps and reward against KL."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from gpt2lab.plot import default_plot_path, plot_runs
 EXAMPLES = """
 gpt2lab plot runs/sc                              # writes runs/sc/curves.png
 gpt2lab plot runs/sc runs/sc-bf16 --out cmp.png   # several runs on one figure
+gpt2lab plot runs/ppo runs/grpo --out rl.png      # RL runs: reward, KL, reward vs KL
 """
 
 

@@ -6,6 +6,7 @@ Everything here only reads; nothing in RUN_DIR changes until every check has pas
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -316,10 +317,13 @@ def model_and_optimizer(
     world: Dist,
     device: torch.device,
     dtype: torch.dtype,
+    new_model: Callable[[Config], nn.Module] | None = None,
 ) -> RunParts:
-    """The GPT (fresh, pretrained or from `ckpt`), wrapped for torchrun, with its optimizer."""
+    """The GPT (fresh, pretrained or from `ckpt`), wrapped for torchrun, with its optimizer.
+
+    `new_model(cfg)` builds another GPT-shaped module (a task's, e.g. a reward model's)."""
     tc = cfg.train
-    raw = GPT(cfg.model)
+    raw = new_model(cfg) if new_model is not None else GPT(cfg.model)
     if init_weights is not None:
         raw.load_state_dict(init_weights)  # same config but dropout: every key fits
     if ckpt is not None:

@@ -220,7 +220,7 @@ class Trainer:
             self._write_run_dir(options.overwrite and not options.resume)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
         parts = build.model_and_optimizer(
-            cfg, init_weights, ckpt, self.state, world, device, self.dtype
+            cfg, init_weights, ckpt, self.state, world, device, self.dtype, task.new_model
         )
         torch.manual_seed(tc.seed + world.rank)  # dropout differs between ranks
         self.raw, self.model, self.opt, self.scaler, self.frozen = parts

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from gpt2lab.config import Config, merge
 from gpt2lab.data import load_tokens
 from gpt2lab.generate import prompt_ids
+from gpt2lab.model import GPT
 from gpt2lab.train import build
 from gpt2lab.train.dist import Dist
 from gpt2lab.train.validation import val_loss
@@ -106,6 +107,10 @@ class Task:
 
     def epoch_size(self, cfg: Config, world: Dist, device: torch.device) -> int:
         raise NotImplementedError
+
+    def new_model(self, cfg: Config) -> nn.Module:
+        """The module a run trains: GPT-2 (a reward model adds a head to it)."""
+        return GPT(cfg.model)
 
     def write_run_dir(self, run_dir: Path) -> None:
         """Files of the task's own in a new run directory (config and tokenizer are written)."""
