@@ -7,10 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2lab.commands.train_console import StopSignal
+from gpt2lab.commands.train_console import StopSignal, plot_run
 from gpt2lab.config import PRESETS, resolve
 from gpt2lab.errors import UsageError
-from gpt2lab.plot import plot_runs
 from gpt2lab.posttrain.rlhf import rlhf
 from gpt2lab.train import build
 from gpt2lab.train.events import (
@@ -122,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             should_stop=stop.requested,
         )
     if not args.no_plot and summary.step > 0:
-        print(f"plot: {plot_runs([out])}", file=sys.stderr)
+        print(f"plot: {plot_run(out, 'rlhf')}", file=sys.stderr)
     print(
         f"done: step {summary.step}, mean reward {summary.loss:.4f}, "
         f"{summary.tokens_per_s:,.0f} tokens/s, checkpoint {summary.checkpoint}"

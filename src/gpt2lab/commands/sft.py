@@ -7,10 +7,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gpt2lab.commands.train_console import StopSignal, TrainConsole, tune_allocator
+from gpt2lab.commands.train_console import StopSignal, TrainConsole, plot_run, tune_allocator
 from gpt2lab.config import PRESETS, Config, resolve
 from gpt2lab.errors import UsageError
-from gpt2lab.plot import plot_runs
 from gpt2lab.posttrain.run import sft
 from gpt2lab.train import build
 from gpt2lab.train.events import TrainSummary, broadcast
@@ -120,7 +119,7 @@ def run_command(args: argparse.Namespace, section: str, runner: Callable[..., Tr
         )
     if summary.rank == 0:
         if not args.no_plot and summary.step > 0:
-            print(f"plot: {plot_runs([out])}", file=sys.stderr)
+            print(f"plot: {plot_run(out)}", file=sys.stderr)
         val = f"{summary.val_loss:.4f}" if summary.val_loss is not None else "-"
         what = "completion loss" if section == "sft" else "preference loss"
         print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -144,3 +145,13 @@ def start_line(e: StartEvent) -> str:
         f"{e.micro_batch_size} x {e.block_size} x {e.grad_accum_steps} x {e.world_size} = "
         f"{e.tokens_per_step:,} | memory per step ~ {e.memory} | {e.device} {e.dtype}"
     )
+
+
+def plot_run(run_dir: Path, command: str = "train") -> Path:
+    """RUN_DIR/curves.png, written only if a curves.png there is gpt2lab's (or none is)."""
+    from gpt2lab.plot import plot_runs
+    from gpt2lab.train.build import claim_run_dir
+
+    with claim_run_dir(run_dir, command=command) as claim:
+        claim.claim_file("curves.png")
+        return plot_runs([run_dir])

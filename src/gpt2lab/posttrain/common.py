@@ -109,3 +109,12 @@ def weights_hash(weights: dict[str, torch.Tensor]) -> str:
 def data_hash(*parts: Any) -> str:
     """sha256 of JSON-serialisable parts (token ids, settings)."""
     return hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
+
+
+def record_inputs(task: Any, cfg: Config) -> list[str | None]:
+    """`Task.inputs` of a task reading cfg.<task.name>.data / .val_data (unless given records)."""
+    section = getattr(cfg, task.name)
+    return [
+        None if task.given is not None else section.data,
+        None if task.given_val is not None else section.val_data,
+    ]

@@ -50,6 +50,7 @@ from gpt2lab.posttrain.batching import (
 from gpt2lab.posttrain.common import (
     data_hash,
     end_id,
+    record_inputs,
     resume_tokenizer,
     split_records,
     start_model,
@@ -192,6 +193,8 @@ class DPOTask(Task):
 
     name = "dpo"
     rows_per_item = 2
+
+    inputs = record_inputs
 
     def __init__(self, records: Sequence[dict] | None = None, val: Sequence[dict] | None = None):
         self.given, self.given_val = records, val

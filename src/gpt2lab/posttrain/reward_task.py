@@ -24,7 +24,12 @@ from gpt2lab.device import autocast
 from gpt2lab.errors import DataError
 from gpt2lab.generate import left_pad
 from gpt2lab.posttrain.batching import ItemBatches, eval_indices, to_device
-from gpt2lab.posttrain.common import resume_tokenizer, split_records, start_model
+from gpt2lab.posttrain.common import (
+    record_inputs,
+    resume_tokenizer,
+    split_records,
+    start_model,
+)
 from gpt2lab.posttrain.dpo import encode_pair
 from gpt2lab.posttrain.records import read_records
 from gpt2lab.posttrain.reward import SCORE_KEY, RewardModel, bradley_terry, default_pad
@@ -54,6 +59,8 @@ class RewardTask(Task):
 
     name = "reward"
     rows_per_item = 2
+
+    inputs = record_inputs
 
     def __init__(self, records: Sequence[dict] | None = None, val: Sequence[dict] | None = None):
         self.given, self.given_val = records, val

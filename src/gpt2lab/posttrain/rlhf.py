@@ -39,6 +39,7 @@ from gpt2lab.data.records import read_prompts
 from gpt2lab.device import autocast, pick_device, pick_dtype
 from gpt2lab.errors import ConfigError, DataError, TrainingError, mark_key
 from gpt2lab.io import atomic_write_text
+from gpt2lab.outdir import OutputDir
 from gpt2lab.posttrain.common import pick_template
 from gpt2lab.posttrain.kl import KLController, kl_k1, kl_k3
 from gpt2lab.posttrain.ppo import (
@@ -208,10 +209,15 @@ class RLTrainer:
         options: RLOptions | None = None,
         reward_fn_spec: str = "",
         template: ChatTemplate | None = None,
+        claim: OutputDir | None = None,
     ) -> None:
+        """`claim` is RUN_DIR taken by `rlhf()`; without it, it is taken here (and kept)."""
         self.options = options or RLOptions()
-        self.template = template
         self.run_dir = Path(run_dir)
+        if claim is None:
+            claim = build.claim_run_dir(self.run_dir, [cfg.train.init_from], command="rlhf")
+        self.claim = claim
+        self.template = template
         self.scorer, self.prompts, self.stop_ids = scorer, prompts, list(stop_ids)
         rc, tc = cfg.rl, cfg.train
         if not prompts.texts:
@@ -286,8 +292,12 @@ class RLTrainer:
 
     def _write_run_dir(self, clear: bool) -> None:
         if clear:
-            build.clear_run_dir(self.run_dir)
+            build.clear_run_dir(self.claim)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in build.RUN_ENTRIES:  # refused if one exists that gpt2lab did not write
+            self.claim.claim_file(name)
+        if self.cfg.train.tensorboard:
+            self.claim.claim_file("tb")
         atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
         if self.tok is not None and not (self.run_dir / "tokenizer").is_dir():
             self.tok.save(str(self.run_dir / "tokenizer"))
@@ -561,6 +571,29 @@ def rlhf(
     """RL-tune cfg.train.init_from against cfg.rl.reward_model, or the function `reward_fn`
     (`FILE.py:NAME`, run as Python: name only files you trust), on the prompts of cfg.rl.prompts
     (or `prompts`). Writes RUN_DIR like a training run; returns its summary."""
+    run_dir = Path(run_dir)
+    rc = cfg.rl
+    inputs = [cfg.train.init_from, rc.reward_model, rc.prompts, reward_fn.rpartition(":")[0]]
+    claim = build.claim_run_dir(run_dir, inputs, command="rlhf")  # before anything is read
+    try:
+        options = RLOptions(resume, overwrite, on_event, should_stop)
+        return _rlhf(cfg, run_dir, claim, options, reward_fn, prompts).run()
+    except BaseException:
+        if claim.created and not native.list_checkpoints(run_dir):
+            claim.discard()  # a run that failed before its first checkpoint leaves no trace
+        raise
+    finally:
+        claim.release()
+
+
+def _rlhf(
+    cfg: Config,
+    run_dir: Path,
+    claim: OutputDir,
+    options: RLOptions,
+    reward_fn: str,
+    prompts: Sequence[str] | None,
+) -> RLTrainer:
     rc = cfg.rl
     policy_tok = load_model(cfg.train.init_from, device="cpu")[1] if cfg.train.init_from else None
     if policy_tok is None:
@@ -595,11 +628,9 @@ def rlhf(
             f"train a reward model with `gpt2lab reward` and pass {mark_key('reward', 'RM_DIR')}",
         )
     stops = stop_ids(policy_tok, template)
-    options = RLOptions(resume, overwrite, on_event, should_stop)
-    trainer = RLTrainer(
-        cfg, run_dir, scorer, PromptSet(texts, ids), stops, options, reward_fn, template
+    return RLTrainer(
+        cfg, run_dir, scorer, PromptSet(texts, ids), stops, options, reward_fn, template, claim
     )
-    return trainer.run()
 
 
 def stop_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:

@@ -39,6 +39,7 @@ from gpt2lab.posttrain.batching import (
 )
 from gpt2lab.posttrain.common import (
     end_id,
+    record_inputs,
     resume_tokenizer,
     split_records,
     start_model,
@@ -88,6 +89,8 @@ class SFTTask(Task):
     """`gpt2lab sft`: masked next-token loss on prompt/completion or chat records."""
 
     name = "sft"
+
+    inputs = record_inputs
 
     def __init__(self, records: Sequence[dict] | None = None, val: Sequence[dict] | None = None):
         """Records may be given directly (then sft.data is not read); `val` likewise."""

@@ -132,7 +132,8 @@ def train(
     run_dir = Path(run_dir)
     claim = None
     try:
-        claim = _claim(cfg, run_dir, world, device)
+        task = task or PretrainTask()
+        claim = _claim(cfg, run_dir, world, device, task)
         # no name for the Trainer: it (DDP, its buffers) must be gone before teardown() below
         return Trainer(cfg, run_dir, options, world, device, task, claim).run()
     except BaseException:
@@ -145,12 +146,15 @@ def train(
         teardown()
 
 
-def _claim(cfg: Config, run_dir: Path, world: Dist, device: torch.device) -> OutputDir | None:
+def _claim(
+    cfg: Config, run_dir: Path, world: Dist, device: torch.device, task: Task
+) -> OutputDir | None:
     """Rank 0 takes RUN_DIR (lock, marker); every rank learns if it could, so none waits alone."""
     claim, error = None, None
     if world.is_main:
         own_data = Path(cfg.data.dir) == run_dir / "data"  # what `--data FILE` prepared here
-        inputs = [cfg.train.init_from, None if own_data else cfg.data.dir]
+        read = [d for d in task.inputs(cfg) if not (own_data and d == cfg.data.dir)]
+        inputs = [cfg.train.init_from, *read]
         try:
             claim = build.claim_run_dir(run_dir, inputs)
         except GPT2LabError as e:

@@ -112,6 +112,11 @@ class Task:
         """The module a run trains: GPT-2 (a reward model adds a head to it)."""
         return GPT(cfg.model)
 
+    def inputs(self, cfg: Config) -> list[str | None]:
+        """What the run reads besides train.init_from: an --out equal to, inside or holding one
+        of them is refused before anything is written (gpt2lab.outdir.check_not_overlapping)."""
+        return [cfg.data.dir]
+
     def write_run_dir(self, run_dir: Path) -> None:
         """Files of the task's own in a new run directory (config and tokenizer are written)."""
 
