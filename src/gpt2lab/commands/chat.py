@@ -8,6 +8,7 @@ import sys
 import torch
 
 from gpt2lab.commands.sample import (
+    PROMPT_LIMIT,
     _warnings_to_stderr,
     add_device_arguments,
     add_sampling_arguments,
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         while True:
             if tty:
                 print("you> ", end="", flush=True)
-            line = sys.stdin.readline()
+            line = _read_line()
             if not line:  # Ctrl-D or the end of piped input
                 if tty:
                     print()
@@ -100,6 +101,19 @@ def run(args: argparse.Namespace) -> int:
             session.messages = history
             reply = _reply(model, tok, template, ids, cfg, max_new, generator)
             session.messages.append({"role": "assistant", "content": reply})
+
+
+def _read_line() -> str:
+    """One message from stdin, at most PROMPT_LIMIT characters: an endless line (/dev/zero) is
+    refused, not read into memory."""
+    line = sys.stdin.readline(PROMPT_LIMIT + 1)
+    if len(line) > PROMPT_LIMIT:
+        raise DataError(
+            f"a line on standard input is longer than {PROMPT_LIMIT:,} characters (or never ends)",
+            "one message per line",
+            "send shorter messages",
+        )
+    return line
 
 
 class _Session:

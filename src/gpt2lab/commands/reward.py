@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from gpt2lab.commands.sample import PROMPT_LIMIT
 from gpt2lab.commands.sft import add_common, run_command
 from gpt2lab.errors import DataError, UsageError
-from gpt2lab.io import read_utf8
+from gpt2lab.io import read_text_bounded
 from gpt2lab.posttrain.reward import load_reward_model
 from gpt2lab.posttrain.reward_task import reward_model
 
@@ -67,13 +67,11 @@ def score(args: argparse.Namespace) -> int:
     if args.texts and args.input:
         raise UsageError("two texts files given", fix="give FILE or --input FILE, not both")
     path = args.texts or args.input
+    if path and not Path(path).exists():
+        raise DataError(f"{path} does not exist", "a text file, one text per line", "check it")
+    # bounded, before the model: a FIFO or /dev/zero that never ends is refused, not read
+    raw = read_text_bounded(path or "-", PROMPT_LIMIT, "texts file", "input")
     rm = load_reward_model(args.model)
-    if path:
-        if not Path(path).is_file():
-            raise DataError(f"{path} does not exist", "a text file, one text per line", "check it")
-        raw = read_utf8(path)
-    else:
-        raw = sys.stdin.read()
     texts = [ln.replace("\\n", "\n") for ln in raw.splitlines()]
     for text, value in zip(texts, rm.score_texts(texts, max(1, args.batch_size))):
         print(json.dumps({"score": value, "text": text}) if args.json else f"{value:.6f}")

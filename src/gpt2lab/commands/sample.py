@@ -250,7 +250,7 @@ def _chat_prompt(
 ) -> tuple[list[str], list[list[int]], SampleConfig]:
     """--chat FILE: the rendered conversation and its ids; the template's stop strings added."""
     template = resolve_chat_template(args.model, tok, args.template)
-    text = read_prompt_file(args.chat)
+    text = read_text_bounded(args.chat, PROMPT_LIMIT, "--chat file", "chat")
     try:
         data = json.loads(text)
     except ValueError as e:

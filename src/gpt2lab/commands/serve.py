@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gpt2lab.batching import cache_bytes, default_max_len, model_dtype
+import torch
+
+from gpt2lab.batching import default_max_len, model_dtype
+from gpt2lab.budget import estimate_inference, require, require_model
+from gpt2lab.checkpoint.load import peek_config
 from gpt2lab.commands.sample import add_model_arguments, load_model_for, sample_config
-from gpt2lab.device import free_memory
+from gpt2lab.device import pick_device, pick_dtype
 from gpt2lab.errors import GPT2LabError, UsageError, mark_key
 from gpt2lab.serve.app import Server, State, bind, create_app, missing_packages
 from gpt2lab.serve.engine import Engine
@@ -173,8 +177,9 @@ def build(args: argparse.Namespace) -> tuple[State, Server]:
             f"lower --max-n or raise --max-batch to {args.max_n}",
         )
     cfg = sample_config(args)
+    check_memory(args.model, cfg, args.max_batch, args.prefill_chunk, before_loading=True)
     model, tok = load_model_for(args.model, cfg)
-    check_memory(model, args.max_batch, args.prefill_chunk)
+    check_memory(model, cfg, args.max_batch, args.prefill_chunk)
     context = model.config.block_size
     limits = Limits(
         max_body_bytes=args.max_body_bytes,
@@ -215,22 +220,39 @@ def is_local(host: str) -> bool:
         return False
 
 
-def check_memory(model: Any, slots: int, chunk: int) -> None:
-    """Refuse, in one line, a KV cache that would not fit the device's free memory."""
-    cfg = model.config
-    dtype = model_dtype(model)
-    need = cache_bytes(cfg, slots, default_max_len(cfg.block_size), dtype)
-    need += cache_bytes(cfg, 1, cfg.block_size, dtype)  # a long prompt's prefill cache
-    need += 4 * max(chunk, slots) * cfg.vocab_size * 3  # float32 logits and their softmax
-    device = next(model.parameters()).device
-    have = free_memory(device)
-    if have is not None and need > 0.9 * have:
-        raise GPT2LabError(
-            f"the KV cache for --max-batch {slots} x {default_max_len(cfg.block_size)} tokens "
-            f"needs {need / 2**30:.2f} GiB but {device} has {have / 2**30:.2f} GiB free",
-            "a batch whose cache fits",
-            "lower --max-batch (or use --dtype bfloat16)",
-        )
+def check_memory(
+    model: Any, cfg: Any, slots: int, chunk: int, before_loading: bool = False
+) -> None:
+    """Refuse, in one line, a server that cannot fit: the weights (before loading, from the
+    config alone: a config.json may claim anything), the KV cache of --max-batch slots of a
+    context and a quarter, and a prefill chunk's forward pass (gpt2lab.budget)."""
+    try:
+        mcfg = peek_config(model) if before_loading else model.config
+    except GPT2LabError:  # not a model: loading it says so in its own words
+        return
+    if mcfg is None:  # a hub name: checked once loaded
+        return
+    device = pick_device(cfg.device)
+    if before_loading:
+        dtype = pick_dtype(cfg.dtype, device) if cfg.dtype != "float16" else torch.float16
+        require_model(mcfg, device, dtype, source=str(model))
+    else:
+        dtype = model_dtype(model)
+    columns = default_max_len(mcfg.block_size)
+    cache = estimate_inference(mcfg, slots, columns, 0, dtype).kv_cache  # capped at the block
+    cache = cache * columns // mcfg.block_size
+    step = estimate_inference(mcfg, max(chunk, slots), 1, 0, dtype, kv_cache=False)
+    prefill = estimate_inference(mcfg, 1, min(chunk, mcfg.block_size), 0, dtype)
+    need = cache + prefill.kv_cache + 3 * max(step.logits, prefill.logits)  # logits, softmax
+    need += max(step.activations, prefill.activations) + (prefill.weights if before_loading else 0)
+    require(
+        need,
+        device,
+        f"serving --max-batch {slots} x {columns:,} tokens (KV cache {cache / 2**30:.2f} GiB"
+        + (f", weights {prefill.weights / 2**30:.2f} GiB" if before_loading else "")
+        + ")",
+        "lower --max-batch (or use --dtype bfloat16)",
+    )
 
 
 def _positive(args: argparse.Namespace, name: str) -> None:

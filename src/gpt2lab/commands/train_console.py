@@ -16,6 +16,8 @@ from typing import Any
 from tqdm import tqdm
 
 from gpt2lab.device import keep_freed_memory, pick_device
+from gpt2lab.plot import plot_runs
+from gpt2lab.train.build import claim_run_dir
 from gpt2lab.train.events import (
     DoneEvent,
     EpochEvent,
@@ -149,9 +151,6 @@ def start_line(e: StartEvent) -> str:
 
 def plot_run(run_dir: Path, command: str = "train") -> Path:
     """RUN_DIR/curves.png, written only if a curves.png there is gpt2lab's (or none is)."""
-    from gpt2lab.plot import plot_runs
-    from gpt2lab.train.build import claim_run_dir
-
     with claim_run_dir(run_dir, command=command) as claim:
         claim.claim_file("curves.png")
         return plot_runs([run_dir])

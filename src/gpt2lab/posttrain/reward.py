@@ -11,7 +11,6 @@ A reward-model directory is a run directory whose checkpoints hold the backbone'
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from gpt2lab.budget import require_model
 from gpt2lab.checkpoint.load import find_checkpoint, native_tokenizer
+from gpt2lab.checkpoint.native import load_state
 from gpt2lab.checkpoint.weights import assign_state, read_tensors
 from gpt2lab.config import GPTConfig, from_dict
 from gpt2lab.errors import CheckpointError
@@ -173,10 +174,16 @@ def load_reward_model(path: str | Path, device: Any = None) -> RewardModel:
             f"train one with `gpt2lab reward --init-from MODEL --data PAIRS --out {p}`",
         )
     ckpt = find_checkpoint(p)
-    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-    cfg = from_dict(
-        GPTConfig, (state.get("config") or {}).get("model") or {}, source=str(ckpt / "state.json")
-    )
+    state = load_state(ckpt)
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(
+            f"{ckpt / 'state.json'} holds no model config",
+            'a state.json with {"config": {"model": {...}}}',
+            "use a checkpoint directory `gpt2lab reward` wrote",
+        )
+    cfg = from_dict(GPTConfig, config["model"], source=str(ckpt / "state.json"))
+    require_model(cfg, device, source=str(ckpt / "state.json"))  # before allocating it
     tok = native_tokenizer(ckpt, state.get("tokenizer", "tokenizer"))
     pad = (state.get("reward_model") or {}).get("pad_token_id")
     rm = RewardModel(cfg, int(pad) if pad is not None else default_pad(tok))
