@@ -24,7 +24,12 @@ from typing import Any
 import torch
 
 from gpt2lab.checkpoint.load import load_model
-from gpt2lab.commands.train_console import StopSignal, TrainConsole
+from gpt2lab.commands.train_console import (
+    StopSignal,
+    TrainConsole,
+    claim_demo_dir,
+    release_demo_dir,
+)
 from gpt2lab.demo import run_demo
 from gpt2lab.errors import ConfigError, TrainingError
 from gpt2lab.generate import ContextWarning
@@ -79,7 +84,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
 
 
+ENTRIES = (
+    "base",
+    "sft",
+    "dpo",
+    "posttrain_demo.json",
+    "posttrain_demo.png",
+)  # what it writes in --out
+
+
 def run(args: argparse.Namespace) -> int:
+    claim = claim_demo_dir(args.out, "posttrain-demo", ENTRIES, [args.model, args.input])
+    failed = True
+    try:
+        code = _run(args)
+        failed = False
+        return code
+    finally:
+        release_demo_dir(claim, ENTRIES, failed)
+
+
+def _run(args: argparse.Namespace) -> int:
     for name in ("sft_minutes", "dpo_minutes", "pair_prompts", "samples", "base_minutes"):
         if not getattr(args, name) > 0:
             flag = "--" + name.replace("_", "-")

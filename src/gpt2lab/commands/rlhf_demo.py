@@ -27,7 +27,12 @@ import torch
 from gpt2lab.checkpoint import native
 from gpt2lab.checkpoint.load import load_model
 from gpt2lab.commands.rlhf import print_event
-from gpt2lab.commands.train_console import StopSignal, TrainConsole
+from gpt2lab.commands.train_console import (
+    StopSignal,
+    TrainConsole,
+    claim_demo_dir,
+    release_demo_dir,
+)
 from gpt2lab.demo import run_demo
 from gpt2lab.errors import ConfigError, TrainingError
 from gpt2lab.generate import ContextWarning
@@ -87,7 +92,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start OUT's runs over")
 
 
+ENTRIES = (
+    "base",
+    "sft",
+    "comparisons.jsonl",
+    "rm",
+    "ppo",
+    "dpo",
+    "rlhf_demo.json",
+    "rlhf_demo.png",
+    "rlhf_demo.txt",
+)  # what it writes in --out
+
+
 def run(args: argparse.Namespace) -> int:
+    claim = claim_demo_dir(
+        args.out, "rlhf-demo", ENTRIES, [args.sft, args.input, args.reuse_comparisons]
+    )
+    failed = True
+    try:
+        code = _run(args)
+        failed = False
+        return code
+    finally:
+        release_demo_dir(claim, ENTRIES, failed)
+
+
+def _run(args: argparse.Namespace) -> int:
     for name in ("base_minutes", "sft_minutes", "comparisons", "rm_minutes", "ppo_minutes"):
         if not getattr(args, name) > 0:
             flag = "--" + name.replace("_", "-")

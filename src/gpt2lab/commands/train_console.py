@@ -7,15 +7,18 @@ so stdout stays clean for pipes.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from gpt2lab.device import keep_freed_memory, pick_device
+from gpt2lab.outdir import INFRA, OutputDir, claim_output_dir, is_owned_dir
 from gpt2lab.plot import plot_runs
 from gpt2lab.train.build import claim_run_dir
 from gpt2lab.train.events import (
@@ -154,3 +157,38 @@ def plot_run(run_dir: Path, command: str = "train") -> Path:
     with claim_run_dir(run_dir, command=command) as claim:
         claim.claim_file("curves.png")
         return plot_runs([run_dir])
+
+
+def claim_demo_dir(
+    out: str | Path, command: str, entries: tuple[str, ...], inputs: list[Any]
+) -> OutputDir:
+    """A demo's --out: new, empty or gpt2lab's (see gpt2lab.outdir), with `entries` (its runs and
+    files) recorded as gpt2lab's - refused if one exists that gpt2lab did not write. An input that
+    is one of those entries (an earlier demo's own run, reused) is not an overlap."""
+    own = {os.path.realpath(os.path.join(out, e)) for e in entries}
+    given = [i for i in inputs if i and os.path.realpath(i) not in own]
+    claim = claim_output_dir(out, command, inputs=given, adopt=partial(_adopt_demo, entries))
+    try:
+        for name in entries:
+            claim.claim_file(name)
+    except BaseException:
+        claim.discard()
+        claim.release()
+        raise
+    return claim
+
+
+def _adopt_demo(entries: tuple[str, ...], out: Path) -> list[str] | None:
+    """A demo directory an older gpt2lab (before markers) wrote: only its entries, each run
+    directory in it marked as gpt2lab's."""
+    found = [p for p in out.iterdir() if p.name not in INFRA]
+    if any(p.name not in entries or (p.is_dir() and not is_owned_dir(p)) for p in found):
+        return None
+    return [p.name for p in found]
+
+
+def release_demo_dir(claim: OutputDir, entries: tuple[str, ...], failed: bool) -> None:
+    """Unlock; a demo that failed before writing anything leaves no trace."""
+    if failed and not any(os.path.lexists(claim.path / e) for e in entries):
+        claim.discard()
+    claim.release()
