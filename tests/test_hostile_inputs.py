@@ -697,6 +697,230 @@ def data_meta_json_of_the_wrong_shape(w: World, t: Path) -> Case:
     return Case(["train", "--data", data, "--out", t / "r"], (1,), ("meta.json",))
 
 
+# post-training, chat and serving (sft, dpo, reward, rlhf, the demos, chat, serve)
+
+SFT_RECORD = {"prompt": "the king", "completion": " shall speak"}
+PAIR_RECORD = {"prompt": "the king", "chosen": " shall speak", "rejected": " of death"}
+
+
+def _jsonl(path: Path, record: dict, n: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for _ in range(n)), encoding="utf-8")
+    return path
+
+
+def _policy(w: World) -> Path:
+    """A tiny character model whose vocabulary holds letters and punctuation (the plain chat
+    template's "User:" / "Assistant:" included), made once."""
+    path = w.root / "policy"
+    if not path.exists():
+        import string
+
+        import torch
+
+        from gpt2lab.commands.convert import save_native
+        from gpt2lab.config import GPTConfig
+        from gpt2lab.model import GPT
+        from gpt2lab.tokenizer.char import CharTokenizer
+
+        tok = CharTokenizer.from_text(string.ascii_letters + string.digits + " .,:;!?'\n")
+        torch.manual_seed(0)
+        cfg = GPTConfig(block_size=32, vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=16,
+                        pad_vocab_to=1)  # fmt: skip
+        save_native(GPT(cfg).eval(), tok, path)
+    return path
+
+
+def _reward_fn(t: Path) -> tuple[Path, Path]:
+    """A reward-function file that leaves a mark if it is ever imported, and the mark."""
+    mark = t / "reward_fn_ran"
+    fn = t / "fn.py"
+    fn.write_text(f"open({str(mark)!r}, 'w').close()\ndef score(p, c):\n    return 1.0\n")
+    return fn, mark
+
+
+def _rlhf_argv(w: World, t: Path, out: Path, prompts: Path | None = None) -> tuple[list, Path]:
+    fn, mark = _reward_fn(t)
+    if prompts is None:
+        prompts = t / "prompts.txt"
+        prompts.write_text("the king\nof love\n", encoding="utf-8")
+    argv = ["rlhf", "--policy", _policy(w), "--reward-fn", f"{fn}:score", "--prompts", prompts,
+            "--out", out, "--no-plot", "--rl.max_new_tokens=4", "--rl.batch_size=2"]  # fmt: skip
+    return argv, mark
+
+
+@case
+def sft_into_a_users_directory(w: World, t: Path) -> Case:
+    out, data = user_dir(t / "project"), _jsonl(t / "pc.jsonl", SFT_RECORD)
+    argv = ["sft", "--init-from", w.run, "--data", data, "--out", out, "--template", "plain"]
+    return Case(argv, (2,), ("did not create",), keep=[out, data])
+
+
+@case
+def sft_out_containing_the_data(w: World, t: Path) -> Case:
+    data = _jsonl(t / "o" / "pc.jsonl", SFT_RECORD)
+    argv = ["sft", "--init-from", w.run, "--data", data, "--out", t / "o", "--template", "plain"]
+    return Case(argv, (2,), ("contains the input",), keep=[t / "o"])
+
+
+@case
+def sft_a_jsonl_record_nested_too_deep(w: World, t: Path) -> Case:
+    data = t / "deep.jsonl"
+    data.write_text('{"prompt": ' + "[" * 200_000 + "]" * 200_000 + ', "completion": "x"}\n')
+    argv = ["sft", "--init-from", w.run, "--data", data, "--out", t / "r", "--template", "plain"]
+    return Case(argv, (1, 2), ("deep.jsonl",), keep=[data], check=lambda r: _absent(t / "r"))
+
+
+@case
+def dpo_overwrite_a_users_directory(w: World, t: Path) -> Case:
+    out, data = user_dir(t / "project"), _jsonl(t / "pairs.jsonl", PAIR_RECORD)
+    argv = ["dpo", "--init-from", w.run, "--data", data, "--out", out, "--overwrite"]
+    return Case(argv, (2,), ("did not create",), keep=[out, data])
+
+
+@case
+def dpo_out_is_the_data(w: World, t: Path) -> Case:
+    data = _jsonl(t / "pairs.jsonl", PAIR_RECORD)
+    argv = ["dpo", "--init-from", w.run, "--data", data, "--out", data]
+    return Case(argv, (2,), ("is the input",), keep=[data])
+
+
+@case
+def reward_out_containing_the_data(w: World, t: Path) -> Case:
+    data = _jsonl(t / "o" / "pairs.jsonl", PAIR_RECORD)
+    argv = ["reward", "--init-from", w.run, "--data", data, "--out", t / "o"]
+    return Case(argv, (2,), ("contains the input",), keep=[t / "o"])
+
+
+@case
+def reward_into_a_users_directory(w: World, t: Path) -> Case:
+    out, data = user_dir(t / "project"), _jsonl(t / "pairs.jsonl", PAIR_RECORD)
+    argv = ["reward", "--init-from", w.run, "--data", data, "--out", out]
+    return Case(argv, (2,), ("did not create",), keep=[out, data])
+
+
+@case
+def rlhf_overwrite_a_users_directory(w: World, t: Path) -> Case:
+    out = user_dir(t / "project")
+    argv, mark = _rlhf_argv(w, t, out)
+    return Case([*argv, "--overwrite"], (2,), ("did not create",), keep=[out],
+                check=lambda r: _absent(mark))  # fmt: skip
+
+
+@case
+def rlhf_out_containing_the_prompts(w: World, t: Path) -> Case:
+    (t / "o").mkdir()
+    prompts = t / "o" / "prompts.txt"
+    prompts.write_text("the king\n", encoding="utf-8")
+    argv, mark = _rlhf_argv(w, t, t / "o", prompts)
+    return Case(argv, (2,), ("contains the input",), keep=[t / "o"],
+                check=lambda r: _absent(mark))  # fmt: skip
+
+
+@case
+def rlhf_out_inside_the_policy(w: World, t: Path) -> Case:
+    policy = t / "policy"
+    shutil.copytree(w.run, policy)
+    argv, _ = _rlhf_argv(w, t, policy / "rl")
+    argv[argv.index("--policy") + 1] = policy
+    return Case(argv, (2,), ("inside the input",), keep=[policy])
+
+
+@case
+def rlhf_while_another_process_writes_the_run(w: World, t: Path) -> Case:
+    argv, _ = _rlhf_argv(w, t, t / "r")
+    return _busy(t / "r", "rlhf", argv)
+
+
+@case
+def rlhf_with_no_prompts_leaves_nothing(w: World, t: Path) -> Case:
+    (t / "empty.txt").write_text("")
+    argv, _ = _rlhf_argv(w, t, t / "r", t / "empty.txt")
+    return Case(argv, (1, 2), ("prompt",), check=lambda r: _absent(t / "r"))
+
+
+@case
+def posttrain_demo_into_a_users_directory(w: World, t: Path) -> Case:
+    out = user_dir(t / "project")
+    argv = ["posttrain-demo", "--model", w.run, "--out", out, "--overwrite"]
+    return Case(argv, (2,), ("did not create",), keep=[out])
+
+
+@case
+def rlhf_demo_over_a_users_sft_directory(w: World, t: Path) -> Case:
+    """A marked demo directory whose `sft` entry is the user's: not gpt2lab's to replace."""
+    out = t / "demo"
+    claimed = subprocess.run([sys.executable, "-c", "from gpt2lab.outdir import claim_output_dir; "
+                              f"claim_output_dir({str(out)!r}, 'rlhf-demo')"], env=ENV)  # fmt: skip
+    assert claimed.returncode == 0
+    user_dir(out / "sft")
+    return Case(["rlhf-demo", "--out", out], (2,), ("did not write",), keep=[out / "sft"])
+
+
+@case
+def serve_a_config_with_a_huge_vocabulary(w: World, t: Path) -> Case:
+    hf = t / "hf"
+    shutil.copytree(w.hf, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**cfg, "vocab_size": 2_000_000_000}))
+    # sized from config.json before anything is loaded, under a 24 GiB address-space limit
+    argv = ["serve", "--model", hf, "--port", "0"]
+    return Case(argv, (1,), ("vocab_size",), keep=[hf], address_space=24 << 30)
+
+
+@case
+def serve_a_batch_whose_cache_cannot_fit(w: World, t: Path) -> Case:
+    argv = ["serve", "--model", w.run, "--port", "0", "--max-batch", "100000000000"]
+    return Case(argv, (1,), ("--max-batch",))
+
+
+@case
+def reward_score_with_a_model_that_is_not_one(w: World, t: Path) -> Case:
+    texts = t / "texts.txt"
+    texts.write_text("a joyful day\n")
+    return Case(["reward", "score", "--model", w.run, texts], (1,), ("reward-model",),
+                keep=[texts])  # fmt: skip
+
+
+@case
+def reward_score_a_garbage_state_json(w: World, t: Path) -> Case:
+    rm = t / "rm"
+    shutil.copytree(w.run, rm)
+    latest = (rm / "latest").read_text().strip()
+    (rm / latest / "state.json").write_text("[1, 2")
+    texts = t / "texts.txt"
+    texts.write_text("a joyful day\n")
+    return Case(["reward", "score", "--model", rm, texts], (1,), ("rm",), keep=[rm])
+
+
+@case
+def reward_score_stdin_that_never_ends(w: World, t: Path) -> Case:
+    argv = ["reward", "score", "--model", w.run]
+    return Case(argv, (1,), ("never ends",), stdin="/dev/zero")
+
+
+@case
+def chat_with_a_model_without_a_template(w: World, t: Path) -> Case:
+    return Case(["chat", "--model", w.run], (2,), ("no chat template",))
+
+
+@case
+def chat_a_line_that_never_ends(w: World, t: Path) -> Case:
+    argv = ["chat", "--model", _policy(w), "--template", "plain"]
+    return Case(argv, (1,), ("never ends",), stdin="/dev/zero")
+
+
+@case
+def chat_a_missing_model(w: World, t: Path) -> Case:
+    return Case(["chat", "--model", t / "nowhere"], (1, 2), ("nowhere",))
+
+
+@case
+def sample_chat_file_that_never_ends(w: World, t: Path) -> Case:
+    argv = ["sample", "--model", w.run, "--template", "plain", "--chat", "/dev/zero"]
+    return Case(argv, (1,), ("--chat",))
+
+
 def _absent(path: Path) -> None:
     assert not path.exists(), f"{path} exists"
 
@@ -830,3 +1054,20 @@ def test_overwrite_keeps_the_users_files_in_a_run_directory(world, cli_proc, tmp
     assert r.returncode == 0, r.stderr
     assert (run / "notes.txt").read_text() == "mine\n"
     assert [p.name for p in (run / "ckpt").iterdir()] == ["step_00000001"]  # the old run went
+
+
+def test_rlhf_overwrite_keeps_the_users_files_and_resumes(world, cli_proc, tmp_path):
+    """rlhf's run directory: --overwrite removes only what gpt2lab wrote; --resume continues it."""
+    run = tmp_path / "r"
+    argv, _ = _rlhf_argv(world, tmp_path, run)
+    assert cli_proc.run(*argv, "--train.max_steps=1").returncode == 0
+    (run / "notes.txt").write_text("mine\n")
+    r = cli_proc.run(*argv, "--train.max_steps=1", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (run / "notes.txt").read_text() == "mine\n"
+    assert json.loads((run / ".gpt2lab").read_text())["command"] == "rlhf"
+    fn = argv[argv.index("--reward-fn") + 1]
+    r = cli_proc.run("rlhf", "--out", run, "--resume", "--reward-fn", fn, "--train.max_steps=2",
+                     "--no-plot", "--rl.max_new_tokens=4", "--rl.batch_size=2")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["step_00000001", "step_00000002"]

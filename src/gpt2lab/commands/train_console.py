@@ -172,8 +172,7 @@ def claim_demo_dir(
         for name in entries:
             claim.claim_file(name)
     except BaseException:
-        claim.discard()
-        claim.release()
+        release_demo_dir(claim, (), failed=True)
         raise
     return claim
 
@@ -188,7 +187,8 @@ def _adopt_demo(entries: tuple[str, ...], out: Path) -> list[str] | None:
 
 
 def release_demo_dir(claim: OutputDir, entries: tuple[str, ...], failed: bool) -> None:
-    """Unlock; a demo that failed before writing anything leaves no trace."""
-    if failed and not any(os.path.lexists(claim.path / e) for e in entries):
+    """Unlock; a demo that failed before writing anything leaves no trace (in a directory it
+    created: an earlier demo's runs stay)."""
+    if failed and claim.created and not any(os.path.lexists(claim.path / e) for e in entries):
         claim.discard()
     claim.release()

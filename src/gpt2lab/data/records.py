@@ -483,6 +483,9 @@ def _decode(raw: bytes, where: str) -> Any:
         return BadRecord(where, f"is not UTF-8 ({e.reason})", "UTF-8 JSON", "invalid JSON")
     except ValueError as e:
         return BadRecord(where, f"is not JSON ({e})", "one JSON object per line", "invalid JSON")
+    except RecursionError:
+        return BadRecord(where, "is JSON nested too deeply", "one flat JSON object per line",
+                         "nested too deeply")  # fmt: skip
 
 
 def _too_large(where: str, max_bytes: int) -> BadRecord:
