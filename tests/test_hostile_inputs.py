@@ -884,8 +884,7 @@ def reward_score_with_a_model_that_is_not_one(w: World, t: Path) -> Case:
 
 @case
 def reward_score_a_garbage_state_json(w: World, t: Path) -> Case:
-    rm = t / "rm"
-    shutil.copytree(w.run, rm)
+    rm = _reward_dir(w, t)
     latest = (rm / "latest").read_text().strip()
     (rm / latest / "state.json").write_text("[1, 2")
     texts = t / "texts.txt"
@@ -893,9 +892,22 @@ def reward_score_a_garbage_state_json(w: World, t: Path) -> Case:
     return Case(["reward", "score", "--model", rm, texts], (1,), ("rm",), keep=[rm])
 
 
+def _reward_dir(w: World, t: Path) -> Path:
+    """A copy of the run whose weights carry a reward head (`score.weight`)."""
+    from safetensors.torch import load_file, save_file
+
+    rm = t / "rm"
+    shutil.copytree(w.run, rm)
+    weights = rm / (rm / "latest").read_text().strip() / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["score.weight"] = tensors["transformer.wte.weight"][:1].clone()
+    save_file(tensors, weights)
+    return rm
+
+
 @case
 def reward_score_stdin_that_never_ends(w: World, t: Path) -> Case:
-    argv = ["reward", "score", "--model", w.run]
+    argv = ["reward", "score", "--model", _reward_dir(w, t)]
     return Case(argv, (1,), ("never ends",), stdin="/dev/zero")
 
 

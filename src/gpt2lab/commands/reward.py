@@ -10,7 +10,7 @@ from gpt2lab.commands.sample import PROMPT_LIMIT
 from gpt2lab.commands.sft import add_common, run_command
 from gpt2lab.errors import DataError, UsageError
 from gpt2lab.io import read_text_bounded
-from gpt2lab.posttrain.reward import load_reward_model
+from gpt2lab.posttrain.reward import load_reward_model, require_reward_dir
 from gpt2lab.posttrain.reward_task import reward_model
 
 ACCEPTS_OVERRIDES = True
@@ -67,6 +67,7 @@ def score(args: argparse.Namespace) -> int:
     if args.texts and args.input:
         raise UsageError("two texts files given", fix="give FILE or --input FILE, not both")
     path = args.texts or args.input
+    require_reward_dir(args.model)  # a wrong --model first, before the texts are read
     if path and not Path(path).exists():
         raise DataError(f"{path} does not exist", "a text file, one text per line", "check it")
     # bounded, before the model: a FIFO or /dev/zero that never ends is refused, not read

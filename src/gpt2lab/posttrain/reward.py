@@ -161,11 +161,8 @@ def is_reward_dir(path: str | Path) -> bool:
         return False
 
 
-def load_reward_model(path: str | Path, device: Any = None) -> RewardModel:
-    """A RewardModel (eval mode, with its tokenizer) from a reward-model run or checkpoint dir.
-
-    Its pad id is state.json's `reward_model.pad_token_id` if given, else its tokenizer's
-    (`default_pad`), as `gpt2lab reward` chose it."""
+def require_reward_dir(path: str | Path) -> Path:
+    """`path` if it holds a reward model (a checkpoint with a score head); else a one-line error."""
     p = Path(path)
     if not is_reward_dir(p):
         raise CheckpointError(
@@ -173,7 +170,15 @@ def load_reward_model(path: str | Path, device: Any = None) -> RewardModel:
             "a directory written by `gpt2lab reward`",
             f"train one with `gpt2lab reward --init-from MODEL --data PAIRS --out {p}`",
         )
-    ckpt = find_checkpoint(p)
+    return p
+
+
+def load_reward_model(path: str | Path, device: Any = None) -> RewardModel:
+    """A RewardModel (eval mode, with its tokenizer) from a reward-model run or checkpoint dir.
+
+    Its pad id is state.json's `reward_model.pad_token_id` if given, else its tokenizer's
+    (`default_pad`), as `gpt2lab reward` chose it."""
+    ckpt = find_checkpoint(require_reward_dir(path))
     state = load_state(ckpt)
     config = state.get("config") if isinstance(state, dict) else None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
