@@ -237,6 +237,7 @@ def create_app(state: State) -> Any:
         Route("/", index, methods=["GET"]),
         Route("/static/{path:path}", static, methods=["GET"]),
     ]
+
     async def internal(request: Request, exc: Exception) -> Response:
         return error(APIError(f"internal error: {type(exc).__name__}: {exc}", 500))
 
