@@ -12,7 +12,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-interop lint format bench clean
+.PHONY: demo test test-interop lint format bench bench-gpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: $(VENV)/.installed-dev
 test-interop: $(VENV)/.installed-dev
 	$(PIP) -e ".[interop]"
 	$(PY) -m pytest -m interop $(PYTEST_ARGS)
+
+# the GPU check (bench/gpu.py): training, DDP, FSDP, sampling and eval on an NVIDIA machine, one
+# JSON report + a table; refuses on a CPU (BENCH_GPU_ARGS=--dry-run checks its plumbing there)
+BENCH_GPU_ARGS ?=
+bench-gpu: $(VENV)/.installed-dev
+	$(PY) bench/gpu.py $(BENCH_GPU_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests bench

@@ -18,6 +18,8 @@ import argparse
 import functools
 import importlib.util
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,40 +90,70 @@ def rate(work: float, times: list[float]) -> tuple[float, str]:
 
 
 def twin(base: GPT, precision) -> torch.nn.Module:
-    """A copy of `base` at a dtype, or int8 (`gpt2lab.quantize`)."""
+    """A copy of `base` at a dtype, or int8 (`gpt2lab.quantize`; int8-fast: compact=False)."""
     ours = GPT(base.config).eval()
     ours.load_state_dict(base.state_dict())
-    return quantize(ours, "int8") if precision == "int8" else ours.to(precision)
+    if precision in ("int8", "int8-fast"):
+        return quantize(ours, "int8", compact=precision == "int8")
+    return ours.to(precision)
 
 
 def int8_rows(base: GPT, prompt_tokens: int, new: int, repeats: int, batches, bw: float) -> None:
-    """gpt2lab int8 beside gpt2lab bfloat16, in turns, and the int8 bandwidth limit."""
-    q, bf16 = twin(base, "int8"), twin(base, torch.bfloat16)
+    """gpt2lab int8 (the default, and compact=False) beside gpt2lab bfloat16, in turns, and the
+    int8 bandwidth limit."""
+    variants = {"int8": twin(base, "int8"), "int8 (compact=False)": twin(base, "int8-fast")}
+    bf16 = twin(base, torch.bfloat16)
     int8_bytes = weight_bytes_per_step(base, torch.int8)
-    f32_bytes, q_bytes = model_bytes(base), model_bytes(q)
-    print(
-        f"int8 weights: {q_bytes / 1e6:.0f} MB loaded ({q_bytes / f32_bytes:.2f}x float32; "
-        f"compact=True: {model_bytes(quantize(base, 'int8', compact=True)) / f32_bytes:.2f}x)"
+    f32_bytes = model_bytes(base)
+    sizes = ", ".join(
+        f"{k} {model_bytes(m) / 1e6:.0f} MB = {model_bytes(m) / f32_bytes:.2f}x"
+        for k, m in variants.items()
     )
+    print(f"int8 weights loaded: {sizes} (float32 {f32_bytes / 1e6:.0f} MB)")
     print(
-        f"{'int8':<9} {'batch':>5} {'int8 tok/s':>14} {'(spread)':>13} {'bf16 tok/s':>11} "
+        f"{'weights':<20} {'batch':>5} {'tok/s':>8} {'(spread)':>13} {'bf16 tok/s':>11} "
         f"{'ratio':>6} {'bw limit':>9} {'of limit':>8}"
     )
     for B in batches:
         g = torch.Generator().manual_seed(B)
         idx = torch.randint(0, base.config.vocab_size, (B, prompt_tokens), generator=g)
-        run_q = functools.partial(generate, q, idx, new, temperature=0)
-        run_b = functools.partial(generate, bf16, idx, new, temperature=0)
+        models = {**variants, "bf16": bf16}
+        runs = {
+            k: functools.partial(generate, m, idx, new, temperature=0) for k, m in models.items()
+        }
         with torch.inference_mode():
-            same = (run_q() == run_b()).float().mean().item()  # + warm-up
-            tq, tb = time_alternating(run_q, run_b, repeats)
-        (q_tps, q_spread), (b_tps, _) = rate(B * new, tq), rate(B * new, tb)
+            ref = runs["bf16"]()
+            same = {k: (fn() == ref).float().mean().item() for k, fn in runs.items()}  # + warm-up
+            times: dict[str, list[float]] = {k: [] for k in runs}
+            for _ in range(repeats):  # in turns
+                for k, fn in runs.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
+        b_tps, _ = rate(B * new, times["bf16"])
         limit = B * bw / int8_bytes
-        print(
-            f"{'int8':<9} {B:>5} {q_tps:>14.1f} {q_spread:>13} {b_tps:>11.1f} "
-            f"{q_tps / b_tps:>5.2f}x {limit:>9.1f} {q_tps / limit:>7.0%}   "
-            f"(greedy ids equal to bf16: {same:.0%})"
-        )
+        for k in variants:
+            q_tps, q_spread = rate(B * new, times[k])
+            print(
+                f"{k:<20} {B:>5} {q_tps:>8.1f} {q_spread:>13} {b_tps:>11.1f} "
+                f"{q_tps / b_tps:>5.2f}x {limit:>9.1f} {q_tps / limit:>7.0%}   "
+                f"(greedy ids equal to bf16: {same[k]:.0%})"
+            )
+
+
+def llama_crashes(path: Path, prompt: list[int]) -> str:
+    """Why llama.cpp cannot run this file, tried in a child process (some builds segfault on
+    q8_0 GPT-2 files, which would end this whole run), or '' where it runs."""
+    code = (
+        "import sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], n_ctx=64, verbose=False); "
+        f"next(iter(llm.generate({prompt[:4]!r}, top_k=1, temp=0.0)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=300)
+    if r.returncode == 0:
+        return ""
+    if r.returncode < 0:
+        return f"llama.cpp crashed on this file (signal {-r.returncode}): this build's fault"
+    return "llama.cpp failed: " + r.stderr.decode(errors="replace").strip().splitlines()[-1]
 
 
 def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None:
@@ -137,6 +169,10 @@ def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None
         for outtype, dtype in GGUF_TWINS.items():
             path = Path(tmp) / f"gpt2-{outtype}.gguf"
             save_gguf(base, path, tokenizer=get_tokenizer("gpt2"), outtype=outtype)
+            crash = llama_crashes(path, prompt)
+            if crash:
+                print(f"{outtype:<9} {1:>5} {'not measured':>15}   ({crash})")
+                continue
             llm = llama_cpp.Llama(
                 str(path),
                 n_ctx=len(prompt) + new,

@@ -15,15 +15,35 @@ the two implementations (the curves must match), and the ratios:
 Shapes: the shakespeare-char preset (6 x 384, context 256, char vocabulary; with biases, as the
 reference always has them) and the gpt2 shape (12 x 768, 50257 tokens) at a short context.
 
+With --nanogpt DIR (a clone of karpathy/nanoGPT, run from a copy in a temporary directory, never
+vendored), nanoGPT's own train.py is a second peer, run as its README says for a CPU, on the same
+Tiny Shakespeare tokens written in its format: its CPU recipe (4 x 128, context 64, batch 12,
+char vocabulary) and the gpt2 shape at T=256. gpt2lab's `gpt2lab train` runs the same shapes
+(no biases, as nanoGPT's train.py). The two take turns, run by run; tokens/s comes from each
+one's own per-step times (nanoGPT's `iter ... time` lines, our metrics.jsonl), medians of the
+second half of the steps; MFU for both with the same FLOP count and this CPU's measured peak.
+nanoGPT's train.py runs float32 on a CPU whatever --dtype says (no autocast there), so the ratios
+are: ours float32 / nanoGPT float32 (goal >= 1) and ours with its CPU default (bfloat16 autocast
+where the CPU has it) / nanoGPT float32 (goal >= 2).
+
     .venv/bin/python bench/train.py            # full run (tens of minutes on 2 cores)
     .venv/bin/python bench/train.py --quick    # a short run that checks everything works
+    git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT
+    .venv/bin/python bench/train.py --nanogpt /tmp/nanoGPT --only-nanogpt
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
+import os
+import pickle
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +54,8 @@ import torch
 
 from gpt2lab import config
 from gpt2lab.checkpoint.hf import to_hf_state
-from gpt2lab.data import load_meta, prepare
+from gpt2lab.config import GPTConfig
+from gpt2lab.data import load_meta, load_tokens, prepare
 from gpt2lab.data.loader import BatchLoader
 from gpt2lab.device import autocast, pick_dtype
 from gpt2lab.model import GPT
@@ -175,11 +196,129 @@ def _vocab(cfg: config.Config) -> int:
     return int(load_meta(cfg.data.dir)["vocab_size"])
 
 
+# nanoGPT's README CPU recipe, and the gpt2 shape at T=256 (nanoGPT's train.py defaults)
+NANOGPT_SHAPES = {
+    "nanoGPT CPU recipe (4x128, T=64)": dict(
+        dataset="shakespeare_char", tokenizer="char", n_layer=4, n_head=4, n_embd=128,
+        block_size=64, batch_size=12,
+    ),
+    "gpt2 (12x768, T=256)": dict(
+        dataset="shakespeare", tokenizer="gpt2", n_layer=12, n_head=12, n_embd=768,
+        block_size=256, batch_size=2,
+    ),
+}  # fmt: skip
+
+
+def nanogpt_workdir(src: Path, root: Path, data: dict[str, Path]) -> Path:
+    """A copy of nanoGPT's train.py, model.py, configurator.py and config/ in a temporary
+    directory, with our Tiny Shakespeare tokens written as its data/<dataset>/{train,val}.bin."""
+    work = root / "nanoGPT"
+    work.mkdir()
+    for name in ("train.py", "model.py", "configurator.py"):
+        shutil.copy(src / name, work / name)
+    shutil.copytree(src / "config", work / "config")
+    for dataset, tokenizer in (("shakespeare_char", "char"), ("shakespeare", "gpt2")):
+        out = work / "data" / dataset
+        out.mkdir(parents=True)
+        for split in ("train", "val"):
+            load_tokens(data[tokenizer], split).astype("uint16").tofile(out / f"{split}.bin")
+        if tokenizer == "char":
+            meta = {"vocab_size": int(load_meta(data[tokenizer])["vocab_size"])}
+            (out / "meta.pkl").write_bytes(pickle.dumps(meta))
+    return work
+
+
+def run_nanogpt(work: Path, shape: dict, iters: int) -> list[float]:
+    """Seconds per iteration of nanoGPT's train.py (its own `iter N: ... time Xms` lines)."""
+    argv = [
+        sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu",
+        "--compile=False", "--eval_iters=1", "--eval_interval=1000000", "--log_interval=1",
+        f"--dataset={shape['dataset']}", f"--block_size={shape['block_size']}",
+        f"--batch_size={shape['batch_size']}", f"--n_layer={shape['n_layer']}",
+        f"--n_head={shape['n_head']}", f"--n_embd={shape['n_embd']}",
+        f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--dropout=0.0",
+        "--gradient_accumulation_steps=1", "--dtype=float32", "--out_dir=out",
+        "--always_save_checkpoint=False",
+    ]  # fmt: skip
+    r = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"nanoGPT train.py failed:\n{r.stderr[-3000:]}")
+    ms = [float(m) for m in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", r.stdout, re.M)]
+    return [t / 1000 for t in ms[1:]]  # iter 0 includes the first evaluation
+
+
+def run_ours(data: Path, root: Path, shape: dict, steps: int, dtype: str) -> list[float]:
+    """Tokens/s of `gpt2lab train` on the same shape, step by step (metrics.jsonl)."""
+    out = Path(tempfile.mkdtemp(dir=root)) / "run"
+    argv = [
+        sys.executable, "-m", "gpt2lab", "train", "--data", str(data), "--out", str(out),
+        f"--model.n_layer={shape['n_layer']}", f"--model.n_head={shape['n_head']}",
+        f"--model.n_embd={shape['n_embd']}", f"--model.block_size={shape['block_size']}",
+        "--model.bias=false", "--model.dropout=0.0", f"--train.max_steps={steps}",
+        f"--train.micro_batch_size={shape['batch_size']}", "--train.grad_accum_steps=1",
+        f"--train.dtype={dtype}", "--train.device=cpu", "--train.log_interval=1",
+        "--train.eval_interval=1000000", "--train.eval_steps=1", "--train.final_eval_steps=1",
+        "--train.checkpoint_interval=1000000", "--no-plot", "--no-progress",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=3600, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"gpt2lab train failed:\n{r.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    tokens = shape["batch_size"] * shape["block_size"]
+    return [tokens / r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
+
+
+def nanogpt_rows(src: Path, root: Path, data: dict[str, Path], iters: int, rounds: int) -> None:
+    work = nanogpt_workdir(src, root, data)
+    default = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    print(
+        f"\nnanoGPT's train.py ({src}) beside `gpt2lab train`, same shapes and tokens, "
+        f"{rounds} rounds in turns of {iters} steps; medians of the second half of all steps"
+    )
+    print(
+        f"{'shape':<33} {'run':<22} {'tokens/s':>9} {'(spread)':>15} {'MFU':>6}  ratio to nanoGPT"
+    )
+    for name, shape in NANOGPT_SHAPES.items():
+        d = data[shape["tokenizer"]]
+        keys = ("n_layer", "n_head", "n_embd", "block_size")
+        cfg = GPTConfig(
+            **{k: shape[k] for k in keys}, vocab_size=int(load_meta(d)["vocab_size"]), bias=False
+        )
+        flops = flops_per_token(cfg, shape["block_size"])
+        runs = {
+            "nanoGPT float32": functools.partial(run_nanogpt, work, shape, iters),
+            "gpt2lab float32": functools.partial(run_ours, d, root, shape, iters, "float32"),
+        }
+        if default != "float32":
+            name_default = f"gpt2lab {default} (default)"
+            runs[name_default] = functools.partial(run_ours, d, root, shape, iters, "auto")
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(rounds):
+            for k, fn in runs.items():
+                got = fn()
+                times[k] += got[len(got) // 2 :]
+        tokens = shape["batch_size"] * shape["block_size"]
+        base = statistics.median(times["nanoGPT float32"])
+        for k, t in times.items():
+            rates = sorted(tokens / x for x in t)
+            dtype = torch.bfloat16 if "bfloat16" in k else torch.float32
+            mfu = flops * statistics.median(rates) / peak_flops(torch.device("cpu"), dtype)
+            print(
+                f"{name:<33} {k:<22} {statistics.median(rates):>9,.0f} "
+                f"{f'{rates[0]:,.0f}-{rates[-1]:,.0f}':>15} {mfu:>6.1%}  "
+                f"{base / statistics.median(t):.2f}x"
+            )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny batches, a few steps")
     p.add_argument("--steps", type=int, help="timed steps per run")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--nanogpt", type=Path, metavar="DIR", help="a clone of karpathy/nanoGPT")
+    p.add_argument("--only-nanogpt", action="store_true", help="skip the transformers rows")
+    p.add_argument("--rounds", type=int, default=2, help="nanoGPT/gpt2lab runs in turns")
     args = p.parse_args()
     if not TEXT.is_file():
         print(f"bench/train.py: {TEXT} is missing", file=sys.stderr)
@@ -220,6 +359,13 @@ def main() -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians over {steps} "
         f"steps after {warmup} warm-up; timings on a shared machine are noisy"
     )
+    if args.nanogpt:
+        iters = 6 if args.quick else 20
+        nanogpt_rows(args.nanogpt, root, {"char": char, "gpt2": gpt2}, iters, args.rounds)
+    else:
+        print("nanoGPT: not measured (pass --nanogpt DIR, a clone of karpathy/nanoGPT)")
+    if args.only_nanogpt:
+        return 0
     rows = []
     for name, cfg in shapes.items():
         rows += bench_shape(name, cfg, root, steps, warmup)

@@ -48,3 +48,21 @@ def test_the_conveniences_call_their_stages(tmp_path, tiny_cfg):
     assert isinstance(again, gpt2lab.GPT) and not again.training
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_exports_named_like_their_module_stay_callable_after_the_module_is_imported(tiny_cfg):
+    """`import gpt2lab.quantize` binds the module to `gpt2lab.quantize`; calling it still calls
+    the function, and the module's other names stay reachable."""
+    import importlib
+
+    import torch
+
+    import gpt2lab
+
+    for name in ("generate", "quantize"):
+        importlib.import_module(f"gpt2lab.{name}")
+    model = gpt2lab.GPT(tiny_cfg).eval()
+    q = gpt2lab.quantize(model, "int8")
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    assert gpt2lab.generate(q, idx, 3, temperature=0).shape == (1, 4)
+    assert gpt2lab.generate.iter_tokens and gpt2lab.quantize.Int8Linear

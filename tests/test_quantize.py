@@ -93,14 +93,15 @@ def test_int8_model_equals_transformers_on_the_dequantized_weights(tiny_cfg, tmp
     assert err < 0.05, err
 
 
-def test_memory_of_gpt2_small_is_at_most_0_3x_float32_when_compact():
+def test_memory_of_gpt2_small_is_at_most_0_3x_float32():
     torch.manual_seed(0)
     model = GPT(GPTConfig()).eval()  # the 124M shape
     f32 = model_bytes(model)
-    compact = quantize(model, "int8", compact=True)
+    compact = quantize(model, "int8")
     assert model_bytes(compact) <= 0.30 * f32, model_bytes(compact) / f32
-    # the default keeps the head in fbgemm's layout too (a second int8 copy of the tied table)
-    fast = quantize(model, "int8")
+    assert compact.lm_head.values is compact.transformer.wte.values  # the tied table, once
+    # compact=False keeps the head in fbgemm's layout too (a second int8 copy of the table)
+    fast = quantize(model, "int8", compact=False)
     assert model_bytes(fast) <= 0.34 * f32, model_bytes(fast) / f32
     with torch.no_grad():
         idx = torch.randint(0, 50257, (1, 8))
@@ -195,5 +196,21 @@ def test_int8_decode_step_equals_the_int8_models_forward():
         want = q(idx[:, :1], cache=caches[0])[0][:, -1]
         got = step.step(idx[:, :1], caches[1])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    plain = q.generate(idx, 12, temperature=0, kernels=False)
+    assert q.generate(idx, 12, temperature=0).tolist() == plain.tolist()
+
+
+def test_int8_with_its_plain_head_decodes_through_the_flat_step_too():
+    from gpt2lab.kernels.cpu_decode import decode_step
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    q = quantize(model, "int8")
+    assert q.lm_head.packed is None and decode_step(q, 2) is not None
+    idx = torch.randint(0, 97, (2, 5))
     plain = q.generate(idx, 12, temperature=0, kernels=False)
     assert q.generate(idx, 12, temperature=0).tolist() == plain.tolist()

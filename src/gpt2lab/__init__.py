@@ -17,6 +17,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -75,11 +76,32 @@ def _attach_conveniences(gpt: type) -> None:
     gpt.generate = _generate  # type: ignore[attr-defined]
 
 
+class _CallableModule(types.ModuleType):
+    """`gpt2lab.generate` and `gpt2lab.quantize` name both a module and the function the package
+    exports from it, and importing the module binds the module to that name on the package:
+    calling the module calls its function of the same name."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
+
+
+# the exported functions that share their module's name
+_SAME_NAME = {m for name, m in _EXPORTS.items() if m == f"gpt2lab.{name}"}
+
+
+def _after_import(module: Any) -> None:
+    if module.__name__ == "gpt2lab.model":
+        _attach_conveniences(module.GPT)
+    elif module.__name__ in _SAME_NAME:
+        module.__class__ = _CallableModule
+
+
 class _AttachOnModelImport(importlib.abc.MetaPathFinder):
-    """Finds `gpt2lab.model` as usual, and attaches the conveniences once it has run."""
+    """Finds `gpt2lab.model` (and the modules of `_SAME_NAME`) as usual, and attaches the
+    conveniences (makes them callable) once it has run."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "gpt2lab.model":
+        if fullname != "gpt2lab.model" and fullname not in _SAME_NAME:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
@@ -87,13 +109,14 @@ class _AttachOnModelImport(importlib.abc.MetaPathFinder):
 
             def run_then_attach(module: Any) -> None:
                 run_module(module)
-                _attach_conveniences(module.GPT)
+                _after_import(module)
 
             spec.loader.exec_module = run_then_attach  # type: ignore[method-assign]
         return spec
 
 
-if "gpt2lab.model" in sys.modules:  # imported before this package ran (e.g. a reload)
-    _attach_conveniences(sys.modules["gpt2lab.model"].GPT)
-elif not any(type(f).__name__ == "_AttachOnModelImport" for f in sys.meta_path):
+for _name in ("gpt2lab.model", *_SAME_NAME):  # imported before this package ran (e.g. a reload)
+    if _name in sys.modules:
+        _after_import(sys.modules[_name])
+if not any(type(f).__name__ == "_AttachOnModelImport" for f in sys.meta_path):
     sys.meta_path.insert(0, _AttachOnModelImport())

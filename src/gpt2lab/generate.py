@@ -8,8 +8,6 @@ import codecs
 import contextlib
 import functools
 import inspect
-import sys
-import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -487,14 +485,3 @@ class TextStream:
                     best = n
                     break
         return best
-
-
-class _CallableModule(types.ModuleType):
-    """`gpt2lab.generate` names both this module and its function, and importing the module binds
-    the module to that name on the package: calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs) -> Tensor:
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -6,10 +6,11 @@ scale = max|row| / 127, so every row uses the full range [-127, 127]. The LayerN
 and the position embedding stay float32. The token embedding is the head's matrix (GPT-2 ties
 them): a lookup returns float32 rows q[id] * scale[id] of the head's int8 table.
 
-On a CPU the products run through fbgemm's int8 kernels (`gpt2lab.kernels.int8`): the input of
-each product is quantized to 8 bits on the fly, the weight stays packed in fbgemm's layout, and
-the int32 result is rescaled to float32. Elsewhere the int8 matrix is converted to the input's
-dtype inside each product (weight-only). The quantized model computes in float32 and is for
+On a CPU the blocks' products run through fbgemm's int8 kernels (`gpt2lab.kernels.int8`): the
+input of each product is quantized to 8 bits on the fly, the weight stays packed in fbgemm's
+layout, and the int32 result is rescaled to float32; the head multiplies the int8 table the
+embedding reads (`torch._int_mm`, one scale per input row). On a GPU the int8 matrix is converted
+to the input's dtype inside each product (weight-only). The quantized model computes in float32 and is for
 inference: `generate`, `gpt2lab sample --quantize int8`, `gpt2lab serve --quantize int8`.
 Figures and the memory trade-off of the tied table: docs/quantize.md.
 """
@@ -17,8 +18,6 @@ Figures and the memory trade-off of the tied table: docs/quantize.md.
 from __future__ import annotations
 
 import copy
-import sys
-import types
 
 import torch
 from torch import nn
@@ -36,13 +35,14 @@ from gpt2lab.model import GPT
 METHODS = ("int8",)
 
 
-def quantize(model: GPT, method: str = "int8", compact: bool = False) -> GPT:
+def quantize(model: GPT, method: str = "int8", compact: bool = True) -> GPT:
     """A copy of `model` with int8 weights (see the module doc); `model` is left as it is.
 
-    The copy is in eval mode, computes in float32 and has no gradients. The tied embedding/head
-    table is stored twice by default, as the int8 rows the lookup gathers and in fbgemm's packed
-    layout for the head's product (~0.33x of float32 for GPT-2). `compact=True` stores it once
-    (~0.26x) and multiplies the head from the plain int8 rows, which is slower (`torch._int_mm`).
+    The copy is in eval mode, computes in float32 and has no gradients. By default the tied
+    embedding/head table is stored once, as int8 rows that the lookup gathers and the head
+    multiplies (`torch._int_mm`, the input's rows quantized on the fly): ~0.26x of the float32
+    model's bytes for GPT-2. `compact=False` also keeps the head in fbgemm's packed layout, a
+    second int8 copy of the table (~0.33x), for a faster head product (docs/quantize.md).
     """
     if method not in METHODS:
         raise ConfigError(
@@ -99,14 +99,3 @@ def _linear_slots(model: GPT) -> list[tuple[nn.Module, str]]:
         attn, mlp = block.attn, block.mlp
         slots += [(attn, "c_attn"), (attn, "c_proj"), (mlp, "c_fc"), (mlp, "c_proj")]
     return slots
-
-
-class _CallableModule(types.ModuleType):
-    """`gpt2lab.quantize` names both this module and its function, and importing the module binds
-    the module to that name on the package: calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs) -> GPT:
-        return quantize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gpt2lab.errors import ConfigError, DataError
 from gpt2lab.eval.scoring import as_logits_fn, score_continuations, score_ids, sliding_windows
+from gpt2lab.kernels.cpu_decode import onednn_can_multiply
 
 TEXT = (
     "The lobster is a species of crustacean from the eastern Atlantic Ocean. It may grow to a "
@@ -135,6 +136,45 @@ def test_our_gpt_computes_only_the_scored_positions_and_scores_as_transformers(h
     rows: list[int] = []
     ours.lm_head.register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
     idx = torch.randint(0, cfg.vocab_size, (2, 20))
-    got = as_logits_fn(ours)(idx, 3)
+    got = as_logits_fn(ours, kernels=False)(idx, 3)
     assert rows == [3] and got.shape == (2, 3, cfg.vocab_size)
-    torch.testing.assert_close(got, as_logits_fn(hf_model)(idx, 3), atol=1e-4, rtol=0)
+    want = as_logits_fn(hf_model)(idx, 3)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # the fused CPU path (the default) computes the same
+    fused = as_logits_fn(ours)(idx, 3)
+    assert rows == [3] and fused.shape == (2, 3, cfg.vocab_size)
+    torch.testing.assert_close(fused, want, atol=1e-4, rtol=0)
+    if onednn_can_multiply(torch.bfloat16):  # in bfloat16: within its rounding
+        bf16 = as_logits_fn(ours, torch.bfloat16)(idx, 3)
+        assert (bf16 - want).abs().max() < 0.05 * want.std()
+
+
+def test_candidates_of_one_context_share_its_kv_cache_and_score_as_transformers(hf_model):
+    """Our GPT runs a context once and scores every candidate after it from the KV cache; the
+    scores equal transformers' full forward of each (context + candidate), candidate by
+    candidate. Runs that would not fit in the window take the plain path."""
+    from gpt2lab.checkpoint.hf import config_from_hf, from_hf_state
+    from gpt2lab.checkpoint.weights import assign_state
+    from gpt2lab.model import GPT
+
+    cfg = config_from_hf(hf_model.config.to_dict(), source="hf", pad_vocab_to=64)
+    ours = GPT(cfg)
+    assign_state(ours, from_hf_state(hf_model.state_dict(), cfg), source="hf")
+    fn = as_logits_fn(ours)
+    g = torch.Generator().manual_seed(3)
+    story = torch.randint(0, 50257, (30,), generator=g).tolist()
+    cands = [torch.randint(0, 50257, (k,), generator=g).tolist() for k in (1, 4, 2, 6)]
+    lone = (story[:5], cands[1])
+    long = (story * 2, cands[3])  # 60 + 6 > 64 + 1 with its twin: the plain path
+    requests = [(story, c) for c in cands] + [lone] + [long, long]
+    calls = []
+    fn.after_prefix = lambda p, c, real=fn.after_prefix: calls.append(len(c)) or real(p, c)
+    got = score_continuations(fn, requests, context=64, batch_size=3)
+    assert calls == [4]  # one shared run, for the four candidates of the story
+    for (ctx, cont), sc in zip(requests, got):
+        seq = (ctx + cont)[-65:]  # what fits in the 64-token window, plus the last target
+        with torch.no_grad():
+            logp = torch.log_softmax(hf_model(input_ids=torch.tensor([seq[:-1]])).logits[0], -1)
+        k = len(cont)
+        picked = [logp[len(seq) - 1 - k + i, t].item() for i, t in enumerate(cont)]
+        assert sc.tokens == k and sc.logprob == pytest.approx(sum(picked), abs=1e-4)

@@ -221,3 +221,42 @@ def test_decode_step_is_kept_until_the_weights_change():
 
 def test_no_kernels_for_other_models():
     assert decode_kernels(nn.Linear(2, 2), 1) is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("keep", [None, 3])
+def test_flat_scoring_equals_the_models_forward(keep):
+    model = tiny_gpt(pad=64)
+    idx = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(idx, logits_to_keep=keep)[0]
+        got = decode_step(model, 22).score(idx, keep)
+    assert got.shape == want.shape == (2, keep or 11, 97)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_flat_scoring_after_a_cache_equals_the_models_cached_forward():
+    model = tiny_gpt(pad=64)
+    idx = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(5))
+    step = decode_step(model, 1)
+    caches = [KVCache(model.config, 3, 12), KVCache(model.config, 3, 12)]
+    with torch.no_grad():
+        want = [model(idx[:, :5], cache=caches[0])[0], model(idx[:, 5:], cache=caches[0])[0]]
+        got = [step.score(idx[:, :5], None, caches[1]), step.score(idx[:, 5:], 2, caches[1])]
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1][:, -2:], atol=1e-4, rtol=1e-4)
+    assert caches[1].pos == 9
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_attention_in_blocks_equals_sdpa():
+    from gpt2lab.kernels.cpu_decode import causal_attention_in_blocks
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=g) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(causal_attention_in_blocks(q, k, v), want, atol=1e-5, rtol=1e-5)
+    b = [t.bfloat16() for t in (q, k, v)]
+    got = causal_attention_in_blocks(*b).float()
+    assert (got - want).abs().max() < 0.05

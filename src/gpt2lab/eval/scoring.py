@@ -5,6 +5,7 @@ The model is seen only as a callable from token ids (B, T) to logits (B, T, V): 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -17,16 +18,21 @@ from tqdm import tqdm
 
 from gpt2lab.device import autocast
 from gpt2lab.errors import ConfigError, DataError, mark_key
+from gpt2lab.kernels.cpu_decode import DecodeStep, decode_step
+from gpt2lab.model import GPT, KVCache
 
 LogitsFn = Callable[[Tensor, int], Tensor]  # (B, T) ids, keep -> (B, keep, V) float logits
 
 
-def as_logits_fn(model, dtype: torch.dtype = torch.float32) -> LogitsFn:
+def as_logits_fn(model, dtype: torch.dtype = torch.float32, kernels: bool = True) -> LogitsFn:
     """Wrap our GPT (returns `(logits, loss)`), a transformers LM (`.logits`) or a callable.
 
     `fn(idx, keep)` gives the logits of the last `keep` positions. A model whose forward takes
     `logits_to_keep` (ours, and transformers' GPT-2) computes only those, which saves the head's
     matmul and the memory of a (B, T, V) tensor where most predictions would go unscored.
+    On a CPU our GPT runs through the fused products of `gpt2lab.kernels.cpu_decode`
+    (`DecodeStep.score`, computing in `dtype`) unless `kernels=False`. Our GPT's `fn` also has
+    `fn.after_prefix(prefix, continuations)`, which runs a shared context once (KV cache).
     """
     params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
     device = params.device if params is not None else torch.device("cpu")
@@ -35,7 +41,12 @@ def as_logits_fn(model, dtype: torch.dtype = torch.float32) -> LogitsFn:
     forward = getattr(model, "forward", model)
     trims = "logits_to_keep" in inspect.signature(forward).parameters
 
+    flat = decode_step(model, 1024, dtype) if kernels and device.type == "cpu" else None
+
     def fn(idx: Tensor, keep: int) -> Tensor:
+        if flat is not None and idx.size(1) <= model.config.block_size:
+            with torch.inference_mode():
+                return flat.score(idx.to(device), keep)
         kw = {"logits_to_keep": keep} if trims else {}
         with torch.inference_mode(), autocast(device, dtype):
             out = model(idx.to(device), **kw)
@@ -45,7 +56,46 @@ def as_logits_fn(model, dtype: torch.dtype = torch.float32) -> LogitsFn:
             out = out.logits
         return out[:, -keep:]
 
+    if isinstance(model, GPT):
+        fn.after_prefix = functools.partial(_after_prefix, model, device, dtype, flat)  # type: ignore
     return fn
+
+
+def _after_prefix(
+    model: GPT,
+    device: torch.device,
+    dtype: torch.dtype,
+    flat: DecodeStep | None,
+    prefix: list[int],
+    conts: list[list[int]],
+) -> list[Tensor]:
+    """For each continuation, the logits (len(cont), V) that predict its tokens after `prefix`
+    (at least 2 tokens).
+
+    All but the prefix's last token run once into a KV cache; then one batch, a row per
+    continuation, feeds that last token and the continuation (but its last token) after it.
+    Through the fused CPU path (`flat`) where there is one, else the model under autocast."""
+    n, longest, p = len(conts), max(len(c) for c in conts), len(prefix) - 1
+    x = torch.full((n, longest), prefix[-1], dtype=torch.long)
+    for b, c in enumerate(conts):  # right padding: causal attention never sees it
+        x[b, 1 : len(c)] = torch.as_tensor(c[:-1])
+    head = torch.tensor([prefix[:-1]], device=device)
+    kv_dtype = flat.dtype if flat is not None else model.lm_head.weight.dtype
+    with torch.inference_mode(), autocast(device, dtype):
+        cache = KVCache(model.config, 1, p, device, kv_dtype)
+        if flat is not None:
+            flat.score(head, 1, cache)
+        else:
+            model(head, cache=cache, last_only=True)
+        shared = KVCache(model.config, n, p + longest, device, kv_dtype)
+        shared.k[:, :, :, :p] = cache.k  # the same prefix for every row
+        shared.v[:, :, :, :p] = cache.v
+        shared.pos = p
+        if flat is not None:
+            logits = flat.score(x.to(device), None, shared)
+        else:
+            logits, _ = model(x.to(device), cache=shared)
+    return [logits[b, : len(c)] for b, c in enumerate(conts)]
 
 
 @dataclass(frozen=True)
@@ -168,9 +218,13 @@ def score_continuations(
                 "use a model with a longer context or drop the example",
             )
         seqs.append((list(context_ids) + list(cont))[-(context + 1) :])
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     results: list[ContinuationScore | None] = [None] * len(seqs)
+    rest = list(range(len(seqs)))
+    after_prefix = getattr(fn, "after_prefix", None)
     with _bar(len(seqs), progress, desc) as bar:
+        if after_prefix is not None:
+            rest = _score_shared_contexts(after_prefix, requests, context, results, bar)
+        order = sorted(rest, key=lambda i: -len(seqs[i]))
         for i in range(0, len(order), batch_size):
             group = order[i : i + batch_size]
             width = max(len(seqs[j]) for j in group) - 1
@@ -182,13 +236,42 @@ def score_continuations(
             logits = fn(x, keep)
             for b, j in enumerate(group):
                 k, stop = len(requests[j][1]), len(seqs[j]) - 1 - width + keep
-                logp = torch.log_softmax(logits[b, stop - k : stop].float(), dim=-1)
-                target = torch.as_tensor(seqs[j][-k:], device=logp.device)
-                picked = logp.gather(1, target[:, None]).squeeze(1)
-                greedy = bool((logp.argmax(-1) == target).all())
-                results[j] = ContinuationScore(picked.double().sum().item(), k, greedy)
+                results[j] = _continuation_score(logits[b, stop - k : stop], requests[j][1])
             bar.update(len(group))
     return results  # type: ignore[return-value]
+
+
+def _continuation_score(logits: Tensor, cont: Sequence[int]) -> ContinuationScore:
+    """The score of `cont` from the (len(cont), V) logits that predict its tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.as_tensor(list(cont), device=logp.device)
+    picked = logp.gather(1, target[:, None]).squeeze(1)
+    greedy = bool((logp.argmax(-1) == target).all())
+    return ContinuationScore(picked.double().sum().item(), len(cont), greedy)
+
+
+def _score_shared_contexts(
+    after_prefix: Callable, requests: Sequence, context: int, results: list, bar: tqdm
+) -> list[int]:
+    """Score runs of consecutive requests with the same context (a task's candidates) through
+    `after_prefix`: the context runs once and its KV cache serves every candidate. Fills
+    `results`; returns the requests left for the plain path (a lone request, or a run whose
+    longest sequence would not fit in `context` + 1 tokens and so would lose its start)."""
+    left, i = [], 0
+    while i < len(requests):
+        j = i + 1
+        while j < len(requests) and list(requests[j][0]) == list(requests[i][0]):
+            j += 1
+        prefix = list(requests[i][0])
+        conts = [list(requests[r][1]) for r in range(i, j)]
+        if j - i < 2 or len(prefix) < 2 or len(prefix) + max(map(len, conts)) > context + 1:
+            left += range(i, j)
+        else:
+            for r, logits in zip(range(i, j), after_prefix(prefix, conts)):
+                results[r] = _continuation_score(logits, conts[r - i])
+            bar.update(j - i)
+        i = j
+    return left
 
 
 def bits(nll: float, units: int) -> float:
