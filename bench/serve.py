@@ -12,6 +12,9 @@ aggregate tokens/s at least 4x N = 1, and p99 TTFT under 2 s.
     .venv/bin/python bench/serve.py                   # both servers, N = 1 4 8 16
     .venv/bin/python bench/serve.py --quick           # a short run that checks everything works
     .venv/bin/python bench/serve.py --llama-server ~/llama.cpp/build/bin/llama-server
+
+llama-server is not built by `pip`; build it from llama.cpp's source (`cmake -B build
+-DLLAMA_CURL=OFF && cmake --build build --target llama-server`, ~25 minutes on 2 busy cores).
 """
 
 from __future__ import annotations
@@ -167,6 +170,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 def start_gpt2lab(model_dir: Path, args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "gpt2lab", "serve", "--model", str(model_dir), "--port", "0"]
     cmd += ["--max-batch", str(max(args.levels)), "--dtype", args.dtype]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if " at " not in line:
@@ -181,8 +186,9 @@ def start_llama(binary: str, gguf: Path, args, port: int) -> tuple[subprocess.Po
     slots = max(args.levels)
     per_slot = 2 ** (PROMPT_TOKENS + args.max_tokens + 8).bit_length()
     cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["-np", str(slots), "-c", str(slots * per_slot), "-t", str(args.threads)]
-    cmd += ["-tb", str(args.threads), "--no-webui", "-cb"]
+    threads = str(args.threads or os.cpu_count() or 1)
+    cmd += ["-np", str(slots), "-c", str(slots * per_slot), "-t", threads, "-tb", threads]
+    cmd += ["--no-webui", "-cb"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc)
@@ -252,7 +258,13 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=90, help="stop new requests after this")
     p.add_argument("--repeat", type=int, default=2, help="runs of each level (default 2)")
     p.add_argument("--dtype", default="auto", help="gpt2lab's dtype (auto: as gpt2lab sample)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of both servers (default: each one's own, every core; on a machine "
+        "other jobs share, 1 is much faster for both: their threads wait for each other, "
+        "spinning, at every operation)",
+    )
     p.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary")
     p.add_argument("--no-peer", action="store_true", help="gpt2lab only")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -265,7 +277,8 @@ def main() -> int:
     print(
         f"serving bench: 124M shape, random weights, {PROMPT_TOKENS}-token prompts, "
         f"{args.max_tokens} new tokens, {args.requests} requests per client, "
-        f"{os.cpu_count()} CPUs, gpt2lab {dtype}, llama.cpp {gguf_type}",
+        f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, gpt2lab {dtype}, "
+        f"llama.cpp {gguf_type}",
         flush=True,
     )
     limit = decode_limit(dtype)

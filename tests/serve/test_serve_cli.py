@@ -76,6 +76,8 @@ def test_bad_limits_and_a_busy_port_are_one_line_errors(capsys, model_dir):
     assert code == 2 and "--max-n" in one_line_error(err)
     code, err = serve(capsys, "--model", str(model_dir), "--max-concurrent", "0")
     assert code == 2 and "--max-concurrent" in one_line_error(err)
+    code, err = serve(capsys, "--model", str(model_dir), "--threads", "0")
+    assert code == 2 and "--threads" in one_line_error(err)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)

@@ -8,7 +8,8 @@ reward model (`gpt2lab rlhf`: the policy never sees VADER). (5) DPO on the same 
 (6) On held-out prompts (speeches of held-out plays): mean VADER score (the true reward), reward
 model score, KL to the SFT model, distinct n-grams, for SFT, DPO and PPO; PPO's checkpoints
 along the way; a table, a plot and samples side by side. Writes OUT/{base,sft,rm,ppo,dpo},
-OUT/comparisons.jsonl, OUT/rlhf_demo.json and OUT/rlhf_demo.png.
+OUT/comparisons.jsonl, OUT/rlhf_demo.json and OUT/rlhf_demo.png. Without --overwrite, a stage
+whose run directory OUT/rm, OUT/ppo or OUT/dpo is already complete is reused.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
 
         say(f"== 3/6 reward model, {budget(args.rm_minutes, args.rm_steps)} -> {out / 'rm'}")
         t = time.perf_counter()
-        reward_model(
+        done(out / "rm", args.overwrite, say) or reward_model(
             reward_config(sft_dir, args.rm_minutes, by_steps(args.rm_steps)),
             out / "rm",
             records=comps.records,
@@ -209,6 +210,9 @@ def _run(args: argparse.Namespace) -> int:
         )
         times["reward_model"] = time.perf_counter() - t
         rm_rows = [r for r in read_metrics(out / "rm") if "val_accuracy" in r]
+        if stop.requested():
+            say("stopped by a signal: run the same command again to go on from the stages done")
+            return 130
 
         say(
             f"== 4/6 PPO against the reward model, {budget(args.ppo_minutes, args.ppo_steps)} "
@@ -220,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
             stop.follow(event)
             print_event(event)
 
-        rlhf(
+        done(out / "ppo", args.overwrite, say) or rlhf(
             ppo_config(sft_dir, out / "rm", args.ppo_minutes, by_steps(args.ppo_steps)),
             out / "ppo",
             prompts=held_in,
@@ -229,13 +233,16 @@ def _run(args: argparse.Namespace) -> int:
             should_stop=stop.requested,
         )
         times["ppo"] = time.perf_counter() - t
+        if stop.requested():
+            say("stopped by a signal: run the same command again to go on from the stages done")
+            return 130
 
         say(
             f"== 5/6 DPO on the same comparisons, {budget(args.dpo_minutes, args.dpo_steps)} "
             f"-> {out / 'dpo'}"
         )
         t = time.perf_counter()
-        s_dpo = dpo(
+        done(out / "dpo", args.overwrite, say) or dpo(
             dpo_config(sft_dir, args.dpo_minutes, by_steps(args.dpo_steps)),
             out / "dpo",
             records=comps.records,
@@ -244,6 +251,9 @@ def _run(args: argparse.Namespace) -> int:
             should_stop=stop.requested,
         )
         times["dpo"] = time.perf_counter() - t
+        if stop.requested():
+            say("stopped by a signal: run the same command again to go on from the stages done")
+            return 130
 
     say(f"== 6/6 measuring on {len(held_out)} held-out prompts ({', '.join(chat.held_out)})")
     t = time.perf_counter()
@@ -278,7 +288,7 @@ def _run(args: argparse.Namespace) -> int:
         "rm_steps": rm_rows[-1]["step"] if rm_rows else 0,
         "ppo_steps": ppo_rows[-1]["step"] if ppo_rows else 0,
         "ppo_final_beta": ppo_rows[-1]["beta"] if ppo_rows else None,
-        "dpo_steps": s_dpo.step,
+        "dpo_steps": native.load_state(native.require_latest(out / "dpo"))["step"],
         "table": table,
         "ppo_checkpoints": curve,
         "seconds": {**times, "total": time.perf_counter() - t_start},
@@ -293,6 +303,15 @@ def _run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "rlhf_demo.txt", text + "\n")
     print(text)
     return 0
+
+
+def done(run_dir: Path, overwrite: bool, say: Any) -> bool:
+    """A stage whose run directory is complete from an earlier call is reused (not with
+    --overwrite): delete its directory to run it again."""
+    if overwrite or native.find_latest(run_dir) is None:
+        return False
+    say(f"   reusing {run_dir} (delete it, or pass --overwrite, to run this stage again)")
+    return True
 
 
 def budget(minutes: float, steps: int) -> str:

@@ -71,6 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="sequences decoded together: the KV cache's rows (default 16)",
     )
     g.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for the model (default: PyTorch's, one per core; on a machine other "
+        "jobs share, fewer can be much faster)",
+    )
+    g.add_argument(
         "--prefill-chunk",
         type=int,
         default=128,
@@ -165,6 +172,8 @@ def build(args: argparse.Namespace) -> tuple[State, Server]:
         )
     for name in ("max_batch", "prefill_chunk", "max_body_bytes", "max_concurrent"):
         _positive(args, name)
+    if args.threads is not None:
+        _positive(args, "threads")
     if args.max_n is None:
         args.max_n = min(_LIMITS.max_n, args.max_batch)
     for name in ("max_n", "max_prompt_tokens", "max_tokens"):
@@ -176,6 +185,8 @@ def build(args: argparse.Namespace) -> tuple[State, Server]:
             "a request's n choices decode together, so n <= --max-batch",
             f"lower --max-n or raise --max-batch to {args.max_n}",
         )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cfg = sample_config(args)
     check_memory(args.model, cfg, args.max_batch, args.prefill_chunk, before_loading=True)
     model, tok = load_model_for(args.model, cfg)

@@ -51,17 +51,17 @@ REWARD_RECIPE = (
 )
 PPO_RECIPE = (
     "train.max_steps=1000000000",
-    "train.lr=1e-4",
-    "train.min_lr=1e-4",
+    "train.lr=5e-5",
+    "train.min_lr=5e-5",
     "train.checkpoint_interval=20",
     "train.keep_last=0",
     "rl.batch_size=32",
     "rl.minibatch_size=16",
     "rl.epochs=4",
     "rl.max_new_tokens=80",
-    "rl.kl_coef=0.05",
+    "rl.kl_coef=0.1",
     "rl.target_kl=6.0",
-    "rl.kl_horizon=2000",
+    "rl.kl_horizon=200",
 )
 
 
