@@ -32,7 +32,6 @@ LAYERS = {
     "eval": 4,
     "posttrain": 4,
     "inspect": 4,
-    "posttrain": 4,
     "demo": 5,
     "plot": 5,
     "commands": 5,
