@@ -11,6 +11,8 @@ The model is GPT-2 with GPT-2's vocabulary at a CPU-sized depth and width (rando
 gets transformers' GPT2LMHeadModel with the very same weights and GPT-2's tokenizer. The reward
 (the number of 'e' in a reply) is a plain function in both.
 
+Needs trl (`pip install 'gpt2lab[post]'`).
+
     .venv/bin/python bench/rlhf.py            # ~5 minutes on 2 cores
     .venv/bin/python bench/rlhf.py --quick    # a short run that checks everything works
 """
