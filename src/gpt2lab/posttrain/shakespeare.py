@@ -245,6 +245,7 @@ def sample_replies(
 ) -> Replies:
     """One sampled reply per speech (rendered as a user turn), up to the end-of-turn token."""
     end = tokenizer.special_tokens[template.end_token]
+    special = set(tokenizer.special_tokens.values())
     block = model.config.block_size
     gen = torch.Generator().manual_seed(seed)
     out = Replies([], [], [], [])
@@ -261,7 +262,9 @@ def sample_replies(
             ids = list(c.ids)
             if end in ids:
                 ids = ids[: ids.index(end) + 1]
-            ended = bool(ids) and ids[-1] == end
+            # a reply with another control token inside (<|user|>, <|endoftext|>...) is
+            # unfinished: its text could not be read back as a reply's plain text
+            ended = bool(ids) and ids[-1] == end and not special.intersection(ids[:-1])
             text = tokenizer.decode(ids[:-1] if ended else ids)
             out.prompts.append(list(p))
             out.ids.append(ids)
