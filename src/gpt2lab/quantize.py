@@ -9,9 +9,10 @@ them): a lookup returns float32 rows q[id] * scale[id] of the head's int8 table.
 On a CPU the blocks' products run through fbgemm's int8 kernels (`gpt2lab.kernels.int8`): the
 input of each product is quantized to 8 bits on the fly, the weight stays packed in fbgemm's
 layout, and the int32 result is rescaled to float32; the head multiplies the int8 table the
-embedding reads (`torch._int_mm`, one scale per input row). On a GPU the int8 matrix is converted
-to the input's dtype inside each product (weight-only). The quantized model computes in float32
-and is for inference: `generate`, `gpt2lab sample --quantize int8`, `gpt2lab serve --quantize int8`.
+embedding reads (`torch._int_mm`, one scale per input row). On a GPU the int8 matrix is
+converted to the input's dtype inside each product (weight-only). The quantized model computes
+in float32 and is for inference: `generate`, `gpt2lab sample --quantize int8`, `gpt2lab serve
+--quantize int8`.
 Figures and the memory trade-off of the tied table: docs/quantize.md.
 """
 
