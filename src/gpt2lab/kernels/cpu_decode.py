@@ -335,5 +335,13 @@ _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _versions(model: nn.Module) -> tuple:
+    """What tells a kept DecodeStep that the weights changed: each tensor's storage and version
+    counter, and a few of its values. The values are needed because fused optimizers (AdamW with
+    fused=True, the trainer's default on a CPU) update parameters without bumping `_version`."""
     tensors = [*model.parameters(), *model.buffers()]
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    return tuple((t.data_ptr(), t._version, _sample(t)) for t in tensors)
+
+
+def _sample(t: Tensor) -> tuple:
+    flat = t.detach().reshape(-1)
+    return tuple(flat[:: max(1, flat.numel() // 8)].tolist()) if flat.numel() else ()
