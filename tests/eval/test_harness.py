@@ -162,8 +162,9 @@ def run_lm_eval(args: list[str], out: Path, site: Path | None) -> list[dict]:
     path = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if site is None:
-        cmd = [str(Path(sys.executable).with_name("lm_eval"))]
+    if site is None:  # lm-eval's own script, or the same CLI as `python -m lm_eval`
+        script = Path(sys.executable).with_name("lm_eval")
+        cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "lm_eval"]
     else:
         boot = (
             "import site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'lm_eval'; "
