@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -54,7 +55,10 @@ def monkeypatch_module():
 def wait_for(predicate, timeout: float = 20.0, every: float = 0.02):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except StaleElementReferenceException:  # the page re-rendered under us: look again
+            value = None
         if value:
             return value
         time.sleep(every)
@@ -190,8 +194,12 @@ def test_chat_on_a_phone(page, live, tmp_path):
         set_value(d, "max-tokens", 12)
         d.find_element("id", "generate").click()
         wait_for(lambda: d.find_elements("css selector", "#chat-log .msg.assistant"))
-        user = d.find_element("css selector", "#chat-log .msg.user").text
-        assert user == "Name a colour."
+        # read in one script: the log re-renders while the reply streams (an element found
+        # first and read later can be stale by then)
+        user = d.execute_script(
+            "const m = document.querySelector('#chat-log .msg.user'); return m && m.innerText;"
+        )
+        assert user.strip() == "Name a colour."
         # legible: nothing wider than the screen, no horizontal scrolling
         overflow = d.execute_script(
             "return document.documentElement.scrollWidth - window.innerWidth;"
