@@ -22,6 +22,7 @@ from gpt2lab.checkpoint.load import load_model
 from gpt2lab.checkpoint.vocab import add_special_tokens
 from gpt2lab.config import Config
 from gpt2lab.errors import ConfigError, TokenizerError, mark_key
+from gpt2lab.posttrain.records import read_records
 from gpt2lab.tokenizer import get_tokenizer
 from gpt2lab.tokenizer.chat import PLAIN, ChatTemplate, get_chat_template
 
@@ -118,3 +119,25 @@ def record_inputs(task: Any, cfg: Config) -> list[str | None]:
         None if task.given is not None else section.data,
         None if task.given_val is not None else section.val_data,
     ]
+
+
+def task_records(task: Any, cfg: Config, kind: str) -> tuple[list[dict], list[dict]]:
+    """(train, held out) records of a task reading cfg.<task.name>.data / .val_data (`kind`:
+    "sft" or "pairs"), or the records it was given; without held-out records, a seeded split."""
+    section = getattr(cfg, task.name)
+    if task.given is not None:
+        train = list(task.given)
+        val = list(task.given_val) if task.given_val is not None else []
+    else:
+        key = f"{task.name}.data"
+        train = read_records(section.data, kind, section.errors, key=key, notes=task.notes)
+        val = (
+            read_records(
+                section.val_data, kind, section.errors, key=f"{key[:-4]}val_data", notes=task.notes
+            )
+            if section.val_data
+            else []
+        )
+    if not val:
+        train, val = split_records(train, section.val_fraction, cfg.train.seed)
+    return train, val

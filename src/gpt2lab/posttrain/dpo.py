@@ -52,11 +52,10 @@ from gpt2lab.posttrain.common import (
     end_id,
     record_inputs,
     resume_tokenizer,
-    split_records,
     start_model,
+    task_records,
     weights_hash,
 )
-from gpt2lab.posttrain.records import read_records
 from gpt2lab.tokenizer.chat import ChatTemplate
 from gpt2lab.train.dist import Dist, all_reduce_sum, unwrap
 from gpt2lab.train.task import Task, TaskSetup
@@ -234,20 +233,7 @@ class DPOTask(Task):
         return TaskSetup(cfg, tok, weights, {"template": template}, list(self.notes))
 
     def records(self, cfg: Config) -> tuple[list[dict], list[dict]]:
-        dc = cfg.dpo
-        if self.given is not None:
-            train = list(self.given)
-            val = list(self.given_val) if self.given_val is not None else []
-        else:
-            train = read_records(dc.data, "pairs", dc.errors, key="dpo.data", notes=self.notes)
-            val = (
-                read_records(dc.val_data, "pairs", dc.errors, key="dpo.val_data", notes=self.notes)
-                if dc.val_data
-                else []
-            )
-        if not val:
-            train, val = split_records(train, dc.val_fraction, cfg.train.seed)
-        return train, val
+        return task_records(self, cfg, "pairs")
 
     def write_run_dir(self, run_dir: Path) -> None:
         self.template.save(run_dir / "tokenizer")

@@ -27,11 +27,10 @@ from gpt2lab.posttrain.batching import ItemBatches, eval_indices, to_device
 from gpt2lab.posttrain.common import (
     record_inputs,
     resume_tokenizer,
-    split_records,
     start_model,
+    task_records,
 )
 from gpt2lab.posttrain.dpo import encode_pair
-from gpt2lab.posttrain.records import read_records
 from gpt2lab.posttrain.reward import SCORE_KEY, RewardModel, bradley_terry, default_pad
 from gpt2lab.train import train
 from gpt2lab.train.dist import Dist, all_reduce_sum
@@ -102,22 +101,7 @@ class RewardTask(Task):
         return TaskSetup(cfg, tok, weights, {"template": template}, list(self.notes))
 
     def records(self, cfg: Config) -> tuple[list[dict], list[dict]]:
-        rc = cfg.reward
-        if self.given is not None:
-            train_records = list(self.given)
-            val = list(self.given_val) if self.given_val is not None else []
-        else:
-            train_records = read_records(
-                rc.data, "pairs", rc.errors, key="reward.data", notes=self.notes
-            )
-            val = (
-                read_records(rc.val_data, "pairs", rc.errors, key="reward.val_data")
-                if rc.val_data
-                else []
-            )
-        if not val:
-            train_records, val = split_records(train_records, rc.val_fraction, cfg.train.seed)
-        return train_records, val
+        return task_records(self, cfg, "pairs")
 
     def new_model(self, cfg: Config) -> nn.Module:
         return RewardModel(cfg.model, self.pad)

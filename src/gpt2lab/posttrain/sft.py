@@ -41,10 +41,9 @@ from gpt2lab.posttrain.common import (
     end_id,
     record_inputs,
     resume_tokenizer,
-    split_records,
     start_model,
+    task_records,
 )
-from gpt2lab.posttrain.records import read_records
 from gpt2lab.tokenizer.chat import ChatTemplate
 from gpt2lab.train.dist import Dist, all_reduce_sum
 from gpt2lab.train.task import Task, TaskSetup
@@ -123,20 +122,7 @@ class SFTTask(Task):
         return TaskSetup(cfg, tok, weights, {"template": template}, list(self.notes))
 
     def records(self, cfg: Config) -> tuple[list[dict], list[dict]]:
-        sc = cfg.sft
-        if self.given is not None:
-            train = list(self.given)
-            val = list(self.given_val) if self.given_val is not None else []
-        else:
-            train = read_records(sc.data, "sft", sc.errors, key="sft.data", notes=self.notes)
-            val = (
-                read_records(sc.val_data, "sft", sc.errors, key="sft.val_data", notes=self.notes)
-                if sc.val_data
-                else []
-            )
-        if not val:
-            train, val = split_records(train, sc.val_fraction, cfg.train.seed)
-        return train, val
+        return task_records(self, cfg, "sft")
 
     def write_run_dir(self, run_dir: Path) -> None:
         self.template.save(run_dir / "tokenizer")
