@@ -6,7 +6,7 @@ metrics.jsonl, config.toml, tokenizer/ with chat_template.json), exact resume, D
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from gpt2lab.config import Config
 from gpt2lab.posttrain.dpo import DPOTask
 from gpt2lab.posttrain.sft import SFTTask
 from gpt2lab.train import train
-from gpt2lab.train.events import EventHandler, TrainSummary
+from gpt2lab.train.events import TrainSummary
 
 
 def sft(
@@ -23,27 +23,11 @@ def sft(
     *,
     records: Sequence[dict] | None = None,
     val: Sequence[dict] | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_event: EventHandler | None = None,
-    progress: bool = False,
-    should_stop: Callable[[], bool] | None = None,
-    log: Callable[[str], None] | None = None,
-    **hooks: Any,
+    **options: Any,
 ) -> TrainSummary:
-    """Fine-tune cfg.train.init_from on cfg.sft.data (or `records`, held out: `val`)."""
-    return train(
-        cfg,
-        run_dir,
-        resume=resume,
-        overwrite=overwrite,
-        on_event=on_event,
-        progress=progress,
-        should_stop=should_stop,
-        log=log,
-        task=SFTTask(records, val),
-        **hooks,
-    )
+    """Fine-tune cfg.train.init_from on cfg.sft.data (or `records`, held out: `val`); `options`
+    are `gpt2lab.train.train`'s (resume, overwrite, on_event, progress, should_stop, log, ...)."""
+    return train(cfg, run_dir, task=SFTTask(records, val), **options)
 
 
 def dpo(
@@ -52,24 +36,8 @@ def dpo(
     *,
     records: Sequence[dict] | None = None,
     val: Sequence[dict] | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_event: EventHandler | None = None,
-    progress: bool = False,
-    should_stop: Callable[[], bool] | None = None,
-    log: Callable[[str], None] | None = None,
-    **hooks: Any,
+    **options: Any,
 ) -> TrainSummary:
-    """Preference-tune cfg.train.init_from on the pairs of cfg.dpo.data (or `records`)."""
-    return train(
-        cfg,
-        run_dir,
-        resume=resume,
-        overwrite=overwrite,
-        on_event=on_event,
-        progress=progress,
-        should_stop=should_stop,
-        log=log,
-        task=DPOTask(records, val),
-        **hooks,
-    )
+    """Preference-tune cfg.train.init_from on the pairs of cfg.dpo.data (or `records`);
+    `options` as for `sft`."""
+    return train(cfg, run_dir, task=DPOTask(records, val), **options)
