@@ -27,11 +27,11 @@ from gpt2lab.checkpoint.load import load_model
 from gpt2lab.commands.train_console import (
     StopSignal,
     TrainConsole,
-    claim_demo_dir,
-    release_demo_dir,
+    demo_dir,
+    require_positive,
 )
 from gpt2lab.demo import run_demo
-from gpt2lab.errors import ConfigError, TrainingError
+from gpt2lab.errors import TrainingError
 from gpt2lab.generate import ContextWarning
 from gpt2lab.io import atomic_open, atomic_write_json
 from gpt2lab.posttrain.run import dpo
@@ -94,21 +94,14 @@ ENTRIES = (
 
 
 def run(args: argparse.Namespace) -> int:
-    claim = claim_demo_dir(args.out, "posttrain-demo", ENTRIES, [args.model, args.input])
-    failed = True
-    try:
-        code = _run(args)
-        failed = False
-        return code
-    finally:
-        release_demo_dir(claim, ENTRIES, failed)
+    with demo_dir(args.out, "posttrain-demo", ENTRIES, [args.model, args.input]):
+        return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    for name in ("sft_minutes", "dpo_minutes", "pair_prompts", "samples", "base_minutes"):
-        if not getattr(args, name) > 0:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} {getattr(args, name)}", "a number > 0", f"raise {flag}")
+    require_positive(
+        args, ("sft_minutes", "dpo_minutes", "pair_prompts", "samples", "base_minutes")
+    )
     out = Path(args.out)
     t_start = time.perf_counter()
     console = TrainConsole(progress=not args.no_progress and sys.stderr.isatty())

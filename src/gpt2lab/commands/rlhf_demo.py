@@ -31,11 +31,11 @@ from gpt2lab.commands.rlhf import print_event
 from gpt2lab.commands.train_console import (
     StopSignal,
     TrainConsole,
-    claim_demo_dir,
-    release_demo_dir,
+    demo_dir,
+    require_positive,
 )
 from gpt2lab.demo import run_demo
-from gpt2lab.errors import ConfigError, TrainingError
+from gpt2lab.errors import TrainingError
 from gpt2lab.generate import ContextWarning
 from gpt2lab.io import atomic_open, atomic_write_json, atomic_write_text, read_utf8
 from gpt2lab.posttrain.cheerful import (
@@ -107,23 +107,14 @@ ENTRIES = (
 
 
 def run(args: argparse.Namespace) -> int:
-    claim = claim_demo_dir(
-        args.out, "rlhf-demo", ENTRIES, [args.sft, args.input, args.reuse_comparisons]
-    )
-    failed = True
-    try:
-        code = _run(args)
-        failed = False
-        return code
-    finally:
-        release_demo_dir(claim, ENTRIES, failed)
+    with demo_dir(args.out, "rlhf-demo", ENTRIES, [args.sft, args.input, args.reuse_comparisons]):
+        return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    for name in ("base_minutes", "sft_minutes", "comparisons", "rm_minutes", "ppo_minutes"):
-        if not getattr(args, name) > 0:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} {getattr(args, name)}", "a number > 0", f"raise {flag}")
+    require_positive(
+        args, ("base_minutes", "sft_minutes", "comparisons", "rm_minutes", "ppo_minutes")
+    )
     score = sentiment()  # fail before any training if VADER is missing
     out = Path(args.out)
     t_start = time.perf_counter()

@@ -7,6 +7,7 @@ so stdout stays clean for pipes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from gpt2lab.device import keep_freed_memory, pick_device
+from gpt2lab.errors import ConfigError
 from gpt2lab.outdir import INFRA, OutputDir, claim_output_dir, is_owned_dir
 from gpt2lab.plot import plot_runs
 from gpt2lab.train.build import claim_run_dir
@@ -192,3 +194,23 @@ def release_demo_dir(claim: OutputDir, entries: tuple[str, ...], failed: bool) -
     if failed and claim.created and not any(os.path.lexists(claim.path / e) for e in entries):
         claim.discard()
     claim.release()
+
+
+@contextlib.contextmanager
+def demo_dir(out: str, command: str, entries: tuple[str, ...], inputs: list[Any]) -> Any:
+    """`claim_demo_dir` for the body of a demo; released after it, discarded if it failed."""
+    claim = claim_demo_dir(out, command, entries, inputs)
+    failed = True
+    try:
+        yield claim
+        failed = False
+    finally:
+        release_demo_dir(claim, entries, failed)
+
+
+def require_positive(args: Any, names: tuple[str, ...]) -> None:
+    """A one-line error for the first of these numeric flags that is not > 0."""
+    for name in names:
+        if not getattr(args, name) > 0:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {getattr(args, name)}", "a number > 0", f"raise {flag}")
