@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2lab.kernels.int8 import Int8Linear
+from gpt2lab.kernels.native import native_step
 from gpt2lab.model import GPT, KVCache, LMHead
 
 
@@ -196,6 +197,8 @@ class DecodeStep:
         self.ln_f = norm(model.transformer.ln_f)
         self.head = mat(model.lm_head, self.vocab)
         self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
+        # one sequence of a float model: the same step in C, one call a token (kernels/native.py)
+        self.native = native_step(model, dtype) if rows == 1 and not self.int8 else None
 
     def current(self, model: GPT) -> bool:
         return self.versions == _versions(model)
@@ -222,6 +225,8 @@ class DecodeStep:
         mask: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, vocab_size), float32, of one new token per row; advances `cache.pos`."""
+        if self.native and mask is None and position_ids is None and self.native.fits(cache):
+            return self.native.step(ids, cache)
         B, pos = ids.size(0), cache.pos
         nh, hs = self.n_head, self.head_size
         C = nh * hs

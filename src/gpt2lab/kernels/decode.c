@@ -1,0 +1,228 @@
+/* One GPT-2 decoding step for one sequence, in C: what `gpt2lab.kernels.cpu_decode.DecodeStep`
+ * computes with PyTorch operations, written as plain loops so that a token costs one call.
+ *
+ * Decoding one token multiplies a single row by every weight matrix, so its speed is the speed at
+ * which the weights stream from memory. A matrix-vector product that reads each weight once, in
+ * order, with the activations in registers, streams near the memory's bandwidth; PyTorch's
+ * products for one row reach about two thirds of it on the CPUs we measured, and each of the ~170
+ * operations of a step costs a few microseconds of dispatch. Here a step is: for each layer,
+ * LayerNorm, the q/k/v product, the new key and value written into the cache, attention over the
+ * cached keys, the output product plus the residual, LayerNorm, the MLP's two products (GELU and
+ * the residual fused into them); then the final LayerNorm and the head.
+ *
+ * Weights are float32 or bfloat16 (dtype 0 or 1), exactly the model's tensors (row-major
+ * (out, in), as nn.Linear stores them); activations and sums are float32; the KV cache has the
+ * weights' dtype, laid out as gpt2lab.model.KVCache for one sequence (n_head, max_len, head_size)
+ * per layer. Built by gpt2lab.kernels.native with the C compiler of the machine (-O3
+ * -march=native -fopenmp); tested equal to the model's forward in tests/kernels/test_native.py.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef struct {
+    int n_layer, n_head, head_size, n_embd, vocab, max_len, dtype, threads;
+    float eps;
+    /* per layer: arrays of n_layer pointers (a bias or LayerNorm shift may be NULL) */
+    const void **ln1_w, **ln1_b, **attn_w, **attn_b, **proj_w, **proj_b;
+    const void **ln2_w, **ln2_b, **fc_w, **fc_b, **fcp_w, **fcp_b;
+    const void *lnf_w, *lnf_b, *wte, *wpe, *head_w;
+    void *k_cache, *v_cache; /* (n_layer, n_head, max_len, head_size) of the weights' dtype */
+    float *work;             /* scratch of 10 * n_embd + n_head * max_len floats */
+} Model;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load(const void *p, size_t i, int dtype) {
+    return dtype ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store(void *p, size_t i, float v, int dtype) {
+    if (dtype)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* ---- the matrix-vector product: y[n - n0] = W[n, :] . x for rows n in [n0, n1) --------------- */
+
+#ifdef __AVX512F__
+static inline __m512 load16(const void *W, size_t i, int dtype) {
+    if (dtype) { /* bfloat16 is float32's upper half: widen and shift */
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)W + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)W + i);
+}
+#endif
+
+static float dot_row(const void *W, size_t row, const float *x, int K, int dtype) {
+    size_t base = row * (size_t)K;
+    int k = 0;
+    float s = 0.0f;
+#ifdef __AVX512F__
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(load16(W, base + k, dtype), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(load16(W, base + k + 16, dtype), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(load16(W, base + k + 32, dtype), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(load16(W, base + k + 48, dtype), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load16(W, base + k, dtype), _mm512_loadu_ps(x + k), a0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#endif
+    for (; k < K; k++) s += load(W, base + k, dtype) * x[k];
+    return s;
+}
+
+static void rows_product(const void *W, const float *x, int K, int n0, int n1, float *y, int dtype) {
+    for (int n = n0; n < n1; n++) y[n - n0] = dot_row(W, (size_t)n, x, K, dtype);
+}
+
+static inline float gelu(float v) { /* GPT-2's tanh approximation */
+    const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+    return 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
+}
+
+enum { PLAIN = 0, GELU = 1, ADD = 2 };
+
+#ifdef __AVX512BF16__
+/* bfloat16 weights times x rounded to bfloat16 (as PyTorch's bfloat16 products round their
+   input), with the CPU's bfloat16 dot-product instruction: 32 weights, one cache line, each */
+static void rows_product_dpbf16(const uint16_t *W, const uint16_t *xb, int K, int n0, int n1, float *y) {
+    for (int n = n0; n < n1; n++) { /* one row after another: the matrix is read as one stream */
+        const uint16_t *r = W + (size_t)n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        int k = 0;
+        for (; k + 64 <= K; k += 64) {
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(xb + k));
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r + k + 32), (__m512bh)_mm512_loadu_si512(xb + k + 32));
+        }
+        for (; k < K; k += 32)
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r + k), (__m512bh)_mm512_loadu_si512(xb + k));
+        y[n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+#endif
+
+/* y = W x + b, then GELU (GELU) or y += residual (ADD, y is the residual stream), in parallel
+   over blocks of rows */
+static void linear(const void *W, const void *b, const float *x, int N, int K, float *y, int epilogue,
+                   const Model *m) {
+    const int block = 64;
+    int blocks = (N + block - 1) / block;
+    int dp = 0;
+#ifdef __AVX512BF16__
+    uint16_t xb[K];
+    dp = m->dtype == 1 && K % 32 == 0;
+    if (dp)
+        for (int k = 0; k < K; k++) xb[k] = f32_to_bf16(x[k]);
+#endif
+#pragma omp parallel for schedule(static) num_threads(m->threads)
+    for (int i = 0; i < blocks; i++) {
+        int n0 = i * block, n1 = n0 + block < N ? n0 + block : N;
+        float tmp[64];
+#ifdef __AVX512BF16__
+        if (dp)
+            rows_product_dpbf16((const uint16_t *)W, xb, K, n0, n1, tmp);
+        else
+#endif
+            rows_product(W, x, K, n0, n1, tmp, m->dtype);
+        for (int n = n0; n < n1; n++) {
+            float v = tmp[n - n0] + (b ? load(b, n, m->dtype) : 0.0f);
+            if (epilogue == GELU) v = gelu(v);
+            y[n] = epilogue == ADD ? y[n] + v : v;
+        }
+    }
+    (void)dp;
+}
+
+static void layer_norm(const float *x, const void *w, const void *b, int C, float eps, float *out,
+                       int dtype) {
+    double mean = 0.0, var = 0.0;
+    for (int i = 0; i < C; i++) mean += x[i];
+    mean /= C;
+    for (int i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
+    float inv = 1.0f / sqrtf((float)(var / C) + eps);
+    for (int i = 0; i < C; i++)
+        out[i] = (float)(x[i] - mean) * inv * load(w, i, dtype) + (b ? load(b, i, dtype) : 0.0f);
+}
+
+/* attention of one query per head over the cached keys [0, pos]: out (C) from qkv (3C) */
+static void attend(const Model *m, int layer, int pos, const float *qkv, float *out, float *scores) {
+    const int nh = m->n_head, hs = m->head_size, C = m->n_embd, dtype = m->dtype;
+    const size_t per_head = (size_t)m->max_len * hs, per_layer = (size_t)nh * per_head;
+    const float scale = 1.0f / sqrtf((float)hs);
+#pragma omp parallel for schedule(static) num_threads(m->threads)
+    for (int h = 0; h < nh; h++) {
+        const float *q = qkv + h * hs;
+        size_t kv = layer * per_layer + h * per_head;
+        float *s = scores + (size_t)h * m->max_len, top = -INFINITY, total = 0.0f;
+        for (int t = 0; t <= pos; t++) {
+            float d = 0.0f;
+            for (int i = 0; i < hs; i++) d += q[i] * load(m->k_cache, kv + (size_t)t * hs + i, dtype);
+            s[t] = d * scale;
+            if (s[t] > top) top = s[t];
+        }
+        for (int t = 0; t <= pos; t++) total += (s[t] = expf(s[t] - top));
+        float *o = out + h * hs;
+        for (int i = 0; i < hs; i++) o[i] = 0.0f;
+        for (int t = 0; t <= pos; t++) {
+            float p = s[t] / total;
+            for (int i = 0; i < hs; i++) o[i] += p * load(m->v_cache, kv + (size_t)t * hs + i, dtype);
+        }
+    }
+    (void)C;
+}
+
+/* The logits (vocab floats) of token `id` at position `pos`; writes its key and value at `pos`. */
+void gpt2lab_step(const Model *m, int64_t id, int pos, float *logits) {
+    const int C = m->n_embd, nh = m->n_head, hs = m->head_size, dtype = m->dtype;
+    float *x = m->work, *h = x + C, *qkv = h + C, *y = qkv + 3 * C, *u = y + C;
+    float *scores = u + 4 * C;
+    const size_t per_layer = (size_t)nh * m->max_len * hs;
+    for (int i = 0; i < C; i++)
+        x[i] = load(m->wte, (size_t)id * C + i, dtype) + load(m->wpe, (size_t)pos * C + i, dtype);
+    for (int l = 0; l < m->n_layer; l++) {
+        layer_norm(x, m->ln1_w[l], m->ln1_b[l], C, m->eps, h, dtype);
+        linear(m->attn_w[l], m->attn_b[l], h, 3 * C, C, qkv, PLAIN, m);
+        for (int hd = 0; hd < nh; hd++) {
+            size_t at = l * per_layer + ((size_t)hd * m->max_len + pos) * hs;
+            for (int i = 0; i < hs; i++) {
+                store(m->k_cache, at + i, qkv[C + hd * hs + i], dtype);
+                store(m->v_cache, at + i, qkv[2 * C + hd * hs + i], dtype);
+            }
+        }
+        attend(m, l, pos, qkv, y, scores);
+        linear(m->proj_w[l], m->proj_b[l], y, C, C, x, ADD, m);
+        layer_norm(x, m->ln2_w[l], m->ln2_b[l], C, m->eps, h, dtype);
+        linear(m->fc_w[l], m->fc_b[l], h, 4 * C, C, u, GELU, m);
+        linear(m->fcp_w[l], m->fcp_b[l], u, C, 4 * C, x, ADD, m);
+    }
+    layer_norm(x, m->lnf_w, m->lnf_b, C, m->eps, h, dtype);
+    linear(m->head_w, NULL, h, m->vocab, C, logits, PLAIN, m);
+}
+
+size_t gpt2lab_work_floats(int n_embd, int n_head, int max_len) {
+    return (size_t)10 * n_embd + (size_t)n_head * max_len;
+}

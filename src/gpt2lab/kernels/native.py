@@ -1,0 +1,187 @@
+"""The one-sequence decoding step in C (`decode.c`), compiled on this machine on first use.
+
+Batch-1 decoding reads every weight once per token, so it runs at the speed the weights stream
+from memory; `decode.c` writes the step as plain loops (one call per token, each weight read once
+in order) where PyTorch's one-row products stream at about two thirds of the bandwidth and its
+~170 operations a step each cost dispatch time (figures in docs/performance.md). It is an
+optional accelerator: `native_step(...)` returns None, and the PyTorch `DecodeStep` runs, where
+there is no C compiler, the build fails, the CPU is not x86-64/ARM64 Linux or macOS, or
+`GPT2LAB_NATIVE=0` is set. The library is compiled once per source, compiler and CPU into
+`$XDG_CACHE_HOME/gpt2lab/native` (default ~/.cache), written atomically, and loaded with ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gpt2lab.model import GPT, KVCache
+
+SOURCE = Path(__file__).with_name("decode.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_LAYER_FIELDS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b")
+_LAYER_FIELDS += ("ln2_w", "ln2_b", "fc_w", "fc_b", "fcp_w", "fcp_b")
+
+
+class _Model(ctypes.Structure):
+    """decode.c's `Model`: sizes, then pointers to the tensors (kept alive by NativeStep)."""
+
+    _fields_ = [
+        *((name, ctypes.c_int) for name in ("n_layer", "n_head", "head_size", "n_embd")),
+        *((name, ctypes.c_int) for name in ("vocab", "max_len", "dtype", "threads")),
+        ("eps", ctypes.c_float),
+        *((name, ctypes.POINTER(ctypes.c_void_p)) for name in _LAYER_FIELDS),
+        *((name, ctypes.c_void_p) for name in ("lnf_w", "lnf_b", "wte", "wpe", "head_w")),
+        *((name, ctypes.c_void_p) for name in ("k_cache", "v_cache", "work")),
+    ]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "gpt2lab" / "native"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """decode.c compiled for this CPU (cached on disk), or None where it cannot be."""
+    if os.environ.get("GPT2LAB_NATIVE", "1") == "0" or platform.system() not in ("Linux", "Darwin"):
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + cc.encode() + " ".join(FLAGS).encode())
+    key.update(_cpu_signature().encode())
+    path = _cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
+    try:
+        if not path.exists():
+            _build(cc, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lib.gpt2lab_step.argtypes = [
+        ctypes.POINTER(_Model),
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_void_p,
+    ]
+    lib.gpt2lab_step.restype = None
+    lib.gpt2lab_work_floats.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.gpt2lab_work_floats.restype = ctypes.c_size_t
+    return lib
+
+
+def _build(cc: str, path: Path) -> None:
+    """Compile into a temporary file beside `path`, then rename: never a half-written library."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class NativeStep:
+    """`step(ids, cache)` for one sequence through decode.c: the logits (1, vocab_size), float32,
+    of ids (1, 1) after what `cache` holds, written at `cache.pos` (which it advances). Holds
+    contiguous `dtype` copies of the weights where the model's are not already that (a float32
+    model decoded in bfloat16); otherwise the model's own tensors."""
+
+    def __init__(self, lib: ctypes.CDLL, model: GPT, dtype: torch.dtype) -> None:
+        cfg = model.config
+        self.lib, self.dtype, self.vocab = lib, dtype, cfg.vocab_size
+        self.keep: list[Tensor] = []  # every tensor a pointer refers to
+
+        def ptr(t: Tensor | None) -> int | None:
+            if t is None:
+                return None
+            t = t.detach().to(dtype).contiguous()
+            self.keep.append(t)
+            return t.data_ptr()
+
+        def per_layer(get) -> ctypes.Array:
+            return (ctypes.c_void_p * cfg.n_layer)(*(ptr(get(b)) for b in model.transformer.h))
+
+        h = model.transformer
+        self.arrays = {  # ctypes arrays, kept alive with the struct
+            "ln1_w": per_layer(lambda b: b.ln_1.weight),
+            "ln1_b": per_layer(lambda b: b.ln_1.bias),
+            "attn_w": per_layer(lambda b: b.attn.c_attn.weight),
+            "attn_b": per_layer(lambda b: b.attn.c_attn.bias),
+            "proj_w": per_layer(lambda b: b.attn.c_proj.weight),
+            "proj_b": per_layer(lambda b: b.attn.c_proj.bias),
+            "ln2_w": per_layer(lambda b: b.ln_2.weight),
+            "ln2_b": per_layer(lambda b: b.ln_2.bias),
+            "fc_w": per_layer(lambda b: b.mlp.c_fc.weight),
+            "fc_b": per_layer(lambda b: b.mlp.c_fc.bias),
+            "fcp_w": per_layer(lambda b: b.mlp.c_proj.weight),
+            "fcp_b": per_layer(lambda b: b.mlp.c_proj.bias),
+        }
+        self.m = _Model(
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            head_size=cfg.head_size,
+            n_embd=cfg.n_embd,
+            vocab=cfg.vocab_size,
+            dtype=DTYPES[dtype],
+            eps=h.ln_f.eps,
+            lnf_w=ptr(h.ln_f.weight),
+            lnf_b=ptr(h.ln_f.bias),
+            wte=ptr(h.wte.weight),
+            wpe=ptr(h.wpe.weight),
+            head_w=ptr(model.lm_head.weight[: cfg.vocab_size]),
+            **{k: ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)) for k, v in self.arrays.items()},
+        )
+        self.work: Tensor | None = None
+        self.logits = torch.empty(1, cfg.vocab_size)
+
+    def fits(self, cache: KVCache) -> bool:
+        """Whether decode.c can read and write `cache`: one sequence, this dtype, contiguous."""
+        k, v = cache.k, cache.v
+        return k.size(1) == 1 and k.dtype == self.dtype and k.is_contiguous() and v.is_contiguous()
+
+    def step(self, ids: Tensor, cache: KVCache) -> Tensor:
+        m = self.m
+        if self.work is None or m.max_len != cache.max_len:
+            n = self.lib.gpt2lab_work_floats(m.n_embd, m.n_head, cache.max_len)
+            self.work = torch.empty(n)
+            m.max_len, m.work = cache.max_len, self.work.data_ptr()
+        m.k_cache, m.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+        m.threads = torch.get_num_threads()
+        self.lib.gpt2lab_step(ctypes.byref(m), int(ids[0, 0]), cache.pos, self.logits.data_ptr())
+        cache.pos += 1
+        return self.logits.clone()
+
+
+def native_step(model: GPT, dtype: torch.dtype) -> NativeStep | None:
+    """The C step for a float32 or bfloat16 GPT on a CPU, or None where it cannot run."""
+    if dtype not in DTYPES:
+        return None
+    lib = load_library()
+    return None if lib is None else NativeStep(lib, model, dtype)

@@ -1,0 +1,153 @@
+"""decode.c's one-sequence step equals the model's cached forward, builds atomically, and steps
+aside where it cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2lab.config import GPTConfig
+from gpt2lab.generate import generate
+from gpt2lab.kernels import native
+from gpt2lab.kernels.cpu_decode import decode_step
+from gpt2lab.model import GPT, KVCache
+
+needs_cc = pytest.mark.skipif(
+    native.load_library() is None, reason="no C compiler here (or GPT2LAB_NATIVE=0)"
+)
+
+
+def gpt(n_embd: int = 64, bias: bool = True, pad: int = 1, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig(
+        block_size=48,
+        vocab_size=101,
+        n_layer=2,
+        n_head=4,
+        n_embd=n_embd,
+        bias=bias,
+        pad_vocab_to=pad,
+    )
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # spread-out logits and non-trivial LayerNorms
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.mul_(6.0)
+            elif name.endswith(".weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.uniform_(-0.2, 0.2)
+    return model
+
+
+def model_logits(model: GPT, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The model's own cached forward, one token at a time: (T, vocab) float32."""
+    cache = KVCache(model.config, 1, model.config.block_size, "cpu", dtype)
+    out = []
+    with torch.no_grad():
+        for t in range(ids.size(1)):
+            logits = model(ids[:, t : t + 1], cache=cache, last_only=True)[0][:, -1]
+            out.append(logits[0, : model.config.vocab_size].float())
+    return torch.stack(out)
+
+
+def native_logits(model: GPT, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    step = native.native_step(model, dtype)
+    cache = KVCache(model.config, 1, model.config.block_size, "cpu", dtype)
+    out = [step.step(ids[:, t : t + 1], cache)[0] for t in range(ids.size(1))]
+    assert cache.pos == ids.size(1)
+    return torch.stack(out)
+
+
+@needs_cc
+@pytest.mark.parametrize("n_embd", [64, 40])  # 40: rows that are no multiple of the vector width
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("pad", [1, 64])
+def test_float32_step_equals_the_model(n_embd: int, bias: bool, pad: int) -> None:
+    model = gpt(n_embd, bias, pad)
+    ids = torch.randint(0, 101, (1, 48), generator=torch.Generator().manual_seed(1))
+    ours, ref = native_logits(model, ids, torch.float32), model_logits(model, ids, torch.float32)
+    assert ours.shape == ref.shape == (48, 101)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_cc
+def test_bfloat16_step_is_as_close_to_float32_as_the_models_bfloat16() -> None:
+    """In bfloat16 our activations and sums stay float32 between products, so we are compared
+    with the float32 model, against the error of the model's own bfloat16 forward on the same
+    weights."""
+    ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(2))
+    bf16 = gpt().to(torch.bfloat16)
+    exact = model_logits(gpt().to(torch.bfloat16).float(), ids, torch.float32)  # same weights
+    ours = native_logits(bf16, ids, torch.bfloat16)
+    theirs = model_logits(bf16, ids, torch.bfloat16)
+    our_err = (ours - exact).abs().max().item()
+    their_err = (theirs - exact).abs().max().item()
+    assert our_err <= their_err * 1.5 + 1e-3, (our_err, their_err)
+    assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.95
+
+
+@needs_cc
+def test_generate_takes_the_c_step_and_matches_the_plain_model() -> None:
+    model = gpt()
+    step = decode_step(model, 1)
+    assert step is not None and step.native is not None
+    idx = torch.randint(0, 101, (1, 5), generator=torch.Generator().manual_seed(3))
+    fast = generate(model, idx, 40, temperature=0)
+    plain = generate(model, idx, 40, temperature=0, kernels=False)
+    assert torch.equal(fast, plain)
+    with torch.no_grad():  # an in-place update: the next generation sees the new weights
+        model.transformer.h[0].mlp.c_fc.weight.mul_(-1.0)
+    plain = generate(model, idx, 40, temperature=0, kernels=False)
+    assert torch.equal(generate(model, idx, 40, temperature=0), plain)
+
+
+@needs_cc
+def test_sampling_draws_the_same_tokens_as_the_plain_model() -> None:
+    model = gpt()
+    idx = torch.randint(0, 101, (1, 3), generator=torch.Generator().manual_seed(4))
+    a = generate(model, idx, 30, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    b = generate(
+        model,
+        idx,
+        30,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(5),
+        kernels=False,
+    )
+    assert torch.equal(a, b)
+
+
+def test_off_switch_and_no_compiler_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    native.load_library.cache_clear()
+    try:
+        monkeypatch.setenv("GPT2LAB_NATIVE", "0")
+        assert native.load_library() is None
+        assert native.native_step(gpt(), torch.float32) is None
+        native.load_library.cache_clear()
+        monkeypatch.delenv("GPT2LAB_NATIVE")
+        monkeypatch.setenv("CC", "no-such-compiler-anywhere")
+        assert native.load_library() is None
+        step = decode_step(gpt(), 1)  # the PyTorch step still runs
+        assert step is not None and step.native is None
+    finally:
+        native.load_library.cache_clear()
+
+
+@needs_cc
+def test_build_is_cached_and_leaves_no_partial_file(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    native.load_library.cache_clear()
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        assert native.load_library() is not None
+        built = list((tmp_path / "gpt2lab" / "native").iterdir())
+        assert len(built) == 1 and built[0].name.startswith("decode-")
+        assert built[0].suffix == ".so"
+        mtime = built[0].stat().st_mtime_ns
+        native.load_library.cache_clear()
+        assert native.load_library() is not None  # loaded again, not rebuilt
+        assert built[0].stat().st_mtime_ns == mtime
+    finally:
+        native.load_library.cache_clear()
