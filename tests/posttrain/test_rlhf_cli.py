@@ -262,3 +262,56 @@ def test_bad_reward_fn_is_one_line(setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("gpt2lab: error: ") for e in err)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_two_gloo_ranks_end_where_one_process_with_the_same_batch_does(setup, tmp_path, algorithm):
+    """torchrun --nproc_per_node 2: each rank samples and scores half of every batch and takes
+    half of every minibatch, DDP all-reduces the gradients, rank 0 alone writes."""
+    flags = [
+        "--train.max_steps=3",
+        "--train.lr=1e-3",
+        "--train.min_lr=1e-3",
+        "--rl.minibatch_size=8",
+        f"--rl.algorithm={algorithm}",
+    ]
+    one = tmp_path / "one"
+    assert cli.main(argv(setup, one, *flags)) == 0
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "gpt2lab",
+        *argv(setup, two, *flags),
+    ]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("done: step 3") == 1  # rank 0 alone reports
+    a = load_file(native.find_latest(one) / "model.safetensors")
+    b = load_file(native.find_latest(two) / "model.safetensors")
+    assert a.keys() == b.keys()
+    # float sums over 2 ranks round differently; AdamW scales such noise up where a gradient
+    # is ~0 (the key bias: softmax ignores it) to ~lr/10 a step, hence a modest lr here
+    moved = load_file(setup[0] / "model.safetensors")
+    assert max((a[k] - moved[k]).abs().max().item() for k in a) > 1e-3  # the runs learned
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    if algorithm == "ppo":
+        va = native.load_optimizer_state(native.find_latest(one))["value_head"]
+        vb = native.load_optimizer_state(native.find_latest(two))["value_head"]
+        for k in va:
+            torch.testing.assert_close(vb[k], va[k], rtol=0, atol=1e-5, msg=k)
+    ra, rb = rows(one), rows(two)
+    assert [x["step"] for x in rb] == [1, 2, 3]  # one metrics.jsonl, rank 0's
+    for x, y in zip(ra, rb):
+        for key in ("reward", "kl", "beta", "entropy", "clip_frac", "approx_kl"):
+            assert y[key] == pytest.approx(x[key], abs=1e-4), key
+    state = native.load_state(native.find_latest(two))
+    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith(".")) == sorted(
+        p.name for p in one.iterdir() if p.name.startswith(".")
+    )

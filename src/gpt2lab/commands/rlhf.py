@@ -120,12 +120,13 @@ def run(args: argparse.Namespace) -> int:
             on_event=broadcast(stop.follow, print_event),
             should_stop=stop.requested,
         )
-    if not args.no_plot and summary.step > 0:
-        print(f"plot: {plot_run(out, 'rlhf')}", file=sys.stderr)
-    print(
-        f"done: step {summary.step}, mean reward {summary.loss:.4f}, "
-        f"{summary.tokens_per_s:,.0f} tokens/s, checkpoint {summary.checkpoint}"
-    )
+    if summary.rank == 0:  # under torchrun, rank 0 alone writes and reports
+        if not args.no_plot and summary.step > 0:
+            print(f"plot: {plot_run(out, 'rlhf')}", file=sys.stderr)
+        print(
+            f"done: step {summary.step}, mean reward {summary.loss:.4f}, "
+            f"{summary.tokens_per_s:,.0f} tokens/s, checkpoint {summary.checkpoint}"
+        )
     return 130 if summary.stopped_by == "signal" else 0
 
 
