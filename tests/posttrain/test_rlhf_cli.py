@@ -16,6 +16,7 @@ import pytest
 import torch
 from rlutil import count_fn, prompts_file, tiny_policy
 from safetensors.torch import load_file
+from trainutil import torchrun
 
 from gpt2lab import cli
 from gpt2lab.checkpoint import native
@@ -278,16 +279,7 @@ def test_two_gloo_ranks_end_where_one_process_with_the_same_batch_does(setup, tm
     one = tmp_path / "one"
     assert cli.main(argv(setup, one, *flags)) == 0
     two = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "gpt2lab",
-        *argv(setup, two, *flags),
-    ]
+    cmd = torchrun(2, *argv(setup, two, *flags))
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("done: step 3") == 1  # rank 0 alone reports

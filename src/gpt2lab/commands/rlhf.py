@@ -32,6 +32,8 @@ gpt2lab rlhf --policy runs/sft --reward runs/rm --prompts p.txt --out runs/fixed
 gpt2lab rlhf --policy runs/sft --reward-fn my_rewards.py:score --prompts p.txt --out runs/grpo \\
     --rl.algorithm=grpo --rl.group_size=8                  # GRPO against your own function
 gpt2lab rlhf --out runs/ppo --resume --train.max_steps=500   # continue exactly
+torchrun --standalone --nproc_per_node=2 -m gpt2lab rlhf --policy runs/sft --reward runs/rm \
+    --prompts p.txt --out runs/ppo2     # DDP: each rank samples its share (batch sizes: multiples)
 gpt2lab plot runs/ppo                                   # reward and KL against steps, reward vs KL
 
 --reward-fn FILE.py:NAME runs NAME(prompt: str, completion: str) -> float from FILE, as Python.
