@@ -307,3 +307,14 @@ def test_two_gloo_ranks_end_where_one_process_with_the_same_batch_does(setup, tm
     assert sorted(p.name for p in two.iterdir() if p.name.startswith(".")) == sorted(
         p.name for p in one.iterdir() if p.name.startswith(".")
     )
+
+
+def test_resuming_on_other_threads_says_it_is_not_bit_exact(setup, tmp_path, capsys):
+    run, fn = tmp_path / "run", setup[2]
+    assert cli.main(argv(setup, run, "--train.max_steps=1")) == 0
+    assert native.load_state(native.find_latest(run))["rl"]["threads"] == 1
+    torch.set_num_threads(2)  # the one_thread fixture puts 1 back
+    resume = ["rlhf", "--out", str(run), "--resume", "--reward-fn", f"{fn}:score"]
+    assert cli.main([*resume, "--train.max_steps=2"]) == 0
+    assert "resuming on 2 torch threads, saved on 1" in capsys.readouterr().err
+    assert native.load_state(native.find_latest(run))["rl"]["threads"] == 2

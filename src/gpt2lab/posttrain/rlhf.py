@@ -187,6 +187,7 @@ class RLState:
     reward_std: float | None = None
     elapsed_s: float = 0.0
     reward_fn: str = ""  # the --reward-fn the run was started with, if any
+    threads: int = 0  # torch threads of the last session (0: not recorded)
 
 
 @dataclass(frozen=True)
@@ -289,6 +290,16 @@ class RLTrainer:
         torch.manual_seed(tc.seed + world.rank)
         if rng_per_rank is not None and (note := build.restore_rng_per_rank(rng_per_rank, world)):
             self.emit(WarningEvent(note))
+        threads = torch.get_num_threads()
+        if ckpt is not None and self.state.threads not in (0, threads):
+            self.emit(
+                WarningEvent(
+                    f"resuming on {threads} torch threads, saved on {self.state.threads}: the "
+                    "run goes on, but float sums round differently, so not bit for bit as an "
+                    "uninterrupted run (set OMP_NUM_THREADS to match)"
+                )
+            )
+        self.state.threads = threads
 
     def check(self, cfg: Config) -> None:
         """What the config must hold before anything is loaded."""
