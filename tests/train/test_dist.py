@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainutil import tiny_config
+from trainutil import tiny_config, torchrun
 
 from gpt2lab import cli
 from gpt2lab.checkpoint import native
@@ -114,14 +114,8 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_accumulation(
         == 0
     )
     two = tmp_path / "two"
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "gpt2lab",
+    argv = torchrun(
+        2,
         "train",
         "--config",
         str(cfg),
@@ -129,7 +123,7 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_accumulation(
         str(two),
         "--no-plot",
         "--train.grad_accum_steps=1",
-    ]
+    )
     r = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _weights(one), _weights(two)

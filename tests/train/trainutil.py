@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,9 @@ def cli_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
         "--train.micro_batch_size=2",
         *extra,
     ]
+
+
+def torchrun(ranks: int, *gpt2lab_args: str) -> list[str]:
+    """The command line of `torchrun --standalone --nproc_per_node RANKS -m gpt2lab ...`."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*run, f"--nproc_per_node={ranks}", "-m", "gpt2lab", *gpt2lab_args]

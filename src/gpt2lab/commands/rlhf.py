@@ -32,6 +32,8 @@ gpt2lab rlhf --policy runs/sft --reward runs/rm --prompts p.txt --out runs/fixed
 gpt2lab rlhf --policy runs/sft --reward-fn my_rewards.py:score --prompts p.txt --out runs/grpo \\
     --rl.algorithm=grpo --rl.group_size=8                  # GRPO against your own function
 gpt2lab rlhf --out runs/ppo --resume --train.max_steps=500   # continue exactly
+torchrun --standalone --nproc_per_node=2 -m gpt2lab rlhf --policy runs/sft --reward runs/rm \
+    --prompts p.txt --out runs/ppo2     # DDP: each rank samples its share (batch sizes: multiples)
 gpt2lab plot runs/ppo                                   # reward and KL against steps, reward vs KL
 
 --reward-fn FILE.py:NAME runs NAME(prompt: str, completion: str) -> float from FILE, as Python.
@@ -120,12 +122,13 @@ def run(args: argparse.Namespace) -> int:
             on_event=broadcast(stop.follow, print_event),
             should_stop=stop.requested,
         )
-    if not args.no_plot and summary.step > 0:
-        print(f"plot: {plot_run(out, 'rlhf')}", file=sys.stderr)
-    print(
-        f"done: step {summary.step}, mean reward {summary.loss:.4f}, "
-        f"{summary.tokens_per_s:,.0f} tokens/s, checkpoint {summary.checkpoint}"
-    )
+    if summary.rank == 0:  # under torchrun, rank 0 alone writes and reports
+        if not args.no_plot and summary.step > 0:
+            print(f"plot: {plot_run(out, 'rlhf')}", file=sys.stderr)
+        print(
+            f"done: step {summary.step}, mean reward {summary.loss:.4f}, "
+            f"{summary.tokens_per_s:,.0f} tokens/s, checkpoint {summary.checkpoint}"
+        )
     return 130 if summary.stopped_by == "signal" else 0
 
 

@@ -29,16 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2lab.checkpoint import native
 from gpt2lab.checkpoint.load import load_model
 from gpt2lab.checkpoint.weights import load_model_safetensors
-from gpt2lab.config import Config, merge, to_dict, to_toml
+from gpt2lab.config import Config, merge, to_dict
 from gpt2lab.data.records import read_prompts
 from gpt2lab.device import autocast, pick_device, pick_dtype
 from gpt2lab.errors import ConfigError, DataError, TrainingError, mark_key
-from gpt2lab.io import atomic_write_text
 from gpt2lab.outdir import OutputDir
 from gpt2lab.posttrain.common import pick_template
 from gpt2lab.posttrain.kl import KLController, kl_k1, kl_k3
@@ -52,9 +52,10 @@ from gpt2lab.posttrain.ppo import (
     whiten,
 )
 from gpt2lab.posttrain.reward import RewardModel, load_reward_model
-from gpt2lab.posttrain.rollout import Rollouts, sample, score_tokens
+from gpt2lab.posttrain.rollout import PolicyValue, Rollouts, concat, sample, score_tokens
 from gpt2lab.tokenizer.chat import ChatTemplate
 from gpt2lab.train import build
+from gpt2lab.train.dist import Dist, all_reduce_sum, barrier, gather, setup_ddp, teardown, wrap
 from gpt2lab.train.events import (
     CheckpointEvent,
     DoneEvent,
@@ -186,6 +187,7 @@ class RLState:
     reward_std: float | None = None
     elapsed_s: float = 0.0
     reward_fn: str = ""  # the --reward-fn the run was started with, if any
+    threads: int = 0  # torch threads of the last session (0: not recorded)
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,14 @@ class RLOptions:
 
 
 class RLTrainer:
-    """One RL run in RUN_DIR: policy (+ value head), frozen reference, scorer, prompts."""
+    """One RL run in RUN_DIR: policy (+ value head), frozen reference, scorer, prompts.
+
+    Under torchrun (`world`, from `train.dist.setup_ddp`) every rank samples and scores its
+    share of each step's rollouts; the shares are gathered, so every rank holds the whole batch
+    and computes the same rewards, advantages and beta; each minibatch is split over the ranks,
+    whose gradients DDP all-reduces. Only rank 0 writes (checkpoints, metrics.jsonl). Each reply
+    is drawn from its own generator, seeded by the step and its row, and the minibatch shuffles
+    by the step and epoch: a run ends where one process with the same batch does."""
 
     def __init__(
         self,
@@ -210,31 +219,23 @@ class RLTrainer:
         reward_fn_spec: str = "",
         template: ChatTemplate | None = None,
         claim: OutputDir | None = None,
+        world: Dist | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        """`claim` is RUN_DIR taken by `rlhf()`; without it, it is taken here (and kept)."""
+        """`claim` is RUN_DIR taken by `rlhf()` (rank 0); without it rank 0 takes it here."""
         self.options = options or RLOptions()
+        self.world = world = world or Dist()
         self.run_dir = Path(run_dir)
-        if claim is None:
+        if claim is None and world.is_main:
             claim = build.claim_run_dir(self.run_dir, [cfg.train.init_from], command="rlhf")
         self.claim = claim
         self.template = template
         self.scorer, self.prompts, self.stop_ids = scorer, prompts, list(stop_ids)
         rc, tc = cfg.rl, cfg.train
-        if not prompts.texts:
-            raise DataError("no prompts", "at least one prompt", "check --prompts")
-        if rc.algorithm == "grpo" and rc.group_size < 2:
-            raise ConfigError(
-                f"{mark_key('rl.group_size', rc.group_size)} with GRPO",
-                "at least 2 samples per prompt (advantages compare them)",
-                f"set {mark_key('rl.group_size', 4)}",
-            )
+        self.check(cfg)
         build.prepare_run_dir(self.run_dir, self.options.resume, self.options.overwrite)
         ckpt = native.require_latest(self.run_dir) if self.options.resume else None
-        if not tc.init_from:
-            raise ConfigError(
-                "no policy to start from", f"{mark_key('policy')} (an SFT run directory)"
-            )
-        self.device = pick_device(tc.device)
+        self.device = device or pick_device(tc.device)
         self.dtype = pick_dtype(tc.dtype, self.device)
         # the reference: the starting policy, frozen; the policy: it, or the checkpoint's weights
         ref, self.tok = load_model(tc.init_from, device="cpu", dtype=torch.float32)
@@ -246,20 +247,19 @@ class RLTrainer:
         self.ref = ref.to(self.device).eval().requires_grad_(False)
         self.policy.to(self.device).eval()  # no dropout in rollouts nor in updates
         self.value_head: nn.Linear | None = None
-        parts: dict[str, nn.Module] = {"policy": self.policy}
         if rc.algorithm == "ppo":
             self.value_head = nn.Linear(cfg.model.n_embd, 1).to(self.device)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
-            parts["value_head"] = self.value_head
-        self.trainable = nn.ModuleDict(parts)
-        self.opt = configure_optimizer(self.trainable, tc, self.device)
+        self.raw = PolicyValue(self.policy, self.value_head)
+        self.model = wrap(self.raw, "ddp", world, self.device)  # DDP under torchrun
+        self.opt = configure_optimizer(self.raw, tc, self.device)
         self.ctl = KLController(
             rc.kl_coef, rc.target_kl if rc.target_kl > 0 else None, rc.kl_horizon
         )
         self.state = RLState(beta=rc.kl_coef, reward_fn=reward_fn_spec)
         self.step = 0
-        rng = None
+        rng_per_rank = None
         if ckpt is not None:
             saved = native.load_state(ckpt)
             self.step = int(saved["step"])
@@ -275,35 +275,63 @@ class RLTrainer:
             self.opt.load_state_dict(extra["optimizer"])
             if self.value_head is not None:
                 self.value_head.load_state_dict(extra["value_head"])
-            rng = saved["rng_per_rank"][0]
-        if self.options.resume is False:
-            self._write_run_dir(self.options.overwrite)
-        self.metrics = MetricsLog(
-            self.run_dir,
-            self.step if ckpt is not None else None,
-            tc.tensorboard,
-            tc.wandb,
-            to_dict(cfg),
-        )
-        if rng is not None:
-            native.restore_rng(rng)
-        else:
-            torch.manual_seed(tc.seed)
+            rng_per_rank = saved["rng_per_rank"]
+        # ---- from here on the run directory is ours (once every rank has checked it) ----
+        barrier(world)
+        if world.is_main and not self.options.resume:
+            assert self.claim is not None
+            build.write_run_dir(self.claim, cfg, self.tok, self.options.overwrite)
+        self.metrics = None
+        if world.is_main:
+            resumed_at = self.step if ckpt is not None else None
+            self.metrics = MetricsLog(
+                self.run_dir, resumed_at, tc.tensorboard, tc.wandb, to_dict(cfg)
+            )
+        torch.manual_seed(tc.seed + world.rank)
+        if rng_per_rank is not None and (note := build.restore_rng_per_rank(rng_per_rank, world)):
+            self.emit(WarningEvent(note))
+        threads = torch.get_num_threads()
+        if ckpt is not None and self.state.threads not in (0, threads):
+            self.emit(
+                WarningEvent(
+                    f"resuming on {threads} torch threads, saved on {self.state.threads}: the "
+                    "run goes on, but float sums round differently, so not bit for bit as an "
+                    "uninterrupted run (set OMP_NUM_THREADS to match)"
+                )
+            )
+        self.state.threads = threads
 
-    def _write_run_dir(self, clear: bool) -> None:
-        if clear:
-            build.clear_run_dir(self.claim)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in build.RUN_ENTRIES:  # refused if one exists that gpt2lab did not write
-            self.claim.claim_file(name)
-        if self.cfg.train.tensorboard:
-            self.claim.claim_file("tb")
-        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
-        if self.tok is not None and not (self.run_dir / "tokenizer").is_dir():
-            self.tok.save(str(self.run_dir / "tokenizer"))
+    def check(self, cfg: Config) -> None:
+        """What the config must hold before anything is loaded."""
+        rc, tc, ranks = cfg.rl, cfg.train, self.world.world_size
+        if not self.prompts.texts:
+            raise DataError("no prompts", "at least one prompt", "check --prompts")
+        if not tc.init_from:
+            raise ConfigError(
+                "no policy to start from", f"{mark_key('policy')} (an SFT run directory)"
+            )
+        if rc.algorithm == "grpo" and rc.group_size < 2:
+            raise ConfigError(
+                f"{mark_key('rl.group_size', rc.group_size)} with GRPO",
+                "at least 2 samples per prompt (advantages compare them)",
+                f"set {mark_key('rl.group_size', 4)}",
+            )
+        if self.world.enabled and tc.strategy == "fsdp":
+            raise ConfigError(
+                f"{mark_key('train.strategy', 'fsdp')} for RL",
+                "DDP: each rank holds the policy, the reference and the sampler's caches",
+                f"set {mark_key('train.strategy', 'ddp')}",
+            )
+        for key, value in (("batch_size", rc.batch_size), ("minibatch_size", rc.minibatch_size)):
+            if value % ranks:
+                raise ConfigError(
+                    f"{mark_key('rl.' + key, value)} on {ranks} ranks",
+                    "a multiple of the number of ranks (each takes an equal share)",
+                    f"set {mark_key('rl.' + key, max(ranks, value // ranks * ranks))}",
+                )
 
     def emit(self, event: Event) -> None:
-        if self.options.on_event is not None:
+        if self.options.on_event is not None and self.world.is_main:
             self.options.on_event(event)
 
     # ----------------------------------------------------------------- the loop
@@ -316,11 +344,16 @@ class RLTrainer:
         while self.step < tc.max_steps:
             row = self.rl_step()
             self.step += 1
-            self.metrics.write(row)
+            if self.metrics is not None:
+                self.metrics.write(row)
             self.emit(StepEvent(self.step, dict(row)))
-            if self.options.should_stop is not None and self.options.should_stop():
+            # every rank takes the same decision: a signal to any, the mean clock
+            asked = self.options.should_stop is not None and self.options.should_stop()
+            flags = torch.tensor([float(asked), self.state.elapsed_s], device=self.device)
+            stop, clock = all_reduce_sum(flags, self.world).tolist()
+            if stop > 0:
                 stopped_by = "signal"
-            elif tc.max_minutes > 0 and self.state.elapsed_s >= tc.max_minutes * 60:
+            elif 0 < tc.max_minutes * 60 <= clock / self.world.world_size:
                 stopped_by = "max_minutes"
             elif self.step >= tc.max_steps:
                 stopped_by = "max_steps"
@@ -328,7 +361,8 @@ class RLTrainer:
                 checkpoint = self.save()
             if stopped_by:
                 break
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         elapsed = time.perf_counter() - t0
         summary = TrainSummary(
             run_dir=str(self.run_dir),
@@ -343,6 +377,7 @@ class RLTrainer:
             elapsed_s=elapsed,
             checkpoint=str(checkpoint) if checkpoint else None,
             stopped_by=stopped_by or "max_steps",
+            rank=self.world.rank,
         )
         if self.step == first and first >= tc.max_steps:
             self.emit(
@@ -366,36 +401,49 @@ class RLTrainer:
                 self.state.epoch, self.state.position = self.state.epoch + 1, 0
         return out
 
+    def generator(self, purpose: int, index: int, device: torch.device | str = "cpu"):
+        """A generator of this step's draws for `purpose` (0: a rollout row, 1: an epoch's
+        shuffle) and `index`: the same on every rank, and after a resume."""
+        seed = self.cfg.train.seed
+        for part in (self.step, purpose, index):
+            seed = (seed * 1_000_003 + part) % (2**63 - 1)
+        return torch.Generator(device=device).manual_seed(seed)
+
     def rl_step(self) -> dict[str, Any]:
         """One rollout batch and its updates; returns the metrics row."""
-        rc = self.cfg.rl
+        rc, world = self.cfg.rl, self.world
         t0 = time.perf_counter()
         chosen = self.next_prompts()
         if rc.algorithm == "grpo":
             chosen = [i for i in chosen for _ in range(rc.group_size)]
-        texts = [self.prompts.texts[i] for i in chosen]
-        ids = [self.prompts.ids[i] for i in chosen]
+        share = len(chosen) // world.world_size
+        rows = range(world.rank * share, (world.rank + 1) * share)  # this rank's rollouts
+        texts = [self.prompts.texts[chosen[r]] for r in rows]
         vocab = getattr(self.tok, "n_vocab", None)
+        pad = self.stop_ids[0] if self.stop_ids else 0
         with autocast(self.device, self.dtype):
-            batch = sample(
+            local = sample(
                 self.policy,
-                ids,
+                [self.prompts.ids[chosen[r]] for r in rows],
                 rc.max_new_tokens,
                 self.stop_ids,
                 rc.temperature,
                 vocab_size=vocab,
-                pad_id=self.stop_ids[0] if self.stop_ids else 0,
+                pad_id=pad,
+                generators=[self.generator(0, r, self.device) for r in rows],
             )
-        replies = [self.reply_text(batch, i) for i in range(len(texts))]
-        raw = self.scorer(batch, texts, replies).float()
+        replies = [self.reply_text(local, i) for i in range(len(texts))]
+        raw = self.scorer(local, texts, replies).float()
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            old_logp, ent, old_values = score_tokens(self.raw, local, None, rc.temperature, vocab)
+            ref_logp, _, _ = score_tokens(self.ref, local, None, rc.temperature, vocab)
+        per_token = [old_logp, ent, ref_logp] + ([old_values] if old_values is not None else [])
+        batch, raw, per_token = self.gather(local, raw, per_token, pad)
+        old_logp, ent, ref_logp = per_token[:3]
+        old_values = per_token[3] if len(per_token) > 3 else None
         scores = self.normalize(raw)
         mask = batch.response_mask.to(self.device)
         fmask = mask.float()
-        with torch.no_grad(), autocast(self.device, self.dtype):
-            old_logp, ent, old_values = score_tokens(
-                self.policy, batch, self.value_head, rc.temperature, vocab
-            )
-            ref_logp, _, _ = score_tokens(self.ref, batch, None, rc.temperature, vocab)
         kl = kl_k1(old_logp, ref_logp) * fmask
         kl_per_reply = kl.sum(1)
         beta = self.ctl.beta
@@ -425,6 +473,22 @@ class RLTrainer:
             "approx_kl": stats["approx_kl"],
             "tokens_per_s": batch.n_tokens / elapsed,
         }
+
+    def gather(
+        self, local: Rollouts, raw: Tensor, per_token: list[Tensor], pad_id: int
+    ) -> tuple[Rollouts, Tensor, list[Tensor]]:
+        """Every rank's rollouts, scores and per-token values, in rank order (one process: its
+        own). Replies are right-padded to the longest; per-token values with zeros."""
+        if not self.world.enabled:
+            return local, raw, per_token
+        parts = gather((local, raw.cpu(), [t.cpu() for t in per_token]), self.world)
+        batch = concat([p[0] for p in parts], pad_id)
+        L = batch.response.size(1)
+        merged = [
+            torch.cat([F.pad(p[2][i], (0, L - p[2][i].size(1))) for p in parts]).to(self.device)
+            for i in range(len(per_token))
+        ]
+        return batch, torch.cat([p[1] for p in parts]), merged
 
     def reply_text(self, batch: Rollouts, row: int) -> str:
         """A reply as text, without the token that ended it."""
@@ -459,58 +523,75 @@ class RLTrainer:
         returns: Tensor | None,
         beta: float,
     ) -> dict[str, float | None]:
-        """`rl.epochs` shuffled passes of minibatch steps; returns the mean diagnostics."""
-        rc, tc = self.cfg.rl, self.cfg.train
+        """`rl.epochs` shuffled passes of minibatch steps; returns the mean diagnostics.
+
+        Each minibatch is split evenly over the ranks; a rank's loss is weighted by its share
+        of the minibatch's tokens, so DDP's mean of the gradients is the whole minibatch's."""
+        rc, tc, world = self.cfg.rl, self.cfg.train, self.world
         n = batch.query.size(0)
-        params = [p for p in self.trainable.parameters() if p.requires_grad]
-        sums = {"clip_frac": 0.0, "approx_kl": 0.0, "value_loss": 0.0}
+        params = [p for p in self.raw.parameters() if p.requires_grad]
+        sums = torch.zeros(3, dtype=torch.float64)  # clip_frac, approx_kl, value_loss
         count = 0
         lr = lr_at(self.step, tc)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        for _ in range(rc.epochs):
-            order = torch.randperm(n)
+        for epoch in range(rc.epochs):
+            order = torch.randperm(n, generator=self.generator(1, epoch))
             for start in range(0, n, rc.minibatch_size):
                 rows = order[start : start + rc.minibatch_size]
-                sub = batch.select(rows)
-                dev_rows = rows.to(self.device)
+                share = rows.numel() // world.world_size
+                mine = rows[world.rank * share : (world.rank + 1) * share]
+                sub = batch.select(mine)
+                dev_rows = mine.to(self.device)
                 mask = sub.response_mask.to(self.device)
+                # this rank's share of the minibatch's tokens (1 for one process)
+                weight = sub.n_tokens / max(int(batch.response_mask[rows].sum()), 1)
                 with autocast(self.device, self.dtype):
                     logp, ent, values = score_tokens(
-                        self.policy,
+                        self.model,
                         sub,
-                        self.value_head,
+                        None,
                         rc.temperature,
                         getattr(self.tok, "n_vocab", None),
                     )
                 pl = policy_loss(logp, old_logp[dev_rows], adv[dev_rows], mask, rc.clip)
                 loss = pl.loss
+                vl = None
                 if values is not None and old_values is not None and returns is not None:
                     vl = value_loss(
                         values, old_values[dev_rows], returns[dev_rows], mask, rc.value_clip
                     )
                     loss = loss + rc.value_coef * vl
-                    sums["value_loss"] += vl.item()
                 if rc.algorithm == "grpo" and beta > 0:
                     loss = loss + beta * masked_mean(kl_k3(logp, ref_logp[dev_rows]), mask)
                 if rc.entropy_coef:
                     loss = loss - rc.entropy_coef * masked_mean(ent, mask)
+                if world.enabled:
+                    loss = loss * (weight * world.world_size)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(
                     params, tc.grad_clip if tc.grad_clip > 0 else math.inf
                 )
                 self.opt.step()
-                sums["clip_frac"] += pl.clip_frac.item()
-                sums["approx_kl"] += pl.approx_kl.item()
+                sums += weight * torch.tensor(
+                    [pl.clip_frac.item(), pl.approx_kl.item(), vl.item() if vl is not None else 0]
+                )
                 count += 1
-        out: dict[str, float | None] = {k: v / max(count, 1) for k, v in sums.items()}
+        sums = all_reduce_sum(sums, world) / max(count, 1)
+        out: dict[str, float | None] = dict(
+            zip(("clip_frac", "approx_kl", "value_loss"), sums.tolist())
+        )
         if self.value_head is None:
             out["value_loss"] = None
         return out
 
-    def save(self) -> Path:
-        """A trainer checkpoint: the policy as a plain GPT; optimizer + value head; the state."""
+    def save(self) -> Path | None:
+        """A trainer checkpoint: the policy as a plain GPT; optimizer + value head; the state.
+        Every rank joins (its RNGs are gathered); rank 0 writes."""
+        rng_per_rank = gather(native.capture_rng(), self.world)
+        if not self.world.is_main:
+            return None
         extra: dict[str, Any] = {"optimizer": self.opt.state_dict()}
         if self.value_head is not None:
             extra["value_head"] = self.value_head.state_dict()
@@ -519,8 +600,9 @@ class RLTrainer:
             "tokenizer": "tokenizer",
             "val_loss": None,
             "rl": asdict(self.state),
-            "rng_per_rank": [native.capture_rng()],
+            "rng_per_rank": rng_per_rank,
             "elapsed_s": self.state.elapsed_s,
+            "world_size": self.world.world_size,
         }
         path = native.save_checkpoint(
             self.run_dir,
@@ -546,7 +628,7 @@ class RLTrainer:
             micro_batch_size=rc.minibatch_size,
             block_size=self.cfg.model.block_size,
             grad_accum_steps=1,
-            world_size=1,
+            world_size=self.world.world_size,
             tokens_per_step=rollouts * rc.max_new_tokens,
             memory="",
             device=str(self.device),
@@ -574,16 +656,21 @@ def rlhf(
     run_dir = Path(run_dir)
     rc = cfg.rl
     inputs = [cfg.train.init_from, rc.reward_model, rc.prompts, reward_fn.rpartition(":")[0]]
-    claim = build.claim_run_dir(run_dir, inputs, command="rlhf")  # before anything is read
+    world, device = setup_ddp(cfg.train.device)  # torchrun's ranks, if any
+    claim = None
     try:
+        claim = build.claim_for_ranks(run_dir, inputs, world, device, command="rlhf")
         options = RLOptions(resume, overwrite, on_event, should_stop)
-        return _rlhf(cfg, run_dir, claim, options, reward_fn, prompts).run()
+        # no name for the trainer: it (DDP) must be gone before teardown() below
+        return _rlhf(cfg, run_dir, claim, options, reward_fn, prompts, world, device).run()
     except BaseException:
-        if claim.created and not native.list_checkpoints(run_dir):
+        if claim is not None and claim.created and not native.list_checkpoints(run_dir):
             claim.discard()  # a run that failed before its first checkpoint leaves no trace
         raise
     finally:
-        claim.release()
+        if claim is not None:
+            claim.release()
+        teardown()
 
 
 def _rlhf(
@@ -593,6 +680,8 @@ def _rlhf(
     options: RLOptions,
     reward_fn: str,
     prompts: Sequence[str] | None,
+    world: Dist,
+    device: torch.device,
 ) -> RLTrainer:
     rc = cfg.rl
     policy_tok = load_model(cfg.train.init_from, device="cpu")[1] if cfg.train.init_from else None
@@ -618,7 +707,7 @@ def _rlhf(
     if reward_fn:
         scorer = Scorer(fn=load_reward_fn(reward_fn), name=reward_fn)
     elif rc.reward_model:
-        rm = load_reward_model(rc.reward_model, device=pick_device(cfg.train.device))
+        rm = load_reward_model(rc.reward_model, device=device)
         same = rm.tokenizer is not None and build.tokenizers_match(rm.tokenizer, policy_tok)
         scorer = Scorer(rm=rm, same_tokenizer=same, batch_size=rc.minibatch_size)
     else:
@@ -629,7 +718,17 @@ def _rlhf(
         )
     stops = stop_ids(policy_tok, template)
     return RLTrainer(
-        cfg, run_dir, scorer, PromptSet(texts, ids), stops, options, reward_fn, template, claim
+        cfg,
+        run_dir,
+        scorer,
+        PromptSet(texts, ids),
+        stops,
+        options,
+        reward_fn,
+        template,
+        claim,
+        world,
+        device,
     )
 
 

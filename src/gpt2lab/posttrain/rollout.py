@@ -51,6 +51,23 @@ class Rollouts:
         return int(self.response_mask.sum())
 
 
+def concat(parts: Sequence[Rollouts], pad_id: int) -> Rollouts:
+    """The rows of several batches in one: prompts left-padded, replies right-padded to the
+    longest."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(r.query.size(1) for r in parts)
+    L = max(r.response.size(1) for r in parts)
+    pad = torch.nn.functional.pad
+    return Rollouts(
+        torch.cat([pad(r.query, (P - r.query.size(1), 0), value=pad_id) for r in parts]),
+        torch.cat([pad(r.query_mask, (P - r.query.size(1), 0)) for r in parts]),
+        torch.cat([pad(r.response, (0, L - r.response.size(1)), value=pad_id) for r in parts]),
+        torch.cat([pad(r.response_mask, (0, L - r.response.size(1))) for r in parts]),
+        [f for r in parts for f in r.finish],
+    )
+
+
 def crop_prompt(ids: Sequence[int], block_size: int) -> list[int]:
     """A prompt's last block_size - 1 tokens: room for at least one reply token."""
     return list(ids)[-(block_size - 1) :]
@@ -77,50 +94,39 @@ def sample(
     vocab_size: int | None = None,
     pad_id: int = 0,
     kernels: bool = True,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> Rollouts:
     """Sample one reply per prompt (ids) with the batched sampler; see the module docstring.
 
     Prompts whose lengths differ by more than an eighth of the context are sampled in separate
     batches (shortest first), so a long prompt does not take a short one's room in the context.
+    `generators` (one per prompt) make each reply's draws its own, whatever else is sampled
+    beside it; without them the draws come from torch's global generator.
     """
     block = policy.config.block_size
     cropped = [crop_prompt(p, block) for p in prompts]
-    parts = []
+    rows_of, parts = [], []
     for rows in length_groups([len(p) for p in cropped], block // 8):
-        group = [cropped[i] for i in rows]
+        rows_of += rows
         parts.append(
-            (
-                rows,
-                _sample_batch(
-                    policy,
-                    group,
-                    max_new_tokens,
-                    stop_ids,
-                    temperature,
-                    vocab_size,
-                    pad_id,
-                    kernels,
-                ),
+            _sample_batch(
+                policy,
+                [cropped[i] for i in rows],
+                max_new_tokens,
+                stop_ids,
+                temperature,
+                vocab_size,
+                pad_id,
+                kernels,
+                None if generators is None else [generators[i] for i in rows],
             )
         )
-    if len(parts) == 1 and parts[0][0] == list(range(len(prompts))):
-        return parts[0][1]
-    B = len(prompts)
-    P = max(r.query.size(1) for _, r in parts)
-    L = max(r.response.size(1) for _, r in parts)
-    query = torch.full((B, P), pad_id, dtype=torch.long)
-    qmask = torch.zeros((B, P), dtype=torch.bool)
-    response = torch.full((B, L), pad_id, dtype=torch.long)
-    rmask = torch.zeros((B, L), dtype=torch.bool)
-    finish = [""] * B
-    for rows, r in parts:
-        at = torch.tensor(rows)
-        p, n = r.query.size(1), r.response.size(1)
-        query[at, P - p :], qmask[at, P - p :] = r.query, r.query_mask
-        response[at, :n], rmask[at, :n] = r.response, r.response_mask
-        for j, row in enumerate(rows):
-            finish[row] = r.finish[j]
-    return Rollouts(query, qmask, response, rmask, finish)
+    merged = concat(parts, pad_id)
+    if rows_of == list(range(len(prompts))):
+        return merged
+    back = torch.empty(len(rows_of), dtype=torch.long)
+    back[torch.tensor(rows_of)] = torch.arange(len(rows_of))
+    return merged.select(back)
 
 
 def _sample_batch(
@@ -132,6 +138,7 @@ def _sample_batch(
     vocab_size: int | None,
     pad_id: int,
     kernels: bool,
+    generators: Sequence[torch.Generator] | None,
 ) -> Rollouts:
     """One left-padded batch through `iter_tokens`; replies laid out right-padded."""
     block = policy.config.block_size
@@ -146,6 +153,7 @@ def _sample_batch(
         eos_token_id=list(stop_ids) or None,
         vocab_size=vocab_size,
         kernels=kernels,
+        generator=generators,
     )
     tokens = [t.cpu() for t in steps]
     B = idx.size(0)
@@ -164,8 +172,25 @@ def _sample_batch(
     return Rollouts(idx, qmask, response, before, finish)
 
 
+class PolicyValue(nn.Module):
+    """A policy and its value head (or none) as one module: what DDP wraps in RL training.
+
+    `forward(idx, mask, keep)` -> (logits, values) at the last `keep` positions, the values
+    read by the head from the policy's final hidden states (after ln_f)."""
+
+    def __init__(self, policy: GPT, value_head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, idx: Tensor, mask: Tensor, keep: int) -> tuple[Tensor, Tensor | None]:
+        logits, hidden = forward_hidden(self.policy, idx, mask, logits_to_keep=keep)
+        if self.value_head is None:
+            return logits, None
+        return logits, self.value_head(hidden[:, -keep:].float()).squeeze(-1)
+
+
 def score_tokens(
-    model: GPT,
+    model: nn.Module,
     batch: Rollouts,
     value_head: nn.Module | None = None,
     temperature: float = 1.0,
@@ -175,21 +200,22 @@ def score_tokens(
 
     One forward pass over prompt + reply; the log-probabilities are those of the distribution
     the replies were sampled from (logits / temperature, cut to `vocab_size`). `values[:, t]`
-    is the value head at the position that predicts reply token t.
+    is the value head at the position that predicts reply token t. `model` is a GPT (with
+    `value_head` beside it) or a `PolicyValue` (possibly wrapped by DDP).
     """
-    P, L = batch.query.size(1), batch.response.size(1)
+    L = batch.response.size(1)
+    if isinstance(model, GPT):
+        model = PolicyValue(model, value_head)
     device = next(model.parameters()).device
     idx = torch.cat([batch.query, batch.response], dim=1).to(device)
     mask = torch.cat([batch.query_mask, batch.response_mask], dim=1).to(device)
-    logits, hidden = forward_hidden(model, idx, mask, logits_to_keep=L + 1)
-    logits = logits[:, :-1]  # the positions P-1 .. P+L-2 predict reply tokens 0 .. L-1
+    logits, values = model(idx, mask, L + 1)
+    # the positions P-1 .. P+L-2 predict reply tokens 0 .. L-1
+    logits = logits[:, :-1]
     if vocab_size is not None and vocab_size < logits.size(-1):
         logits = logits[..., :vocab_size]
     logits = logits.float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, batch.response.to(device)[..., None]).squeeze(-1)
     ent = entropy_of(logits)
-    values = None
-    if value_head is not None:
-        values = value_head(hidden[:, P - 1 : P + L - 1].float()).squeeze(-1)
-    return logp, ent, values
+    return logp, ent, None if values is None else values[:, :-1]

@@ -26,6 +26,7 @@ from gpt2lab.config import (
     flatten,
     from_dict,
     to_dict,
+    to_toml,
 )
 from gpt2lab.data import load_data_tokenizer, load_meta, prepare
 from gpt2lab.data.loader import BatchLoader
@@ -33,13 +34,21 @@ from gpt2lab.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    GPT2LabError,
     TokenizerError,
     TrainingError,
     mark_key,
 )
+from gpt2lab.io import atomic_write_text
 from gpt2lab.model import GPT
 from gpt2lab.outdir import INFRA, OutputDir, claim_output_dir
-from gpt2lab.train.dist import Dist, launched_world_size, load_optimizer_state, wrap
+from gpt2lab.train.dist import (
+    Dist,
+    all_reduce_sum,
+    launched_world_size,
+    load_optimizer_state,
+    wrap,
+)
 from gpt2lab.train.memory import estimate_memory
 from gpt2lab.train.recipe import apply_freeze, configure_optimizer
 from gpt2lab.train.state import TrainState
@@ -188,6 +197,54 @@ def claim_run_dir(
     )
 
 
+def claim_for_ranks(
+    run_dir: Path,
+    inputs: list[Any],
+    world: Dist,
+    device: torch.device,
+    command: str = "train",
+) -> OutputDir | None:
+    """Rank 0 takes RUN_DIR (lock, marker); every rank learns if it could, so none waits alone.
+
+    Returns the claim on rank 0, None on the others; raises on every rank if rank 0 failed."""
+    claim, error = None, None
+    if world.is_main:
+        try:
+            claim = claim_run_dir(run_dir, inputs, command=command)
+        except GPT2LabError as e:
+            error = e
+    if world.enabled:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+        failed = all_reduce_sum(flag, world).item() > 0
+        if failed and error is None:
+            if claim is not None:
+                claim.release()
+            raise TrainingError(
+                f"rank 0 could not take the run directory {run_dir}",
+                None,
+                "see rank 0's error above",
+            )
+    if error is not None:
+        raise error
+    return claim
+
+
+def write_run_dir(claim: OutputDir, cfg: Config, tokenizer: Any, clear: bool) -> None:
+    """Rank 0, once every check passed: claim the run's entries (refused where one exists that
+    gpt2lab did not write), write config.toml and the tokenizer (clear: an earlier run first)."""
+    run_dir = claim.path
+    if clear:
+        clear_run_dir(claim)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_ENTRIES:
+        claim.claim_file(name)
+    if cfg.train.tensorboard:
+        claim.claim_file("tb")
+    atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+    if tokenizer is not None and not (run_dir / "tokenizer").is_dir():
+        tokenizer.save(str(run_dir / "tokenizer"))
+
+
 def adopt_legacy_run(run_dir: Path) -> list[str] | None:
     """A run directory an older gpt2lab (before markers) wrote: a `latest` pointer or complete
     checkpoints whose state.json holds a config. Its usual entries are adopted; nothing else."""
@@ -290,12 +347,17 @@ def restore_loader_and_rng(loader: BatchLoader, state: TrainState, world: Dist) 
     """
     data = state.data_per_rank
     loader.load_state_dict(data[world.rank] if len(data) == world.world_size else data[0])
-    if len(state.rng_per_rank) == world.world_size:
-        native.restore_rng(state.rng_per_rank[world.rank])
+    return restore_rng_per_rank(state.rng_per_rank, world)
+
+
+def restore_rng_per_rank(rng_per_rank: list[dict[str, Any]], world: Dist) -> str | None:
+    """This rank's saved RNGs; a note instead when they were saved on another number of ranks."""
+    if len(rng_per_rank) == world.world_size:
+        native.restore_rng(rng_per_rank[world.rank])
         return None
     return (
-        f"note: resuming on {world.world_size} ranks, saved on {len(state.rng_per_rank)}: "
-        "dropout draws will differ from an uninterrupted run"
+        f"note: resuming on {world.world_size} ranks, saved on {len(rng_per_rank)}: "
+        "random draws will differ from an uninterrupted run"
     )
 
 

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from gpt2lab.checkpoint import native
-from gpt2lab.config import Config, merge, to_dict, to_toml
+from gpt2lab.config import Config, merge, to_dict
 from gpt2lab.device import autocast, pick_dtype
-from gpt2lab.errors import GPT2LabError, TrainingError, mark_key
+from gpt2lab.errors import TrainingError, mark_key
 from gpt2lab.generate import PREVIEW_SAMPLING, generate
-from gpt2lab.io import atomic_write_text, disk_full_reason, is_disk_full
+from gpt2lab.io import disk_full_reason, is_disk_full
 from gpt2lab.outdir import OutputDir
 from gpt2lab.train import build
 from gpt2lab.train.dist import (
@@ -149,30 +149,13 @@ def train(
 def _claim(
     cfg: Config, run_dir: Path, world: Dist, device: torch.device, task: Task
 ) -> OutputDir | None:
-    """Rank 0 takes RUN_DIR (lock, marker); every rank learns if it could, so none waits alone."""
-    claim, error = None, None
+    """Rank 0 takes RUN_DIR for the run and the inputs it reads (see build.claim_for_ranks)."""
+    inputs = None
     if world.is_main:
         own_data = Path(cfg.data.dir) == run_dir / "data"  # what `--data FILE` prepared here
         read = [d for d in task.inputs(cfg) if not (own_data and d == cfg.data.dir)]
         inputs = [cfg.train.init_from, *read]
-        try:
-            claim = build.claim_run_dir(run_dir, inputs)
-        except GPT2LabError as e:
-            error = e
-    if world.enabled:
-        flag = torch.tensor([0.0 if error is None else 1.0], device=device)
-        failed = all_reduce_sum(flag, world).item() > 0
-        if failed and error is None:
-            if claim is not None:
-                claim.release()
-            raise TrainingError(
-                f"rank 0 could not take the run directory {run_dir}",
-                None,
-                "see rank 0's error above",
-            )
-    if error is not None:
-        raise error
-    return claim
+    return build.claim_for_ranks(run_dir, inputs or [], world, device)
 
 
 class Trainer:
@@ -250,16 +233,7 @@ class Trainer:
 
     def _write_run_dir(self, clear: bool) -> None:
         assert self.claim is not None
-        if clear:
-            build.clear_run_dir(self.claim)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in build.RUN_ENTRIES:  # refused if one exists that gpt2lab did not write
-            self.claim.claim_file(name)
-        if self.cfg.train.tensorboard:
-            self.claim.claim_file("tb")
-        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
-        if not (self.run_dir / "tokenizer").is_dir():
-            self.tok.save(str(self.run_dir / "tokenizer"))
+        build.write_run_dir(self.claim, self.cfg, self.tok, clear)
         self.task.write_run_dir(self.run_dir)
 
     # ---------------------------------------------------------------- the loop
