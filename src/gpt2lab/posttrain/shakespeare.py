@@ -16,6 +16,7 @@ corpus, which lie inside the demo base model's validation tail, so no model saw 
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from gpt2lab.config import Config, resolve
 from gpt2lab.corpus import shakespeare_text
 from gpt2lab.errors import DataError
-from gpt2lab.generate import complete
+from gpt2lab.generate import iter_tokens
 from gpt2lab.posttrain.batching import Example, pad_batch
 from gpt2lab.posttrain.dpo import sequence_logps
 from gpt2lab.posttrain.run import sft
@@ -243,33 +244,54 @@ def sample_replies(
     batch_size: int = 256,
     temperature: float = 1.0,
 ) -> Replies:
-    """One sampled reply per speech (rendered as a user turn), up to the end-of-turn token."""
+    """One sampled reply per speech (rendered as a user turn), up to the end-of-turn token.
+
+    Each reply may use the rest of the model's context after its own prompt (block_size minus
+    the prompt's tokens, at most `max_new_tokens`): prompts are sampled in batches of equal
+    length, so a long prompt never takes a short one's room. A reply ends at the end-of-turn
+    token; one that reaches its room first, or writes another control token (<|user|>,
+    <|endoftext|>...), is not ended. The replies come back in the order of `speeches`, and the
+    same (model, speeches, seed) give the same replies.
+    """
     end = tokenizer.special_tokens[template.end_token]
     special = set(tokenizer.special_tokens.values())
+    stops = [end, *sorted(special - {end})]
     block = model.config.block_size
     gen = torch.Generator().manual_seed(seed)
-    out = Replies([], [], [], [])
-    prompts = [template.encode(tokenizer, [{"role": "user", "content": s}]) for s in speeches]
+    prompts = [
+        template.encode(tokenizer, [{"role": "user", "content": s}])[-(block - 1) :]
+        for s in speeches
+    ]
+    replies: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     model.eval()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        n = max(1, min(max_new_tokens, block - max(len(p) for p in chunk)))
-        with torch.no_grad():
-            done = complete(
-                model, tokenizer, chunk, n, temperature, generator=gen, stop_at_eos=False
-            )
-        for p, c in zip(chunk, done):
-            ids = list(c.ids)
-            if end in ids:
-                ids = ids[: ids.index(end) + 1]
-            # a reply with another control token inside (<|user|>, <|endoftext|>...) is
-            # unfinished: its text could not be read back as a reply's plain text
-            ended = bool(ids) and ids[-1] == end and not special.intersection(ids[:-1])
-            text = tokenizer.decode(ids[:-1] if ended else ids)
-            out.prompts.append(list(p))
-            out.ids.append(ids)
-            out.texts.append(text)
-            out.ended.append(ended)
+    for length, same in itertools.groupby(order, key=lambda i: len(prompts[i])):
+        rows = list(same)
+        room = min(max_new_tokens, block - length)
+        for j in range(0, len(rows), batch_size):
+            chunk = rows[j : j + batch_size]
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long)
+            with torch.no_grad():
+                for tokens in iter_tokens(
+                    model,
+                    idx,
+                    room,
+                    temperature,
+                    generator=gen,
+                    eos_token_id=stops,
+                    vocab_size=tokenizer.n_vocab,
+                ):
+                    for i, t in zip(chunk, tokens.tolist()):
+                        if not replies[i] or replies[i][-1] not in special:
+                            replies[i].append(t)
+    out = Replies([], [], [], [])
+    for p, ids in zip(prompts, replies):
+        ended = bool(ids) and ids[-1] == end
+        text = tokenizer.decode(ids[:-1] if ids and ids[-1] in special else ids)
+        out.prompts.append(list(p))
+        out.ids.append(ids)
+        out.texts.append(text)
+        out.ended.append(ended)
     return out
 
 
