@@ -37,6 +37,8 @@ from gpt2lab.io import atomic_open, atomic_write_json
 from gpt2lab.posttrain.run import dpo
 from gpt2lab.posttrain.shakespeare import (
     QUESTION_RULE,
+    SAMPLING,
+    Replies,
     asks,
     base_completion_loss,
     chat_completion_loss,
@@ -174,6 +176,7 @@ def _run(args: argparse.Namespace) -> int:
         dpo_s = time.perf_counter() - t
     dpo_model, _ = load_model(out / "dpo", device="cpu", dtype=torch.float32)
     dpo_replies = sample_replies(dpo_model, tok, template, held, seed=1)
+    loss_dpo = chat_completion_loss(dpo_model, tok, template, test)
     kl = reply_logps(dpo_model, dpo_replies.prompts, dpo_replies.ids) - reply_logps(
         sft_model, dpo_replies.prompts, dpo_replies.ids
     )
@@ -186,13 +189,17 @@ def _run(args: argparse.Namespace) -> int:
         "held_out_exchanges": len(test),
         "completion_loss_base": loss_base,
         "completion_loss_sft": loss_sft,
+        "completion_loss_dpo": loss_dpo,
+        "sampling": SAMPLING,
         "sampled_prompts": len(held),
         "ended_sft": _rate(sft_replies.ended),
         "ended_dpo": _rate(dpo_replies.ended),
         "rule": QUESTION_RULE,
         "pairs": len(pairs),
-        "question_rate_sft": _rate([asks(t) for t in sft_replies.texts]),
-        "question_rate_dpo": _rate([asks(t) for t in dpo_replies.texts]),
+        "question_rate_sft": question_rate(sft_replies),
+        "question_rate_dpo": question_rate(dpo_replies),
+        "reply_chars_sft": _mean_chars(sft_replies),
+        "reply_chars_dpo": _mean_chars(dpo_replies),
         "kl_dpo_sft_per_reply": kl.mean().item(),
         "kl_dpo_sft_per_token": kl.sum().item() / max(1, n_tokens),
         "dpo_beta": dpo_config(out / "sft", 1.0).dpo.beta,
@@ -217,17 +224,30 @@ def _rate(flags: list[bool]) -> float:
     return sum(flags) / max(1, len(flags))
 
 
+def question_rate(replies: Replies) -> float:
+    """The share of replies that have the preferred property: closed by the end-of-turn token
+    with text ending in '?' (a reply cut off at a '?' does not count)."""
+    return _rate([e and asks(t) for t, e in zip(replies.texts, replies.ended)])
+
+
+def _mean_chars(replies: Replies) -> float:
+    return sum(len(t) for t in replies.texts) / max(1, len(replies.texts))
+
+
 def summary_text(r: dict[str, Any]) -> str:
     lines = [
         "",
         "=" * 72,
         f"held out: {', '.join(r['held_out_plays'])} ({r['held_out_exchanges']:,} exchanges)",
         f"completion loss of the true replies: base {r['completion_loss_base']:.3f} -> "
-        f"SFT {r['completion_loss_sft']:.3f} nats per character",
+        f"SFT {r['completion_loss_sft']:.3f} (DPO {r['completion_loss_dpo']:.3f}) nats per "
+        "character",
         f"replies closed by <|end|> ({r['sampled_prompts']} held-out prompts): "
         f"SFT {r['ended_sft']:.1%}, DPO {r['ended_dpo']:.1%}",
-        f"replies ending with '?': SFT {r['question_rate_sft']:.1%} -> DPO "
-        f"{r['question_rate_dpo']:.1%} ({r['pairs']:,} pairs, beta {r['dpo_beta']:g})",
+        f"replies closed by <|end|> and ending with '?': SFT {r['question_rate_sft']:.1%} -> "
+        f"DPO {r['question_rate_dpo']:.1%} ({r['pairs']:,} pairs, beta {r['dpo_beta']:g})",
+        f"mean reply length: SFT {r['reply_chars_sft']:.0f}, DPO {r['reply_chars_dpo']:.0f} "
+        "characters",
         f"KL(DPO || SFT) on DPO's samples: {r['kl_dpo_sft_per_reply']:.2f} nats per reply "
         f"({r['kl_dpo_sft_per_token']:.3f} per token)",
         f"time: SFT {r['sft_seconds'] / 60:.1f} min, pairs {r['pairs_seconds'] / 60:.1f} min, "
@@ -253,7 +273,9 @@ def _plot(r: dict[str, Any], dpo_run: Path, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    ax[0].bar(["base", "SFT"], [r["completion_loss_base"], r["completion_loss_sft"]])
+    losses = [r["completion_loss_base"], r["completion_loss_sft"], r["completion_loss_dpo"]]
+    ax[0].bar(["base", "SFT", "DPO"], losses, color=["grey", "C0", "C1"])
+    ax[0].set_ylim(min(losses) - 0.1, max(losses) + 0.05)
     ax[0].set_title("held-out completion loss (nats/char)")
     x = range(2)
     ax[1].bar(

@@ -159,6 +159,12 @@ QUESTION_RULE = (
     "not is rejected"
 )
 
+SAMPLING = (
+    "one reply per held-out prompt at temperature 1, seeded; each reply may use the rest of the "
+    "model's context after its prompt (block_size minus the prompt's tokens, at most 100), "
+    "prompts of equal length sampled together; a reply is closed when it writes <|end|>"
+)
+
 # Both runs end on a wall-clock budget (train.max_minutes) with the LR following it, as `gpt2lab
 # demo` does: a shared or slow CPU gets fewer steps, not a longer wait.
 SFT_RECIPE = (
@@ -308,15 +314,16 @@ def preference_pairs(
     k: int = 4,
     seed: int = 0,
 ) -> list[dict]:
-    """Pairs by QUESTION_RULE from `k` sampled replies per record's user turn."""
+    """Pairs by QUESTION_RULE from `k` sampled replies per record's user turn (sampled together:
+    the k replies to a prompt share its batch)."""
     speeches = user_turns(records)
-    rounds = [sample_replies(model, tokenizer, template, speeches, seed + r) for r in range(k)]
+    many = sample_replies(model, tokenizer, template, [s for s in speeches for _ in range(k)], seed)
     pairs = []
     for i, speech in enumerate(speeches):
-        texts = [(r.texts[i], r.ended[i]) for r in rounds]
+        texts = [(many.texts[i * k + j], many.ended[i * k + j]) for j in range(k)]
         good = [t for t, e in texts if e and t.strip() and asks(t)]
         bad = [t for t, e in texts if e and t.strip() and not asks(t)]
-        if good and bad and good[0] != bad[0]:
+        if good and bad:
             user = [{"role": "user", "content": speech}]
             pairs.append(
                 {
