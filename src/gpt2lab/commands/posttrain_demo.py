@@ -36,6 +36,7 @@ from gpt2lab.generate import ContextWarning
 from gpt2lab.io import atomic_open, atomic_write_json
 from gpt2lab.posttrain.run import dpo
 from gpt2lab.posttrain.shakespeare import (
+    QUESTION_DPO,
     QUESTION_RULE,
     SAMPLING,
     Replies,
@@ -55,9 +56,9 @@ from gpt2lab.train.events import broadcast
 
 ACCEPTS_OVERRIDES = False
 EXAMPLES = """
-gpt2lab posttrain-demo                               # base model (5 min), SFT, DPO: ~12 min
+gpt2lab posttrain-demo                               # base model (5 min), SFT, DPO: ~10 min
 gpt2lab posttrain-demo --model runs/demo             # start from a `gpt2lab demo` run
-gpt2lab posttrain-demo --model runs/demo --sft-minutes 1 --dpo-minutes 1 --out runs/quick
+gpt2lab posttrain-demo --model runs/demo --sft-minutes 1 --pair-prompts 500 --out runs/quick
 """
 
 
@@ -76,8 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the cached corpus `gpt2lab demo` fetched)",
     )
     p.add_argument("--base-minutes", type=float, default=5.0, help="base model training (5)")
-    p.add_argument("--sft-minutes", type=float, default=3.0, help="SFT training time (3)")
-    p.add_argument("--dpo-minutes", type=float, default=2.0, help="DPO training time (2)")
+    p.add_argument("--sft-epochs", type=int, default=1, help="SFT passes over the exchanges (1)")
+    p.add_argument("--dpo-epochs", type=int, default=1, help="DPO passes over the pairs (1)")
+    p.add_argument(
+        "--sft-minutes",
+        type=float,
+        help="end SFT on a wall-clock budget instead of --sft-epochs (the LR follows the clock)",
+    )
+    p.add_argument("--dpo-minutes", type=float, help="likewise for DPO, instead of --dpo-epochs")
     p.add_argument(
         "--pair-prompts", type=int, default=2000, help="training prompts sampled for pairs (2000)"
     )
@@ -101,9 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    require_positive(
-        args, ("sft_minutes", "dpo_minutes", "pair_prompts", "samples", "base_minutes")
-    )
+    require_positive(args, ("sft_epochs", "dpo_epochs", "pair_prompts", "samples", "base_minutes"))
+    require_positive(args, tuple(k for k in ("sft_minutes", "dpo_minutes") if getattr(args, k)))
     out = Path(args.out)
     t_start = time.perf_counter()
     console = TrainConsole(progress=not args.no_progress and sys.stderr.isatty())
@@ -126,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
         text = corpus_text(args.input)
         chat = chat_set(text)
         say(
-            f"== 2/4 SFT: {len(chat.train):,} exchanges from {chat.plays - len(chat.held_out)} "
+            f"== 2/4 SFT: {len(chat.sft_train):,} exchanges from "
+            f"{chat.plays - len(chat.held_out)} "
             f"works; held out: {', '.join(chat.held_out)} ({len(chat.test):,} exchanges)"
         )
         t = time.perf_counter()
@@ -134,7 +141,8 @@ def _run(args: argparse.Namespace) -> int:
             base,
             out / "sft",
             chat,
-            minutes=args.sft_minutes,
+            minutes=args.sft_minutes or 0.0,
+            epochs=args.sft_epochs,
             overwrite=args.overwrite,
             on_event=handle,
             should_stop=stop.requested,
@@ -160,13 +168,14 @@ def _run(args: argparse.Namespace) -> int:
                 f"{min(args.pair_prompts, len(chat.train)):,} prompts (its replies rarely end "
                 "with <|end|> or never with '?')",
                 "a model that closes its replies",
-                "train the base model or SFT longer (--base-minutes, --sft-minutes), or raise "
+                "train the base model or SFT longer (--base-minutes, --sft-epochs or "
+                "--sft-minutes), or raise "
                 "--pair-prompts",
             )
         say(f"== 4/4 DPO from {out / 'sft'}")
         t = time.perf_counter()
         s_dpo = dpo(
-            dpo_config(out / "sft", args.dpo_minutes),
+            dpo_config(out / "sft", args.dpo_minutes or 0.0, QUESTION_DPO, args.dpo_epochs),
             out / "dpo",
             records=pairs,
             overwrite=args.overwrite,
@@ -202,7 +211,8 @@ def _run(args: argparse.Namespace) -> int:
         "reply_chars_dpo": _mean_chars(dpo_replies),
         "kl_dpo_sft_per_reply": kl.mean().item(),
         "kl_dpo_sft_per_token": kl.sum().item() / max(1, n_tokens),
-        "dpo_beta": dpo_config(out / "sft", 1.0).dpo.beta,
+        "dpo_beta": dpo_config(out / "sft", 0.0, QUESTION_DPO).dpo.beta,
+        "sft_examples": len(chat.sft_train),
         "sft_steps": s_sft.step,
         "dpo_steps": s_dpo.step,
         "sft_seconds": sft_s,
