@@ -118,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     with StopSignal() as stop:
         handle = broadcast(stop.follow, console)
         base = Path(args.model) if args.model else out / "base"
+        base_s = 0.0
         if not args.model:
             say(f"== 1/4 the base model: gpt2lab demo for {args.base_minutes:g} min into {base}")
             run_demo(
@@ -129,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
                 on_event=handle,
                 should_stop=stop.requested,
             )
+            base_s = time.perf_counter() - t_start
         text = corpus_text(args.input)
         chat = chat_set(text)
         say(
@@ -215,6 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         "sft_examples": len(chat.sft_train),
         "sft_steps": s_sft.step,
         "dpo_steps": s_dpo.step,
+        "base_seconds": base_s,
         "sft_seconds": sft_s,
         "pairs_seconds": pairs_s,
         "dpo_seconds": dpo_s,
@@ -260,7 +263,7 @@ def summary_text(r: dict[str, Any]) -> str:
         "characters",
         f"KL(DPO || SFT) on DPO's samples: {r['kl_dpo_sft_per_reply']:.2f} nats per reply "
         f"({r['kl_dpo_sft_per_token']:.3f} per token)",
-        f"time: SFT {r['sft_seconds'] / 60:.1f} min, pairs {r['pairs_seconds'] / 60:.1f} min, "
+        f"time: base {r['base_seconds'] / 60:.1f} min, SFT {r['sft_seconds'] / 60:.1f} min, pairs {r['pairs_seconds'] / 60:.1f} min, "
         f"DPO {r['dpo_seconds'] / 60:.1f} min; all {r['total_seconds'] / 60:.1f} min",
         "",
     ]
