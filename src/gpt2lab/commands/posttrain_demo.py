@@ -263,7 +263,8 @@ def summary_text(r: dict[str, Any]) -> str:
         "characters",
         f"KL(DPO || SFT) on DPO's samples: {r['kl_dpo_sft_per_reply']:.2f} nats per reply "
         f"({r['kl_dpo_sft_per_token']:.3f} per token)",
-        f"time: base {r['base_seconds'] / 60:.1f} min, SFT {r['sft_seconds'] / 60:.1f} min, pairs {r['pairs_seconds'] / 60:.1f} min, "
+        f"time: base {r['base_seconds'] / 60:.1f} min, SFT {r['sft_seconds'] / 60:.1f} min, "
+        f"pairs {r['pairs_seconds'] / 60:.1f} min, "
         f"DPO {r['dpo_seconds'] / 60:.1f} min; all {r['total_seconds'] / 60:.1f} min",
         "",
     ]
