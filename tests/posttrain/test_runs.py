@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -50,6 +51,7 @@ def test_sft_run_dir_carries_chat_tokens_and_loads_everywhere(
     r = rows(out)
     assert [x["step"] for x in r] == list(range(1, 9))
     assert all(0 < x["loss"] < 10 for x in r) and "val_loss" in r[-1]
+    assert r[-1]["val_ppl"] == pytest.approx(math.exp(r[-1]["val_loss"]))  # a per-token NLL
     model, tok = load_model(out)
     base, base_tok = load_model(base_run)
     assert model.config.vocab_size == base_tok.n_vocab + 4 == tok.n_vocab  # 4 chat tokens
@@ -175,6 +177,7 @@ def test_dpo_caches_the_reference_and_reports_its_metrics(
         assert all(key in x for x in r), key
     for key in ("val_loss", "val_reward_accuracy", "val_reward_margin", "val_kl"):
         assert key in r[-1], key
+    assert not any("val_ppl" in x for x in r)  # a preference loss has no perplexity
     assert r[0]["loss"] == pytest.approx(0.693, abs=0.01)  # policy == reference at step 1
     meta = json.loads((out / "reference" / "reference.json").read_text())
     cache = out / "reference" / meta["file"]

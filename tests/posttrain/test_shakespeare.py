@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 from gpt2lab import cli
-from gpt2lab.posttrain.shakespeare import HELD_OUT, asks, parse_works
+from gpt2lab.config import resolve
+from gpt2lab.model import GPT
+from gpt2lab.posttrain.common import start_model
+from gpt2lab.posttrain.shakespeare import HELD_OUT, asks, parse_works, sample_replies
 
 
 def test_the_chat_set_pairs_each_speech_with_its_reply_and_holds_out_whole_plays(okf_text, chats):
@@ -23,6 +28,40 @@ def test_the_chat_set_pairs_each_speech_with_its_reply_and_holds_out_whole_plays
         assert "[" not in reply["content"]  # no stage directions
         assert len(user["content"]) + len(reply["content"]) <= 120
     assert asks("Fran.\nWho is there? ") and not asks("Fran.\nStand, ho!")
+    # SFT also learns the longer exchanges of the training plays whose reply is short
+    replies = [r["messages"][1]["content"] for r in chats.sft_train]
+    assert len(chats.sft_train) > 1.5 * len(chats.train) and max(map(len, replies)) <= 100
+    short = {
+        r["messages"][0]["content"] for r in chats.train if len(r["messages"][1]["content"]) <= 100
+    }
+    assert short <= {r["messages"][0]["content"] for r in chats.sft_train}
+    assert not held & {r["messages"][0]["content"] for r in chats.sft_train}
+
+
+def test_each_sampled_reply_may_use_the_rest_of_its_own_context(base_run):
+    """A long prompt in the same call does not cut a short prompt's reply: a model that never
+    closes its turn writes exactly min(max_new_tokens, block_size - prompt) tokens for each."""
+    cfg = resolve("sft", None, [f"train.init_from={base_run}", "sft.template=chat"])
+    start = start_model(cfg, "chat", "sft")
+    model = GPT(start.cfg.model)
+    model.load_state_dict(start.weights)
+    with torch.no_grad():  # every control token's logit far below the rest: no reply ends
+        wte = model.transformer.wte.weight
+        for i in start.tokenizer.special_tokens.values():
+            wte[i] = -10 * wte[: start.grown_from].mean(0)
+    speeches = [
+        "Ham.\nAy.",
+        "Hor.\n" + "So have I heard, and do in part believe it. " * 2,
+        "A.\nNo.",
+    ]
+    r = sample_replies(model, start.tokenizer, start.template, speeches, seed=0, max_new_tokens=90)
+    block = model.config.block_size
+    assert [len(ids) for ids in r.ids] == [min(90, block - len(p)) for p in r.prompts]
+    assert len(r.prompts[1]) > 80 and len(r.ids[0]) == 90 and not any(r.ended)
+    again = sample_replies(
+        model, start.tokenizer, start.template, speeches, seed=0, max_new_tokens=90
+    )
+    assert again.texts == r.texts  # seeded
 
 
 def test_the_demo_command_measures_sft_and_explains_missing_pairs(
@@ -41,6 +80,8 @@ def test_the_demo_command_measures_sft_and_explains_missing_pairs(
         str(out),
         "--sft-minutes",
         "0.05",
+        "--dpo-epochs",
+        "1",
         "--pair-prompts",
         "100",
         "--samples",

@@ -36,7 +36,10 @@ from gpt2lab.generate import ContextWarning
 from gpt2lab.io import atomic_open, atomic_write_json
 from gpt2lab.posttrain.run import dpo
 from gpt2lab.posttrain.shakespeare import (
+    QUESTION_DPO,
     QUESTION_RULE,
+    SAMPLING,
+    Replies,
     asks,
     base_completion_loss,
     chat_completion_loss,
@@ -53,9 +56,9 @@ from gpt2lab.train.events import broadcast
 
 ACCEPTS_OVERRIDES = False
 EXAMPLES = """
-gpt2lab posttrain-demo                               # base model (5 min), SFT, DPO: ~12 min
+gpt2lab posttrain-demo                               # base model (5 min), SFT, DPO: ~10 min
 gpt2lab posttrain-demo --model runs/demo             # start from a `gpt2lab demo` run
-gpt2lab posttrain-demo --model runs/demo --sft-minutes 1 --dpo-minutes 1 --out runs/quick
+gpt2lab posttrain-demo --model runs/demo --sft-minutes 1 --pair-prompts 500 --out runs/quick
 """
 
 
@@ -74,8 +77,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the cached corpus `gpt2lab demo` fetched)",
     )
     p.add_argument("--base-minutes", type=float, default=5.0, help="base model training (5)")
-    p.add_argument("--sft-minutes", type=float, default=3.0, help="SFT training time (3)")
-    p.add_argument("--dpo-minutes", type=float, default=2.0, help="DPO training time (2)")
+    p.add_argument("--sft-epochs", type=int, default=1, help="SFT passes over the exchanges (1)")
+    p.add_argument("--dpo-epochs", type=int, default=1, help="DPO passes over the pairs (1)")
+    p.add_argument(
+        "--sft-minutes",
+        type=float,
+        help="end SFT on a wall-clock budget instead of --sft-epochs (the LR follows the clock)",
+    )
+    p.add_argument("--dpo-minutes", type=float, help="likewise for DPO, instead of --dpo-epochs")
     p.add_argument(
         "--pair-prompts", type=int, default=2000, help="training prompts sampled for pairs (2000)"
     )
@@ -99,9 +108,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    require_positive(
-        args, ("sft_minutes", "dpo_minutes", "pair_prompts", "samples", "base_minutes")
-    )
+    require_positive(args, ("sft_epochs", "dpo_epochs", "pair_prompts", "samples", "base_minutes"))
+    require_positive(args, tuple(k for k in ("sft_minutes", "dpo_minutes") if getattr(args, k)))
     out = Path(args.out)
     t_start = time.perf_counter()
     console = TrainConsole(progress=not args.no_progress and sys.stderr.isatty())
@@ -110,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     with StopSignal() as stop:
         handle = broadcast(stop.follow, console)
         base = Path(args.model) if args.model else out / "base"
+        base_s = 0.0
         if not args.model:
             say(f"== 1/4 the base model: gpt2lab demo for {args.base_minutes:g} min into {base}")
             run_demo(
@@ -121,10 +130,12 @@ def _run(args: argparse.Namespace) -> int:
                 on_event=handle,
                 should_stop=stop.requested,
             )
+            base_s = time.perf_counter() - t_start
         text = corpus_text(args.input)
         chat = chat_set(text)
         say(
-            f"== 2/4 SFT: {len(chat.train):,} exchanges from {chat.plays - len(chat.held_out)} "
+            f"== 2/4 SFT: {len(chat.sft_train):,} exchanges from "
+            f"{chat.plays - len(chat.held_out)} "
             f"works; held out: {', '.join(chat.held_out)} ({len(chat.test):,} exchanges)"
         )
         t = time.perf_counter()
@@ -132,7 +143,8 @@ def _run(args: argparse.Namespace) -> int:
             base,
             out / "sft",
             chat,
-            minutes=args.sft_minutes,
+            minutes=args.sft_minutes or 0.0,
+            epochs=args.sft_epochs,
             overwrite=args.overwrite,
             on_event=handle,
             should_stop=stop.requested,
@@ -158,13 +170,14 @@ def _run(args: argparse.Namespace) -> int:
                 f"{min(args.pair_prompts, len(chat.train)):,} prompts (its replies rarely end "
                 "with <|end|> or never with '?')",
                 "a model that closes its replies",
-                "train the base model or SFT longer (--base-minutes, --sft-minutes), or raise "
+                "train the base model or SFT longer (--base-minutes, --sft-epochs or "
+                "--sft-minutes), or raise "
                 "--pair-prompts",
             )
         say(f"== 4/4 DPO from {out / 'sft'}")
         t = time.perf_counter()
         s_dpo = dpo(
-            dpo_config(out / "sft", args.dpo_minutes),
+            dpo_config(out / "sft", args.dpo_minutes or 0.0, QUESTION_DPO, args.dpo_epochs),
             out / "dpo",
             records=pairs,
             overwrite=args.overwrite,
@@ -174,6 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         dpo_s = time.perf_counter() - t
     dpo_model, _ = load_model(out / "dpo", device="cpu", dtype=torch.float32)
     dpo_replies = sample_replies(dpo_model, tok, template, held, seed=1)
+    loss_dpo = chat_completion_loss(dpo_model, tok, template, test)
     kl = reply_logps(dpo_model, dpo_replies.prompts, dpo_replies.ids) - reply_logps(
         sft_model, dpo_replies.prompts, dpo_replies.ids
     )
@@ -186,18 +200,24 @@ def _run(args: argparse.Namespace) -> int:
         "held_out_exchanges": len(test),
         "completion_loss_base": loss_base,
         "completion_loss_sft": loss_sft,
+        "completion_loss_dpo": loss_dpo,
+        "sampling": SAMPLING,
         "sampled_prompts": len(held),
         "ended_sft": _rate(sft_replies.ended),
         "ended_dpo": _rate(dpo_replies.ended),
         "rule": QUESTION_RULE,
         "pairs": len(pairs),
-        "question_rate_sft": _rate([asks(t) for t in sft_replies.texts]),
-        "question_rate_dpo": _rate([asks(t) for t in dpo_replies.texts]),
+        "question_rate_sft": question_rate(sft_replies),
+        "question_rate_dpo": question_rate(dpo_replies),
+        "reply_chars_sft": _mean_chars(sft_replies),
+        "reply_chars_dpo": _mean_chars(dpo_replies),
         "kl_dpo_sft_per_reply": kl.mean().item(),
         "kl_dpo_sft_per_token": kl.sum().item() / max(1, n_tokens),
-        "dpo_beta": dpo_config(out / "sft", 1.0).dpo.beta,
+        "dpo_beta": dpo_config(out / "sft", 0.0, QUESTION_DPO).dpo.beta,
+        "sft_examples": len(chat.sft_train),
         "sft_steps": s_sft.step,
         "dpo_steps": s_dpo.step,
+        "base_seconds": base_s,
         "sft_seconds": sft_s,
         "pairs_seconds": pairs_s,
         "dpo_seconds": dpo_s,
@@ -217,20 +237,34 @@ def _rate(flags: list[bool]) -> float:
     return sum(flags) / max(1, len(flags))
 
 
+def question_rate(replies: Replies) -> float:
+    """The share of replies that have the preferred property: closed by the end-of-turn token
+    with text ending in '?' (a reply cut off at a '?' does not count)."""
+    return _rate([e and asks(t) for t, e in zip(replies.texts, replies.ended)])
+
+
+def _mean_chars(replies: Replies) -> float:
+    return sum(len(t) for t in replies.texts) / max(1, len(replies.texts))
+
+
 def summary_text(r: dict[str, Any]) -> str:
     lines = [
         "",
         "=" * 72,
         f"held out: {', '.join(r['held_out_plays'])} ({r['held_out_exchanges']:,} exchanges)",
         f"completion loss of the true replies: base {r['completion_loss_base']:.3f} -> "
-        f"SFT {r['completion_loss_sft']:.3f} nats per character",
+        f"SFT {r['completion_loss_sft']:.3f} (DPO {r['completion_loss_dpo']:.3f}) nats per "
+        "character",
         f"replies closed by <|end|> ({r['sampled_prompts']} held-out prompts): "
         f"SFT {r['ended_sft']:.1%}, DPO {r['ended_dpo']:.1%}",
-        f"replies ending with '?': SFT {r['question_rate_sft']:.1%} -> DPO "
-        f"{r['question_rate_dpo']:.1%} ({r['pairs']:,} pairs, beta {r['dpo_beta']:g})",
+        f"replies closed by <|end|> and ending with '?': SFT {r['question_rate_sft']:.1%} -> "
+        f"DPO {r['question_rate_dpo']:.1%} ({r['pairs']:,} pairs, beta {r['dpo_beta']:g})",
+        f"mean reply length: SFT {r['reply_chars_sft']:.0f}, DPO {r['reply_chars_dpo']:.0f} "
+        "characters",
         f"KL(DPO || SFT) on DPO's samples: {r['kl_dpo_sft_per_reply']:.2f} nats per reply "
         f"({r['kl_dpo_sft_per_token']:.3f} per token)",
-        f"time: SFT {r['sft_seconds'] / 60:.1f} min, pairs {r['pairs_seconds'] / 60:.1f} min, "
+        f"time: base {r['base_seconds'] / 60:.1f} min, SFT {r['sft_seconds'] / 60:.1f} min, "
+        f"pairs {r['pairs_seconds'] / 60:.1f} min, "
         f"DPO {r['dpo_seconds'] / 60:.1f} min; all {r['total_seconds'] / 60:.1f} min",
         "",
     ]
@@ -253,7 +287,9 @@ def _plot(r: dict[str, Any], dpo_run: Path, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    ax[0].bar(["base", "SFT"], [r["completion_loss_base"], r["completion_loss_sft"]])
+    losses = [r["completion_loss_base"], r["completion_loss_sft"], r["completion_loss_dpo"]]
+    ax[0].bar(["base", "SFT", "DPO"], losses, color=["grey", "C0", "C1"])
+    ax[0].set_ylim(min(losses) - 0.1, max(losses) + 0.05)
     ax[0].set_title("held-out completion loss (nats/char)")
     x = range(2)
     ax[1].bar(

@@ -192,6 +192,7 @@ class DPOTask(Task):
 
     name = "dpo"
     rows_per_item = 2
+    perplexity = False  # val_loss is a preference loss per pair: its exp means nothing
 
     inputs = record_inputs
 

@@ -42,7 +42,8 @@ class StepEvent:
 
 @dataclass(frozen=True)
 class EvalEvent:
-    """The model was evaluated after `step`; `metrics` is the row, with val_loss and val_ppl."""
+    """The model was evaluated after `step`; `metrics` is the row, with val_loss (and val_ppl
+    where the task's loss is a per-token negative log-likelihood)."""
 
     step: int
     metrics: dict[str, Any]

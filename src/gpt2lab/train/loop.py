@@ -288,7 +288,9 @@ class Trainer:
                 scores = self.evaluate_all(self.eval_batches(stopped_by))
                 val = scores["val_loss"]
                 assert row is not None
-                row.update(val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+                row.update(val_loss=val)
+                if self.task.perplexity:
+                    row.update(val_ppl=math.exp(min(val, 50.0)))
                 row.update(scores)
                 if self.should_sample(step):
                     self.emit(SampleEvent(step, tc.sample_prompt, self.sample()))
@@ -590,7 +592,9 @@ class Trainer:
             tokens=self.state.tokens,
             loss=loss,
             val_loss=val,
-            val_ppl=math.exp(min(val, 50.0)) if val is not None else None,
+            val_ppl=(
+                math.exp(min(val, 50.0)) if val is not None and self.task.perplexity else None
+            ),
             best_val_loss=self.state.best_val_loss,
             tokens_per_s=tps,
             mfu=self.flops_per_token * tps / self.peak,

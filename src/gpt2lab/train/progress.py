@@ -21,7 +21,9 @@ def metrics_line(row: dict[str, Any]) -> str:
         f"{row['tokens_per_s']:,.0f} tok/s | mfu {100 * row['mfu']:.1f}%"
     )
     if "val_loss" in row:
-        line += f" | val {row['val_loss']:.4f} (ppl {row['val_ppl']:.2f})"
+        line += f" | val {row['val_loss']:.4f}"
+        if "val_ppl" in row:
+            line += f" (ppl {row['val_ppl']:.2f})"
     return line
 
 

@@ -33,6 +33,8 @@ rest, in four parts, so that post-training (SFT, DPO, reward models, PPO) runs o
   `batches` and `objective`: DPO computes or loads its cached reference log-probabilities there;
   `prompt_ids(tokenizer, text)` turns train.sample_prompt into the ids a training preview
   continues (a chat task renders it as a user turn).
+- `perplexity`: whether val_loss is a per-token negative log-likelihood, so that rows carry
+  `val_ppl` = exp(val_loss) (pretraining, SFT); False for losses of another kind (DPO).
 
 `PretrainTask` is next-token prediction on `gpt2lab prepare`'s token shards: what `gpt2lab
 train` does, and what `train()` uses when given no task.
@@ -93,6 +95,9 @@ class Task:
 
     name = "pretrain"
     rows_per_item = 1
+    # val_loss is a mean negative log-likelihood per token, so exp(val_loss) is a perplexity
+    # (metrics' val_ppl); a task whose loss is not one (DPO, a reward model) sets False
+    perplexity = True
 
     def setup(self, cfg: Config, ckpt: Path | None, run_dir: Path) -> TaskSetup:
         raise NotImplementedError
