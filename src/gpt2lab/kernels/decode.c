@@ -76,6 +76,29 @@ static inline __m512 load16(const void *W, size_t i, int dtype) {
 }
 #endif
 
+/* dot(q, row) and o += p * row over a head's n values (a key or value row of the cache) */
+static float dot_head(const void *cache, size_t at, const float *q, int n, int dtype) {
+    int i = 0;
+    float s = 0.0f;
+#ifdef __AVX512F__
+    __m512 a = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) a = _mm512_fmadd_ps(load16(cache, at + i, dtype), _mm512_loadu_ps(q + i), a);
+    s = _mm512_reduce_add_ps(a);
+#endif
+    for (; i < n; i++) s += q[i] * load(cache, at + i, dtype);
+    return s;
+}
+
+static void add_scaled(float *o, float p, const void *cache, size_t at, int n, int dtype) {
+    int i = 0;
+#ifdef __AVX512F__
+    __m512 pv = _mm512_set1_ps(p);
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(o + i, _mm512_fmadd_ps(pv, load16(cache, at + i, dtype), _mm512_loadu_ps(o + i)));
+#endif
+    for (; i < n; i++) o[i] += p * load(cache, at + i, dtype);
+}
+
 static float dot_row(const void *W, size_t row, const float *x, int K, int dtype) {
     size_t base = row * (size_t)K;
     int k = 0;
@@ -103,6 +126,30 @@ static inline float gelu(float v) { /* GPT-2's tanh approximation */
     const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
     return 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
 }
+
+#ifdef __AVX512F__
+/* e^x for 16 floats: 2^(x log2 e) split into 2^n (scalef) times 2^f, |f| <= 1/2, by its Taylor
+   series to degree 7 (relative error ~1e-8); tanh(z) = 1 - 2 / (e^2z + 1) */
+static inline __m512 exp16(__m512 x) {
+    static const float c[8] = {1.0f, 0.6931471806f, 0.2402265070f, 0.0555041087f, 0.0096181291f,
+                               0.0013333558f, 0.0001540353f, 0.0000152527f};
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950409f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(c[7]);
+    for (int k = 6; k >= 0; k--) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[k]));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 gelu16(__m512 v) {
+    __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+    __m512 z = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                             _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), v3, v));
+    __m512 e = exp16(_mm512_add_ps(z, z)), one = _mm512_set1_ps(1.0f);
+    __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, th));
+}
+#endif
 
 enum { PLAIN = 0, GELU = 1, ADD = 2 };
 
@@ -148,7 +195,15 @@ static void linear(const void *W, const void *b, const float *x, int N, int K, f
         else
 #endif
             rows_product(W, x, K, n0, n1, tmp, m->dtype);
-        for (int n = n0; n < n1; n++) {
+        int n = n0;
+#ifdef __AVX512F__
+        for (; epilogue == GELU && n + 16 <= n1; n += 16) {
+            __m512 v = _mm512_loadu_ps(tmp + (n - n0));
+            if (b) v = _mm512_add_ps(v, load16(b, n, m->dtype));
+            _mm512_storeu_ps(y + n, gelu16(v));
+        }
+#endif
+        for (; n < n1; n++) {
             float v = tmp[n - n0] + (b ? load(b, n, m->dtype) : 0.0f);
             if (epilogue == GELU) v = gelu(v);
             y[n] = epilogue == ADD ? y[n] + v : v;
@@ -170,7 +225,7 @@ static void layer_norm(const float *x, const void *w, const void *b, int C, floa
 
 /* attention of one query per head over the cached keys [0, pos]: out (C) from qkv (3C) */
 static void attend(const Model *m, int layer, int pos, const float *qkv, float *out, float *scores) {
-    const int nh = m->n_head, hs = m->head_size, C = m->n_embd, dtype = m->dtype;
+    const int nh = m->n_head, hs = m->head_size, dtype = m->dtype;
     const size_t per_head = (size_t)m->max_len * hs, per_layer = (size_t)nh * per_head;
     const float scale = 1.0f / sqrtf((float)hs);
 #pragma omp parallel for schedule(static) num_threads(m->threads)
@@ -179,20 +234,14 @@ static void attend(const Model *m, int layer, int pos, const float *qkv, float *
         size_t kv = layer * per_layer + h * per_head;
         float *s = scores + (size_t)h * m->max_len, top = -INFINITY, total = 0.0f;
         for (int t = 0; t <= pos; t++) {
-            float d = 0.0f;
-            for (int i = 0; i < hs; i++) d += q[i] * load(m->k_cache, kv + (size_t)t * hs + i, dtype);
-            s[t] = d * scale;
+            s[t] = dot_head(m->k_cache, kv + (size_t)t * hs, q, hs, dtype) * scale;
             if (s[t] > top) top = s[t];
         }
         for (int t = 0; t <= pos; t++) total += (s[t] = expf(s[t] - top));
         float *o = out + h * hs;
         for (int i = 0; i < hs; i++) o[i] = 0.0f;
-        for (int t = 0; t <= pos; t++) {
-            float p = s[t] / total;
-            for (int i = 0; i < hs; i++) o[i] += p * load(m->v_cache, kv + (size_t)t * hs + i, dtype);
-        }
+        for (int t = 0; t <= pos; t++) add_scaled(o, s[t] / total, m->v_cache, kv + (size_t)t * hs, hs, dtype);
     }
-    (void)C;
 }
 
 /* The logits (vocab floats) of token `id` at position `pos`; writes its key and value at `pos`. */
