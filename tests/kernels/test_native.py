@@ -3,6 +3,8 @@ aside where it cannot run."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from gpt2lab.generate import generate
 from gpt2lab.kernels import native
 from gpt2lab.kernels.cpu_decode import decode_step
 from gpt2lab.model import GPT, KVCache
+from gpt2lab.quantize import quantize
 
 needs_cc = pytest.mark.skipif(
     native.load_library() is None, reason="no C compiler here (or GPT2LAB_NATIVE=0)"
@@ -151,3 +154,33 @@ def test_build_is_cached_and_leaves_no_partial_file(
         assert built[0].stat().st_mtime_ns == mtime
     finally:
         native.load_library.cache_clear()
+
+
+def dequantized_twin(model: GPT, q: GPT) -> GPT:
+    """A float GPT whose matrices are the int8 model's values times its scales."""
+    twin = copy.deepcopy(model)
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        for mine, theirs in zip(twin.transformer.h, q.transformer.h):
+            for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                mine.get_submodule(name).weight.copy_(theirs.get_submodule(name).dequantized())
+        twin.lm_head.weight[:vocab].copy_(q.lm_head.dequantized())  # tied: the table too
+    return twin
+
+
+@needs_cc
+@pytest.mark.parametrize("compact", [True, False])
+def test_int8_step_equals_the_dequantized_model(compact: bool) -> None:
+    """int8 weights times float32 activations: exactly the float model whose weights are the
+    int8 values times their scales (fbgemm's products also round the activations to 8 bits)."""
+    model = gpt()
+    q = quantize(model, "int8", compact=compact)
+    ids = torch.randint(0, 101, (1, 48), generator=torch.Generator().manual_seed(6))
+    twin = dequantized_twin(model, q)
+    ours = native_logits(q, ids, torch.float32)
+    torch.testing.assert_close(ours, model_logits(twin, ids, torch.float32), rtol=1e-5, atol=1e-4)
+    step = decode_step(q, 1)
+    assert step is not None and step.native is not None
+    idx = ids[:, :4]
+    fast = generate(q, idx, 40, temperature=0)
+    assert torch.equal(fast, generate(twin, idx, 40, temperature=0, kernels=False))

@@ -197,8 +197,8 @@ class DecodeStep:
         self.ln_f = norm(model.transformer.ln_f)
         self.head = mat(model.lm_head, self.vocab)
         self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
-        # one sequence of a float model: the same step in C, one call a token (kernels/native.py)
-        self.native = native_step(model, dtype) if rows == 1 and not self.int8 else None
+        # one sequence: the same step in C, one call a token (kernels/native.py)
+        self.native = native_step(model, dtype) if rows == 1 else None
 
     def current(self, model: GPT) -> bool:
         return self.versions == _versions(model)

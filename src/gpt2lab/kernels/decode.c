@@ -11,8 +11,9 @@
  * the residual fused into them); then the final LayerNorm and the head.
  *
  * Weights are float32 or bfloat16 (dtype 0 or 1), exactly the model's tensors (row-major
- * (out, in), as nn.Linear stores them); activations and sums are float32; the KV cache has the
- * weights' dtype, laid out as gpt2lab.model.KVCache for one sequence (n_head, max_len, head_size)
+ * (out, in), as nn.Linear stores them), or for the matrices of a `gpt2lab.quantize` model int8
+ * values with one float32 scale per row (wdtype 2); activations and sums are float32; the KV
+ * cache has the float weights' dtype, laid out as gpt2lab.model.KVCache for one sequence (n_head, max_len, head_size)
  * per layer. Built by gpt2lab.kernels.native with the C compiler of the machine (-O3
  * -march=native -fopenmp); tested equal to the model's forward in tests/kernels/test_native.py.
  */
@@ -29,6 +30,7 @@
 
 typedef struct {
     int n_layer, n_head, head_size, n_embd, vocab, max_len, dtype, threads;
+    int wdtype; /* the matrices': 0 float32, 1 bfloat16 (both as dtype), 2 int8 with row scales */
     float eps;
     /* per layer: arrays of n_layer pointers (a bias or LayerNorm shift may be NULL) */
     const void **ln1_w, **ln1_b, **attn_w, **attn_b, **proj_w, **proj_b;
@@ -36,6 +38,9 @@ typedef struct {
     const void *lnf_w, *lnf_b, *wte, *wpe, *head_w;
     void *k_cache, *v_cache; /* (n_layer, n_head, max_len, head_size) of the weights' dtype */
     float *work;             /* scratch of 10 * n_embd + n_head * max_len floats */
+    /* int8 matrices: one float32 scale per row (W ~ values * scale[row]); NULL otherwise */
+    const void **attn_s, **proj_s, **fc_s, **fcp_s;
+    const void *head_s, *wte_s;
 } Model;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -118,8 +123,27 @@ static float dot_row(const void *W, size_t row, const float *x, int K, int dtype
     return s;
 }
 
-static void rows_product(const void *W, const float *x, int K, int n0, int n1, float *y, int dtype) {
-    for (int n = n0; n < n1; n++) y[n - n0] = dot_row(W, (size_t)n, x, K, dtype);
+static float dot_row_int8(const int8_t *W, size_t row, const float *x, int K) {
+    size_t base = row * (size_t)K;
+    int k = 0;
+    float s = 0.0f;
+#ifdef __AVX512F__
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; k + 64 <= K; k += 64)
+        for (int j = 0; j < 4; j++) { /* 16 int8 values widened to float32 */
+            __m128i q = _mm_loadu_si128((const __m128i *)(W + base + k + 16 * j));
+            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+            a[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k + 16 * j), a[j]);
+        }
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+#endif
+    for (; k < K; k++) s += (float)W[base + k] * x[k];
+    return s;
+}
+
+static void rows_product(const void *W, const float *x, int K, int n0, int n1, float *y, int wdtype) {
+    for (int n = n0; n < n1; n++)
+        y[n - n0] = wdtype == 2 ? dot_row_int8(W, (size_t)n, x, K) : dot_row(W, (size_t)n, x, K, wdtype);
 }
 
 static inline float gelu(float v) { /* GPT-2's tanh approximation */
@@ -174,14 +198,14 @@ static void rows_product_dpbf16(const uint16_t *W, const uint16_t *xb, int K, in
 
 /* y = W x + b, then GELU (GELU) or y += residual (ADD, y is the residual stream), in parallel
    over blocks of rows */
-static void linear(const void *W, const void *b, const float *x, int N, int K, float *y, int epilogue,
-                   const Model *m) {
+static void linear(const void *W, const void *S, const void *b, const float *x, int N, int K, float *y,
+                   int epilogue, const Model *m) {
     const int block = 64;
     int blocks = (N + block - 1) / block;
     int dp = 0;
 #ifdef __AVX512BF16__
     uint16_t xb[K];
-    dp = m->dtype == 1 && K % 32 == 0;
+    dp = m->wdtype == 1 && K % 32 == 0;
     if (dp)
         for (int k = 0; k < K; k++) xb[k] = f32_to_bf16(x[k]);
 #endif
@@ -194,7 +218,9 @@ static void linear(const void *W, const void *b, const float *x, int N, int K, f
             rows_product_dpbf16((const uint16_t *)W, xb, K, n0, n1, tmp);
         else
 #endif
-            rows_product(W, x, K, n0, n1, tmp, m->dtype);
+            rows_product(W, x, K, n0, n1, tmp, m->wdtype);
+        if (S)
+            for (int n = n0; n < n1; n++) tmp[n - n0] *= ((const float *)S)[n];
         int n = n0;
 #ifdef __AVX512F__
         for (; epilogue == GELU && n + 16 <= n1; n += 16) {
@@ -251,10 +277,12 @@ void gpt2lab_step(const Model *m, int64_t id, int pos, float *logits) {
     float *scores = u + 4 * C;
     const size_t per_layer = (size_t)nh * m->max_len * hs;
     for (int i = 0; i < C; i++)
-        x[i] = load(m->wte, (size_t)id * C + i, dtype) + load(m->wpe, (size_t)pos * C + i, dtype);
+        x[i] = (m->wte_s ? ((const int8_t *)m->wte)[(size_t)id * C + i] * ((const float *)m->wte_s)[id]
+                         : load(m->wte, (size_t)id * C + i, dtype)) +
+               load(m->wpe, (size_t)pos * C + i, dtype);
     for (int l = 0; l < m->n_layer; l++) {
         layer_norm(x, m->ln1_w[l], m->ln1_b[l], C, m->eps, h, dtype);
-        linear(m->attn_w[l], m->attn_b[l], h, 3 * C, C, qkv, PLAIN, m);
+        linear(m->attn_w[l], m->attn_s ? m->attn_s[l] : NULL, m->attn_b[l], h, 3 * C, C, qkv, PLAIN, m);
         for (int hd = 0; hd < nh; hd++) {
             size_t at = l * per_layer + ((size_t)hd * m->max_len + pos) * hs;
             for (int i = 0; i < hs; i++) {
@@ -263,13 +291,13 @@ void gpt2lab_step(const Model *m, int64_t id, int pos, float *logits) {
             }
         }
         attend(m, l, pos, qkv, y, scores);
-        linear(m->proj_w[l], m->proj_b[l], y, C, C, x, ADD, m);
+        linear(m->proj_w[l], m->proj_s ? m->proj_s[l] : NULL, m->proj_b[l], y, C, C, x, ADD, m);
         layer_norm(x, m->ln2_w[l], m->ln2_b[l], C, m->eps, h, dtype);
-        linear(m->fc_w[l], m->fc_b[l], h, 4 * C, C, u, GELU, m);
-        linear(m->fcp_w[l], m->fcp_b[l], u, C, 4 * C, x, ADD, m);
+        linear(m->fc_w[l], m->fc_s ? m->fc_s[l] : NULL, m->fc_b[l], h, 4 * C, C, u, GELU, m);
+        linear(m->fcp_w[l], m->fcp_s ? m->fcp_s[l] : NULL, m->fcp_b[l], u, C, 4 * C, x, ADD, m);
     }
     layer_norm(x, m->lnf_w, m->lnf_b, C, m->eps, h, dtype);
-    linear(m->head_w, NULL, h, m->vocab, C, logits, PLAIN, m);
+    linear(m->head_w, m->head_s, NULL, h, m->vocab, C, logits, PLAIN, m);
 }
 
 size_t gpt2lab_work_floats(int n_embd, int n_head, int max_len) {

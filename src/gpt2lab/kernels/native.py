@@ -23,8 +23,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from gpt2lab.kernels.int8 import Int8Linear
 from gpt2lab.model import GPT, KVCache
 
 SOURCE = Path(__file__).with_name("decode.c")
@@ -33,6 +34,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _LAYER_FIELDS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b")
 _LAYER_FIELDS += ("ln2_w", "ln2_b", "fc_w", "fc_b", "fcp_w", "fcp_b")
+_SCALE_FIELDS = ("attn_s", "proj_s", "fc_s", "fcp_s")  # int8 matrices' row scales
 
 
 class _Model(ctypes.Structure):
@@ -40,11 +42,13 @@ class _Model(ctypes.Structure):
 
     _fields_ = [
         *((name, ctypes.c_int) for name in ("n_layer", "n_head", "head_size", "n_embd")),
-        *((name, ctypes.c_int) for name in ("vocab", "max_len", "dtype", "threads")),
+        *((name, ctypes.c_int) for name in ("vocab", "max_len", "dtype", "threads", "wdtype")),
         ("eps", ctypes.c_float),
         *((name, ctypes.POINTER(ctypes.c_void_p)) for name in _LAYER_FIELDS),
         *((name, ctypes.c_void_p) for name in ("lnf_w", "lnf_b", "wte", "wpe", "head_w")),
         *((name, ctypes.c_void_p) for name in ("k_cache", "v_cache", "work")),
+        *((name, ctypes.POINTER(ctypes.c_void_p)) for name in _SCALE_FIELDS),
+        *((name, ctypes.c_void_p) for name in ("head_s", "wte_s")),
     ]
 
 
@@ -111,38 +115,59 @@ class NativeStep:
     """`step(ids, cache)` for one sequence through decode.c: the logits (1, vocab_size), float32,
     of ids (1, 1) after what `cache` holds, written at `cache.pos` (which it advances). Holds
     contiguous `dtype` copies of the weights where the model's are not already that (a float32
-    model decoded in bfloat16); otherwise the model's own tensors."""
+    model decoded in bfloat16); otherwise the model's own tensors. For an int8 model
+    (`gpt2lab.quantize`), the matrices' int8 values and row scales, and float32 for the rest."""
 
     def __init__(self, lib: ctypes.CDLL, model: GPT, dtype: torch.dtype) -> None:
         cfg = model.config
+        int8 = isinstance(model.lm_head, Int8Linear)
+        if int8:
+            dtype = torch.float32
         self.lib, self.dtype, self.vocab = lib, dtype, cfg.vocab_size
         self.keep: list[Tensor] = []  # every tensor a pointer refers to
 
         def ptr(t: Tensor | None) -> int | None:
             if t is None:
                 return None
-            t = t.detach().to(dtype).contiguous()
+            t = t.detach()
+            t = (t if t.dtype == torch.int8 else t.to(dtype)).contiguous()
             self.keep.append(t)
             return t.data_ptr()
+
+        def matrix(m: nn.Module) -> Tensor:
+            return m.int8_weight() if int8 else m.weight
 
         def per_layer(get) -> ctypes.Array:
             return (ctypes.c_void_p * cfg.n_layer)(*(ptr(get(b)) for b in model.transformer.h))
 
         h = model.transformer
-        self.arrays = {  # ctypes arrays, kept alive with the struct
+        arrays = {  # ctypes arrays, kept alive with the struct
             "ln1_w": per_layer(lambda b: b.ln_1.weight),
             "ln1_b": per_layer(lambda b: b.ln_1.bias),
-            "attn_w": per_layer(lambda b: b.attn.c_attn.weight),
+            "attn_w": per_layer(lambda b: matrix(b.attn.c_attn)),
             "attn_b": per_layer(lambda b: b.attn.c_attn.bias),
-            "proj_w": per_layer(lambda b: b.attn.c_proj.weight),
+            "proj_w": per_layer(lambda b: matrix(b.attn.c_proj)),
             "proj_b": per_layer(lambda b: b.attn.c_proj.bias),
             "ln2_w": per_layer(lambda b: b.ln_2.weight),
             "ln2_b": per_layer(lambda b: b.ln_2.bias),
-            "fc_w": per_layer(lambda b: b.mlp.c_fc.weight),
+            "fc_w": per_layer(lambda b: matrix(b.mlp.c_fc)),
             "fc_b": per_layer(lambda b: b.mlp.c_fc.bias),
-            "fcp_w": per_layer(lambda b: b.mlp.c_proj.weight),
+            "fcp_w": per_layer(lambda b: matrix(b.mlp.c_proj)),
             "fcp_b": per_layer(lambda b: b.mlp.c_proj.bias),
         }
+        if int8:
+            arrays |= {
+                "attn_s": per_layer(lambda b: b.attn.c_attn.scale),
+                "proj_s": per_layer(lambda b: b.attn.c_proj.scale),
+                "fc_s": per_layer(lambda b: b.mlp.c_fc.scale),
+                "fcp_s": per_layer(lambda b: b.mlp.c_proj.scale),
+            }
+            head, head_s = model.lm_head.int8_weight(), model.lm_head.scale
+            wte, wte_s = h.wte.values, h.wte.scale
+        else:
+            head, head_s = model.lm_head.weight[: cfg.vocab_size], None
+            wte, wte_s = h.wte.weight, None
+        self.arrays = arrays
         self.m = _Model(
             n_layer=cfg.n_layer,
             n_head=cfg.n_head,
@@ -150,13 +175,16 @@ class NativeStep:
             n_embd=cfg.n_embd,
             vocab=cfg.vocab_size,
             dtype=DTYPES[dtype],
+            wdtype=2 if int8 else DTYPES[dtype],
             eps=h.ln_f.eps,
             lnf_w=ptr(h.ln_f.weight),
             lnf_b=ptr(h.ln_f.bias),
-            wte=ptr(h.wte.weight),
+            wte=ptr(wte),
+            wte_s=ptr(wte_s),
             wpe=ptr(h.wpe.weight),
-            head_w=ptr(model.lm_head.weight[: cfg.vocab_size]),
-            **{k: ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)) for k, v in self.arrays.items()},
+            head_w=ptr(head),
+            head_s=ptr(head_s),
+            **{k: ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)) for k, v in arrays.items()},
         )
         self.work: Tensor | None = None
         self.logits = torch.empty(1, cfg.vocab_size)
@@ -180,7 +208,8 @@ class NativeStep:
 
 
 def native_step(model: GPT, dtype: torch.dtype) -> NativeStep | None:
-    """The C step for a float32 or bfloat16 GPT on a CPU, or None where it cannot run."""
+    """The C step for a float32, bfloat16 or int8 (`gpt2lab.quantize`) GPT on a CPU, or None
+    where it cannot run."""
     if dtype not in DTYPES:
         return None
     lib = load_library()
