@@ -602,11 +602,13 @@ def test_concurrent_streams_lose_and_repeat_nothing(live):
 
 
 def test_quantized_serving_equals_quantized_sampling(start_server, model_dir, capsys):
-    """--quantize comes from `gpt2lab sample`'s options: the same int8 model either way."""
+    """--quantize comes from `gpt2lab sample`'s options: the same int8 model either way. (Two
+    samples, so that sampling takes the batched int8 products the server takes; one sequence
+    alone decodes through decode.c's weight-only int8, docs/performance.md.)"""
     prompt = "The quick brown fox"
     code = cli.main(
         ["sample", "--model", str(model_dir), "-p", prompt, "-m", "16", "--quantize", "int8"]
-        + ["--temperature", "0", "--dtype", "float32", "--json"]
+        + ["--temperature", "0", "--dtype", "float32", "--json", "--num-samples", "2"]
     )
     assert code == 0
     sampled = json.loads(capsys.readouterr().out.strip().splitlines()[0])
