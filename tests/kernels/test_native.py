@@ -184,3 +184,15 @@ def test_int8_step_equals_the_dequantized_model(compact: bool) -> None:
     idx = ids[:, :4]
     fast = generate(q, idx, 40, temperature=0)
     assert torch.equal(fast, generate(twin, idx, 40, temperature=0, kernels=False))
+
+
+@needs_cc
+def test_out_of_range_token_or_position_raises_instead_of_reading_past_the_tables() -> None:
+    model = gpt()
+    step = native.native_step(model, torch.float32)
+    cache = KVCache(model.config, 1, model.config.block_size, "cpu", torch.float32)
+    with pytest.raises(IndexError):
+        step.step(torch.tensor([[10_000]]), cache)
+    cache.pos = model.config.block_size
+    with pytest.raises(IndexError):
+        step.step(torch.tensor([[1]]), cache)

@@ -188,6 +188,7 @@ class NativeStep:
         )
         self.work: Tensor | None = None
         self.logits = torch.empty(1, cfg.vocab_size)
+        self.rows, self.positions = wte.size(0), h.wpe.weight.size(0)
 
     def fits(self, cache: KVCache) -> bool:
         """Whether decode.c can read and write `cache`: one sequence, this dtype, contiguous."""
@@ -202,7 +203,11 @@ class NativeStep:
             m.max_len, m.work = cache.max_len, self.work.data_ptr()
         m.k_cache, m.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
         m.threads = torch.get_num_threads()
-        self.lib.gpt2lab_step(ctypes.byref(m), int(ids[0, 0]), cache.pos, self.logits.data_ptr())
+        token, pos = int(ids[0, 0]), cache.pos
+        if not (0 <= token < self.rows and pos < min(cache.max_len, self.positions)):
+            # C would read or write out of bounds: fail as the model's own lookup does
+            raise IndexError(f"token {token} at position {pos} is outside the model's tables")
+        self.lib.gpt2lab_step(ctypes.byref(m), token, pos, self.logits.data_ptr())
         cache.pos += 1
         return self.logits.clone()
 
