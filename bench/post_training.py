@@ -107,7 +107,7 @@ def ours(kind: str, model: Path, steps: int, work: Path) -> list[float]:
         + (["dpo.cache_reference=false"] if kind == "dpo-nocache" else []),
     )
     task = SFTTask(sft) if kind == "sft" else DPOTask(pairs)
-    tr = Trainer(cfg, work / f"ours-{kind}", task=task)
+    tr = Trainer(cfg, work / f"ours-{kind}-{os.getpid()}", task=task)  # one per run, in turns
     times = []
     for _ in range(WARMUP + steps):
         t = time.perf_counter()
@@ -138,7 +138,7 @@ def trl_run(kind: str, model: Path, steps: int, work: Path) -> list[float]:
             times.append(time.perf_counter() - self.t)
 
     common = dict(
-        output_dir=str(work / f"trl-{kind}"),
+        output_dir=str(work / f"trl-{kind}-{os.getpid()}"),
         per_device_train_batch_size=BATCH,
         max_steps=WARMUP + steps,
         learning_rate=LR,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-
 from gpt2lab import cli
 from gpt2lab.config import resolve
 from gpt2lab.model import GPT
 from gpt2lab.posttrain.common import start_model
-from gpt2lab.posttrain.shakespeare import HELD_OUT, asks, parse_works, sample_replies
+from gpt2lab.posttrain.shakespeare import (
+    HELD_OUT,
+    asks,
+    excerpt,
+    parse_works,
+    sample_replies,
+)
 
 
 def test_the_chat_set_pairs_each_speech_with_its_reply_and_holds_out_whole_plays(okf_text, chats):
@@ -28,14 +32,24 @@ def test_the_chat_set_pairs_each_speech_with_its_reply_and_holds_out_whole_plays
         assert "[" not in reply["content"]  # no stage directions
         assert len(user["content"]) + len(reply["content"]) <= 120
     assert asks("Fran.\nWho is there? ") and not asks("Fran.\nStand, ho!")
-    # SFT also learns the longer exchanges of the training plays whose reply is short
-    replies = [r["messages"][1]["content"] for r in chats.sft_train]
-    assert len(chats.sft_train) > 1.5 * len(chats.train) and max(map(len, replies)) <= 100
-    short = {
-        r["messages"][0]["content"] for r in chats.train if len(r["messages"][1]["content"]) <= 100
-    }
-    assert short <= {r["messages"][0]["content"] for r in chats.sft_train}
-    assert not held & {r["messages"][0]["content"] for r in chats.sft_train}
+    # SFT also learns the longer exchanges of the training plays, the speech cut to its last
+    # words so that the exchange fits as the test exchanges do
+    assert len(chats.sft_train) > 1.5 * len(chats.train)
+    assert all(r in chats.sft_train for r in chats.train[:100])
+    speeches = {r["messages"][0]["content"] for r in chats.train}
+    originals = [s for w in works.values() for s, _ in w.exchanges]
+    for r in chats.sft_train[::200]:
+        user, reply = (m["content"] for m in r["messages"])
+        assert len(user) + len(reply) <= 120 and user not in held
+        name, _, words = user.partition("\n")
+        assert name.endswith(".")
+        if user not in speeches:  # an excerpt: a speech's name and last words
+            assert len(words) >= 12
+            assert any(o.startswith(name + "\n") and o.endswith(words) for o in originals)
+    assert (
+        excerpt("Ham.\nO that this too too solid flesh would melt", 25) == "Ham.\nflesh would melt"
+    )
+    assert excerpt("Ham.\nO that this too too solid flesh would melt", 16) is None
 
 
 def test_each_sampled_reply_may_use_the_rest_of_its_own_context(base_run):
@@ -45,22 +59,26 @@ def test_each_sampled_reply_may_use_the_rest_of_its_own_context(base_run):
     start = start_model(cfg, "chat", "sft")
     model = GPT(start.cfg.model)
     model.load_state_dict(start.weights)
-    with torch.no_grad():  # every control token's logit far below the rest: no reply ends
-        wte = model.transformer.wte.weight
-        for i in start.tokenizer.special_tokens.values():
-            wte[i] = -10 * wte[: start.grown_from].mean(0)
+    tok = start.tokenizer
+    limit = min(tok.special_tokens.values())
+    assert limit > 60  # the control tokens come after the characters
+
+    class NeverEnds:  # the sampler draws ids below n_vocab: no control token, no reply ends
+        n_vocab = limit
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
     speeches = [
         "Ham.\nAy.",
         "Hor.\n" + "So have I heard, and do in part believe it. " * 2,
         "A.\nNo.",
     ]
-    r = sample_replies(model, start.tokenizer, start.template, speeches, seed=0, max_new_tokens=90)
+    r = sample_replies(model, NeverEnds(), start.template, speeches, seed=0, max_new_tokens=90)
     block = model.config.block_size
     assert [len(ids) for ids in r.ids] == [min(90, block - len(p)) for p in r.prompts]
     assert len(r.prompts[1]) > 80 and len(r.ids[0]) == 90 and not any(r.ended)
-    again = sample_replies(
-        model, start.tokenizer, start.template, speeches, seed=0, max_new_tokens=90
-    )
+    again = sample_replies(model, NeverEnds(), start.template, speeches, seed=0, max_new_tokens=90)
     assert again.texts == r.texts  # seeded
 
 

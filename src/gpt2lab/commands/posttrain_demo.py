@@ -302,13 +302,13 @@ def _plot(r: dict[str, Any], dpo_run: Path, path: Path) -> Path:
         [i + 0.2 for i in x], [r["ended_sft"], r["ended_dpo"]], 0.4, label="ends with <|end|>"
     )
     ax[1].set_xticks(list(x), ["SFT", "DPO"])
-    ax[1].set_ylim(0, 1)
-    ax[1].legend()
+    ax[1].set_ylim(0, 1.15)
+    ax[1].legend(loc="upper left", ncols=2)
     ax[1].set_title("sampled replies to held-out prompts")
     rows = [json.loads(ln) for ln in (dpo_run / "metrics.jsonl").read_text().splitlines()]
     steps = [row["step"] for row in rows]
     ax[2].plot(steps, [row.get("reward_accuracy") for row in rows], label="reward accuracy")
-    ax[2].plot(steps, [row.get("kl") for row in rows], label="KL estimate (nats/reply)")
+    ax[2].plot(steps, [row.get("kl") for row in rows], label="log-ratio on the pairs (nats/reply)")
     ax[2].set_xlabel("DPO step")
     ax[2].legend()
     ax[2].set_title(f"DPO training; KL on samples {r['kl_dpo_sft_per_reply']:.2f}")

@@ -135,8 +135,8 @@ def chat_set(
     """{"messages": [user speech, assistant reply]} records; the plays named in `held_out` go to
     the test set. `train` and `test` hold the exchanges of at most `max_chars` characters in all
     (they fit the base model's context whole). `sft_train` holds every training exchange whose
-    reply has at most `max_reply` characters: SFT cuts a long speech from its start to fit the
-    context (`sft.max_length`), so the reply and its end-of-turn token are always learned."""
+    reply has at most `max_reply` characters, a longer speech cut to its speaker's name and its
+    last words (`excerpt`) so that the exchange keeps to `max_chars` too."""
     works = parse_works(text)
     titles = {w.title for w in works}
     missing = [t for t in held_out if t not in titles]
@@ -149,22 +149,41 @@ def chat_set(
     train, test, sft_train = [], [], []
     for w in works:
         for speech, reply in w.exchanges:
-            record = {
-                "messages": [
-                    {"role": "user", "content": speech},
-                    {"role": "assistant", "content": reply},
-                ]
-            }
             short = len(speech) + len(reply) <= max_chars
             if w.title in held_out:
                 if short:
-                    test.append(record)
+                    test.append(_record(speech, reply))
                 continue
             if short:
-                train.append(record)
-            if len(reply) <= max_reply:
-                sft_train.append(record)
+                train.append(_record(speech, reply))
+                sft_train.append(train[-1])
+            elif len(reply) <= max_reply and (cut := excerpt(speech, max_chars - len(reply))):
+                sft_train.append(_record(cut, reply))
     return ChatSet(train, test, tuple(held_out), len(works), sft_train)
+
+
+def _record(speech: str, reply: str) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": speech},
+            {"role": "assistant", "content": reply},
+        ]
+    }
+
+
+def excerpt(speech: str, n: int, least: int = 12) -> str | None:
+    """A speech cut to at most `n` characters: its speaker's line, then its last words (from a
+    word's start); None when fewer than `least` characters of words would be left."""
+    name, _, body = speech.partition("\n")
+    room = n - len(name) - 1
+    if room < least:
+        return None
+    tail = body[-room:]
+    if len(tail) < len(body):
+        cut = min((i for i in (tail.find(" "), tail.find("\n")) if i >= 0), default=-1)
+        tail = tail[cut + 1 :] if cut >= 0 else ""
+    tail = tail.strip()
+    return f"{name}\n{tail}" if len(tail) >= least else None
 
 
 # --- the demo's steps: SFT, preference pairs by a rule, DPO, and the held-out measurements ------
