@@ -15,7 +15,7 @@
  * values with one float32 scale per row (wdtype 2); activations and sums are float32; the KV
  * cache has the float weights' dtype, laid out as gpt2lab.model.KVCache for one sequence (n_head, max_len, head_size)
  * per layer. Built by gpt2lab.kernels.native with the C compiler of the machine (-O3
- * -march=native -fopenmp); tested equal to the model's forward in tests/kernels/test_native.py.
+ * -march=native -fopenmp); tested equal to the model's forward in tests/kernels/test_native_decode.py.
  */
 #include <math.h>
 #include <stddef.h>
