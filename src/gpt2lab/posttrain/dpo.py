@@ -159,6 +159,37 @@ def encode_pair(
     return Pair(c, r)
 
 
+def encode_pairs(
+    records: tuple[Sequence[dict], Sequence[dict]],
+    tokenizer: Any,
+    template: ChatTemplate,
+    max_len: int,
+    data: str,
+    notes: list[str],
+) -> tuple[list[Pair], list[Pair]]:
+    """The (train, val) records' pairs (`encode_pair`); pairs with no reply token within
+    `max_len` are left out and counted in `notes`; no training pair at all is a DataError
+    naming `data`."""
+    encoded: tuple[list[Pair], list[Pair]] = ([], [])
+    dropped = 0
+    for part, out in zip(records, encoded):
+        for r in part:
+            pair = encode_pair(r, tokenizer, template, max_len)
+            if pair is None:
+                dropped += 1
+            else:
+                out.append(pair)
+    if dropped:
+        notes.append(f"{dropped} pairs have no reply token within {max_len} tokens")
+    if not encoded[0]:
+        raise DataError(
+            f"no training pairs in {data or 'the records given'}",
+            "records with a prompt, a chosen and a rejected reply",
+            "check the file",
+        )
+    return encoded
+
+
 def pair_batch(pairs: Sequence[Pair]) -> dict[str, Tensor]:
     """Chosen rows then rejected rows, right-padded together: {"x", "y"} (2B, T)."""
     batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs])
@@ -213,24 +244,10 @@ class DPOTask(Task):
             (tok, template), weights = resume_tokenizer(run_dir), None
             self.model_hash = _read_reference_meta(run_dir).get("model_hash")
         self.cfg, self.tokenizer, self.template = cfg, tok, template
-        train, val = self.records(cfg)
         max_len = min(dc.max_length or cfg.model.block_size, cfg.model.block_size)
-        self.train, self.val, dropped = [], [], 0
-        for records, out in ((train, self.train), (val, self.val)):
-            for r in records:
-                pair = encode_pair(r, tok, template, max_len)
-                if pair is None:
-                    dropped += 1
-                else:
-                    out.append(pair)
-        if dropped:
-            self.notes.append(f"{dropped} pairs have no reply token within {max_len} tokens")
-        if not self.train:
-            raise DataError(
-                f"no training pairs in {dc.data or 'the records given'}",
-                "records with a prompt, a chosen and a rejected reply",
-                "check the file",
-            )
+        self.train, self.val = encode_pairs(
+            self.records(cfg), tok, template, max_len, dc.data, self.notes
+        )
         return TaskSetup(cfg, tok, weights, {"template": template}, list(self.notes))
 
     def records(self, cfg: Config) -> tuple[list[dict], list[dict]]:

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from gpt2lab.config import Config
 from gpt2lab.device import autocast
-from gpt2lab.errors import DataError
 from gpt2lab.generate import left_pad
 from gpt2lab.posttrain.batching import ItemBatches, eval_indices, to_device
 from gpt2lab.posttrain.common import (
@@ -30,7 +29,7 @@ from gpt2lab.posttrain.common import (
     start_model,
     task_records,
 )
-from gpt2lab.posttrain.dpo import encode_pair
+from gpt2lab.posttrain.dpo import Pair, encode_pairs
 from gpt2lab.posttrain.reward import SCORE_KEY, RewardModel, bradley_terry, default_pad
 from gpt2lab.train import train
 from gpt2lab.train.dist import Dist, all_reduce_sum
@@ -51,6 +50,12 @@ def pair_texts(pad_id: int, pairs: Sequence[Texts]) -> dict[str, Any]:
     """Chosen rows then rejected rows, left-padded together: {"ids", "mask", "tokens"}."""
     ids, mask = left_pad([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
     return {"ids": ids, "mask": mask, "tokens": int(mask.sum())}
+
+
+def _ends(pair: Pair) -> tuple:
+    """Each reply of a pair up to its last learned token (where its score is read)."""
+    c, r = pair.chosen, pair.rejected
+    return reply_end(c.ids, c.learn), reply_end(r.ids, r.learn)
 
 
 class RewardTask(Task):
@@ -79,25 +84,9 @@ class RewardTask(Task):
             tok, template = resume_tokenizer(run_dir)
         self.cfg, self.tokenizer, self.template = cfg, tok, template
         self.pad = default_pad(tok)
-        train_records, val_records = self.records(cfg)
         max_len = min(rc.max_length or cfg.model.block_size, cfg.model.block_size)
-        self.train, self.val, dropped = [], [], 0
-        for records, out in ((train_records, self.train), (val_records, self.val)):
-            for r in records:
-                pair = encode_pair(r, tok, template, max_len)
-                if pair is None:
-                    dropped += 1
-                    continue
-                c, rj = pair.chosen, pair.rejected
-                out.append((reply_end(c.ids, c.learn), reply_end(rj.ids, rj.learn)))
-        if dropped:
-            self.notes.append(f"{dropped} pairs have no reply token within {max_len} tokens")
-        if not self.train:
-            raise DataError(
-                f"no training pairs in {rc.data or 'the records given'}",
-                "records with a prompt, a chosen and a rejected reply",
-                "check the file",
-            )
+        pairs = encode_pairs(self.records(cfg), tok, template, max_len, rc.data, self.notes)
+        self.train, self.val = ([_ends(p) for p in part] for part in pairs)
         return TaskSetup(cfg, tok, weights, {"template": template}, list(self.notes))
 
     def records(self, cfg: Config) -> tuple[list[dict], list[dict]]:
