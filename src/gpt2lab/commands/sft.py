@@ -7,12 +7,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gpt2lab.commands.train_console import StopSignal, TrainConsole, plot_run, tune_allocator
+from gpt2lab.commands.train_console import plot_run, run_in_console
 from gpt2lab.config import PRESETS, Config, resolve
 from gpt2lab.errors import UsageError
 from gpt2lab.posttrain.run import sft
 from gpt2lab.train import build
-from gpt2lab.train.events import TrainSummary, broadcast
+from gpt2lab.train.events import TrainSummary
 
 ACCEPTS_OVERRIDES = True
 EXAMPLES = """
@@ -106,17 +106,7 @@ def config_of(args: argparse.Namespace, section: str) -> Config:
 def run_command(args: argparse.Namespace, section: str, runner: Callable[..., TrainSummary]) -> int:
     cfg = config_of(args, section)
     out = Path(args.out)
-    tune_allocator(cfg.train.device)
-    console = TrainConsole(progress=not args.no_progress and sys.stderr.isatty())
-    with StopSignal() as stop:
-        summary = runner(
-            cfg,
-            out,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            on_event=broadcast(stop.follow, console),
-            should_stop=stop.requested,
-        )
+    summary = run_in_console(runner, cfg, out, args)
     if summary.rank == 0:
         if not args.no_plot and summary.step > 0:
             print(f"plot: {plot_run(out)}", file=sys.stderr)

@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 
 from gpt2lab.checkpoint import native
-from gpt2lab.commands.train_console import StopSignal, TrainConsole, tune_allocator
+from gpt2lab.commands.train_console import run_in_console
 from gpt2lab.config import PRESETS, resolve
 from gpt2lab.errors import UsageError
 from gpt2lab.outdir import OutputDir, check_not_overlapping
 from gpt2lab.plot import plot_runs
 from gpt2lab.train import build, train
 from gpt2lab.train.dist import launched_rank
-from gpt2lab.train.events import broadcast
 
 ACCEPTS_OVERRIDES = True
 EXAMPLES = """
@@ -101,17 +100,7 @@ def _run(args: argparse.Namespace, out: Path, claim: OutputDir | None) -> int:
         if args.data:
             overrides.insert(0, f"data.dir={_data_dir(args, out)}")
         cfg = resolve(args.preset, args.config, overrides)
-    tune_allocator(cfg.train.device)
-    console = TrainConsole(progress=not args.no_progress and sys.stderr.isatty())
-    with StopSignal() as stop:
-        summary = train(
-            cfg,
-            out,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            on_event=broadcast(stop.follow, console),
-            should_stop=stop.requested,
-        )
+    summary = run_in_console(train, cfg, out, args)
     if summary.rank == 0:
         if not args.no_plot and summary.step > 0:
             if claim is not None:

@@ -32,6 +32,7 @@ from gpt2lab.train.events import (
     StartEvent,
     StepEvent,
     WarningEvent,
+    broadcast,
 )
 from gpt2lab.train.progress import ProgressBar, metrics_line
 
@@ -79,6 +80,22 @@ class StopSignal:
     def requested(self) -> bool:
         """Whether a signal arrived (what `train(should_stop=...)` polls once a step)."""
         return self.signum > 0
+
+
+def run_in_console(runner: Any, cfg: Any, out: Path, args: Any) -> Any:
+    """`runner(cfg, out, ...)` (train, sft, dpo, reward) with the console's progress, Ctrl-C as a
+    clean stop, and the run's --resume/--overwrite/--no-progress flags; its summary."""
+    tune_allocator(cfg.train.device)
+    console = TrainConsole(progress=not args.no_progress and sys.stderr.isatty())
+    with StopSignal() as stop:
+        return runner(
+            cfg,
+            out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            on_event=broadcast(stop.follow, console),
+            should_stop=stop.requested,
+        )
 
 
 def tune_allocator(device_name: str) -> None:
