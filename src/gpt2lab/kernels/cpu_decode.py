@@ -172,21 +172,34 @@ class DecodeStep:
         self.versions = _versions(model)
         self.int8 = isinstance(model.lm_head, Int8Linear)
 
+        self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
+        # one sequence: the same step in C, one call a token (kernels/native.py); the packed
+        # weights below are then made only if a step needs them (padding, another cache)
+        self.native = native_step(model, dtype) if rows == 1 else None
+        self.model = weakref.ref(model)
+        self.layers: list[tuple] | None = None
+        if self.native is None:
+            self._pack(model)
+
+    def _pack(self, model: GPT) -> None:
+        """The products' weights: oneDNN-packed for `rows` rows (float), or fbgemm's (int8)."""
+        dtype = self.dtype
+
         def mat(m: nn.Module, rows_out: int | None = None) -> tuple:
             if self.int8:  # fbgemm's packed weight (bias inside), and 7-bit inputs where needed
                 return (m.packed, m.reduce_range) if m.packed is not None else (None, m)
             w = m.weight.detach()[:rows_out].to(dtype)
             b = None if m.bias is None else m.bias.detach().to(dtype)
-            return (torch.ops.mkldnn._reorder_linear_weight(w, rows), b)
+            return (torch.ops.mkldnn._reorder_linear_weight(w, self.rows), b)
 
         def norm(ln: nn.LayerNorm) -> tuple:
             b = None if ln.bias is None else ln.bias.detach().to(dtype)
             return (ln.weight.detach().to(dtype), b, ln.eps)
 
-        self.layers = []
+        layers = []
         for block in model.transformer.h:
             attn, mlp = block.attn, block.mlp
-            self.layers.append(
+            layers.append(
                 (
                     norm(block.ln_1),
                     *(mat(m) for m in (attn.c_attn, attn.c_proj)),
@@ -196,9 +209,12 @@ class DecodeStep:
             )
         self.ln_f = norm(model.transformer.ln_f)
         self.head = mat(model.lm_head, self.vocab)
-        self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
-        # one sequence: the same step in C, one call a token (kernels/native.py)
-        self.native = native_step(model, dtype) if rows == 1 else None
+        self.layers = layers
+
+    def _packed_layers(self) -> list[tuple]:
+        if self.layers is None:
+            self._pack(self.model())
+        return self.layers
 
     def current(self, model: GPT) -> bool:
         return self.versions == _versions(model)
@@ -234,7 +250,7 @@ class DecodeStep:
         tok_emb = self.wte(ids[:, 0]) if self.int8 else self.wte.weight[ids[:, 0]]
         x = (tok_emb + pos_emb).to(self.dtype)  # (B, C)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, pos+1)
-        for i, (ln1, qkv, proj, ln2, fc, fc_proj) in enumerate(self.layers):
+        for i, (ln1, qkv, proj, ln2, fc, fc_proj) in enumerate(self._packed_layers()):
             h = F.layer_norm(x, (C,), *ln1)
             q, k, v = self._mm(h, qkv).view(B, 3, nh, 1, hs).unbind(1)
             k_cache, v_cache = cache.k[i], cache.v[i]  # (B, nh, max_len, hs)
@@ -268,7 +284,7 @@ class DecodeStep:
         mask = None
         if pos > 0 and T > 1:  # new tokens after cached ones: causal, offset by pos
             mask = torch.ones(T, pos + T, dtype=torch.bool).tril_(diagonal=pos)
-        for i, (ln1, qkv, proj, ln2, fc, fc_proj) in enumerate(self.layers):
+        for i, (ln1, qkv, proj, ln2, fc, fc_proj) in enumerate(self._packed_layers()):
             h = F.layer_norm(x, (C,), *ln1)
             q, k, v = self._mm(h, qkv).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)
             if cache is not None:
