@@ -12,6 +12,7 @@ from gpt2lab.config import GPTConfig
 from gpt2lab.generate import generate
 from gpt2lab.kernels import native
 from gpt2lab.kernels.cpu_decode import decode_step
+from gpt2lab.kernels.int8 import Int8Linear
 from gpt2lab.model import GPT, KVCache
 from gpt2lab.quantize import quantize
 
@@ -156,6 +157,16 @@ def test_build_is_cached_and_leaves_no_partial_file(
         native.load_library.cache_clear()
 
 
+def plain_int8(model: GPT) -> GPT:
+    """`quantize(model)` with every matrix unpacked from fbgemm: each product then runs
+    Int8Linear's plain CPU path (the input's rows rounded to int8, torch._int_mm, scaled)."""
+    q = quantize(model, "int8")
+    for name, m in list(q.named_modules()):
+        if isinstance(m, Int8Linear) and m.packed is not None:
+            q.set_submodule(name, Int8Linear(m.int8_weight(), m.scale, m.bias, pack=False))
+    return q
+
+
 def dequantized_twin(model: GPT, q: GPT) -> GPT:
     """A float GPT whose matrices are the int8 model's values times its scales."""
     twin = copy.deepcopy(model)
@@ -170,20 +181,42 @@ def dequantized_twin(model: GPT, q: GPT) -> GPT:
 
 @needs_cc
 @pytest.mark.parametrize("compact", [True, False])
-def test_int8_step_equals_the_dequantized_model(compact: bool) -> None:
-    """int8 weights times float32 activations: exactly the float model whose weights are the
-    int8 values times their scales (fbgemm's products also round the activations to 8 bits)."""
-    model = gpt()
+@pytest.mark.parametrize("n_embd", [64, 40, 200])  # one VNNI block; none; two blocks and a tail
+def test_int8_step_equals_the_int8_products_of_pytorch(compact: bool, n_embd: int) -> None:
+    """Each int8 product rounds its input to int8 (one scale) and sums the 8-bit products
+    exactly: the same logits as Int8Linear's plain path through the model's own forward, and a
+    different model from the weight-only one (int8 weights times float32 inputs)."""
+    model = gpt(n_embd=n_embd)
     q = quantize(model, "int8", compact=compact)
     ids = torch.randint(0, 101, (1, 48), generator=torch.Generator().manual_seed(6))
-    twin = dequantized_twin(model, q)
+    plain = plain_int8(model)
     ours = native_logits(q, ids, torch.float32)
-    torch.testing.assert_close(ours, model_logits(twin, ids, torch.float32), rtol=1e-5, atol=1e-4)
-    step = decode_step(q, 1)
+    ref = model_logits(plain, ids, torch.float32)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    weight_only = model_logits(dequantized_twin(model, q), ids, torch.float32)
+    assert (weight_only - ref).abs().max() > 100 * (ours - ref).abs().max()
+    step = decode_step(plain, 1)  # (q's prompt runs through fbgemm, which rounds otherwise)
     assert step is not None and step.native is not None
     idx = ids[:, :4]
-    fast = generate(q, idx, 40, temperature=0)
-    assert torch.equal(fast, generate(twin, idx, 40, temperature=0, kernels=False))
+    fast = generate(plain, idx, 40, temperature=0)
+    assert torch.equal(fast, generate(plain, idx, 40, temperature=0, kernels=False))
+
+
+@needs_cc
+def test_int8_sums_are_the_same_without_vnni(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain C loop a CPU without VNNI runs gives the very logits the VNNI one does (both sum
+    the 8-bit products exactly)."""
+    model = gpt(n_embd=200)
+    q = quantize(model, "int8")
+    ids = torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(7))
+    vnni = native_logits(q, ids, torch.float32)
+    native.load_library.cache_clear()
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512vnni", "-mno-avx512bf16"])
+        assert torch.equal(native_logits(q, ids, torch.float32), vnni)
+    finally:
+        native.load_library.cache_clear()
 
 
 @needs_cc

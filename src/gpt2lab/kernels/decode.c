@@ -12,7 +12,10 @@
  *
  * Weights are float32 or bfloat16 (dtype 0 or 1), exactly the model's tensors (row-major
  * (out, in), as nn.Linear stores them), or for the matrices of a `gpt2lab.quantize` model int8
- * values with one float32 scale per row (wdtype 2); activations and sums are float32; the KV
+ * values with one float32 scale per row (wdtype 2). An int8 product rounds its input to int8
+ * with one scale (max|x| / 127), sums the 8-bit products exactly in int32 (the CPU's VNNI
+ * instruction where it has one) and scales the sums: what Int8Linear's plain CPU path computes
+ * with torch._int_mm. Other activations and sums are float32; the KV
  * cache has the float weights' dtype, laid out as gpt2lab.model.KVCache for one sequence (n_head, max_len, head_size)
  * per layer. Built by gpt2lab.kernels.native with the C compiler of the machine (-O3
  * -march=native -fopenmp); tested equal to the model's forward in tests/kernels/test_native_decode.py.
@@ -41,6 +44,9 @@ typedef struct {
     /* int8 matrices: one float32 scale per row (W ~ values * scale[row]); NULL otherwise */
     const void **attn_s, **proj_s, **fc_s, **fcp_s;
     const void *head_s, *wte_s;
+    /* int8 matrices: each row's sum of values, int32 (for the unsigned-input VNNI products) */
+    const void **attn_r, **proj_r, **fc_r, **fcp_r;
+    const void *head_r;
 } Model;
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -123,27 +129,42 @@ static float dot_row(const void *W, size_t row, const float *x, int K, int dtype
     return s;
 }
 
-static float dot_row_int8(const int8_t *W, size_t row, const float *x, int K) {
-    size_t base = row * (size_t)K;
-    int k = 0;
-    float s = 0.0f;
-#ifdef __AVX512F__
-    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (; k + 64 <= K; k += 64)
-        for (int j = 0; j < 4; j++) { /* 16 int8 values widened to float32 */
-            __m128i q = _mm_loadu_si128((const __m128i *)(W + base + k + 16 * j));
-            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-            a[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k + 16 * j), a[j]);
-        }
-    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
-#endif
-    for (; k < K; k++) s += (float)W[base + k] * x[k];
+/* int8: x rounded to int8 with one scale, as Int8Linear's plain path does (s = max|x| / 127,
+   q = round(x / s), ties to even), stored as q + 128 (unsigned) for VNNI, which multiplies
+   unsigned by signed bytes; returns s */
+static float quantize_input(const float *x, int K, uint8_t *xu) {
+    float top = 0.0f;
+    for (int k = 0; k < K; k++) top = fmaxf(top, fabsf(x[k]));
+    float s = fmaxf(top, 1e-30f) / 127.0f;
+    for (int k = 0; k < K; k++) xu[k] = (uint8_t)((int)nearbyintf(x[k] / s) + 128);
     return s;
 }
 
-static void rows_product(const void *W, const float *x, int K, int n0, int n1, float *y, int wdtype) {
-    for (int n = n0; n < n1; n++)
-        y[n - n0] = wdtype == 2 ? dot_row_int8(W, (size_t)n, x, K) : dot_row(W, (size_t)n, x, K, wdtype);
+/* y[n - n0] = W[n, :] . q exactly, for int8 rows W and the input q (given as q + 128): the sum
+   of (q + 128) w, less 128 times the row's sum */
+static void rows_product_int8(const int8_t *W, const int32_t *rowsum, const uint8_t *xu, int K,
+                              int n0, int n1, float *y) {
+    for (int n = n0; n < n1; n++) {
+        const int8_t *r = W + (size_t)n * K;
+        int32_t acc = 0;
+        int k = 0;
+#ifdef __AVX512VNNI__
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+        for (; k + 128 <= K; k += 128) { /* 64 products per instruction, one cache line */
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xu + k), _mm512_loadu_si512(r + k));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(xu + k + 64), _mm512_loadu_si512(r + k + 64));
+        }
+        for (; k + 64 <= K; k += 64)
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xu + k), _mm512_loadu_si512(r + k));
+        acc = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
+#endif
+        for (; k < K; k++) acc += (int32_t)xu[k] * r[k];
+        y[n - n0] = (float)(acc - 128 * rowsum[n]);
+    }
+}
+
+static void rows_product(const void *W, const float *x, int K, int n0, int n1, float *y, int dtype) {
+    for (int n = n0; n < n1; n++) y[n - n0] = dot_row(W, (size_t)n, x, K, dtype);
 }
 
 static inline float gelu(float v) { /* GPT-2's tanh approximation */
@@ -197,12 +218,15 @@ static void rows_product_dpbf16(const uint16_t *W, const uint16_t *xb, int K, in
 #endif
 
 /* y = W x + b, then GELU (GELU) or y += residual (ADD, y is the residual stream), in parallel
-   over blocks of rows */
-static void linear(const void *W, const void *S, const void *b, const float *x, int N, int K, float *y,
-                   int epilogue, const Model *m) {
+   over blocks of rows; int8 W comes with its rows' scales S and sums R */
+static void linear(const void *W, const void *S, const void *R, const void *b, const float *x,
+                   int N, int K, float *y, int epilogue, const Model *m) {
     const int block = 64;
     int blocks = (N + block - 1) / block;
     int dp = 0;
+    float xs = 1.0f;
+    uint8_t xu[m->wdtype == 2 ? K : 1];
+    if (m->wdtype == 2) xs = quantize_input(x, K, xu);
 #ifdef __AVX512BF16__
     uint16_t xb[K];
     dp = m->wdtype == 1 && K % 32 == 0;
@@ -213,14 +237,16 @@ static void linear(const void *W, const void *S, const void *b, const float *x, 
     for (int i = 0; i < blocks; i++) {
         int n0 = i * block, n1 = n0 + block < N ? n0 + block : N;
         float tmp[64];
+        if (m->wdtype == 2) {
+            rows_product_int8((const int8_t *)W, (const int32_t *)R, xu, K, n0, n1, tmp);
+            for (int n = n0; n < n1; n++) tmp[n - n0] *= xs * ((const float *)S)[n];
+        }
 #ifdef __AVX512BF16__
-        if (dp)
+        else if (dp)
             rows_product_dpbf16((const uint16_t *)W, xb, K, n0, n1, tmp);
-        else
 #endif
+        else
             rows_product(W, x, K, n0, n1, tmp, m->wdtype);
-        if (S)
-            for (int n = n0; n < n1; n++) tmp[n - n0] *= ((const float *)S)[n];
         int n = n0;
 #ifdef __AVX512F__
         for (; epilogue == GELU && n + 16 <= n1; n += 16) {
@@ -270,6 +296,8 @@ static void attend(const Model *m, int layer, int pos, const float *qkv, float *
     }
 }
 
+static const void *at(const void **per_layer, int l) { return per_layer ? per_layer[l] : NULL; }
+
 /* The logits (vocab floats) of token `id` at position `pos`; writes its key and value at `pos`. */
 void gpt2lab_step(const Model *m, int64_t id, int pos, float *logits) {
     const int C = m->n_embd, nh = m->n_head, hs = m->head_size, dtype = m->dtype;
@@ -282,7 +310,7 @@ void gpt2lab_step(const Model *m, int64_t id, int pos, float *logits) {
                load(m->wpe, (size_t)pos * C + i, dtype);
     for (int l = 0; l < m->n_layer; l++) {
         layer_norm(x, m->ln1_w[l], m->ln1_b[l], C, m->eps, h, dtype);
-        linear(m->attn_w[l], m->attn_s ? m->attn_s[l] : NULL, m->attn_b[l], h, 3 * C, C, qkv, PLAIN, m);
+        linear(m->attn_w[l], at(m->attn_s, l), at(m->attn_r, l), m->attn_b[l], h, 3 * C, C, qkv, PLAIN, m);
         for (int hd = 0; hd < nh; hd++) {
             size_t at = l * per_layer + ((size_t)hd * m->max_len + pos) * hs;
             for (int i = 0; i < hs; i++) {
@@ -291,13 +319,13 @@ void gpt2lab_step(const Model *m, int64_t id, int pos, float *logits) {
             }
         }
         attend(m, l, pos, qkv, y, scores);
-        linear(m->proj_w[l], m->proj_s ? m->proj_s[l] : NULL, m->proj_b[l], y, C, C, x, ADD, m);
+        linear(m->proj_w[l], at(m->proj_s, l), at(m->proj_r, l), m->proj_b[l], y, C, C, x, ADD, m);
         layer_norm(x, m->ln2_w[l], m->ln2_b[l], C, m->eps, h, dtype);
-        linear(m->fc_w[l], m->fc_s ? m->fc_s[l] : NULL, m->fc_b[l], h, 4 * C, C, u, GELU, m);
-        linear(m->fcp_w[l], m->fcp_s ? m->fcp_s[l] : NULL, m->fcp_b[l], u, C, 4 * C, x, ADD, m);
+        linear(m->fc_w[l], at(m->fc_s, l), at(m->fc_r, l), m->fc_b[l], h, 4 * C, C, u, GELU, m);
+        linear(m->fcp_w[l], at(m->fcp_s, l), at(m->fcp_r, l), m->fcp_b[l], u, C, 4 * C, x, ADD, m);
     }
     layer_norm(x, m->lnf_w, m->lnf_b, C, m->eps, h, dtype);
-    linear(m->head_w, m->head_s, NULL, h, m->vocab, C, logits, PLAIN, m);
+    linear(m->head_w, m->head_s, m->head_r, NULL, h, m->vocab, C, logits, PLAIN, m);
 }
 
 size_t gpt2lab_work_floats(int n_embd, int n_head, int max_len) {

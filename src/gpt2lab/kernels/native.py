@@ -35,6 +35,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _LAYER_FIELDS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b")
 _LAYER_FIELDS += ("ln2_w", "ln2_b", "fc_w", "fc_b", "fcp_w", "fcp_b")
 _SCALE_FIELDS = ("attn_s", "proj_s", "fc_s", "fcp_s")  # int8 matrices' row scales
+_SUM_FIELDS = ("attn_r", "proj_r", "fc_r", "fcp_r")  # and their rows' sums (int32)
 
 
 class _Model(ctypes.Structure):
@@ -49,6 +50,8 @@ class _Model(ctypes.Structure):
         *((name, ctypes.c_void_p) for name in ("k_cache", "v_cache", "work")),
         *((name, ctypes.POINTER(ctypes.c_void_p)) for name in _SCALE_FIELDS),
         *((name, ctypes.c_void_p) for name in ("head_s", "wte_s")),
+        *((name, ctypes.POINTER(ctypes.c_void_p)) for name in _SUM_FIELDS),
+        ("head_r", ctypes.c_void_p),
     ]
 
 
@@ -116,7 +119,8 @@ class NativeStep:
     of ids (1, 1) after what `cache` holds, written at `cache.pos` (which it advances). Holds
     contiguous `dtype` copies of the weights where the model's are not already that (a float32
     model decoded in bfloat16); otherwise the model's own tensors. For an int8 model
-    (`gpt2lab.quantize`), the matrices' int8 values and row scales, and float32 for the rest."""
+    (`gpt2lab.quantize`), the matrices' int8 values, row scales and row sums, and float32 for the
+    rest."""
 
     def __init__(self, lib: ctypes.CDLL, model: GPT, dtype: torch.dtype) -> None:
         cfg = model.config
@@ -130,12 +134,21 @@ class NativeStep:
             if t is None:
                 return None
             t = t.detach()
-            t = (t if t.dtype == torch.int8 else t.to(dtype)).contiguous()
+            t = (t if t.dtype in (torch.int8, torch.int32) else t.to(dtype)).contiguous()
             self.keep.append(t)
             return t.data_ptr()
 
+        unpacked: dict[int, Tensor] = {}  # int8 values, unpacked once per matrix
+
         def matrix(m: nn.Module) -> Tensor:
-            return m.int8_weight() if int8 else m.weight
+            if not int8:
+                return m.weight
+            if id(m) not in unpacked:
+                unpacked[id(m)] = m.int8_weight()
+            return unpacked[id(m)]
+
+        def row_sums(m: nn.Module) -> Tensor:
+            return matrix(m).sum(dim=1, dtype=torch.int32)
 
         def per_layer(get) -> ctypes.Array:
             return (ctypes.c_void_p * cfg.n_layer)(*(ptr(get(b)) for b in model.transformer.h))
@@ -161,11 +174,16 @@ class NativeStep:
                 "proj_s": per_layer(lambda b: b.attn.c_proj.scale),
                 "fc_s": per_layer(lambda b: b.mlp.c_fc.scale),
                 "fcp_s": per_layer(lambda b: b.mlp.c_proj.scale),
+                "attn_r": per_layer(lambda b: row_sums(b.attn.c_attn)),
+                "proj_r": per_layer(lambda b: row_sums(b.attn.c_proj)),
+                "fc_r": per_layer(lambda b: row_sums(b.mlp.c_fc)),
+                "fcp_r": per_layer(lambda b: row_sums(b.mlp.c_proj)),
             }
-            head, head_s = model.lm_head.int8_weight(), model.lm_head.scale
+            head, head_s = matrix(model.lm_head), model.lm_head.scale
+            head_r = row_sums(model.lm_head)
             wte, wte_s = h.wte.values, h.wte.scale
         else:
-            head, head_s = model.lm_head.weight[: cfg.vocab_size], None
+            head, head_s, head_r = model.lm_head.weight[: cfg.vocab_size], None, None
             wte, wte_s = h.wte.weight, None
         self.arrays = arrays
         self.m = _Model(
@@ -184,6 +202,7 @@ class NativeStep:
             wpe=ptr(h.wpe.weight),
             head_w=ptr(head),
             head_s=ptr(head_s),
+            head_r=ptr(head_r),
             **{k: ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)) for k, v in arrays.items()},
         )
         self.work: Tensor | None = None
