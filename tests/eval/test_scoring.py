@@ -178,3 +178,14 @@ def test_candidates_of_one_context_share_its_kv_cache_and_score_as_transformers(
         k = len(cont)
         picked = [logp[len(seq) - 1 - k + i, t].item() for i, t in enumerate(cont)]
         assert sc.tokens == k and sc.logprob == pytest.approx(sum(picked), abs=1e-4)
+
+
+def test_nll_sum_is_cross_entropy_in_blocks():
+    from gpt2lab.eval.scoring import nll_sum
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(150, 1000, generator=g) * 4  # 150: two full blocks and a part
+    targets = torch.randint(0, 1000, (150,), generator=g)
+    want = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+    assert abs(nll_sum(logits, targets) - want) <= 1e-5 * abs(want)
+    assert abs(nll_sum(logits, targets, rows=7) - want) <= 1e-5 * abs(want)
