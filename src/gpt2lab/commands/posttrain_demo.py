@@ -32,7 +32,7 @@ from gpt2lab.commands.train_console import (
 )
 from gpt2lab.demo import run_demo
 from gpt2lab.errors import TrainingError
-from gpt2lab.generate import ContextWarning
+from gpt2lab.generate import PREVIEW_SAMPLING, ContextWarning
 from gpt2lab.io import atomic_open, atomic_write_json
 from gpt2lab.posttrain.run import dpo
 from gpt2lab.posttrain.shakespeare import (
@@ -88,7 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pair-prompts", type=int, default=2000, help="training prompts sampled for pairs (2000)"
     )
-    p.add_argument("--samples", type=int, default=400, help="held-out prompts measured (400)")
+    p.add_argument(
+        "--samples", type=int, default=1000, help="held-out prompts measured (1000: all 808)"
+    )
     p.add_argument("--overwrite", action="store_true", help="start OUT's runs over")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
 
@@ -158,7 +160,8 @@ def _run(args: argparse.Namespace) -> int:
         loss_sft = chat_completion_loss(sft_model, tok, template, test)
         del base_model
         held = user_turns(test)[: args.samples]
-        sft_replies = sample_replies(sft_model, tok, template, held, seed=1)
+        sft_replies = measured_replies(sft_model, tok, template, held)
+        sft_t1 = sample_replies(sft_model, tok, template, held, seed=1)
         say(f"== 3/4 preference pairs: {QUESTION_RULE}")
         t = time.perf_counter()
         pairs = preference_pairs(sft_model, tok, template, chat.train[: args.pair_prompts], k=4)
@@ -186,7 +189,8 @@ def _run(args: argparse.Namespace) -> int:
         )
         dpo_s = time.perf_counter() - t
     dpo_model, _ = load_model(out / "dpo", device="cpu", dtype=torch.float32)
-    dpo_replies = sample_replies(dpo_model, tok, template, held, seed=1)
+    dpo_replies = measured_replies(dpo_model, tok, template, held)
+    dpo_t1 = sample_replies(dpo_model, tok, template, held, seed=1)
     loss_dpo = chat_completion_loss(dpo_model, tok, template, test)
     kl = reply_logps(dpo_model, dpo_replies.prompts, dpo_replies.ids) - reply_logps(
         sft_model, dpo_replies.prompts, dpo_replies.ids
@@ -205,10 +209,14 @@ def _run(args: argparse.Namespace) -> int:
         "sampled_prompts": len(held),
         "ended_sft": _rate(sft_replies.ended),
         "ended_dpo": _rate(dpo_replies.ended),
+        "ended_sft_t1": _rate(sft_t1.ended),
+        "ended_dpo_t1": _rate(dpo_t1.ended),
         "rule": QUESTION_RULE,
         "pairs": len(pairs),
         "question_rate_sft": question_rate(sft_replies),
         "question_rate_dpo": question_rate(dpo_replies),
+        "question_rate_sft_t1": question_rate(sft_t1),
+        "question_rate_dpo_t1": question_rate(dpo_t1),
         "reply_chars_sft": _mean_chars(sft_replies),
         "reply_chars_dpo": _mean_chars(dpo_replies),
         "kl_dpo_sft_per_reply": kl.mean().item(),
@@ -233,6 +241,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def measured_replies(model: Any, tok: Any, template: Any, held: list[str]) -> Replies:
+    """The held-out replies the demo measures: gpt2lab's preview sampling (temperature 0.8,
+    top-k 200, as `gpt2lab demo`'s samples), seed 1."""
+    s = PREVIEW_SAMPLING
+    return sample_replies(model, tok, template, held, 1, temperature=s.temperature, top_k=s.top_k)
+
+
 def _rate(flags: list[bool]) -> float:
     return sum(flags) / max(1, len(flags))
 
@@ -255,10 +270,12 @@ def summary_text(r: dict[str, Any]) -> str:
         f"completion loss of the true replies: base {r['completion_loss_base']:.3f} -> "
         f"SFT {r['completion_loss_sft']:.3f} (DPO {r['completion_loss_dpo']:.3f}) nats per "
         "character",
-        f"replies closed by <|end|> ({r['sampled_prompts']} held-out prompts): "
-        f"SFT {r['ended_sft']:.1%}, DPO {r['ended_dpo']:.1%}",
+        f"replies closed by <|end|> ({r['sampled_prompts']} held-out prompts, temperature 0.8): "
+        f"SFT {r['ended_sft']:.1%}, DPO {r['ended_dpo']:.1%} (at temperature 1: "
+        f"{r['ended_sft_t1']:.1%}, {r['ended_dpo_t1']:.1%})",
         f"replies closed by <|end|> and ending with '?': SFT {r['question_rate_sft']:.1%} -> "
-        f"DPO {r['question_rate_dpo']:.1%} ({r['pairs']:,} pairs, beta {r['dpo_beta']:g})",
+        f"DPO {r['question_rate_dpo']:.1%} ({r['pairs']:,} pairs, beta {r['dpo_beta']:g}; at "
+        f"temperature 1: {r['question_rate_sft_t1']:.1%} -> {r['question_rate_dpo_t1']:.1%})",
         f"mean reply length: SFT {r['reply_chars_sft']:.0f}, DPO {r['reply_chars_dpo']:.0f} "
         "characters",
         f"KL(DPO || SFT) on DPO's samples: {r['kl_dpo_sft_per_reply']:.2f} nats per reply "

@@ -195,9 +195,11 @@ QUESTION_RULE = (
 )
 
 SAMPLING = (
-    "one reply per held-out prompt at temperature 1, seeded; each reply may use the rest of the "
+    "one reply per held-out prompt with gpt2lab's preview sampling (temperature 0.8, top-k 200, "
+    "as `gpt2lab demo` and training previews sample), seeded; each reply may use the rest of the "
     "model's context after its prompt (block_size minus the prompt's tokens, at most 100), "
-    "prompts of equal length sampled together; a reply is closed when it writes <|end|>"
+    "prompts of equal length sampled together; a reply is closed when it writes <|end|>; the "
+    "same at temperature 1 is reported beside it (*_t1)"
 )
 
 # SFT: one pass over the training plays' exchanges (`ChatSet.sft_train`, ~16,500) at a gentle
@@ -310,6 +312,7 @@ def sample_replies(
     max_new_tokens: int = 100,
     batch_size: int = 256,
     temperature: float = 1.0,
+    top_k: int | None = None,
 ) -> Replies:
     """One sampled reply per speech (rendered as a user turn), up to the end-of-turn token.
 
@@ -344,6 +347,7 @@ def sample_replies(
                     idx,
                     room,
                     temperature,
+                    top_k,
                     generator=gen,
                     eos_token_id=stops,
                     vocab_size=tokenizer.n_vocab,
