@@ -38,15 +38,33 @@ from gpt2lab.tokenizer import get_tokenizer
 GGUF_TWINS = {"f16": torch.float16, "bf16": torch.bfloat16, "q8_0": "int8"}
 
 
-def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of `repeats` sums over a buffer larger than any cache."""
-    x = torch.ones(mbytes * 2**20 // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
+class Bandwidth:
+    """Read bandwidth, measured in turns with the runs it is the limit of: each `probe()` times one
+    sum over a buffer larger than any cache; `bytes_per_s(times)` is the median of those probes,
+    so that a row's limit comes from the same minutes as its own timings (the machine's
+    bandwidth drifts by 15% between minutes)."""
+
+    def __init__(self, mbytes: int = 512) -> None:
+        self.x = torch.ones(mbytes * 2**20 // 4)
+        self.all: list[float] = []
+
+    def probe(self) -> None:
+        self.x.sum()
+
+    def bytes_per_s(self, times: list[float]) -> float:
+        rates = [self.x.numel() * 4 / t for t in times]
+        self.all += rates
+        return statistics.median(rates)
+
+    def measure(self, repeats: int = 5) -> float:
+        """The median of `repeats` probes on their own (after one to warm up)."""
+        self.probe()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.probe()
+            times.append(time.perf_counter() - t0)
+        return self.bytes_per_s(times)
 
 
 def weight_bytes_per_step(model: GPT, dtype: torch.dtype) -> int:
@@ -72,15 +90,15 @@ def hf_twin(model: GPT, dtype: torch.dtype):
     return hf.to(dtype)
 
 
-def time_alternating(a, b, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of each run of `a` and of `b`, run in turns so that load from elsewhere hits both."""
-    ta, tb = [], []
+def time_alternating(*fns, repeats: int) -> list[list[float]]:
+    """Seconds of each run of each of `fns`, run in turns so that load from elsewhere hits all."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((a, ta), (b, tb)):
+        for fn, t in zip(fns, times):
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-    return ta, tb
+            t.append(time.perf_counter() - t0)
+    return times
 
 
 def rate(work: float, times: list[float]) -> tuple[float, str]:
@@ -98,7 +116,9 @@ def twin(base: GPT, precision) -> torch.nn.Module:
     return ours.to(precision)
 
 
-def int8_rows(base: GPT, prompt_tokens: int, new: int, repeats: int, batches, bw: float) -> None:
+def int8_rows(
+    base: GPT, prompt_tokens: int, new: int, repeats: int, batches, bw: Bandwidth
+) -> None:
     """gpt2lab int8 (the default, and compact=False) beside gpt2lab bfloat16, in turns, and the
     int8 bandwidth limit."""
     variants = {"int8": twin(base, "int8"), "int8 (compact=False)": twin(base, "int8-fast")}
@@ -121,9 +141,10 @@ def int8_rows(base: GPT, prompt_tokens: int, new: int, repeats: int, batches, bw
         runs = {
             k: functools.partial(generate, m, idx, new, temperature=0) for k, m in models.items()
         }
+        runs["read bandwidth"] = bw.probe
         with torch.inference_mode():
             ref = runs["bf16"]()
-            same = {k: (fn() == ref).float().mean().item() for k, fn in runs.items()}  # + warm-up
+            same = {k: (runs[k]() == ref).float().mean().item() for k in models}  # + warm-up
             times: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(repeats):  # in turns
                 for k, fn in runs.items():
@@ -131,7 +152,7 @@ def int8_rows(base: GPT, prompt_tokens: int, new: int, repeats: int, batches, bw
                     fn()
                     times[k].append(time.perf_counter() - t0)
         b_tps, _ = rate(B * new, times["bf16"])
-        limit = B * bw / int8_bytes
+        limit = B * bw.bytes_per_s(times["read bandwidth"]) / int8_bytes
         for k in variants:
             q_tps, q_spread = rate(B * new, times[k])
             print(
@@ -189,7 +210,7 @@ def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None
             run_ours = functools.partial(generate, ours, idx, new, temperature=0)
             with torch.inference_mode():
                 run_ours(), run_llama()  # warm-up
-                t_ours, t_llama = time_alternating(run_ours, run_llama, repeats)
+                t_ours, t_llama = time_alternating(run_ours, run_llama, repeats=repeats)
             (ours_tps, _), (llama_tps, llama_spread) = rate(new, t_ours), rate(new, t_llama)
             name = str(dtype).removeprefix("torch.")
             print(
@@ -210,12 +231,14 @@ def main() -> None:
     new, repeats = (32, 1) if args.quick else (args.new_tokens, args.repeats)
     torch.manual_seed(0)
     base = GPT(GPTConfig()).eval()
-    bw = measure_bandwidth()
+    bw = Bandwidth()
+    bw_start = bw.measure()
     default_dtype = pick_dtype("auto", torch.device("cpu"))
     print(
         f"GPT-2 124M, random weights | prompt {args.prompt_tokens} tokens, {new} new, greedy | "
         f"{torch.get_num_threads()} threads | native bf16: {cpu_has_native_bf16()} | "
-        f"read bandwidth {bw / 1e9:.1f} GB/s | torch {torch.__version__}"
+        f"read bandwidth {bw_start / 1e9:.1f} GB/s at the start (each row's limit: the median "
+        f"of probes taken in turns with its runs) | torch {torch.__version__}"
     )
     print(
         f"{'dtype':<9} {'batch':>5} {'gpt2lab tok/s':>14} {'(spread)':>13} {'transformers':>13} "
@@ -244,9 +267,9 @@ def main() -> None:
             )
             with torch.inference_mode():
                 same = (run_ours() == run_hf()).all(dim=1).float().mean().item()  # + warm-up
-                t_ours, t_hf = time_alternating(run_ours, run_hf, repeats)
+                t_ours, t_hf, t_bw = time_alternating(run_ours, run_hf, bw.probe, repeats=repeats)
             (ours_tps, spread), (hf_tps, _) = rate(B * new, t_ours), rate(B * new, t_hf)
-            limit = B * bw / weight_bytes_per_step(ours, dtype)
+            limit = B * bw.bytes_per_s(t_bw) / weight_bytes_per_step(ours, dtype)
             results[(dname, B)] = (ours_tps, hf_tps)
             print(
                 f"{dname:<9} {B:>5} {ours_tps:>14.1f} {spread:>13} {hf_tps:>13.1f} "
@@ -267,6 +290,11 @@ def main() -> None:
         llama_cpp_rows(base, prompt.tolist(), new, repeats)
     else:
         print("llama.cpp: not measured (pip install llama-cpp-python to add it)")
+    rates = sorted(bw.all)
+    print(
+        f"read bandwidth over the run: median {statistics.median(rates) / 1e9:.1f} GB/s "
+        f"({rates[0] / 1e9:.1f}-{rates[-1] / 1e9:.1f}, {len(rates)} probes)"
+    )
 
 
 if __name__ == "__main__":

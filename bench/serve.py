@@ -43,7 +43,7 @@ from gpt2lab.model import GPT
 from gpt2lab.tokenizer import get_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample import measure_bandwidth, weight_bytes_per_step  # noqa: E402 - bench/sample.py
+from sample import Bandwidth, weight_bytes_per_step  # noqa: E402 - bench/sample.py
 
 PROMPT_TOKENS = 16
 
@@ -246,7 +246,7 @@ def decode_limit(dtype: torch.dtype) -> float:
     """One sequence's tokens/s if each token only read the weights once at the measured memory
     bandwidth (bench/sample.py's measure)."""
     model = GPT(GPTConfig())
-    return measure_bandwidth() / weight_bytes_per_step(model, dtype)
+    return Bandwidth().measure() / weight_bytes_per_step(model, dtype)
 
 
 def main() -> int:
