@@ -113,3 +113,24 @@ def test_the_demo_command_measures_sft_and_explains_missing_pairs(
     assert last.startswith("gpt2lab: error: the SFT model") and "--sft-minutes" in last
     assert (out / "sft" / "tokenizer" / "chat_template.json").is_file()
     assert not (out / "dpo").exists()
+
+
+def test_question_pairs_prefer_a_short_question_over_a_long_other_reply():
+    from gpt2lab.posttrain.shakespeare import question_pair
+
+    replies = [
+        ("A.\nWill you go?", True),
+        ("B.\nNo.", True),
+        ("C.\nGo where, and when, and why?", True),
+        ("D.\nI will not go, for the night is cold.", True),
+        ("E.\nWhat, and run on past the room", False),  # not closed: takes no part
+        ("F.\nThis one never ends and never asks anything at all", False),
+        ("  ", True),  # empty: takes no part
+    ]
+    assert question_pair(replies) == (
+        "A.\nWill you go?",
+        "D.\nI will not go, for the night is cold.",
+    )
+    assert question_pair(replies, brevity=False) == ("A.\nWill you go?", "B.\nNo.")
+    assert question_pair(replies[:1] + replies[4:]) is None  # no closed reply without '?'
+    assert question_pair([("X.\nWhy?", False), ("Y.\nBecause.", True)]) is None

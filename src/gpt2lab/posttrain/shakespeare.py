@@ -190,8 +190,8 @@ def excerpt(speech: str, n: int, least: int = 12) -> str | None:
 
 QUESTION_RULE = (
     "a reply is preferred when it ends with a question mark: of K replies the SFT model samples "
-    "for a training prompt (each ended by <|end|>), one ending in '?' is chosen and one that does "
-    "not is rejected"
+    "for a training prompt (each ended by <|end|>), the shortest one ending in '?' is chosen and "
+    "the longest one that does not is rejected"
 )
 
 SAMPLING = (
@@ -378,26 +378,42 @@ def preference_pairs(
     records: Sequence[dict],
     k: int = 4,
     seed: int = 0,
+    brevity: bool = True,
 ) -> list[dict]:
     """Pairs by QUESTION_RULE from `k` sampled replies per record's user turn (sampled together:
-    the k replies to a prompt share its batch)."""
+    the k replies to a prompt share its batch). Ties go to brevity (the shortest '?' reply
+    against the longest other one; `brevity=False`: the first of each): a preference for short
+    replies keeps DPO from learning to run on, which a character model with a 128-character
+    context pays for in replies that never close (docs/post_training.md)."""
     speeches = user_turns(records)
     many = sample_replies(model, tokenizer, template, [s for s in speeches for _ in range(k)], seed)
     pairs = []
     for i, speech in enumerate(speeches):
         texts = [(many.texts[i * k + j], many.ended[i * k + j]) for j in range(k)]
-        good = [t for t, e in texts if e and t.strip() and asks(t)]
-        bad = [t for t, e in texts if e and t.strip() and not asks(t)]
-        if good and bad:
-            user = [{"role": "user", "content": speech}]
+        if pair := question_pair(texts, brevity):
             pairs.append(
                 {
-                    "prompt": user,
-                    "chosen": [{"role": "assistant", "content": good[0]}],
-                    "rejected": [{"role": "assistant", "content": bad[0]}],
+                    "prompt": [{"role": "user", "content": speech}],
+                    "chosen": [{"role": "assistant", "content": pair[0]}],
+                    "rejected": [{"role": "assistant", "content": pair[1]}],
                 }
             )
     return pairs
+
+
+def question_pair(
+    replies: Sequence[tuple[str, bool]], brevity: bool = True
+) -> tuple[str, str] | None:
+    """(chosen, rejected) among (text, closed) replies by QUESTION_RULE, or None where the
+    replies do not hold both kinds; only closed, non-empty replies take part."""
+    closed = [t for t, e in replies if e and t.strip()]
+    good = [t for t in closed if asks(t)]
+    bad = [t for t in closed if not asks(t)]
+    if not (good and bad):
+        return None
+    if brevity:  # stable sorts: among equal lengths the first sampled
+        return sorted(good, key=len)[0], sorted(bad, key=len, reverse=True)[0]
+    return good[0], bad[0]
 
 
 @torch.no_grad()
