@@ -207,6 +207,7 @@ def _run(args: argparse.Namespace) -> int:
         "completion_loss_dpo": loss_dpo,
         "sampling": SAMPLING,
         "sampled_prompts": len(held),
+        "replies_per_prompt": REPLIES_PER_PROMPT,
         "ended_sft": _rate(sft_replies.ended),
         "ended_dpo": _rate(dpo_replies.ended),
         "ended_sft_t1": _rate(sft_t1.ended),
@@ -231,7 +232,11 @@ def _run(args: argparse.Namespace) -> int:
         "dpo_seconds": dpo_s,
         "total_seconds": time.perf_counter() - t_start,
         "examples": [
-            {"user": held[i], "sft": sft_replies.texts[i], "dpo": dpo_replies.texts[i]}
+            {
+                "user": held[i],
+                "sft": sft_replies.texts[i * REPLIES_PER_PROMPT],
+                "dpo": dpo_replies.texts[i * REPLIES_PER_PROMPT],
+            }
             for i in range(min(5, len(held)))
         ],
     }
@@ -241,11 +246,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Replies sampled per held-out prompt: with one, the closed share of 808 replies moved by 2 points
+# between seeds (94.9%, 97.2%, 96.4% for one model); three replies each estimate it to ~0.4.
+REPLIES_PER_PROMPT = 3
+
+
 def measured_replies(model: Any, tok: Any, template: Any, held: list[str]) -> Replies:
-    """The held-out replies the demo measures: gpt2lab's preview sampling (temperature 0.8,
-    top-k 200, as `gpt2lab demo`'s samples), seed 1."""
-    s = PREVIEW_SAMPLING
-    return sample_replies(model, tok, template, held, 1, temperature=s.temperature, top_k=s.top_k)
+    """The held-out replies the demo measures: REPLIES_PER_PROMPT per prompt (prompt i's are
+    i * 3 ...), with gpt2lab's preview sampling (temperature 0.8, top-k 200, as `gpt2lab
+    demo`'s samples), seed 1."""
+    s, k = PREVIEW_SAMPLING, REPLIES_PER_PROMPT
+    many = [h for h in held for _ in range(k)]
+    return sample_replies(model, tok, template, many, 1, temperature=s.temperature, top_k=s.top_k)
 
 
 def _rate(flags: list[bool]) -> float:
@@ -270,7 +282,8 @@ def summary_text(r: dict[str, Any]) -> str:
         f"completion loss of the true replies: base {r['completion_loss_base']:.3f} -> "
         f"SFT {r['completion_loss_sft']:.3f} (DPO {r['completion_loss_dpo']:.3f}) nats per "
         "character",
-        f"replies closed by <|end|> ({r['sampled_prompts']} held-out prompts, temperature 0.8): "
+        f"replies closed by <|end|> ({r['sampled_prompts']} held-out prompts x "
+        f"{r['replies_per_prompt']}, temperature 0.8): "
         f"SFT {r['ended_sft']:.1%}, DPO {r['ended_dpo']:.1%} (at temperature 1: "
         f"{r['ended_sft_t1']:.1%}, {r['ended_dpo_t1']:.1%})",
         f"replies closed by <|end|> and ending with '?': SFT {r['question_rate_sft']:.1%} -> "

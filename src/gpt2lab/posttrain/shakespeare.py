@@ -195,11 +195,11 @@ QUESTION_RULE = (
 )
 
 SAMPLING = (
-    "one reply per held-out prompt with gpt2lab's preview sampling (temperature 0.8, top-k 200, "
-    "as `gpt2lab demo` and training previews sample), seeded; each reply may use the rest of the "
-    "model's context after its prompt (block_size minus the prompt's tokens, at most 100), "
-    "prompts of equal length sampled together; a reply is closed when it writes <|end|>; the "
-    "same at temperature 1 is reported beside it (*_t1)"
+    "three replies per held-out prompt with gpt2lab's preview sampling (temperature 0.8, "
+    "top-k 200, as `gpt2lab demo` and training previews sample), seeded; each reply may use "
+    "the rest of the model's context after its prompt (block_size minus the prompt's tokens, "
+    "at most 100), prompts of equal length sampled together; a reply is closed when it writes "
+    "<|end|>; the same at temperature 1, one reply per prompt, is reported beside it (*_t1)"
 )
 
 # SFT: one pass over the training plays' exchanges (`ChatSet.sft_train`, ~16,500) at a gentle
