@@ -145,12 +145,7 @@ def int8_rows(
         with torch.inference_mode():
             ref = runs["bf16"]()
             same = {k: (runs[k]() == ref).float().mean().item() for k in models}  # + warm-up
-            times: dict[str, list[float]] = {k: [] for k in runs}
-            for _ in range(repeats):  # in turns
-                for k, fn in runs.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t0)
+            times = dict(zip(runs, time_alternating(*runs.values(), repeats=repeats)))
         b_tps, _ = rate(B * new, times["bf16"])
         limit = B * bw.bytes_per_s(times["read bandwidth"]) / int8_bytes
         for k in variants:

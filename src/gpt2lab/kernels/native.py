@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gpt2lab.kernels.int8 import Int8Linear
 from gpt2lab.model import GPT, KVCache
@@ -36,6 +36,7 @@ _LAYER_FIELDS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b")
 _LAYER_FIELDS += ("ln2_w", "ln2_b", "fc_w", "fc_b", "fcp_w", "fcp_b")
 _SCALE_FIELDS = ("attn_s", "proj_s", "fc_s", "fcp_s")  # int8 matrices' row scales
 _SUM_FIELDS = ("attn_r", "proj_r", "fc_r", "fcp_r")  # and their rows' sums (int32)
+_MATRICES = {"attn": "attn.c_attn", "proj": "attn.c_proj", "fc": "mlp.c_fc", "fcp": "mlp.c_proj"}
 
 
 class _Model(ctypes.Structure):
@@ -138,49 +139,32 @@ class NativeStep:
             self.keep.append(t)
             return t.data_ptr()
 
-        unpacked: dict[int, Tensor] = {}  # int8 values, unpacked once per matrix
+        def array(tensors) -> ctypes.Array:  # one pointer per layer
+            return (ctypes.c_void_p * cfg.n_layer)(*(ptr(t) for t in tensors))
 
-        def matrix(m: nn.Module) -> Tensor:
-            if not int8:
-                return m.weight
-            if id(m) not in unpacked:
-                unpacked[id(m)] = m.int8_weight()
-            return unpacked[id(m)]
-
-        def row_sums(m: nn.Module) -> Tensor:
-            return matrix(m).sum(dim=1, dtype=torch.int32)
-
-        def per_layer(get) -> ctypes.Array:
-            return (ctypes.c_void_p * cfg.n_layer)(*(ptr(get(b)) for b in model.transformer.h))
+        def row_sums(values: Tensor) -> Tensor:
+            return values.sum(dim=1, dtype=torch.int32)
 
         h = model.transformer
+        blocks = list(h.h)
         arrays = {  # ctypes arrays, kept alive with the struct
-            "ln1_w": per_layer(lambda b: b.ln_1.weight),
-            "ln1_b": per_layer(lambda b: b.ln_1.bias),
-            "attn_w": per_layer(lambda b: matrix(b.attn.c_attn)),
-            "attn_b": per_layer(lambda b: b.attn.c_attn.bias),
-            "proj_w": per_layer(lambda b: matrix(b.attn.c_proj)),
-            "proj_b": per_layer(lambda b: b.attn.c_proj.bias),
-            "ln2_w": per_layer(lambda b: b.ln_2.weight),
-            "ln2_b": per_layer(lambda b: b.ln_2.bias),
-            "fc_w": per_layer(lambda b: matrix(b.mlp.c_fc)),
-            "fc_b": per_layer(lambda b: b.mlp.c_fc.bias),
-            "fcp_w": per_layer(lambda b: matrix(b.mlp.c_proj)),
-            "fcp_b": per_layer(lambda b: b.mlp.c_proj.bias),
+            "ln1_w": array(b.ln_1.weight for b in blocks),
+            "ln1_b": array(b.ln_1.bias for b in blocks),
+            "ln2_w": array(b.ln_2.weight for b in blocks),
+            "ln2_b": array(b.ln_2.bias for b in blocks),
         }
+        for key, path in _MATRICES.items():
+            linears = [b.get_submodule(path) for b in blocks]
+            # an int8 matrix's values are unpacked from fbgemm's layout once, here
+            values = [m.int8_weight() if int8 else m.weight for m in linears]
+            arrays[f"{key}_w"] = array(values)
+            arrays[f"{key}_b"] = array(m.bias for m in linears)
+            if int8:
+                arrays[f"{key}_s"] = array(m.scale for m in linears)
+                arrays[f"{key}_r"] = array(row_sums(v) for v in values)
         if int8:
-            arrays |= {
-                "attn_s": per_layer(lambda b: b.attn.c_attn.scale),
-                "proj_s": per_layer(lambda b: b.attn.c_proj.scale),
-                "fc_s": per_layer(lambda b: b.mlp.c_fc.scale),
-                "fcp_s": per_layer(lambda b: b.mlp.c_proj.scale),
-                "attn_r": per_layer(lambda b: row_sums(b.attn.c_attn)),
-                "proj_r": per_layer(lambda b: row_sums(b.attn.c_proj)),
-                "fc_r": per_layer(lambda b: row_sums(b.mlp.c_fc)),
-                "fcp_r": per_layer(lambda b: row_sums(b.mlp.c_proj)),
-            }
-            head, head_s = matrix(model.lm_head), model.lm_head.scale
-            head_r = row_sums(model.lm_head)
+            head, head_s = model.lm_head.int8_weight(), model.lm_head.scale
+            head_r = row_sums(head)
             wte, wte_s = h.wte.values, h.wte.scale
         else:
             head, head_s, head_r = model.lm_head.weight[: cfg.vocab_size], None, None
