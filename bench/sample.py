@@ -30,6 +30,7 @@ from gpt2lab.checkpoint.gguf import save_gguf
 from gpt2lab.config import GPTConfig
 from gpt2lab.device import cpu_has_native_bf16, pick_dtype
 from gpt2lab.generate import generate
+from gpt2lab.kernels.native import huge_page_buffer
 from gpt2lab.model import GPT
 from gpt2lab.quantize import model_bytes, quantize
 from gpt2lab.tokenizer import get_tokenizer
@@ -42,10 +43,12 @@ class Bandwidth:
     """Read bandwidth, measured in turns with the runs it is the limit of: each `probe()` times one
     sum over a buffer larger than any cache; `bytes_per_s(times)` is the median of those probes,
     so that a row's limit comes from the same minutes as its own timings (the machine's
-    bandwidth drifts by 15% between minutes)."""
+    bandwidth drifts by 15% between minutes). The buffer lies in huge pages where Linux gives
+    them, as the C step's weights do: from 4 KiB pages the same sum reads a third slower, and
+    that would understate the limit."""
 
     def __init__(self, mbytes: int = 512) -> None:
-        self.x = torch.ones(mbytes * 2**20 // 4)
+        self.x = huge_page_buffer(mbytes * 2**20).view(torch.float32).fill_(1.0)
         self.all: list[float] = []
 
     def probe(self) -> None:

@@ -106,6 +106,54 @@ def test_generate_takes_the_c_step_and_matches_the_plain_model() -> None:
     assert torch.equal(generate(model, idx, 40, temperature=0), plain)
 
 
+def test_into_huge_pages_copies_in_order_and_moves_only_tensors_used_as_they_are() -> None:
+    kept = torch.arange(10, dtype=torch.float32)  # used as it is: moved
+    source = torch.arange(6, dtype=torch.float32).view(2, 3)
+    converted = source.to(torch.bfloat16)  # a conversion: copied, the source left alone
+    where = source.data_ptr()
+    a, b = native.into_huge_pages([(kept, kept), (source, converted)])
+    assert torch.equal(a, torch.arange(10, dtype=torch.float32)) and kept.data_ptr() == a.data_ptr()
+    assert torch.equal(b, converted) and b.dtype == torch.bfloat16 and b.shape == (2, 3)
+    assert source.data_ptr() == where
+    assert b.data_ptr() - a.data_ptr() == 64  # 40 bytes, padded to the next 64
+
+
+@needs_cc
+def test_the_step_moves_the_matrices_without_changing_the_model() -> None:
+    model = gpt(pad=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head = model.lm_head.weight
+    where = {n: p.data_ptr() for n, p in model.named_parameters()}
+    step = decode_step(model, 1)
+    assert step is not None and step.native is not None
+    moved = {n for n, p in model.named_parameters() if p.data_ptr() != where[n]}
+    assert moved == {n for n, p in model.named_parameters() if p.dim() == 2 and "wpe" not in n}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.lm_head.weight is head is model.transformer.wte.weight  # still tied
+    assert decode_step(model, 1) is step  # moving them does not make the step look stale
+    # the model still trains (in place, where the step reads), and decoding follows it
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(ids, ids)[1].backward()
+    opt.step()
+    model.eval()
+    assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
+    idx = ids[:1, :4]
+    plain = generate(model, idx, 20, temperature=0, kernels=False)
+    assert torch.equal(generate(model, idx, 20, temperature=0), plain)
+
+
+@needs_cc
+def test_a_float32_model_decoded_in_bfloat16_keeps_its_own_weights() -> None:
+    model = gpt()
+    where = {n: p.data_ptr() for n, p in model.named_parameters()}
+    assert native.native_step(model, torch.bfloat16) is not None
+    assert where == {n: p.data_ptr() for n, p in model.named_parameters()}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 @needs_cc
 def test_sampling_draws_the_same_tokens_as_the_plain_model() -> None:
     model = gpt()

@@ -169,13 +169,13 @@ class DecodeStep:
         self.rows, self.dtype = rows, dtype
         cfg = model.config
         self.n_head, self.head_size, self.vocab = cfg.n_head, cfg.head_size, cfg.vocab_size
-        self.versions = _versions(model)
         self.int8 = isinstance(model.lm_head, Int8Linear)
 
         self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
         # one sequence: the same step in C, one call a token (kernels/native.py); the packed
         # weights below are then made only if a step needs them (padding, another cache)
         self.native = native_step(model, dtype) if rows == 1 else None
+        self.versions = _versions(model)  # after native_step, which may move the weights
         self.model = weakref.ref(model)
         self.layers: list[tuple] | None = None
         if self.native is None:

@@ -12,9 +12,11 @@ there is no C compiler, the build fails, the CPU is not x86-64/ARM64 Linux or ma
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import platform
 import shutil
@@ -115,13 +117,45 @@ def _build(cc: str, path: Path) -> None:
             os.unlink(tmp)
 
 
+def huge_page_buffer(nbytes: int) -> Tensor:
+    """`nbytes` of zeroed memory (uint8) in an anonymous mapping of its own, advised to Linux as
+    transparent huge pages. A matrix-vector product streams its matrix once: from 4 KiB pages every
+    4 KiB costs a TLB miss and restarts the hardware prefetcher, from 2 MiB pages it does not
+    (docs/performance.md). Elsewhere, or where the kernel declines, plain pages."""
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(buf, dtype=torch.uint8)  # the tensor keeps the mapping alive
+
+
+def into_huge_pages(tensors: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+    """Copies of `converted` in one `huge_page_buffer`, in order, each 64-byte aligned, for
+    (source, converted) pairs. Where `converted` is its source itself (a model's tensor used as it
+    is), the source is moved there (`source.data` set to the copy, values unchanged): one copy of
+    the weights in memory, not two."""
+    sizes = [(c.numel() * c.element_size() + 63) // 64 * 64 for _, c in tensors]
+    buf, at, out = huge_page_buffer(sum(sizes)), 0, []
+    for (source, converted), size in zip(tensors, sizes):
+        n = converted.numel() * converted.element_size()
+        slot = buf[at : at + n].view(converted.dtype).view(converted.shape)
+        slot.copy_(converted)
+        if converted.data_ptr() == source.data_ptr():
+            source.data = slot
+        out.append(slot)
+        at += size
+    return out
+
+
 class NativeStep:
     """`step(ids, cache)` for one sequence through decode.c: the logits (1, vocab_size), float32,
-    of ids (1, 1) after what `cache` holds, written at `cache.pos` (which it advances). Holds
-    contiguous `dtype` copies of the weights where the model's are not already that (a float32
-    model decoded in bfloat16); otherwise the model's own tensors. For an int8 model
-    (`gpt2lab.quantize`), the matrices' int8 values, row scales and row sums, and float32 for the
-    rest."""
+    of ids (1, 1) after what `cache` holds, written at `cache.pos` (which it advances).
+
+    The matrices (the blocks' four and the head) lie in one huge-page buffer in the order a step
+    reads them: `dtype` copies where the model's are another dtype (a float32 model decoded in
+    bfloat16), or the model's own tensors, moved there (see `into_huge_pages`). For an int8 model
+    (`gpt2lab.quantize`), the matrices' int8 values, with their row scales and row sums, and
+    float32 for the rest."""
 
     def __init__(self, lib: ctypes.CDLL, model: GPT, dtype: torch.dtype) -> None:
         cfg = model.config
@@ -131,11 +165,14 @@ class NativeStep:
         self.lib, self.dtype, self.vocab = lib, dtype, cfg.vocab_size
         self.keep: list[Tensor] = []  # every tensor a pointer refers to
 
+        def converted(t: Tensor) -> Tensor:
+            t = t.detach()
+            return (t if t.dtype in (torch.int8, torch.int32) else t.to(dtype)).contiguous()
+
         def ptr(t: Tensor | None) -> int | None:
             if t is None:
                 return None
-            t = t.detach()
-            t = (t if t.dtype in (torch.int8, torch.int32) else t.to(dtype)).contiguous()
+            t = converted(t)
             self.keep.append(t)
             return t.data_ptr()
 
@@ -147,28 +184,32 @@ class NativeStep:
 
         h = model.transformer
         blocks = list(h.h)
+        linears = {key: [b.get_submodule(path) for b in blocks] for key, path in _MATRICES.items()}
+        # an int8 matrix's values are unpacked from fbgemm's layout once, here; a float model's
+        # head is its token table (tied), whose rows the step also looks up
+        table = model.lm_head.int8_weight() if int8 else model.lm_head.weight
+        in_step_order = [m for layer in zip(*linears.values()) for m in layer]
+        matrices = [m.int8_weight() if int8 else m.weight for m in in_step_order]
+        *flat, table = into_huge_pages([(t, converted(t)) for t in [*matrices, table]])
+        values = {key: flat[i :: len(_MATRICES)] for i, key in enumerate(_MATRICES)}
         arrays = {  # ctypes arrays, kept alive with the struct
             "ln1_w": array(b.ln_1.weight for b in blocks),
             "ln1_b": array(b.ln_1.bias for b in blocks),
             "ln2_w": array(b.ln_2.weight for b in blocks),
             "ln2_b": array(b.ln_2.bias for b in blocks),
         }
-        for key, path in _MATRICES.items():
-            linears = [b.get_submodule(path) for b in blocks]
-            # an int8 matrix's values are unpacked from fbgemm's layout once, here
-            values = [m.int8_weight() if int8 else m.weight for m in linears]
-            arrays[f"{key}_w"] = array(values)
-            arrays[f"{key}_b"] = array(m.bias for m in linears)
+        for key, ms in linears.items():
+            arrays[f"{key}_w"] = array(values[key])
+            arrays[f"{key}_b"] = array(m.bias for m in ms)
             if int8:
-                arrays[f"{key}_s"] = array(m.scale for m in linears)
-                arrays[f"{key}_r"] = array(row_sums(v) for v in values)
+                arrays[f"{key}_s"] = array(m.scale for m in ms)
+                arrays[f"{key}_r"] = array(row_sums(v) for v in values[key])
         if int8:
-            head, head_s = model.lm_head.int8_weight(), model.lm_head.scale
-            head_r = row_sums(head)
+            head, head_s, head_r = table, model.lm_head.scale, row_sums(table)
             wte, wte_s = h.wte.values, h.wte.scale
         else:
-            head, head_s, head_r = model.lm_head.weight[: cfg.vocab_size], None, None
-            wte, wte_s = h.wte.weight, None
+            head, head_s, head_r = table[: cfg.vocab_size], None, None
+            wte, wte_s = table, None
         self.arrays = arrays
         self.m = _Model(
             n_layer=cfg.n_layer,
