@@ -52,9 +52,10 @@ def test_the_chat_set_pairs_each_speech_with_its_reply_and_holds_out_whole_plays
     assert excerpt("Ham.\nO that this too too solid flesh would melt", 16) is None
 
 
-def test_each_sampled_reply_may_use_the_rest_of_its_own_context(base_run):
-    """A long prompt in the same call does not cut a short prompt's reply: a model that never
-    closes its turn writes exactly min(max_new_tokens, block_size - prompt) tokens for each."""
+def test_every_sampled_reply_may_run_to_max_new_tokens_whatever_its_prompt(base_run):
+    """Neither a long prompt in the same call nor the prompt's own length cuts a reply short (the
+    window slides past the context): a model that never closes its turn writes max_new_tokens
+    for each."""
     cfg = resolve("sft", None, [f"train.init_from={base_run}", "sft.template=chat"])
     start = start_model(cfg, "chat", "sft")
     model = GPT(start.cfg.model)
@@ -75,9 +76,8 @@ def test_each_sampled_reply_may_use_the_rest_of_its_own_context(base_run):
         "A.\nNo.",
     ]
     r = sample_replies(model, NeverEnds(), start.template, speeches, seed=0, max_new_tokens=90)
-    block = model.config.block_size
-    assert [len(ids) for ids in r.ids] == [min(90, block - len(p)) for p in r.prompts]
-    assert len(r.prompts[1]) > 80 and len(r.ids[0]) == 90 and not any(r.ended)
+    assert len(r.prompts[1]) + 90 > model.config.block_size  # this one slides
+    assert [len(ids) for ids in r.ids] == [90, 90, 90] and not any(r.ended)
     again = sample_replies(model, NeverEnds(), start.template, speeches, seed=0, max_new_tokens=90)
     assert again.texts == r.texts  # seeded
 
