@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from gpt2lab import cli
-from gpt2lab.config import resolve
+from gpt2lab.config import GPTConfig, resolve
 from gpt2lab.model import GPT
 from gpt2lab.posttrain.common import start_model
 from gpt2lab.posttrain.shakespeare import (
@@ -11,8 +13,21 @@ from gpt2lab.posttrain.shakespeare import (
     asks,
     excerpt,
     parse_works,
+    reply_logps,
     sample_replies,
 )
+
+
+def test_a_reply_longer_than_the_context_leaves_is_scored_after_the_prompts_last_tokens():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt, reply = list(range(1, 13)), [20, 21, 22, 23, 24, 25, 26]  # 12 + 7 > 16
+    lp = reply_logps(model, [prompt, prompt[:4]], [reply, reply])
+    cropped = reply_logps(model, [prompt[3:]], [reply])  # the last 9 of the prompt fit
+    assert torch.allclose(lp[0], cropped[0]) and not torch.allclose(lp[0], lp[1])
+    with torch.no_grad():  # the summed log-probability of the reply tokens, by hand
+        logp = model(torch.tensor([prompt[3:] + reply]))[0].float().log_softmax(-1)[0]
+    assert torch.allclose(lp[0], sum(logp[8 + i, t] for i, t in enumerate(reply)), atol=1e-5)
 
 
 def test_the_chat_set_pairs_each_speech_with_its_reply_and_holds_out_whole_plays(okf_text, chats):

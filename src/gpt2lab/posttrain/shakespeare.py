@@ -424,11 +424,14 @@ def question_pair(
 def reply_logps(
     model: nn.Module, prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]]
 ) -> Tensor:
-    """Summed log-probability of each reply after its prompt (reply tokens only)."""
-    examples = [
-        Example(tuple([*p, *r]), tuple([False] * len(p) + [True] * len(r)))
-        for p, r in zip(prompts, replies)
-    ]
+    """Summed log-probability of each reply after its prompt (reply tokens only). Where prompt
+    and reply outgrow the model's context (a sampled reply the window slid for), the reply is
+    scored after the last tokens of its prompt that fit."""
+    block = model.config.block_size
+    examples = []
+    for p, r in zip(prompts, replies):
+        p = list(p)[max(0, len(p) + len(r) - block) :]
+        examples.append(Example(tuple([*p, *r]), tuple([False] * len(p) + [True] * len(r))))
     model.eval()
     out = []
     for i in range(0, len(examples), 256):
