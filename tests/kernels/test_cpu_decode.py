@@ -99,6 +99,29 @@ def test_generation_with_kernels_equals_the_plain_model(dtype, batch):
     assert fast.tolist() == plain.tolist()
 
 
+@needs_onednn
+def test_the_prompt_runs_unpacked_and_only_the_windows_slides_pack(monkeypatch):
+    """Packing the weights for one forward costs more than it saves: a generation packs them
+    only for a second forward of its own (the window sliding past the context)."""
+    packs = []
+    original = PackedLinear._packed_linear
+
+    def counting(self, x, dtype):
+        packs.append(self.packed is None or self.packed_for != (self.weight._version, dtype))
+        return original(self, x, dtype)
+
+    monkeypatch.setattr(PackedLinear, "_packed_linear", counting)
+    model = tiny_gpt()
+    idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    generate(model, idx, 20, temperature=0)
+    assert packs == []
+    with pytest.warns(UserWarning, match="sliding window"):
+        slid = generate(model, idx, 40, temperature=0)  # 5 + 40 > 32: the window slides
+    assert any(packs)
+    with pytest.warns(UserWarning, match="sliding window"):
+        assert slid.tolist() == generate(model, idx, 40, temperature=0, kernels=False).tolist()
+
+
 def test_cached_logits_with_kernels_equal_the_plain_model():
     model = tiny_gpt()
     idx = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(2))
