@@ -46,6 +46,15 @@ def test_tiny_model_overfits_one_batch(tmp_path, tiny_shakespeare):
     assert s.loss < 0.05, s
 
 
+def test_mfu_never_exceeds_one_when_the_cpu_probe_ran_under_load(tmp_path, char_data, monkeypatch):
+    from gpt2lab.train import loop
+
+    monkeypatch.setattr(loop, "peak_flops", lambda *a: 1.0)  # a probe that read far too low
+    train(tiny_config(char_data, "train.max_steps=4", "train.peak_flops=0"), tmp_path / "run")
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["mfu"] <= 1.0 for r in rows) and rows[0]["mfu"] == pytest.approx(1.0)
+
+
 def test_run_writes_metrics_checkpoints_and_pointers(tmp_path, char_data):
     evals = []
     cfg = tiny_config(char_data, "train.keep_last=1", "train.max_steps=12")
