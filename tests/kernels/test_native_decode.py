@@ -4,6 +4,7 @@ aside where it cannot run."""
 from __future__ import annotations
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -263,6 +264,26 @@ def test_int8_sums_are_the_same_without_vnni(tmp_path, monkeypatch: pytest.Monke
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
         monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512vnni", "-mno-avx512bf16"])
         assert torch.equal(native_logits(q, ids, torch.float32), vnni)
+    finally:
+        native.load_library.cache_clear()
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_the_portable_c_loops_give_the_vector_loops_logits(tmp_path, monkeypatch) -> None:
+    """A build without AVX-512 (plain loops for products, attention, GELU, int8 rounding) gives
+    the logits of the default build, float32 and int8, up to float summation order."""
+    models = {"float32": gpt(n_embd=64), "int8": quantize(gpt(n_embd=200, seed=1), "int8")}
+    ids = torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(7))
+    vector = {k: native_logits(m, ids, torch.float32) for k, m in models.items()}
+    native.load_library.cache_clear()
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512f"])
+        for k, m in models.items():
+            plain = native_logits(m, ids, torch.float32)
+            scale = vector[k].abs().max()
+            assert (plain - vector[k]).abs().max() <= 1e-5 * scale, k
     finally:
         native.load_library.cache_clear()
 
