@@ -120,6 +120,20 @@ def test_into_huge_pages_copies_in_order_and_moves_only_tensors_used_as_they_are
 
 
 @needs_cc
+def test_without_an_anonymous_mapping_the_step_uses_ordinary_memory(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(native.mmap, "mmap", refuse)
+    assert native.huge_page_buffer(100).shape == (100,)
+    model = gpt()
+    idx = torch.randint(0, 101, (1, 5), generator=torch.Generator().manual_seed(3))
+    plain = generate(model, idx, 10, temperature=0, kernels=False)
+    assert decode_step(model, 1).native is not None
+    assert torch.equal(generate(model, idx, 10, temperature=0), plain)
+
+
+@needs_cc
 def test_the_step_moves_the_matrices_without_changing_the_model() -> None:
     model = gpt(pad=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}

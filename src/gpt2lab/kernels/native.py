@@ -121,8 +121,12 @@ def huge_page_buffer(nbytes: int) -> Tensor:
     """`nbytes` of zeroed memory (uint8) in an anonymous mapping of its own, advised to Linux as
     transparent huge pages. A matrix-vector product streams its matrix once: from 4 KiB pages every
     4 KiB costs a TLB miss and restarts the hardware prefetcher, from 2 MiB pages it does not
-    (docs/performance.md). Elsewhere, or where the kernel declines, plain pages."""
-    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    (docs/performance.md). Elsewhere, or where the kernel declines, plain pages; where the mapping
+    itself fails, ordinary memory from PyTorch's allocator."""
+    try:
+        buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, AttributeError, ValueError):  # no anonymous mmap here, or no room for one
+        return torch.zeros(nbytes, dtype=torch.uint8)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
             buf.madvise(mmap.MADV_HUGEPAGE)
