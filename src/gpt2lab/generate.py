@@ -389,16 +389,14 @@ class _CachedRunner:
         self.next_pos: Tensor | None = None  # (B, 1) position of each row's next token
         self.kernels = decode_kernels(model, batch) if kernels else None  # packed on first use
         self.fast_step = decode_step(model, batch) if kernels else None
-        self.prefills = 0
 
     def full(self) -> bool:
         return self.cache is not None and self.cache.pos >= self.max_len
 
     def prefill(self, ids: Tensor, mask: Tensor | None) -> Tensor:
         """Start a fresh cache with `ids` (B, T); returns the last position's logits (B, V)."""
+        packed = self.cache is not None  # the first prefill runs plain (see the class docstring)
         self.cache = KVCache(self.model.config, self.batch, self.max_len, self.device, self.dtype)
-        self.prefills += 1
-        packed = self.prefills > 1  # the first runs plain (see the class docstring)
         if mask is None:
             self.mask = self.next_pos = None
             return self._forward(ids, None, None, packed)

@@ -415,8 +415,8 @@ def question_pair(
     bad = [t for t in closed if not asks(t)]
     if not (good and bad):
         return None
-    if brevity:  # stable sorts: among equal lengths the first sampled
-        return sorted(good, key=len)[0], sorted(bad, key=len, reverse=True)[0]
+    if brevity:  # min and max keep the first sampled among equal lengths
+        return min(good, key=len), max(bad, key=len)
     return good[0], bad[0]
 
 
