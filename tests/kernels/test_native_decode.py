@@ -210,7 +210,7 @@ def test_build_is_cached_and_leaves_no_partial_file(
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
         assert native.load_library() is not None
         built = list((tmp_path / "gpt2lab" / "native").iterdir())
-        assert len(built) == 1 and built[0].name.startswith("decode-")
+        assert len(built) == 1 and built[0].name.startswith("kernels-")
         assert built[0].suffix == ".so"
         mtime = built[0].stat().st_mtime_ns
         native.load_library.cache_clear()

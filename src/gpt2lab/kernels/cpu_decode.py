@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gpt2lab.kernels.gelu import fast_gelu
 from gpt2lab.kernels.int8 import Int8Linear
 from gpt2lab.kernels.native import native_step
 from gpt2lab.model import GPT, KVCache, LMHead
@@ -222,7 +223,7 @@ class DecodeStep:
     def _mm(self, x: Tensor, w: tuple, gelu: bool = False) -> Tensor:
         if self.int8:  # fbgemm, or an unpacked layer's own product (the compact head)
             y = torch.ops.quantized.linear_dynamic(x, *w) if w[0] is not None else w[1](x)
-            return F.gelu(y, approximate="tanh") if gelu else y
+            return fast_gelu(y) if gelu else y
         if gelu:
             return torch.ops.mkldnn._linear_pointwise(x, *w, "gelu", [], "tanh")
         return torch.ops.mkldnn._linear_pointwise(x, *w, "none", [], "")

@@ -20,13 +20,7 @@
  * per layer. Built by gpt2lab.kernels.native with the C compiler of the machine (-O3
  * -march=native -fopenmp); tested equal to the model's forward in tests/kernels/test_native_decode.py.
  */
-#include <math.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "vecmath.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -49,43 +43,7 @@ typedef struct {
     const void *head_r;
 } Model;
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float load(const void *p, size_t i, int dtype) {
-    return dtype ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store(void *p, size_t i, float v, int dtype) {
-    if (dtype)
-        ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
 /* ---- the matrix-vector product: y[n - n0] = W[n, :] . x for rows n in [n0, n1) --------------- */
-
-#ifdef __AVX512F__
-static inline __m512 load16(const void *W, size_t i, int dtype) {
-    if (dtype) { /* bfloat16 is float32's upper half: widen and shift */
-        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)W + i));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_loadu_ps((const float *)W + i);
-}
-#endif
 
 /* dot(q, row) and o += p * row over a head's n values (a key or value row of the cache) */
 static float dot_head(const void *cache, size_t at, const float *q, int n, int dtype) {
@@ -182,35 +140,6 @@ static void rows_product_int8(const int8_t *W, const int32_t *rowsum, const uint
 static void rows_product(const void *W, const float *x, int K, int n0, int n1, float *y, int dtype) {
     for (int n = n0; n < n1; n++) y[n - n0] = dot_row(W, (size_t)n, x, K, dtype);
 }
-
-static inline float gelu(float v) { /* GPT-2's tanh approximation */
-    const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
-    return 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
-}
-
-#ifdef __AVX512F__
-/* e^x for 16 floats: 2^(x log2 e) split into 2^n (scalef) times 2^f, |f| <= 1/2, by its Taylor
-   series to degree 7 (relative error ~1e-8); tanh(z) = 1 - 2 / (e^2z + 1) */
-static inline __m512 exp16(__m512 x) {
-    static const float c[8] = {1.0f, 0.6931471806f, 0.2402265070f, 0.0555041087f, 0.0096181291f,
-                               0.0013333558f, 0.0001540353f, 0.0000152527f};
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(87.0f));
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950409f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n), p = _mm512_set1_ps(c[7]);
-    for (int k = 6; k >= 0; k--) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[k]));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 gelu16(__m512 v) {
-    __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-    __m512 z = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
-                             _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), v3, v));
-    __m512 e = exp16(_mm512_add_ps(z, z)), one = _mm512_set1_ps(1.0f);
-    __m512 th = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, th));
-}
-#endif
 
 enum { PLAIN = 0, GELU = 1, ADD = 2 };
 

@@ -6,8 +6,9 @@ in order) where PyTorch's one-row products stream at about two thirds of the ban
 ~170 operations a step each cost dispatch time (figures in docs/performance.md). It is an
 optional accelerator: `native_step(...)` returns None, and the PyTorch `DecodeStep` runs, where
 there is no C compiler, the build fails, the CPU is not x86-64/ARM64 Linux or macOS, or
-`GPT2LAB_NATIVE=0` is set. The library is compiled once per source, compiler and CPU into
-`$XDG_CACHE_HOME/gpt2lab/native` (default ~/.cache), written atomically, and loaded with ctypes.
+`GPT2LAB_NATIVE=0` is set. The library (decode.c, with gelu.c for `gpt2lab.kernels.gelu`) is
+compiled once per source, compiler and CPU into `$XDG_CACHE_HOME/gpt2lab/native` (default
+~/.cache), written atomically, and loaded with ctypes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from torch import Tensor
 from gpt2lab.kernels.int8 import Int8Linear
 from gpt2lab.model import GPT, KVCache
 
-SOURCE = Path(__file__).with_name("decode.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "decode.c", HERE / "gelu.c"]  # one library: decoding, and GELU for training
+HEADERS = [HERE / "vecmath.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -75,16 +78,15 @@ def _cpu_signature() -> str:
 
 @functools.cache
 def load_library() -> ctypes.CDLL | None:
-    """decode.c compiled for this CPU (cached on disk), or None where it cannot be."""
+    """decode.c and gelu.c compiled for this CPU (cached on disk), or None where they cannot be."""
     if os.environ.get("GPT2LAB_NATIVE", "1") == "0" or platform.system() not in ("Linux", "Darwin"):
         return None
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + cc.encode() + " ".join(FLAGS).encode())
-    key.update(_cpu_signature().encode())
-    path = _cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS]))
+    key.update(cc.encode() + " ".join(FLAGS).encode() + _cpu_signature().encode())
+    path = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     try:
         if not path.exists():
             _build(cc, path)
@@ -100,6 +102,11 @@ def load_library() -> ctypes.CDLL | None:
     lib.gpt2lab_step.restype = None
     lib.gpt2lab_work_floats.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.gpt2lab_work_floats.restype = ctypes.c_size_t
+    size, flag = ctypes.c_int64, ctypes.c_int
+    lib.gpt2lab_gelu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, size, flag, flag]
+    lib.gpt2lab_gelu.restype = None
+    lib.gpt2lab_gelu_backward.argtypes = [*[ctypes.c_void_p] * 3, size, flag, flag]
+    lib.gpt2lab_gelu_backward.restype = None
     return lib
 
 
@@ -109,7 +116,7 @@ def _build(cc: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        cmd = [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
+        cmd = [cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(tmp, path)
     finally:
