@@ -31,7 +31,7 @@ import torch
 
 from gpt2lab.checkpoint.hf import config_to_hf, to_hf_state
 from gpt2lab.config import MODEL_PRESETS, GPTConfig
-from gpt2lab.device import DTYPES, autocast
+from gpt2lab.device import DTYPES, autocast, keep_freed_memory
 from gpt2lab.eval.detok import wikitext_detokenize
 from gpt2lab.eval.scoring import (
     as_logits_fn,
@@ -157,6 +157,7 @@ def main() -> None:
         story, cands = 60, 4
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
+    keep_freed_memory()  # as `gpt2lab eval` does on a CPU
     ours = GPT(cfg).eval()
     import transformers
 

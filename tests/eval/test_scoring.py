@@ -189,3 +189,41 @@ def test_nll_sum_is_cross_entropy_in_blocks():
     want = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
     assert abs(nll_sum(logits, targets) - want) <= 1e-5 * abs(want)
     assert abs(nll_sum(logits, targets, rows=7) - want) <= 1e-5 * abs(want)
+    # bfloat16 logits: each block converted to float32, the same sum as a float32 copy's
+    low = logits.bfloat16()
+    want = torch.nn.functional.cross_entropy(low.float(), targets, reduction="sum").item()
+    assert abs(nll_sum(low, targets) - want) <= 1e-5 * abs(want)
+
+
+@given(n=st.integers(2, 400), context=st.integers(1, 64), batch=st.integers(1, 6), data=st.data())
+def test_windows_are_batched_only_with_windows_of_their_shape(n, context, batch, data):
+    """The first window (scoring all it sees) and a short last one are not batched with the
+    others, whose logits would otherwise all be widened to theirs."""
+    from gpt2lab.eval.scoring import _alike
+
+    windows = sliding_windows(n, context, data.draw(st.integers(1, context)))
+    groups = _alike(windows, batch)
+    assert [w for g in groups for w in g] == windows
+    for g in groups:
+        assert 1 <= len(g) <= batch
+        assert len({(w.end - w.start, w.scored) for w in g}) == 1
+    for a, b in zip(groups, groups[1:]):  # a batch ends early only where the shape changes
+        if len(a) < batch:
+            assert (a[-1].end - a[-1].start, a[-1].scored) != (b[0].end - b[0].start, b[0].scored)
+
+
+@pytest.mark.skipif(not onednn_can_multiply(torch.bfloat16), reason="no oneDNN bfloat16 here")
+def test_bfloat16_scoring_keeps_its_logits_in_bfloat16():
+    from gpt2lab.config import GPTConfig
+    from gpt2lab.kernels.cpu_decode import decode_step
+    from gpt2lab.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=97)).eval()
+    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    step = decode_step(model, 20, torch.bfloat16)
+    with torch.no_grad():
+        low, full = step.score(idx, 5, out_dtype=None), step.score(idx, 5)
+        assert low.dtype == torch.bfloat16 and full.dtype == torch.float32
+        assert torch.equal(low.float(), full)
+        assert as_logits_fn(model, torch.bfloat16)(idx, 5).dtype == torch.bfloat16

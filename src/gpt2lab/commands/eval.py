@@ -11,7 +11,7 @@ from gpt2lab import config
 from gpt2lab.budget import require_inference
 from gpt2lab.checkpoint.load import load_model, peek_config
 from gpt2lab.config import GPTConfig
-from gpt2lab.device import pick_device, pick_dtype
+from gpt2lab.device import keep_freed_memory, pick_device, pick_dtype
 from gpt2lab.errors import CheckpointError, ConfigError, DataError, mark_key
 from gpt2lab.eval import paper
 from gpt2lab.eval.datasets import DOWNLOADS
@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         )
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cpu":  # each batch's logits and activations reused, not page-faulted anew
+        keep_freed_memory()
     _check_memory(peek_config(args.model), cfg, device, dtype, loaded=False)
     model, tok = _load(args.model, device)
     if isinstance(model.config, GPTConfig):

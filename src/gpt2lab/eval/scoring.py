@@ -26,7 +26,8 @@ LogitsFn = Callable[[Tensor, int], Tensor]  # (B, T) ids, keep -> (B, keep, V) f
 def as_logits_fn(model, dtype: torch.dtype = torch.float32, kernels: bool = True) -> LogitsFn:
     """Wrap our GPT (returns `(logits, loss)`), a transformers LM (`.logits`) or a callable.
 
-    `fn(idx, keep)` gives the logits of the last `keep` positions. A model whose forward takes
+    `fn(idx, keep)` gives the logits of the last `keep` positions, in float32 or the compute
+    dtype (callers convert the rows they read). A model whose forward takes
     `logits_to_keep` (ours, and transformers' GPT-2) computes only those, which saves the head's
     matmul and the memory of a (B, T, V) tensor where most predictions would go unscored.
     On a CPU our GPT runs through the fused products of `gpt2lab.kernels.cpu_decode`
@@ -45,7 +46,7 @@ def as_logits_fn(model, dtype: torch.dtype = torch.float32, kernels: bool = True
     def fn(idx: Tensor, keep: int) -> Tensor:
         if flat is not None and idx.size(1) <= model.config.block_size:
             with torch.inference_mode():
-                return flat.score(idx.to(device), keep)
+                return flat.score(idx.to(device), keep, out_dtype=None)
         kw = {"logits_to_keep": keep} if trims else {}
         with torch.inference_mode(), autocast(device, dtype):
             out = model(idx.to(device), **kw)
@@ -91,7 +92,7 @@ def _after_prefix(
         shared.v[:, :, :, :p] = cache.v
         shared.pos = p
         if flat is not None:
-            logits = flat.score(x.to(device), None, shared)
+            logits = flat.score(x.to(device), None, shared, out_dtype=None)
         else:
             logits, _ = model(x.to(device), cache=shared)
     return [logits[b, : len(c)] for b, c in enumerate(conts)]
@@ -169,8 +170,7 @@ def score_ids(
     batch_size = max(1, min(batch_size, TOKENS_PER_FORWARD // context))
     nll, tokens = 0.0, 0
     with _bar(len(windows), progress, desc) as bar:
-        for i in range(0, len(windows), batch_size):
-            group = windows[i : i + batch_size]
+        for group in _alike(windows, batch_size):
             width = max(w.end - w.start for w in group)
             x = torch.zeros(len(group), width, dtype=torch.long)
             for b, w in enumerate(group):  # right padding: causal attention never sees it
@@ -180,7 +180,7 @@ def score_ids(
             logits = fn(x, keep)
             for b, w in enumerate(group):
                 stop = w.end - w.start - width + keep
-                pred = logits[b, stop - w.scored : stop].float()
+                pred = logits[b, stop - w.scored : stop]
                 target = data[w.end - w.scored + 1 : w.end + 1].to(pred.device)
                 nll += nll_sum(pred, target)
                 tokens += w.scored
@@ -188,13 +188,32 @@ def score_ids(
     return TextScore(nll, tokens)
 
 
+def _alike(windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Consecutive windows in batches of up to `batch_size` with the same length and number of
+    scored positions: the first window (which scores all its positions) and a short last one
+    go alone, so their neighbours' head products and logits are not widened to theirs."""
+    groups: list[list[Window]] = []
+    for w in windows:
+        last = groups[-1][-1] if groups else None
+        same = last is not None and (last.end - last.start, last.scored) == (
+            w.end - w.start,
+            w.scored,
+        )
+        if same and len(groups[-1]) < batch_size:
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    return groups
+
+
 def nll_sum(logits: Tensor, targets: Tensor, rows: int = 64) -> float:
-    """F.cross_entropy(logits, targets, reduction="sum") for (N, V) float logits, `rows` at a
-    time: each block's log-sum-exp stays in the cache instead of a (N, V) log-softmax going
-    through memory (2.4x faster at N=512, V=50257)."""
+    """F.cross_entropy(logits, targets, reduction="sum") for (N, V) logits, computed in float32
+    `rows` at a time: each block's log-sum-exp stays in the cache instead of a (N, V)
+    log-softmax (or a float32 copy of bfloat16 logits) going through memory (2.4x faster at
+    N=512, V=50257)."""
     total = 0.0
     for i in range(0, logits.size(0), rows):
-        block, target = logits[i : i + rows], targets[i : i + rows, None]
+        block, target = logits[i : i + rows].float(), targets[i : i + rows, None]
         total += (torch.logsumexp(block, -1) - block.gather(1, target).squeeze(1)).sum().item()
     return total
 

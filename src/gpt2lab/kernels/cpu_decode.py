@@ -267,9 +267,17 @@ class DecodeStep:
         return self._mm(F.layer_norm(x, (C,), *self.ln_f), self.head).float()
 
     @torch.no_grad()
-    def score(self, ids: Tensor, keep: int | None = None, cache: KVCache | None = None) -> Tensor:
+    def score(
+        self,
+        ids: Tensor,
+        keep: int | None = None,
+        cache: KVCache | None = None,
+        out_dtype: torch.dtype | None = torch.float32,
+    ) -> Tensor:
         """Logits (B, keep, vocab_size), float32, of the last `keep` positions (default all) of
         `ids` (B, T), no padding: `model(ids, cache=cache, logits_to_keep=keep)[0]` (tested).
+        `out_dtype=None` leaves them in the compute dtype: scoring converts a few rows at a time
+        instead of writing a float32 copy of every window's (keep, vocab) logits.
         For scoring and evaluation (whole windows, no cache) and for a shared context followed
         by candidates (with a cache of this step's dtype, written in place at `cache.pos`). The
         same fused products: the GELU, the biases and the residual adds cost no pass of their
@@ -303,8 +311,8 @@ class DecodeStep:
         if cache is not None:
             cache.pos = pos + T
         x = x.view(B, T, C)[:, T - keep :].reshape(B * keep, C)
-        logits = self._mm(F.layer_norm(x, (C,), *self.ln_f), self.head)
-        return logits.view(B, keep, -1).float()
+        logits = self._mm(F.layer_norm(x, (C,), *self.ln_f), self.head).view(B, keep, -1)
+        return logits.to(out_dtype) if out_dtype is not None else logits
 
 
 def causal_attention_in_blocks(q: Tensor, k: Tensor, v: Tensor, blocks: int = 4) -> Tensor:
