@@ -311,6 +311,32 @@ def nanogpt_rows(src: Path, root: Path, data: dict[str, Path], iters: int, round
             )
 
 
+def gelu_rows(repeats: int = 100) -> None:
+    """GPT-2's GELU forward + backward on one MLP activation of nanoGPT's CPU recipe (12 x 64 x
+    512): gelu.c (what `gpt2lab train` uses on a CPU) beside PyTorch's kernel, in turns."""
+    import torch.nn.functional as F
+
+    from gpt2lab.kernels.gelu import fast_gelu
+
+    print("\nGELU (tanh), forward + backward of a 12x64x512 activation, median of", repeats)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(12, 64, 512) * 3).to(dtype).requires_grad_()
+        gy = torch.randn(12, 64, 512).to(dtype)
+        fns = {"gelu.c": fast_gelu, "PyTorch": lambda t: F.gelu(t, approximate="tanh")}
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn(x).backward(gy)
+                times[k].append(time.perf_counter() - t)
+                x.grad = None
+        us = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+        print(
+            f"  {str(dtype).removeprefix('torch.'):<9} gelu.c {us['gelu.c']:7.0f} us   "
+            f"PyTorch {us['PyTorch']:7.0f} us   {us['PyTorch'] / us['gelu.c']:.2f}x"
+        )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny batches, a few steps")
@@ -359,6 +385,7 @@ def main() -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians over {steps} "
         f"steps after {warmup} warm-up; timings on a shared machine are noisy"
     )
+    gelu_rows()
     if args.nanogpt:
         iters = 6 if args.quick else 20
         nanogpt_rows(args.nanogpt, root, {"char": char, "gpt2": gpt2}, iters, args.rounds)
