@@ -97,6 +97,13 @@ def test_special_values_match_pytorch() -> None:
         torch.testing.assert_close(got_g, ref_g, equal_nan=True, rtol=1e-2, atol=1e-5)
 
 
+def test_a_second_derivative_is_refused_not_wrong() -> None:
+    x, v = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    (g,) = torch.autograd.grad(fast_gelu(x), x, grad_outputs=v, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        g.sum().backward()
+
+
 def test_tensors_it_does_not_take_go_to_pytorch() -> None:
     x = torch.randn(64, 48, dtype=torch.float64)
     assert torch.equal(fast_gelu(x), F.gelu(x, approximate="tanh"))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from gpt2lab.kernels.native import DTYPES, load_library
 
@@ -34,6 +35,7 @@ class _GELU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # gelu.c has no second derivative: asking for one is an error
     def backward(ctx: Any, gy: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         gy = gy.contiguous().to(x.dtype)
