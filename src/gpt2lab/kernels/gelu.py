@@ -2,11 +2,11 @@
 
 PyTorch's CPU kernels for `gelu(x, approximate="tanh")` and its gradient evaluate tanh in full
 precision and took ~15% of a small model's bfloat16 training step; gelu.c computes the same
-function (as v * sigmoid(2z), which also avoids 1 + tanh(z) cancelling for v << 0) 4-5x faster
-(docs/performance.md). `use_fast_gelu(model)` puts `FastGELU` in every block's MLP in place of
-`nn.GELU(approximate="tanh")`; it holds no parameters, so checkpoints are unchanged. Where the
-library cannot be built, or for a tensor it does not take (another device or dtype, strided),
-`FastGELU` is PyTorch's GELU.
+function (as v * sigmoid(2z), which also avoids 1 + tanh(z) cancelling for v << 0): forward and
+backward 2-3x faster together (docs/performance.md). `use_fast_gelu(model)` puts `FastGELU` in
+every block's MLP in place of `nn.GELU(approximate="tanh")`; it holds no parameters, so
+checkpoints are unchanged. Where the library cannot be built, or for a tensor it does not take
+(another device or dtype, strided), `FastGELU` is PyTorch's GELU.
 """
 
 from __future__ import annotations
