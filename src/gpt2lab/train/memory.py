@@ -18,8 +18,9 @@ from gpt2lab.model import GPT
 # float32 optimizer states per parameter (AdamW keeps two; Muon one or two: counted as two)
 _OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "muon": 2, "sgd": 1, "none": 0}
 
-# The explicit softmax(QK^T)V attention that CPU training uses keeps its T x T probabilities;
-# SDPA's fused kernels keep none. Mirrors model.py's choice of attention path in training.
+# The explicit softmax(QK^T)V attention that CPU training in bfloat16 uses keeps its T x T
+# probabilities; SDPA's fused kernels keep none. Mirrors model.py's choice of attention path in
+# training (explicit_attention_is_faster).
 EXPLICIT_ATTENTION_MAX_T = 256
 
 
@@ -69,7 +70,8 @@ def estimate_memory(
     `dtype` (LN outputs, q/k/v, attention output, 4x MLP input and GELU output), as the
     fused SDPA kernels keep no T x T scores. With dropout, SDPA on the CPU uses its math
     kernel (float32 q/k/v, three T x T tensors per head) and each dropout keeps a mask;
-    without, contexts up to 256 keep one T x T softmax per head (the CPU training path).
+    without, bfloat16 at contexts up to 256 keeps one T x T softmax per head (the CPU training
+    path).
     Then the final LayerNorm, the float32 log-softmax and autocast's `dtype` weight copies.
     `logits`, a part of `activations`, is the float32 logits the caller holds and their
     gradient. tests/train/test_memory.py holds this to what autograd really saves.
@@ -92,7 +94,7 @@ def estimate_memory(
         acts = L * per_layer + B * T * C * 4  # plus the embedding dropout's mask
     else:
         acts = L * B * T * C * (8 + 14 * w)
-        if T <= EXPLICIT_ATTENTION_MAX_T:  # the explicit attention keeps its softmax
+        if T <= EXPLICIT_ATTENTION_MAX_T and w < 4:  # the explicit attention keeps its softmax
             acts += L * B * cfg.n_head * T * T * w
     acts += B * T * C * (4 + w) + B * T * V * 4  # final LayerNorm, log-softmax
     acts += n * w if w < 4 else 0  # autocast's low-precision weight copies
