@@ -192,14 +192,13 @@ def _alike(windows: list[Window], batch_size: int) -> list[list[Window]]:
     """Consecutive windows in batches of up to `batch_size` with the same length and number of
     scored positions: the first window (which scores all its positions) and a short last one
     go alone, so their neighbours' head products and logits are not widened to theirs."""
+
+    def shape(w: Window) -> tuple[int, int]:
+        return w.end - w.start, w.scored
+
     groups: list[list[Window]] = []
     for w in windows:
-        last = groups[-1][-1] if groups else None
-        same = last is not None and (last.end - last.start, last.scored) == (
-            w.end - w.start,
-            w.scored,
-        )
-        if same and len(groups[-1]) < batch_size:
+        if groups and shape(groups[-1][-1]) == shape(w) and len(groups[-1]) < batch_size:
             groups[-1].append(w)
         else:
             groups.append([w])

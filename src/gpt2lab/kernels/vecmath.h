@@ -51,11 +51,14 @@ static inline __m512 load16(const void *W, size_t i, int dtype) {
 #define GELU_C 0.7978845608028654f /* sqrt(2 / pi) */
 #define GELU_A 0.044715f
 
-static inline float gelu(float v) { return v / (1.0f + expf(-2.0f * GELU_C * (v + GELU_A * v * v * v))); }
+/* sigmoid(2z) */
+static inline float gelu_sigmoid(float v) { return 1.0f / (1.0f + expf(-2.0f * GELU_C * (v + GELU_A * v * v * v))); }
+
+static inline float gelu(float v) { return v * gelu_sigmoid(v); }
 
 /* d gelu / dv = s + v s (1 - s) 2c (1 + 3a v^2), s = sigmoid(2z) */
 static inline float gelu_grad(float v) {
-    float s = 1.0f / (1.0f + expf(-2.0f * GELU_C * (v + GELU_A * v * v * v)));
+    float s = gelu_sigmoid(v);
     return s + v * s * (1.0f - s) * 2.0f * GELU_C * (1.0f + 3.0f * GELU_A * v * v);
 }
 
