@@ -29,7 +29,7 @@ import torch
 from gpt2lab.checkpoint.gguf import save_gguf
 from gpt2lab.config import GPTConfig
 from gpt2lab.device import cpu_has_native_bf16, pick_dtype
-from gpt2lab.generate import generate
+from gpt2lab.generate import generate, iter_tokens
 from gpt2lab.kernels.native import huge_page_buffer
 from gpt2lab.model import GPT
 from gpt2lab.quantize import model_bytes, quantize
@@ -104,6 +104,30 @@ def time_alternating(*fns, repeats: int) -> list[list[float]]:
     return times
 
 
+class Greedy:
+    """`generate(model, idx, new, temperature=0)` as a run to time, noting in `first` when each
+    run's first token came: the prompt's forward. Decoding is what the bandwidth limit bounds,
+    so its rate, `decode_rate`, leaves the prompt out, as llama.cpp's "eval time" does."""
+
+    def __init__(self, model: torch.nn.Module, idx: torch.Tensor, new: int) -> None:
+        self.model, self.idx, self.new = model, idx, new
+        self.first: list[float] = []
+
+    def __call__(self) -> torch.Tensor:
+        t0, steps = time.perf_counter(), []
+        for tok in iter_tokens(self.model, self.idx, self.new, temperature=0):
+            if not steps:
+                self.first.append(time.perf_counter() - t0)
+            steps.append(tok)
+        return torch.cat([self.idx, torch.stack(steps, dim=1)], dim=1)
+
+    def decode_rate(self, times: list[float]) -> float:
+        """Median tokens/s after the first, of runs that took `times` (the last len(times) runs)."""
+        first = self.first[-len(times) :]
+        B = self.idx.size(0)
+        return statistics.median(B * (self.new - 1) / (t - f) for t, f in zip(times, first))
+
+
 def rate(work: float, times: list[float]) -> tuple[float, str]:
     """(median work/s, 'min-max' work/s) of runs that took `times` seconds each."""
     rates = sorted(work / t for t in times)
@@ -135,28 +159,28 @@ def int8_rows(
     print(f"int8 weights loaded: {sizes} (float32 {f32_bytes / 1e6:.0f} MB)")
     print(
         f"{'weights':<20} {'batch':>5} {'tok/s':>8} {'(spread)':>13} {'bf16 tok/s':>11} "
-        f"{'ratio':>6} {'bw limit':>9} {'of limit':>8}"
+        f"{'ratio':>6} {'decode':>7} {'ratio':>6} {'bw limit':>9} {'of limit':>8}"
     )
     for B in batches:
         g = torch.Generator().manual_seed(B)
         idx = torch.randint(0, base.config.vocab_size, (B, prompt_tokens), generator=g)
         models = {**variants, "bf16": bf16}
-        runs = {
-            k: functools.partial(generate, m, idx, new, temperature=0) for k, m in models.items()
-        }
+        runs = {k: Greedy(m, idx, new) for k, m in models.items()}
         runs["read bandwidth"] = bw.probe
         with torch.inference_mode():
             ref = runs["bf16"]()
             same = {k: (runs[k]() == ref).float().mean().item() for k in models}  # + warm-up
             times = dict(zip(runs, time_alternating(*runs.values(), repeats=repeats)))
         b_tps, _ = rate(B * new, times["bf16"])
+        b_decode = runs["bf16"].decode_rate(times["bf16"])
         limit = B * bw.bytes_per_s(times["read bandwidth"]) / int8_bytes
         for k in variants:
             q_tps, q_spread = rate(B * new, times[k])
+            decode = runs[k].decode_rate(times[k])
             print(
                 f"{k:<20} {B:>5} {q_tps:>8.1f} {q_spread:>13} {b_tps:>11.1f} "
-                f"{q_tps / b_tps:>5.2f}x {limit:>9.1f} {q_tps / limit:>7.0%}   "
-                f"(greedy ids equal to bf16: {same[k]:.0%})"
+                f"{q_tps / b_tps:>5.2f}x {decode:>7.1f} {decode / b_decode:>5.2f}x "
+                f"{limit:>9.1f} {decode / limit:>7.0%}   (greedy ids equal to bf16: {same[k]:.0%})"
             )
 
 
@@ -240,8 +264,7 @@ def main() -> None:
     )
     print(
         f"{'dtype':<9} {'batch':>5} {'gpt2lab tok/s':>14} {'(spread)':>13} {'transformers':>13} "
-        f"{'ratio':>6} "
-        f"{'bw limit':>9} {'of limit':>8}"
+        f"{'ratio':>6} {'decode':>7} {'bw limit':>9} {'of limit':>8}"
     )
     results: dict[tuple[str, int], tuple[float, float]] = {}
     batches = [int(b) for b in args.batches.split(",")]
@@ -252,7 +275,7 @@ def main() -> None:
         for B in batches:
             g = torch.Generator().manual_seed(B)
             idx = torch.randint(0, base.config.vocab_size, (B, args.prompt_tokens), generator=g)
-            run_ours = functools.partial(generate, ours, idx, new, temperature=0)
+            run_ours = Greedy(ours, idx, new)
             run_hf = functools.partial(
                 hf.generate,
                 idx,
@@ -268,10 +291,11 @@ def main() -> None:
                 t_ours, t_hf, t_bw = time_alternating(run_ours, run_hf, bw.probe, repeats=repeats)
             (ours_tps, spread), (hf_tps, _) = rate(B * new, t_ours), rate(B * new, t_hf)
             limit = B * bw.bytes_per_s(t_bw) / weight_bytes_per_step(ours, dtype)
+            decode = run_ours.decode_rate(t_ours)
             results[(dname, B)] = (ours_tps, hf_tps)
             print(
                 f"{dname:<9} {B:>5} {ours_tps:>14.1f} {spread:>13} {hf_tps:>13.1f} "
-                f"{ours_tps / hf_tps:>5.2f}x {limit:>9.1f} {ours_tps / limit:>7.0%}   "
+                f"{ours_tps / hf_tps:>5.2f}x {decode:>7.1f} {limit:>9.1f} {decode / limit:>7.0%}   "
                 f"(greedy ids equal: {same:.0%} of rows)"
             )
     if "int8" in args.dtypes.split(","):

@@ -88,8 +88,10 @@ def keep_freed_memory() -> bool:
     By default glibc serves blocks over its mmap threshold with mmap and unmaps them when freed,
     and trims a large free heap top, so every training step page-faults its activations in anew;
     fixed thresholds keep the memory for reuse. A process-wide change: the commands make it
-    (gpt2lab.commands.train_console.tune_allocator, and `gpt2lab eval`, whose batches of logits
-    would otherwise be faulted in anew too), the library never does. Returns whether it applied.
+    (gpt2lab.commands.train_console.tune_allocator; `gpt2lab eval`, whose batches of logits
+    would otherwise be faulted in anew too; and the commands that load a model to decode with,
+    through gpt2lab.commands.sample.load_model_for), the library never does. Returns whether it
+    applied.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -18,7 +18,7 @@ from gpt2lab import config
 from gpt2lab.budget import require_inference, require_model
 from gpt2lab.checkpoint.load import load_model, peek_config
 from gpt2lab.config import SampleConfig
-from gpt2lab.device import pick_device, pick_dtype
+from gpt2lab.device import keep_freed_memory, pick_device, pick_dtype
 from gpt2lab.errors import CheckpointError, DataError, GPT2LabError, UsageError
 from gpt2lab.generate import complete, prompt_ids
 from gpt2lab.io import atomic_write_json, atomic_write_text, read_text_bounded
@@ -334,6 +334,8 @@ def load_model_for(path: str, cfg: SampleConfig) -> tuple[Any, Any]:
             "use --dtype bfloat16 (or float32)",
         )
     dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cpu":  # each token's logits reuse freed memory instead of faulting in anew
+        keep_freed_memory()
     model, tok = load_model(p, device=device, dtype=dtype)
     method = getattr(cfg, "quantize", None)
     if method:

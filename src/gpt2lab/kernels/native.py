@@ -242,7 +242,6 @@ class NativeStep:
             **{k: ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)) for k, v in arrays.items()},
         )
         self.work: Tensor | None = None
-        self.logits = torch.empty(1, cfg.vocab_size)
         self.rows, self.positions = wte.size(0), h.wpe.weight.size(0)
 
     def fits(self, cache: KVCache) -> bool:
@@ -262,9 +261,10 @@ class NativeStep:
         if not (0 <= token < self.rows and pos < min(cache.max_len, self.positions)):
             # C would read or write out of bounds: fail as the model's own lookup does
             raise IndexError(f"token {token} at position {pos} is outside the model's tables")
-        self.lib.gpt2lab_step(ctypes.byref(m), token, pos, self.logits.data_ptr())
+        logits = torch.empty(1, self.vocab)  # a fresh tensor each step: callers may keep it
+        self.lib.gpt2lab_step(ctypes.byref(m), token, pos, logits.data_ptr())
         cache.pos += 1
-        return self.logits.clone()
+        return logits
 
 
 def native_step(model: GPT, dtype: torch.dtype) -> NativeStep | None:
