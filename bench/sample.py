@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,12 +41,11 @@ GGUF_TWINS = {"f16": torch.float16, "bf16": torch.bfloat16, "q8_0": "int8"}
 
 
 class Bandwidth:
-    """Read bandwidth, measured in turns with the runs it is the limit of: each `probe()` times one
-    sum over a buffer larger than any cache; `bytes_per_s(times)` is the median of those probes,
-    so that a row's limit comes from the same minutes as its own timings (the machine's
-    bandwidth drifts by 15% between minutes). The buffer lies in huge pages where Linux gives
-    them, as the C step's weights do: from 4 KiB pages the same sum reads a third slower, and
-    that would understate the limit."""
+    """Read bandwidth: each probe times one sum over a buffer larger than any cache. On a shared
+    machine it moves by 2x within seconds (two threads read 33 or 60 GB/s here, by turns), so
+    each run's limit comes from the probes right before and right after it (`time_with_probes`).
+    The buffer lies in huge pages where Linux gives them, as the C step's weights do: from 4 KiB
+    pages the same sum reads a third slower, and that would understate the limit."""
 
     def __init__(self, mbytes: int = 512) -> None:
         self.x = huge_page_buffer(mbytes * 2**20).view(torch.float32).fill_(1.0)
@@ -54,20 +54,17 @@ class Bandwidth:
     def probe(self) -> None:
         self.x.sum()
 
-    def bytes_per_s(self, times: list[float]) -> float:
-        rates = [self.x.numel() * 4 / t for t in times]
-        self.all += rates
-        return statistics.median(rates)
+    def now(self) -> float:
+        """Bytes/s of one probe (kept in `all`)."""
+        t0 = time.perf_counter()
+        self.probe()
+        self.all.append(self.x.numel() * 4 / (time.perf_counter() - t0))
+        return self.all[-1]
 
     def measure(self, repeats: int = 5) -> float:
         """The median of `repeats` probes on their own (after one to warm up)."""
         self.probe()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.probe()
-            times.append(time.perf_counter() - t0)
-        return self.bytes_per_s(times)
+        return statistics.median(self.now() for _ in range(repeats))
 
 
 def weight_bytes_per_step(model: GPT, dtype: torch.dtype) -> int:
@@ -104,10 +101,40 @@ def time_alternating(*fns, repeats: int) -> list[list[float]]:
     return times
 
 
+def time_with_probes(
+    fns: dict[str, Callable[[], object]], bw: Bandwidth, repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(seconds, bytes/s) of each run of each of `fns`, run in turns with a bandwidth probe
+    between every two runs: a run's bandwidth is the mean of the probes on either side of it."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    rates: dict[str, list[float]] = {k: [] for k in fns}
+    before = bw.now()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+            after = bw.now()
+            rates[k].append((before + after) / 2)
+            before = after
+    return times, rates
+
+
+def share_of_limit(
+    decode: list[float], rates: list[float], step_bytes: int
+) -> tuple[float, float, str]:
+    """(median limit tokens/s, median of each run's decode / its own limit, 'min-max' of those),
+    for runs decoding at `decode` tokens/s while memory read `rates` bytes/s, `step_bytes` a
+    token (per row: a batch of B reads the weights once for B tokens, so pass bytes / B)."""
+    limits = [r / step_bytes for r in rates]
+    shares = sorted(d / lim for d, lim in zip(decode, limits))
+    return statistics.median(limits), statistics.median(shares), f"{shares[0]:.0%}-{shares[-1]:.0%}"
+
+
 class Greedy:
     """`generate(model, idx, new, temperature=0)` as a run to time, noting in `first` when each
     run's first token came: the prompt's forward. Decoding is what the bandwidth limit bounds,
-    so its rate, `decode_rate`, leaves the prompt out, as llama.cpp's "eval time" does."""
+    so its rate, `decode_rates`, leaves the prompt out, as llama.cpp's "eval time" does."""
 
     def __init__(self, model: torch.nn.Module, idx: torch.Tensor, new: int) -> None:
         self.model, self.idx, self.new = model, idx, new
@@ -121,11 +148,11 @@ class Greedy:
             steps.append(tok)
         return torch.cat([self.idx, torch.stack(steps, dim=1)], dim=1)
 
-    def decode_rate(self, times: list[float]) -> float:
-        """Median tokens/s after the first, of runs that took `times` (the last len(times) runs)."""
+    def decode_rates(self, times: list[float]) -> list[float]:
+        """Tokens/s after the first, of each of the last len(times) runs, which took `times`."""
         first = self.first[-len(times) :]
         B = self.idx.size(0)
-        return statistics.median(B * (self.new - 1) / (t - f) for t, f in zip(times, first))
+        return [B * (self.new - 1) / (t - f) for t, f in zip(times, first)]
 
 
 def rate(work: float, times: list[float]) -> tuple[float, str]:
@@ -159,28 +186,28 @@ def int8_rows(
     print(f"int8 weights loaded: {sizes} (float32 {f32_bytes / 1e6:.0f} MB)")
     print(
         f"{'weights':<20} {'batch':>5} {'tok/s':>8} {'(spread)':>13} {'bf16 tok/s':>11} "
-        f"{'ratio':>6} {'decode':>7} {'ratio':>6} {'bw limit':>9} {'of limit':>8}"
+        f"{'ratio':>6} {'decode':>7} {'ratio':>6} {'bw limit':>9} {'of limit':>8} {'(spread)':>9}"
     )
     for B in batches:
         g = torch.Generator().manual_seed(B)
         idx = torch.randint(0, base.config.vocab_size, (B, prompt_tokens), generator=g)
         models = {**variants, "bf16": bf16}
         runs = {k: Greedy(m, idx, new) for k, m in models.items()}
-        runs["read bandwidth"] = bw.probe
         with torch.inference_mode():
             ref = runs["bf16"]()
             same = {k: (runs[k]() == ref).float().mean().item() for k in models}  # + warm-up
-            times = dict(zip(runs, time_alternating(*runs.values(), repeats=repeats)))
+            times, rates = time_with_probes(runs, bw, repeats)
         b_tps, _ = rate(B * new, times["bf16"])
-        b_decode = runs["bf16"].decode_rate(times["bf16"])
-        limit = B * bw.bytes_per_s(times["read bandwidth"]) / int8_bytes
+        b_decode = statistics.median(runs["bf16"].decode_rates(times["bf16"]))
         for k in variants:
             q_tps, q_spread = rate(B * new, times[k])
-            decode = runs[k].decode_rate(times[k])
+            decode = runs[k].decode_rates(times[k])
+            limit, share, shares = share_of_limit(decode, rates[k], int8_bytes // B)
+            d = statistics.median(decode)
             print(
                 f"{k:<20} {B:>5} {q_tps:>8.1f} {q_spread:>13} {b_tps:>11.1f} "
-                f"{q_tps / b_tps:>5.2f}x {decode:>7.1f} {decode / b_decode:>5.2f}x "
-                f"{limit:>9.1f} {decode / limit:>7.0%}   (greedy ids equal to bf16: {same[k]:.0%})"
+                f"{q_tps / b_tps:>5.2f}x {d:>7.1f} {d / b_decode:>5.2f}x {limit:>9.1f} "
+                f"{share:>7.0%} {shares:>9}   (greedy ids equal to bf16: {same[k]:.0%})"
             )
 
 
@@ -259,12 +286,13 @@ def main() -> None:
     print(
         f"GPT-2 124M, random weights | prompt {args.prompt_tokens} tokens, {new} new, greedy | "
         f"{torch.get_num_threads()} threads | native bf16: {cpu_has_native_bf16()} | "
-        f"read bandwidth {bw_start / 1e9:.1f} GB/s at the start (each row's limit: the median "
-        f"of probes taken in turns with its runs) | torch {torch.__version__}"
+        f"read bandwidth {bw_start / 1e9:.1f} GB/s at the start (each run's limit: the probes "
+        f"right before and after it; 'of limit': the median run's share) | "
+        f"torch {torch.__version__}"
     )
     print(
         f"{'dtype':<9} {'batch':>5} {'gpt2lab tok/s':>14} {'(spread)':>13} {'transformers':>13} "
-        f"{'ratio':>6} {'decode':>7} {'bw limit':>9} {'of limit':>8}"
+        f"{'ratio':>6} {'decode':>7} {'bw limit':>9} {'of limit':>8} {'(spread)':>9}"
     )
     results: dict[tuple[str, int], tuple[float, float]] = {}
     batches = [int(b) for b in args.batches.split(",")]
@@ -288,15 +316,17 @@ def main() -> None:
             )
             with torch.inference_mode():
                 same = (run_ours() == run_hf()).all(dim=1).float().mean().item()  # + warm-up
-                t_ours, t_hf, t_bw = time_alternating(run_ours, run_hf, bw.probe, repeats=repeats)
-            (ours_tps, spread), (hf_tps, _) = rate(B * new, t_ours), rate(B * new, t_hf)
-            limit = B * bw.bytes_per_s(t_bw) / weight_bytes_per_step(ours, dtype)
-            decode = run_ours.decode_rate(t_ours)
+                times, rates = time_with_probes({"ours": run_ours, "hf": run_hf}, bw, repeats)
+            t_ours = times["ours"]
+            (ours_tps, spread), (hf_tps, _) = rate(B * new, t_ours), rate(B * new, times["hf"])
+            decode = run_ours.decode_rates(t_ours)
+            step_bytes = weight_bytes_per_step(ours, dtype) // B
+            limit, share, shares = share_of_limit(decode, rates["ours"], step_bytes)
             results[(dname, B)] = (ours_tps, hf_tps)
             print(
                 f"{dname:<9} {B:>5} {ours_tps:>14.1f} {spread:>13} {hf_tps:>13.1f} "
-                f"{ours_tps / hf_tps:>5.2f}x {decode:>7.1f} {limit:>9.1f} {decode / limit:>7.0%}   "
-                f"(greedy ids equal: {same:.0%} of rows)"
+                f"{ours_tps / hf_tps:>5.2f}x {statistics.median(decode):>7.1f} {limit:>9.1f} "
+                f"{share:>7.0%} {shares:>9}   (greedy ids equal: {same:.0%} of rows)"
             )
     if "int8" in args.dtypes.split(","):
         int8_rows(base, args.prompt_tokens, new, repeats, batches, bw)

@@ -57,7 +57,7 @@ from gpt2lab.checkpoint.hf import to_hf_state
 from gpt2lab.config import GPTConfig
 from gpt2lab.data import load_meta, load_tokens, prepare
 from gpt2lab.data.loader import BatchLoader
-from gpt2lab.device import autocast, pick_dtype
+from gpt2lab.device import autocast, keep_freed_memory, pick_dtype
 from gpt2lab.model import GPT
 from gpt2lab.train.loop import Trainer
 from gpt2lab.train.memory import flops_per_token
@@ -351,6 +351,8 @@ def main() -> int:
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    # as `gpt2lab train` does on a CPU; process-wide, so the transformers rows get it too
+    keep_freed_memory()
     steps = args.steps or (3 if args.quick else 20)
     warmup = 1 if args.quick else 3
     common = ["train.device=cpu", "train.warmup_steps=2", "train.seed=1337", "model.dropout=0.0"]
