@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt2lab.config import GPTConfig
-from gpt2lab.generate import generate
+from gpt2lab.generate import _CachedRunner, generate
 from gpt2lab.kernels import native
 from gpt2lab.kernels.cpu_decode import decode_step
 from gpt2lab.kernels.int8 import Int8Linear
@@ -105,6 +105,33 @@ def test_generate_takes_the_c_step_and_matches_the_plain_model() -> None:
         model.transformer.h[0].mlp.c_fc.weight.mul_(-1.0)
     plain = generate(model, idx, 40, temperature=0, kernels=False)
     assert torch.equal(generate(model, idx, 40, temperature=0), plain)
+
+
+@needs_cc
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_prompt_of_one_or_two_tokens_goes_through_the_c_step(
+    quantized: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = plain_int8(gpt()) if quantized else gpt()  # (the int8 sums the C step equals)
+    calls = []
+    step = native.NativeStep.step
+    monkeypatch.setattr(
+        native.NativeStep, "step", lambda self, *a: calls.append(1) or step(self, *a)
+    )
+    for T in (1, 2, 3):
+        idx = torch.randint(0, 101, (1, T), generator=torch.Generator().manual_seed(T))
+        calls.clear()
+        fast = generate(model, idx, 12, temperature=0)
+        # the prompt's tokens and every new token but the last; from 3 tokens the plain model
+        assert len(calls) == (T + 11 if T <= 2 else 11), T
+        assert torch.equal(fast, generate(model, idx, 12, temperature=0, kernels=False))
+        ours = _CachedRunner(model, 1, 16, "cpu").prefill(idx, None)
+        plain = _CachedRunner(model, 1, 16, "cpu", kernels=False).prefill(idx, None)
+        assert (ours - plain).abs().max() <= 1e-5 * plain.abs().max(), T
+    # a padded batch of one keeps the plain forward (the C step takes no mask)
+    calls.clear()
+    generate(model, torch.tensor([[0, 7]]), 3, temperature=0, attention_mask=torch.tensor([[0, 1]]))
+    assert calls == []
 
 
 def test_into_huge_pages_copies_in_order_and_moves_only_tensors_used_as_they_are() -> None:
