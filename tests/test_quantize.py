@@ -177,10 +177,17 @@ def test_sample_quantize_int8_flag(trained, capsys):
     assert "int4" in capsys.readouterr().err
 
 
-def test_int8_decode_step_equals_the_int8_models_forward():
-    from gpt2lab.kernels.cpu_decode import decode_step
+@pytest.mark.parametrize("c_step", [True, False])
+def test_int8_decode_step_equals_the_int8_models_forward(c_step, monkeypatch):
+    """The flat step equals the forward of the model whose products it computes: the C step
+    rounds each input row to int8 with its own scale (Int8Linear's plain path, `pack=False`), the
+    PyTorch step runs fbgemm's packed products, as the quantized model does."""
+    from gpt2lab.kernels import cpu_decode
+    from gpt2lab.kernels.int8 import Int8Linear
     from gpt2lab.model import KVCache
 
+    if not c_step:
+        monkeypatch.setattr(cpu_decode, "native_step", lambda *a: None)
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
     model = GPT(cfg).eval()
@@ -188,18 +195,25 @@ def test_int8_decode_step_equals_the_int8_models_forward():
         for p in model.parameters():
             p.mul_(8.0 if p.dim() > 1 else 1.0)
     q = quantize(model, "int8")
-    step = decode_step(q, 2)
+    step = cpu_decode.decode_step(q, 2)
     if step is None:
         pytest.skip("no fbgemm in this build")
+    reference = q
+    if step.native is not None:  # the same values, each product on Int8Linear's plain path
+        reference = quantize(model, "int8")
+        for name, m in list(reference.named_modules()):
+            if isinstance(m, Int8Linear) and m.packed is not None:
+                plain = Int8Linear(m.int8_weight(), m.scale, m.bias, pack=False)
+                reference.set_submodule(name, plain)
     idx = torch.randint(0, 97, (2, 5))
     caches = [KVCache(cfg, 2, 8), KVCache(cfg, 2, 8)]
     with torch.no_grad():
         for c in caches:
-            q(idx, cache=c)
-        want = q(idx[:, :1], cache=caches[0])[0][:, -1]
+            reference(idx, cache=c)
+        want = reference(idx[:, :1], cache=caches[0])[0][:, -1]
         got = step.step(idx[:, :1], caches[1])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    plain = q.generate(idx, 12, temperature=0, kernels=False)
+    plain = reference.generate(idx, 12, temperature=0, kernels=False)
     assert q.generate(idx, 12, temperature=0).tolist() == plain.tolist()
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from gpt2lab.config import GPTConfig
 from gpt2lab.generate import generate, iter_tokens
+from gpt2lab.kernels import cpu_decode
 from gpt2lab.kernels.cpu_decode import (
     DecodeKernels,
     PackedLinear,
@@ -89,9 +90,17 @@ def test_the_head_computes_only_the_real_vocabulary():
             torch.testing.assert_close(head(x), expected)
 
 
+@pytest.fixture(params=["c-step", "pytorch-step"])
+def step_kind(request, monkeypatch) -> str:
+    """Each test twice: with the C step where it builds, and with the PyTorch step alone."""
+    if request.param == "pytorch-step":
+        monkeypatch.setattr(cpu_decode, "native_step", lambda *a: None)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch", [1, 4])
-def test_generation_with_kernels_equals_the_plain_model(dtype, batch):
+def test_generation_with_kernels_equals_the_plain_model(dtype, batch, step_kind):
     model = tiny_gpt(pad=64).to(dtype)
     idx = torch.randint(0, 97, (batch, 5), generator=torch.Generator().manual_seed(1))
     fast = generate(model, idx, 20, temperature=0)
@@ -196,7 +205,7 @@ def test_a_onednn_refusal_falls_back_to_the_plain_product(monkeypatch):
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("padded", [False, True])
-def test_decode_step_equals_the_models_cached_forward(dtype, padded):
+def test_decode_step_equals_the_models_cached_forward(dtype, padded, step_kind):
     model = tiny_gpt(pad=64).to(dtype)
     if dtype == torch.bfloat16 and not onednn_can_multiply(dtype):
         pytest.skip("no oneDNN bfloat16 here")
@@ -207,6 +216,7 @@ def test_decode_step_equals_the_models_cached_forward(dtype, padded):
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     step = decode_step(model, 3)
     assert step is not None
+    assert step_kind == "c-step" or step.native is None
     out, caches = {}, {}
     for name in ("plain", "step"):
         cache = caches[name] = KVCache(model.config, 3, 8, dtype=dtype)

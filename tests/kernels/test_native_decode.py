@@ -128,10 +128,64 @@ def test_a_prompt_of_one_or_two_tokens_goes_through_the_c_step(
         ours = _CachedRunner(model, 1, 16, "cpu").prefill(idx, None)
         plain = _CachedRunner(model, 1, 16, "cpu", kernels=False).prefill(idx, None)
         assert (ours - plain).abs().max() <= 1e-5 * plain.abs().max(), T
-    # a padded batch of one keeps the plain forward (the C step takes no mask)
+    # a left-padded prompt runs through the plain model; its new tokens through the C step
     calls.clear()
-    generate(model, torch.tensor([[0, 7]]), 3, temperature=0, attention_mask=torch.tensor([[0, 1]]))
-    assert calls == []
+    padded = dict(attention_mask=torch.tensor([[0, 1]]), temperature=0)
+    fast = generate(model, torch.tensor([[0, 7]]), 3, **padded)
+    assert len(calls) == 2
+    assert torch.equal(fast, generate(model, torch.tensor([[0, 7]]), 3, kernels=False, **padded))
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    "kind, rows",
+    [("float32", 2), ("bfloat16", 5), ("bfloat16", 16), ("int8", 3)],  # 5: a 4-row pass and one
+)
+def test_left_padded_rows_step_as_the_model_does(
+    kind: str, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = {"float32": gpt, "bfloat16": lambda: gpt().to(torch.bfloat16)}.get(
+        kind, lambda: plain_int8(gpt())
+    )()
+    dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
+    calls = []
+    c_step = native.NativeStep.step
+    monkeypatch.setattr(native.NativeStep, "step", lambda s, *a: calls.append(1) or c_step(s, *a))
+    g = torch.Generator().manual_seed(rows)
+    idx = torch.randint(0, 101, (rows, 6), generator=g)
+    mask = torch.ones(rows, 6 + 5, dtype=torch.bool)
+    for r in range(rows):
+        mask[r, : r % 5] = False  # left padding of 0-4 columns
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    step = decode_step(model, rows)
+    caches = [KVCache(model.config, rows, 16, "cpu", dtype) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(idx, cache=cache, attention_mask=mask[:, :6], position_ids=pos[:, :6])
+        for t in range(6, 11):  # five steps, each row at its own position
+            nxt = torch.randint(0, 101, (rows, 1), generator=g)
+            kw = dict(attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1])
+            plain = model(nxt, cache=caches[0], **kw)[0][:, -1, :101].float()
+            ours = step.step(nxt, caches[1], kw["position_ids"], kw["attention_mask"])
+            # bf16: both round each product's input; their sums' order differs
+            tol = 0.05 if kind == "bfloat16" else 1e-5
+            assert (ours - plain).abs().max() <= tol * plain.abs().max(), t
+    assert len(calls) == 5
+    tol = 0.05 if kind == "bfloat16" else 1e-5
+    for r in range(rows):  # the keys and values written: the columns a row holds tokens in
+        cols = mask[r].nonzero()[:, 0]
+        for plain, ours in [(caches[0].k, caches[1].k), (caches[0].v, caches[1].v)]:
+            a, b = plain[:, r, :, cols].float(), ours[:, r, :, cols].float()
+            assert (a - b).abs().max() <= tol * a.abs().max()
+
+
+@needs_cc
+def test_more_rows_than_the_c_step_takes_go_through_pytorch(monkeypatch) -> None:
+    model = gpt()  # float32: native.MAX_ROWS_FLOAT32 rows
+    step = decode_step(model, 3)
+    cache = KVCache(model.config, 3, 8, "cpu", torch.float32)
+    assert step.native is not None and not step.native.fits(cache)
+    assert step.native.fits(KVCache(model.config, native.MAX_ROWS_FLOAT32, 8, "cpu"))
 
 
 def test_into_huge_pages_copies_in_order_and_moves_only_tensors_used_as_they_are() -> None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from gpt2lab.kernels.gelu import fast_gelu
 from gpt2lab.kernels.int8 import Int8Linear
-from gpt2lab.kernels.native import native_step
+from gpt2lab.kernels.native import MAX_ROWS, native_step
 from gpt2lab.model import GPT, KVCache, LMHead
 
 
@@ -173,9 +173,9 @@ class DecodeStep:
         self.int8 = isinstance(model.lm_head, Int8Linear)
 
         self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
-        # one sequence: the same step in C, one call a token (kernels/native.py); the packed
-        # weights below are then made only if a step needs them (padding, another cache)
-        self.native = native_step(model, dtype) if rows == 1 else None
+        # the same step in C, one call a token (kernels/native.py), for up to MAX_ROWS rows; the
+        # packed weights below are then made only if a step needs them (more rows, autocast)
+        self.native = native_step(model, dtype) if rows <= MAX_ROWS else None
         self.versions = _versions(model)  # after native_step, which may move the weights
         self.model = weakref.ref(model)
         self.layers: list[tuple] | None = None
@@ -242,8 +242,8 @@ class DecodeStep:
         mask: Tensor | None = None,
     ) -> Tensor:
         """Logits (B, vocab_size), float32, of one new token per row; advances `cache.pos`."""
-        if self.native and mask is None and position_ids is None and self.native.fits(cache):
-            return self.native.step(ids, cache)
+        if self.native and self.native.fits(cache, mask):
+            return self.native.step(ids, cache, position_ids, mask)
         B, pos = ids.size(0), cache.pos
         nh, hs = self.n_head, self.head_size
         C = nh * hs

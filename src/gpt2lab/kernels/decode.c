@@ -1,5 +1,8 @@
-/* One GPT-2 decoding step for one sequence, in C: what `gpt2lab.kernels.cpu_decode.DecodeStep`
- * computes with PyTorch operations, written as plain loops so that a token costs one call.
+/* One GPT-2 decoding step, in C: what `gpt2lab.kernels.cpu_decode.DecodeStep` computes with
+ * PyTorch operations, written as plain loops so that a token costs one call. A step feeds one new
+ * token to each of a few sequences (rows), which may be left-padded (each row then has its own
+ * positions and a mask of the cache columns it attends to); each weight is read from memory once
+ * a step, whatever the number of rows.
  *
  * Decoding one token multiplies a single row by every weight matrix, so its speed is the speed at
  * which the weights stream from memory. A matrix-vector product that reads each weight once, in
@@ -15,10 +18,10 @@
  * values with one float32 scale per row (wdtype 2). An int8 product rounds its input to int8
  * with one scale (max|x| / 127), sums the 8-bit products exactly in int32 (the CPU's VNNI
  * instruction where it has one) and scales the sums: what Int8Linear's plain CPU path computes
- * with torch._int_mm. Other activations and sums are float32; the KV
- * cache has the float weights' dtype, laid out as gpt2lab.model.KVCache for one sequence (n_head, max_len, head_size)
- * per layer. Built by gpt2lab.kernels.native with the C compiler of the machine (-O3
- * -march=native -fopenmp); tested equal to the model's forward in tests/kernels/test_native_decode.py.
+ * with torch._int_mm (one scale per input row). Other activations and sums are float32; the KV
+ * cache has the float weights' dtype, laid out as gpt2lab.model.KVCache (see Step). Built by
+ * gpt2lab.kernels.native with the C compiler of the machine (-O3 -march=native -fopenmp); tested
+ * equal to the model's forward in tests/kernels/test_native_decode.py.
  */
 #include "vecmath.h"
 #ifdef _OPENMP
@@ -34,7 +37,7 @@ typedef struct {
     const void **ln2_w, **ln2_b, **fc_w, **fc_b, **fcp_w, **fcp_b;
     const void *lnf_w, *lnf_b, *wte, *wpe, *head_w;
     void *k_cache, *v_cache; /* (n_layer, n_head, max_len, head_size) of the weights' dtype */
-    float *work;             /* scratch of 10 * n_embd + n_head * max_len floats */
+    float *work;             /* scratch: gpt2lab_work_floats(n_embd, n_head, max_len, rows) */
     /* int8 matrices: one float32 scale per row (W ~ values * scale[row]); NULL otherwise */
     const void **attn_s, **proj_s, **fc_s, **fcp_s;
     const void *head_s, *wte_s;
@@ -42,6 +45,19 @@ typedef struct {
     const void **attn_r, **proj_r, **fc_r, **fcp_r;
     const void *head_r;
 } Model;
+
+/* One step of `rows` sequences, one new token each (what changes from call to call). The cache is
+   (n_layer, rows, n_head, max_len, head_size), its layers and rows `layer_stride` and `row_stride`
+   elements apart (the first rows of a larger cache, say); each row's heads are contiguous. */
+typedef struct {
+    int rows, pos;              /* pos: the column every row's new key and value go to */
+    int64_t layer_stride, row_stride;
+    const int64_t *ids;         /* rows token ids */
+    const int64_t *positions;   /* rows positions (left padding), or NULL: pos for every row */
+    const uint8_t *mask;        /* rows x mask_stride: the columns [0, pos] a row attends to, or
+                                   NULL: all of them */
+    int64_t mask_stride;
+} Step;
 
 /* ---- the matrix-vector product: y[n - n0] = W[n, :] . x for rows n in [n0, n1) --------------- */
 
@@ -160,54 +176,111 @@ static void rows_product_dpbf16(const uint16_t *W, const uint16_t *xb, int K, in
         y[n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
     }
 }
+
+/* the same for 4 inputs at once (xb: 4 x K, y: 4 x ystride): each 32 weights loaded once feed
+   four products, so a block of rows costs one pass for 4 inputs, not four */
+static void rows_product_dpbf16_x4(const uint16_t *W, const uint16_t *xb, int K, int n0, int n1,
+                                   float *y, int ystride) {
+    for (int n = n0; n < n1; n++) {
+        const uint16_t *r = W + (size_t)n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int k = 0; k < K; k += 32) {
+            __m512bh w = (__m512bh)_mm512_loadu_si512(r + k);
+            a0 = _mm512_dpbf16_ps(a0, w, (__m512bh)_mm512_loadu_si512(xb + k));
+            a1 = _mm512_dpbf16_ps(a1, w, (__m512bh)_mm512_loadu_si512(xb + K + k));
+            a2 = _mm512_dpbf16_ps(a2, w, (__m512bh)_mm512_loadu_si512(xb + 2 * K + k));
+            a3 = _mm512_dpbf16_ps(a3, w, (__m512bh)_mm512_loadu_si512(xb + 3 * K + k));
+        }
+        y[n - n0] = _mm512_reduce_add_ps(a0);
+        y[ystride + n - n0] = _mm512_reduce_add_ps(a1);
+        y[2 * ystride + n - n0] = _mm512_reduce_add_ps(a2);
+        y[3 * ystride + n - n0] = _mm512_reduce_add_ps(a3);
+    }
+}
 #endif
 
-/* y = W x + b, then GELU (GELU) or y += residual (ADD, y is the residual stream), in parallel
-   over blocks of rows; int8 W comes with its rows' scales S and sums R */
+/* A linear layer's inputs, each row in the form its weights' products read: float32 (x), rounded
+   to bfloat16 (xb, for vdpbf16ps) or to int8 with one scale a row (xu as q + 128, xs) */
+typedef struct {
+    const float *x;
+    const uint16_t *xb;
+    const uint8_t *xu;
+    const float *xs;
+    int K, dp;
+} Inputs;
+
+/* out[j][n - n0] = W[n, :] . input (r + j) for W's rows [n0, n1); returns how many inputs it
+   took: four at once where it can (bfloat16: each 32 weights loaded once feed four products, so
+   a block of W costs one pass for four rows, not four), else one */
+static int products(const void *W, const void *S, const void *R, const Inputs *in, int r, int rows,
+                    int n0, int n1, float out[4][64], int wdtype) {
+    const int K = in->K;
+#ifdef __AVX512BF16__
+    if (in->dp && r + 4 <= rows) {
+        rows_product_dpbf16_x4((const uint16_t *)W, in->xb + (size_t)r * K, K, n0, n1, out[0], 64);
+        return 4;
+    }
+    if (in->dp) {
+        rows_product_dpbf16((const uint16_t *)W, in->xb + (size_t)r * K, K, n0, n1, out[0]);
+        return 1;
+    }
+#endif
+    if (wdtype == 2) {
+        rows_product_int8((const int8_t *)W, (const int32_t *)R, in->xu + (size_t)r * K, K, n0, n1, out[0]);
+        for (int n = n0; n < n1; n++) out[0][n - n0] *= in->xs[r] * ((const float *)S)[n];
+    } else {
+        rows_product(W, in->x + (size_t)r * K, K, n0, n1, out[0], wdtype);
+    }
+    return 1;
+}
+
+/* y[n] = v[n - n0] + b[n] for n in [n0, n1), then GELU (GELU) or y[n] += it (ADD: y is the
+   residual stream) */
+static void finish(const float *v, const void *b, int n0, int n1, float *y, int epilogue, int dtype) {
+    int n = n0;
+#ifdef __AVX512F__
+    for (; epilogue == GELU && n + 16 <= n1; n += 16) {
+        __m512 t = _mm512_loadu_ps(v + (n - n0));
+        if (b) t = _mm512_add_ps(t, load16(b, n, dtype));
+        _mm512_storeu_ps(y + n, gelu16(t));
+    }
+#endif
+    for (; n < n1; n++) {
+        float t = v[n - n0] + (b ? load(b, n, dtype) : 0.0f);
+        if (epilogue == GELU) t = gelu(t);
+        y[n] = epilogue == ADD ? y[n] + t : t;
+    }
+}
+
+/* y = W x + b, then GELU or the residual add, for `rows` inputs x (rows x K) and outputs y
+   (rows x N), in parallel over blocks of W's rows: a block is read from memory once a step, and
+   from the core's cache for the other inputs. int8 W comes with its rows' scales S and sums R. */
 static void linear(const void *W, const void *S, const void *R, const void *b, const float *x,
-                   int N, int K, float *y, int epilogue, const Model *m) {
+                   int N, int K, float *y, int epilogue, const Model *m, int rows) {
     const int block = 64;
     int blocks = (N + block - 1) / block;
-    int dp = 0;
-    float xs = 1.0f;
-    uint8_t xu[m->wdtype == 2 ? K : 1];
-    if (m->wdtype == 2) xs = quantize_input(x, K, xu);
+    float xs[rows];
+    uint8_t xu[m->wdtype == 2 ? rows * K : 1];
+    uint16_t xb[m->wdtype == 1 ? rows * K : 1];
+    Inputs in = {x, xb, xu, xs, K, 0};
+    if (m->wdtype == 2)
+        for (int r = 0; r < rows; r++) xs[r] = quantize_input(x + (size_t)r * K, K, xu + (size_t)r * K);
 #ifdef __AVX512BF16__
-    uint16_t xb[K];
-    dp = m->wdtype == 1 && K % 32 == 0;
-    if (dp) /* K % 32 == 0; the instruction rounds to nearest even, as f32_to_bf16 does */
-        for (int k = 0; k < K; k += 16)
+    in.dp = m->wdtype == 1 && K % 32 == 0;
+    if (in.dp) /* K % 32 == 0; the instruction rounds to nearest even, as f32_to_bf16 does */
+        for (size_t k = 0; k < (size_t)rows * K; k += 16)
             _mm256_storeu_si256((__m256i *)(xb + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + k)));
 #endif
 #pragma omp parallel for schedule(static) num_threads(m->threads)
     for (int i = 0; i < blocks; i++) {
         int n0 = i * block, n1 = n0 + block < N ? n0 + block : N;
-        float tmp[64];
-        if (m->wdtype == 2) {
-            rows_product_int8((const int8_t *)W, (const int32_t *)R, xu, K, n0, n1, tmp);
-            for (int n = n0; n < n1; n++) tmp[n - n0] *= xs * ((const float *)S)[n];
-        }
-#ifdef __AVX512BF16__
-        else if (dp)
-            rows_product_dpbf16((const uint16_t *)W, xb, K, n0, n1, tmp);
-#endif
-        else
-            rows_product(W, x, K, n0, n1, tmp, m->wdtype);
-        int n = n0;
-#ifdef __AVX512F__
-        for (; epilogue == GELU && n + 16 <= n1; n += 16) {
-            __m512 v = _mm512_loadu_ps(tmp + (n - n0));
-            if (b) v = _mm512_add_ps(v, load16(b, n, m->dtype));
-            _mm512_storeu_ps(y + n, gelu16(v));
-        }
-#endif
-        for (; n < n1; n++) {
-            float v = tmp[n - n0] + (b ? load(b, n, m->dtype) : 0.0f);
-            if (epilogue == GELU) v = gelu(v);
-            y[n] = epilogue == ADD ? y[n] + v : v;
+        for (int r = 0; r < rows;) {
+            float out[4][64];
+            int done = products(W, S, R, &in, r, rows, n0, n1, out, m->wdtype);
+            for (int j = 0; j < done; j++) finish(out[j], b, n0, n1, y + (size_t)(r + j) * N, epilogue, m->dtype);
+            r += done;
         }
     }
-    (void)dp;
 }
 
 static void layer_norm(const float *x, const void *w, const void *b, int C, float eps, float *out,
@@ -221,59 +294,73 @@ static void layer_norm(const float *x, const void *w, const void *b, int C, floa
         out[i] = (float)(x[i] - mean) * inv * load(w, i, dtype) + (b ? load(b, i, dtype) : 0.0f);
 }
 
-/* attention of one query per head over the cached keys [0, pos]: out (C) from qkv (3C) */
-static void attend(const Model *m, int layer, int pos, const float *qkv, float *out, float *scores) {
-    const int nh = m->n_head, hs = m->head_size, dtype = m->dtype;
-    const size_t per_head = (size_t)m->max_len * hs, per_layer = (size_t)nh * per_head;
+/* attention of each row's query, per head, over its cached keys [0, pos] (the columns its mask
+   keeps): out (rows x C) from qkv (rows x 3C) */
+static void attend(const Model *m, const Step *st, int layer, const float *qkv, float *out, float *scores) {
+    const int nh = m->n_head, hs = m->head_size, dtype = m->dtype, C = nh * hs, pos = st->pos;
+    const size_t per_head = (size_t)m->max_len * hs;
     const float scale = 1.0f / sqrtf((float)hs);
 #pragma omp parallel for schedule(static) num_threads(m->threads)
-    for (int h = 0; h < nh; h++) {
-        const float *q = qkv + h * hs;
-        size_t kv = layer * per_layer + h * per_head;
-        float *s = scores + (size_t)h * m->max_len, top = -INFINITY, total = 0.0f;
+    for (int rh = 0; rh < st->rows * nh; rh++) {
+        const int r = rh / nh, h = rh % nh;
+        const float *q = qkv + (size_t)r * 3 * C + h * hs;
+        const uint8_t *keep = st->mask ? st->mask + (size_t)r * st->mask_stride : NULL;
+        size_t kv = layer * st->layer_stride + r * st->row_stride + h * per_head;
+        float *s = scores + (size_t)rh * m->max_len, top = -INFINITY, total = 0.0f;
         for (int t = 0; t <= pos; t++) {
-            s[t] = dot_head(m->k_cache, kv + (size_t)t * hs, q, hs, dtype) * scale;
+            s[t] = keep && !keep[t] ? -INFINITY : dot_head(m->k_cache, kv + (size_t)t * hs, q, hs, dtype) * scale;
             if (s[t] > top) top = s[t];
         }
-        for (int t = 0; t <= pos; t++) total += (s[t] = expf(s[t] - top));
-        float *o = out + h * hs;
+        for (int t = 0; t <= pos; t++) total += (s[t] = expf(s[t] - top)); /* masked: e^-inf = 0 */
+        float *o = out + (size_t)r * C + h * hs;
         for (int i = 0; i < hs; i++) o[i] = 0.0f;
-        for (int t = 0; t <= pos; t++) add_scaled(o, s[t] / total, m->v_cache, kv + (size_t)t * hs, hs, dtype);
+        for (int t = 0; t <= pos; t++)
+            if (s[t] != 0.0f) add_scaled(o, s[t] / total, m->v_cache, kv + (size_t)t * hs, hs, dtype);
     }
 }
 
 static const void *at(const void **per_layer, int l) { return per_layer ? per_layer[l] : NULL; }
 
-/* The logits (vocab floats) of token `id` at position `pos`; writes its key and value at `pos`. */
-void gpt2lab_step(const Model *m, int64_t id, int pos, float *logits) {
-    const int C = m->n_embd, nh = m->n_head, hs = m->head_size, dtype = m->dtype;
-    float *x = m->work, *h = x + C, *qkv = h + C, *y = qkv + 3 * C, *u = y + C;
-    float *scores = u + 4 * C;
-    const size_t per_layer = (size_t)nh * m->max_len * hs;
-    for (int i = 0; i < C; i++)
-        x[i] = (m->wte_s ? ((const int8_t *)m->wte)[(size_t)id * C + i] * ((const float *)m->wte_s)[id]
-                         : load(m->wte, (size_t)id * C + i, dtype)) +
-               load(m->wpe, (size_t)pos * C + i, dtype);
-    for (int l = 0; l < m->n_layer; l++) {
-        layer_norm(x, m->ln1_w[l], m->ln1_b[l], C, m->eps, h, dtype);
-        linear(m->attn_w[l], at(m->attn_s, l), at(m->attn_r, l), m->attn_b[l], h, 3 * C, C, qkv, PLAIN, m);
-        for (int hd = 0; hd < nh; hd++) {
-            size_t at = l * per_layer + ((size_t)hd * m->max_len + pos) * hs;
-            for (int i = 0; i < hs; i++) {
-                store(m->k_cache, at + i, qkv[C + hd * hs + i], dtype);
-                store(m->v_cache, at + i, qkv[2 * C + hd * hs + i], dtype);
-            }
-        }
-        attend(m, l, pos, qkv, y, scores);
-        linear(m->proj_w[l], at(m->proj_s, l), at(m->proj_r, l), m->proj_b[l], y, C, C, x, ADD, m);
-        layer_norm(x, m->ln2_w[l], m->ln2_b[l], C, m->eps, h, dtype);
-        linear(m->fc_w[l], at(m->fc_s, l), at(m->fc_r, l), m->fc_b[l], h, 4 * C, C, u, GELU, m);
-        linear(m->fcp_w[l], at(m->fcp_s, l), at(m->fcp_r, l), m->fcp_b[l], u, C, 4 * C, x, ADD, m);
+/* The logits (rows x vocab floats) of each row's new token; writes its key and value at column
+   st->pos of its cache row. */
+void gpt2lab_rows(const Model *m, const Step *st, float *logits) {
+    const int C = m->n_embd, nh = m->n_head, hs = m->head_size, dtype = m->dtype, R = st->rows;
+    float *x = m->work, *h = x + (size_t)R * C, *qkv = h + (size_t)R * C, *y = qkv + (size_t)R * 3 * C;
+    float *u = y + (size_t)R * C, *scores = u + (size_t)R * 4 * C;
+    for (int r = 0; r < R; r++) {
+        const int64_t id = st->ids[r], p = st->positions ? st->positions[r] : st->pos;
+        for (int i = 0; i < C; i++)
+            x[(size_t)r * C + i] =
+                (m->wte_s ? ((const int8_t *)m->wte)[(size_t)id * C + i] * ((const float *)m->wte_s)[id]
+                          : load(m->wte, (size_t)id * C + i, dtype)) +
+                load(m->wpe, (size_t)p * C + i, dtype);
     }
-    layer_norm(x, m->lnf_w, m->lnf_b, C, m->eps, h, dtype);
-    linear(m->head_w, m->head_s, m->head_r, NULL, h, m->vocab, C, logits, PLAIN, m);
+    for (int l = 0; l < m->n_layer; l++) {
+        for (int r = 0; r < R; r++)
+            layer_norm(x + (size_t)r * C, m->ln1_w[l], m->ln1_b[l], C, m->eps, h + (size_t)r * C, dtype);
+        linear(m->attn_w[l], at(m->attn_s, l), at(m->attn_r, l), m->attn_b[l], h, 3 * C, C, qkv, PLAIN, m, R);
+        for (int r = 0; r < R; r++)
+            for (int hd = 0; hd < nh; hd++) {
+                size_t at = l * st->layer_stride + r * st->row_stride + ((size_t)hd * m->max_len + st->pos) * hs;
+                const float *kr = qkv + (size_t)r * 3 * C + C + hd * hs, *vr = kr + C;
+                for (int i = 0; i < hs; i++) {
+                    store(m->k_cache, at + i, kr[i], dtype);
+                    store(m->v_cache, at + i, vr[i], dtype);
+                }
+            }
+        attend(m, st, l, qkv, y, scores);
+        linear(m->proj_w[l], at(m->proj_s, l), at(m->proj_r, l), m->proj_b[l], y, C, C, x, ADD, m, R);
+        for (int r = 0; r < R; r++)
+            layer_norm(x + (size_t)r * C, m->ln2_w[l], m->ln2_b[l], C, m->eps, h + (size_t)r * C, dtype);
+        linear(m->fc_w[l], at(m->fc_s, l), at(m->fc_r, l), m->fc_b[l], h, 4 * C, C, u, GELU, m, R);
+        linear(m->fcp_w[l], at(m->fcp_s, l), at(m->fcp_r, l), m->fcp_b[l], u, C, 4 * C, x, ADD, m, R);
+    }
+    for (int r = 0; r < R; r++)
+        layer_norm(x + (size_t)r * C, m->lnf_w, m->lnf_b, C, m->eps, h + (size_t)r * C, dtype);
+    linear(m->head_w, m->head_s, m->head_r, NULL, h, m->vocab, C, logits, PLAIN, m, R);
 }
 
-size_t gpt2lab_work_floats(int n_embd, int n_head, int max_len) {
-    return (size_t)10 * n_embd + (size_t)n_head * max_len;
+/* floats of scratch a step of `rows` rows needs */
+size_t gpt2lab_work_floats(int n_embd, int n_head, int max_len, int rows) {
+    return (size_t)rows * (10 * (size_t)n_embd + (size_t)n_head * max_len);
 }
