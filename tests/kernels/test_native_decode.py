@@ -139,7 +139,8 @@ def test_a_prompt_of_one_or_two_tokens_goes_through_the_c_step(
 @needs_cc
 @pytest.mark.parametrize(
     "kind, rows",
-    [("float32", 2), ("bfloat16", 5), ("bfloat16", 16), ("int8", 3)],  # 5: a 4-row pass and one
+    # 4 and 16: four-row passes only; 5: one and a single row; 1: a padded sequence alone
+    [("float32", 4), ("float32", 1), ("bfloat16", 5), ("bfloat16", 16), ("int8", 3)],
 )
 def test_left_padded_rows_step_as_the_model_does(
     kind: str, rows: int, monkeypatch: pytest.MonkeyPatch
@@ -182,8 +183,9 @@ def test_left_padded_rows_step_as_the_model_does(
 @needs_cc
 def test_more_rows_than_the_c_step_takes_go_through_pytorch(monkeypatch) -> None:
     model = gpt()  # float32: native.MAX_ROWS_FLOAT32 rows
-    step = decode_step(model, 3)
-    cache = KVCache(model.config, 3, 8, "cpu", torch.float32)
+    rows = native.MAX_ROWS_FLOAT32 + 1
+    step = decode_step(model, rows)
+    cache = KVCache(model.config, rows, 8, "cpu", torch.float32)
     assert step.native is not None and not step.native.fits(cache)
     assert step.native.fits(KVCache(model.config, native.MAX_ROWS_FLOAT32, 8, "cpu"))
 

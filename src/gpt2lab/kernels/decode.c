@@ -36,7 +36,7 @@ typedef struct {
     const void **ln1_w, **ln1_b, **attn_w, **attn_b, **proj_w, **proj_b;
     const void **ln2_w, **ln2_b, **fc_w, **fc_b, **fcp_w, **fcp_b;
     const void *lnf_w, *lnf_b, *wte, *wpe, *head_w;
-    void *k_cache, *v_cache; /* (n_layer, n_head, max_len, head_size) of the weights' dtype */
+    void *k_cache, *v_cache; /* of the float weights' dtype, laid out as Step says */
     float *work;             /* scratch: gpt2lab_work_floats(n_embd, n_head, max_len, rows) */
     /* int8 matrices: one float32 scale per row (W ~ values * scale[row]); NULL otherwise */
     const void **attn_s, **proj_s, **fc_s, **fcp_s;
@@ -157,6 +157,33 @@ static void rows_product(const void *W, const float *x, int K, int n0, int n1, f
     for (int n = n0; n < n1; n++) y[n - n0] = dot_row(W, (size_t)n, x, K, dtype);
 }
 
+#ifdef __AVX512F__
+/* the same for 4 inputs at once (x: 4 x K, y: 4 x ystride): each 16 weights loaded once feed
+   four products */
+static void rows_product_x4(const void *W, const float *x, int K, int n0, int n1, float *y,
+                            int ystride, int dtype) {
+    for (int n = n0; n < n1; n++) {
+        size_t base = (size_t)n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 w = load16(W, base + k, dtype);
+            a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), a0);
+            a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + K + k), a1);
+            a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 2 * K + k), a2);
+            a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 3 * K + k), a3);
+        }
+        float s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1);
+        float s2 = _mm512_reduce_add_ps(a2), s3 = _mm512_reduce_add_ps(a3);
+        for (; k < K; k++) {
+            float w = load(W, base + k, dtype);
+            s0 += w * x[k], s1 += w * x[K + k], s2 += w * x[2 * K + k], s3 += w * x[3 * K + k];
+        }
+        y[n - n0] = s0, y[ystride + n - n0] = s1, y[2 * ystride + n - n0] = s2, y[3 * ystride + n - n0] = s3;
+    }
+}
+#endif
+
 enum { PLAIN = 0, GELU = 1, ADD = 2 };
 
 #ifdef __AVX512BF16__
@@ -210,8 +237,8 @@ typedef struct {
 } Inputs;
 
 /* out[j][n - n0] = W[n, :] . input (r + j) for W's rows [n0, n1); returns how many inputs it
-   took: four at once where it can (bfloat16: each 32 weights loaded once feed four products, so
-   a block of W costs one pass for four rows, not four), else one */
+   took: four at once where it can (float weights: each weight loaded once feeds four products,
+   so a block of W costs one pass for four rows, not four), else one */
 static int products(const void *W, const void *S, const void *R, const Inputs *in, int r, int rows,
                     int n0, int n1, float out[4][64], int wdtype) {
     const int K = in->K;
@@ -223,6 +250,12 @@ static int products(const void *W, const void *S, const void *R, const Inputs *i
     if (in->dp) {
         rows_product_dpbf16((const uint16_t *)W, in->xb + (size_t)r * K, K, n0, n1, out[0]);
         return 1;
+    }
+#endif
+#ifdef __AVX512F__
+    if (wdtype != 2 && r + 4 <= rows) {
+        rows_product_x4(W, in->x + (size_t)r * K, K, n0, n1, out[0], 64, wdtype);
+        return 4;
     }
 #endif
     if (wdtype == 2) {

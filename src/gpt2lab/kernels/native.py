@@ -37,11 +37,11 @@ HEADERS = [HERE / "vecmath.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 # rows (sequences) a C step takes; more go through PyTorch's batched products, which are faster
-# there (124M, C against PyTorch's step: bf16 1.72x / 1.89x / 1.36x / 1.03x / 1.23x at 1 / 2 / 4 /
-# 8 / 16 rows, int8 1.97x ... 1.27x, float32 1.80x / 1.76x / 1.01x / 0.84x / 0.67x: its products
-# have no four-row pass)
+# there. 124M, the C step against the PyTorch step, in turns, at 1 / 2 / 4 / 8 / 16 rows: bf16
+# 2.05x / 2.02x / 1.32x / 1.01x / 1.13x, int8 1.97x / 2.04x / 1.61x / 1.40x / 1.27x, float32
+# 1.86x / 1.79x / 1.11x / 0.92x / 0.82x
 MAX_ROWS = 16
-MAX_ROWS_FLOAT32 = 2
+MAX_ROWS_FLOAT32 = 4
 
 _LAYER_FIELDS = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b")
 _LAYER_FIELDS += ("ln2_w", "ln2_b", "fc_w", "fc_b", "fcp_w", "fcp_b")
