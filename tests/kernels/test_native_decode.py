@@ -395,3 +395,11 @@ def test_out_of_range_token_or_position_raises_instead_of_reading_past_the_table
     cache.pos = model.config.block_size
     with pytest.raises(IndexError):
         step.step(torch.tensor([[1]]), cache)
+    cache.pos = 3
+    with pytest.raises(IndexError):  # a left-padded row's position below 0
+        step.step(torch.tensor([[1]]), cache, torch.tensor([[-1]]))
+    with pytest.raises(ValueError):  # more rows than the cache holds: C would write past it
+        step.step(torch.tensor([[1], [2]]), cache)
+    with pytest.raises(ValueError):  # a mask of another shape
+        step.step(torch.tensor([[1]]), cache, None, torch.ones(1, 2, dtype=torch.bool))
+    assert cache.pos == 3

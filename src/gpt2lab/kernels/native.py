@@ -294,12 +294,14 @@ class NativeStep:
         positions = position_ids
         if positions is not None:
             positions = positions[:, 0].to(torch.int64).contiguous()
-        top = pos if positions is None else int(positions.max())
+        low, top = (pos, pos) if positions is None else (int(positions.min()), int(positions.max()))
+        # C would read or write out of bounds: fail as the model's own lookup does
         if not (0 <= int(tokens.min()) and int(tokens.max()) < self.n_tokens):
             raise IndexError(f"a token of {tokens.tolist()} is outside the model's table")
-        if not (0 <= top < self.n_positions and pos < cache.max_len):
-            # C would read or write out of bounds: fail as the model's own lookup does
-            raise IndexError(f"position {top} (cache column {pos}) is outside the model's tables")
+        if not (0 <= low and top < self.n_positions and pos < cache.max_len):
+            raise IndexError(f"positions {low}-{top} (cache column {pos}) are outside the tables")
+        if B != cache.k.size(1) or (positions is not None and positions.numel() != B):
+            raise ValueError(f"{B} rows of ids for a cache of {cache.k.size(1)} rows")
         if mask is not None and mask.shape != (B, pos + 1):
             raise ValueError(f"a mask of shape {tuple(mask.shape)} for {B} rows at column {pos}")
         st = _Step(
