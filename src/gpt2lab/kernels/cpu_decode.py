@@ -174,7 +174,7 @@ class DecodeStep:
 
         self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
         # the same step in C, one call a token (kernels/native.py), for up to MAX_ROWS rows; the
-        # packed weights below are then made only if a step needs them (more rows, autocast)
+        # packed weights below are then made only if a step needs them (more rows than it takes)
         self.native = native_step(model, dtype) if rows <= MAX_ROWS else None
         self.versions = _versions(model)  # after native_step, which may move the weights
         self.model = weakref.ref(model)
