@@ -1,4 +1,4 @@
-"""The one-sequence decoding step in C (`decode.c`), compiled on this machine on first use.
+"""The decoding step in C (`decode.c`, up to 16 rows a step), compiled here on first use.
 
 Batch-1 decoding reads every weight once per token, so it runs at the speed the weights stream
 from memory; `decode.c` writes the step as plain loops (one call per token, each weight read once
