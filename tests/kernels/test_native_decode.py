@@ -138,16 +138,24 @@ def test_a_prompt_of_one_or_two_tokens_goes_through_the_c_step(
 
 @needs_cc
 @pytest.mark.parametrize(
-    "kind, rows",
-    # 4 and 16: four-row passes only; 5: one and a single row; 1: a padded sequence alone
-    [("float32", 4), ("float32", 1), ("bfloat16", 5), ("bfloat16", 16), ("int8", 3)],
+    # 4 and 16: four-row passes only; 5: one and a single row; 1: a padded sequence alone;
+    # width 96: rows of 96 and 384 values, no multiple of the four-row pass's 64
+    "kind, rows, width",
+    [
+        ("float32", 4, 64),
+        ("float32", 1, 64),
+        ("bfloat16", 5, 64),
+        ("bfloat16", 16, 64),
+        ("bfloat16", 4, 96),
+        ("int8", 3, 64),
+    ],
 )
 def test_left_padded_rows_step_as_the_model_does(
-    kind: str, rows: int, monkeypatch: pytest.MonkeyPatch
+    kind: str, rows: int, width: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = {"float32": gpt, "bfloat16": lambda: gpt().to(torch.bfloat16)}.get(
-        kind, lambda: plain_int8(gpt())
-    )()
+    model = {"float32": gpt, "bfloat16": lambda n_embd: gpt(n_embd).to(torch.bfloat16)}.get(
+        kind, lambda n_embd: plain_int8(gpt(n_embd))
+    )(width)
     dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
     calls = []
     c_step = native.NativeStep.step

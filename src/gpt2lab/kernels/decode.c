@@ -210,18 +210,31 @@ static void rows_product_dpbf16_x4(const uint16_t *W, const uint16_t *xb, int K,
                                    float *y, int ystride) {
     for (int n = n0; n < n1; n++) {
         const uint16_t *r = W + (size_t)n * K;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int k = 0; k < K; k += 32) {
+        /* two sums per input (even and odd 32-weight chunks): chains half as long */
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int k = 0;
+        for (; k + 64 <= K; k += 64) {
+            __m512bh w = (__m512bh)_mm512_loadu_si512(r + k), v = (__m512bh)_mm512_loadu_si512(r + k + 32);
+            a0 = _mm512_dpbf16_ps(a0, w, (__m512bh)_mm512_loadu_si512(xb + k));
+            a1 = _mm512_dpbf16_ps(a1, w, (__m512bh)_mm512_loadu_si512(xb + K + k));
+            a2 = _mm512_dpbf16_ps(a2, w, (__m512bh)_mm512_loadu_si512(xb + 2 * K + k));
+            a3 = _mm512_dpbf16_ps(a3, w, (__m512bh)_mm512_loadu_si512(xb + 3 * K + k));
+            b0 = _mm512_dpbf16_ps(b0, v, (__m512bh)_mm512_loadu_si512(xb + k + 32));
+            b1 = _mm512_dpbf16_ps(b1, v, (__m512bh)_mm512_loadu_si512(xb + K + k + 32));
+            b2 = _mm512_dpbf16_ps(b2, v, (__m512bh)_mm512_loadu_si512(xb + 2 * K + k + 32));
+            b3 = _mm512_dpbf16_ps(b3, v, (__m512bh)_mm512_loadu_si512(xb + 3 * K + k + 32));
+        }
+        for (; k < K; k += 32) {
             __m512bh w = (__m512bh)_mm512_loadu_si512(r + k);
             a0 = _mm512_dpbf16_ps(a0, w, (__m512bh)_mm512_loadu_si512(xb + k));
             a1 = _mm512_dpbf16_ps(a1, w, (__m512bh)_mm512_loadu_si512(xb + K + k));
             a2 = _mm512_dpbf16_ps(a2, w, (__m512bh)_mm512_loadu_si512(xb + 2 * K + k));
             a3 = _mm512_dpbf16_ps(a3, w, (__m512bh)_mm512_loadu_si512(xb + 3 * K + k));
         }
-        y[n - n0] = _mm512_reduce_add_ps(a0);
-        y[ystride + n - n0] = _mm512_reduce_add_ps(a1);
-        y[2 * ystride + n - n0] = _mm512_reduce_add_ps(a2);
-        y[3 * ystride + n - n0] = _mm512_reduce_add_ps(a3);
+        y[n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0));
+        y[ystride + n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
+        y[2 * ystride + n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+        y[3 * ystride + n - n0] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
     }
 }
 #endif
