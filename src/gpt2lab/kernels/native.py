@@ -36,10 +36,10 @@ SOURCES = [HERE / "decode.c", HERE / "gelu.c"]  # one library: decoding, and GEL
 HEADERS = [HERE / "vecmath.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-# rows (sequences) a C step takes; more go through PyTorch's batched products, which are faster
-# there. 124M, the C step against the PyTorch step, in turns, at 1 / 2 / 4 / 8 / 16 rows: bf16
-# 2.05x / 2.02x / 1.32x / 1.01x / 1.13x, int8 1.97x / 2.04x / 1.61x / 1.40x / 1.27x, float32
-# 1.86x / 1.79x / 1.11x / 0.92x / 0.82x
+# rows (sequences) a C step takes; more go through PyTorch's batched products, which are as fast
+# there. 124M, the C step against the PyTorch step, in turns, at 1 / 2 / 4 / 8 / 16 rows
+# (bench/decode_rows.py): bf16 1.99x / 1.98x / 1.57x / 1.22x / 1.21x, int8 2.86x ... 1.16x,
+# float32 1.65x / 1.69x / 1.18x / 1.01x / 1.03x
 MAX_ROWS = 16
 MAX_ROWS_FLOAT32 = 4
 
