@@ -329,15 +329,18 @@ static void linear(const void *W, const void *S, const void *R, const void *b, c
     }
 }
 
+/* each of `rows` rows of x (rows x C) normalised into out */
 static void layer_norm(const float *x, const void *w, const void *b, int C, float eps, float *out,
-                       int dtype) {
-    double mean = 0.0, var = 0.0;
-    for (int i = 0; i < C; i++) mean += x[i];
-    mean /= C;
-    for (int i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
-    float inv = 1.0f / sqrtf((float)(var / C) + eps);
-    for (int i = 0; i < C; i++)
-        out[i] = (float)(x[i] - mean) * inv * load(w, i, dtype) + (b ? load(b, i, dtype) : 0.0f);
+                       int dtype, int rows) {
+    for (int r = 0; r < rows; r++, x += C, out += C) {
+        double mean = 0.0, var = 0.0;
+        for (int i = 0; i < C; i++) mean += x[i];
+        mean /= C;
+        for (int i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
+        float inv = 1.0f / sqrtf((float)(var / C) + eps);
+        for (int i = 0; i < C; i++)
+            out[i] = (float)(x[i] - mean) * inv * load(w, i, dtype) + (b ? load(b, i, dtype) : 0.0f);
+    }
 }
 
 /* attention of each row's query, per head, over its cached keys [0, pos] (the columns its mask
@@ -382,8 +385,7 @@ void gpt2lab_rows(const Model *m, const Step *st, float *logits) {
                 load(m->wpe, (size_t)p * C + i, dtype);
     }
     for (int l = 0; l < m->n_layer; l++) {
-        for (int r = 0; r < R; r++)
-            layer_norm(x + (size_t)r * C, m->ln1_w[l], m->ln1_b[l], C, m->eps, h + (size_t)r * C, dtype);
+        layer_norm(x, m->ln1_w[l], m->ln1_b[l], C, m->eps, h, dtype, R);
         linear(m->attn_w[l], at(m->attn_s, l), at(m->attn_r, l), m->attn_b[l], h, 3 * C, C, qkv, PLAIN, m, R);
         for (int r = 0; r < R; r++)
             for (int hd = 0; hd < nh; hd++) {
@@ -396,13 +398,11 @@ void gpt2lab_rows(const Model *m, const Step *st, float *logits) {
             }
         attend(m, st, l, qkv, y, scores);
         linear(m->proj_w[l], at(m->proj_s, l), at(m->proj_r, l), m->proj_b[l], y, C, C, x, ADD, m, R);
-        for (int r = 0; r < R; r++)
-            layer_norm(x + (size_t)r * C, m->ln2_w[l], m->ln2_b[l], C, m->eps, h + (size_t)r * C, dtype);
+        layer_norm(x, m->ln2_w[l], m->ln2_b[l], C, m->eps, h, dtype, R);
         linear(m->fc_w[l], at(m->fc_s, l), at(m->fc_r, l), m->fc_b[l], h, 4 * C, C, u, GELU, m, R);
         linear(m->fcp_w[l], at(m->fcp_s, l), at(m->fcp_r, l), m->fcp_b[l], u, C, 4 * C, x, ADD, m, R);
     }
-    for (int r = 0; r < R; r++)
-        layer_norm(x + (size_t)r * C, m->lnf_w, m->lnf_b, C, m->eps, h + (size_t)r * C, dtype);
+    layer_norm(x, m->lnf_w, m->lnf_b, C, m->eps, h, dtype, R);
     linear(m->head_w, m->head_s, m->head_r, NULL, h, m->vocab, C, logits, PLAIN, m, R);
 }
 
