@@ -6,8 +6,9 @@ in order) where PyTorch's one-row products stream at about two thirds of the ban
 ~170 operations a step each cost dispatch time (figures in docs/performance.md). It is an
 optional accelerator: `native_step(...)` returns None, and the PyTorch `DecodeStep` runs, where
 there is no C compiler, the build fails, the CPU is not x86-64/ARM64 Linux or macOS, or
-`GPT2LAB_NATIVE=0` is set. The library (decode.c, with gelu.c for `gpt2lab.kernels.gelu`) is
-compiled once per source, compiler and CPU into `$XDG_CACHE_HOME/gpt2lab/native` (default
+`GPT2LAB_NATIVE=0` is set. The library (decode.c, with gelu.c and attention.c for the training
+kernels of `gpt2lab.kernels.gelu` and `gpt2lab.kernels.attention`) is compiled once per source,
+compiler and CPU into `$XDG_CACHE_HOME/gpt2lab/native` (default
 ~/.cache), written atomically, and loaded with ctypes.
 """
 
@@ -32,7 +33,8 @@ from gpt2lab.kernels.int8 import Int8Linear
 from gpt2lab.model import GPT, KVCache
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "decode.c", HERE / "gelu.c"]  # one library: decoding, and GELU for training
+# one library: decoding, and GELU and attention for training
+SOURCES = [HERE / "decode.c", HERE / "gelu.c", HERE / "attention.c"]
 HEADERS = [HERE / "vecmath.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
@@ -123,6 +125,12 @@ def load_library() -> ctypes.CDLL | None:
     lib.gpt2lab_gelu.restype = None
     lib.gpt2lab_gelu_backward.argtypes = [*[ctypes.c_void_p] * 3, size, flag, flag]
     lib.gpt2lab_gelu_backward.restype = None
+    lib.gpt2lab_attention_work_floats.argtypes = [flag, flag]
+    lib.gpt2lab_attention_work_floats.restype = ctypes.c_size_t
+    lib.gpt2lab_attention.argtypes = [*[ctypes.c_void_p] * 4, *[flag] * 6]
+    lib.gpt2lab_attention.restype = None
+    lib.gpt2lab_attention_backward.argtypes = [*[ctypes.c_void_p] * 5, *[flag] * 6]
+    lib.gpt2lab_attention_backward.restype = None
     return lib
 
 

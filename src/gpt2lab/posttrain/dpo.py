@@ -39,7 +39,7 @@ from gpt2lab.config import Config
 from gpt2lab.device import autocast, pick_dtype
 from gpt2lab.errors import DataError
 from gpt2lab.io import atomic_path, atomic_write_json
-from gpt2lab.kernels.gelu import FastGELU, use_fast_gelu
+from gpt2lab.kernels import has_cpu_training_kernels, use_cpu_training_kernels
 from gpt2lab.model import GPT
 from gpt2lab.posttrain.batching import (
     Example,
@@ -276,8 +276,8 @@ class DPOTask(Task):
                 start = start_model(cfg, cfg.dpo.template, "dpo")
                 reference = GPT(cfg.model)
                 reference.load_state_dict(start.weights)
-                if any(isinstance(m, FastGELU) for m in unwrap(model).modules()):
-                    use_fast_gelu(reference)  # the GELU the policy started with, as resumed
+                if has_cpu_training_kernels(unwrap(model)):
+                    use_cpu_training_kernels(reference)  # the kernels the policy started with
                 self.model_hash = self.model_hash or weights_hash(start.weights)
             else:
                 reference = copy.deepcopy(unwrap(model))

@@ -39,7 +39,7 @@ from gpt2lab.config import Config, merge, to_dict
 from gpt2lab.data.records import read_prompts
 from gpt2lab.device import autocast, pick_device, pick_dtype
 from gpt2lab.errors import ConfigError, DataError, TrainingError, mark_key
-from gpt2lab.kernels.gelu import use_fast_gelu
+from gpt2lab.kernels import use_cpu_training_kernels
 from gpt2lab.outdir import OutputDir
 from gpt2lab.posttrain.common import pick_template
 from gpt2lab.posttrain.kl import KLController, kl_k1, kl_k3
@@ -247,9 +247,9 @@ class RLTrainer:
             load_model_safetensors(self.policy, ckpt / "model.safetensors")
         self.ref = ref.to(self.device).eval().requires_grad_(False)
         self.policy.to(self.device).eval()  # no dropout in rollouts nor in updates
-        if self.device.type == "cpu":  # GELU in one pass, as `gpt2lab train` has it on a CPU
-            use_fast_gelu(self.policy)
-            use_fast_gelu(self.ref)
+        if self.device.type == "cpu":  # GELU and attention in C, as `gpt2lab train` has them
+            use_cpu_training_kernels(self.policy)
+            use_cpu_training_kernels(self.ref)
         self.value_head: nn.Linear | None = None
         if rc.algorithm == "ppo":
             self.value_head = nn.Linear(cfg.model.n_embd, 1).to(self.device)

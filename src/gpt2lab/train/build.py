@@ -40,7 +40,7 @@ from gpt2lab.errors import (
     mark_key,
 )
 from gpt2lab.io import atomic_write_text
-from gpt2lab.kernels.gelu import use_fast_gelu
+from gpt2lab.kernels import use_cpu_training_kernels
 from gpt2lab.model import GPT
 from gpt2lab.outdir import INFRA, OutputDir, claim_output_dir
 from gpt2lab.train.dist import (
@@ -393,8 +393,8 @@ def model_and_optimizer(
         load_model_safetensors(raw, ckpt / "model.safetensors")
     frozen = apply_freeze(raw, tc.freeze)
     raw.to(device)
-    if device.type == "cpu" and not tc.compile:  # (torch.compile fuses the GELU itself)
-        use_fast_gelu(raw)
+    if device.type == "cpu" and not tc.compile:  # (torch.compile fuses these itself)
+        use_cpu_training_kernels(raw)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
