@@ -12,8 +12,10 @@ the two implementations (the curves must match), and the ratios:
   defaults vs float32    ours with our CPU default (bfloat16 autocast where the CPU has it)
                          / reference float32 (goal >= 2)
 
-Shapes: the shakespeare-char preset (6 x 384, context 256, char vocabulary; with biases, as the
-reference always has them) and the gpt2 shape (12 x 768, 50257 tokens) at a short context.
+First rows: the C kernels `gpt2lab train` uses on a CPU (GELU, causal attention) beside
+PyTorch's, forward + backward. Shapes: the shakespeare-char preset (6 x 384, context 256, char
+vocabulary; with biases, as the reference always has them) and the gpt2 shape (12 x 768, 50257
+tokens) at a short context.
 
 With --nanogpt DIR (a clone of karpathy/nanoGPT, run from a copy in a temporary directory, never
 vendored), nanoGPT's own train.py is a second peer, run as its README says for a CPU, on the same
@@ -337,6 +339,52 @@ def gelu_rows(repeats: int = 100) -> None:
         )
 
 
+# (batch, T, heads, head size): nanoGPT's CPU recipe and the gpt2 shape at T=256
+ATTENTION_SHAPES = {"4x128 recipe": (12, 64, 4, 32), "gpt2 @ T=256": (2, 256, 12, 64)}
+
+
+def attention_rows(repeats: int = 30) -> None:
+    """One layer's causal attention, forward + backward, from the c_attn output (B, T, 3C) to the
+    heads' output (B, T, C): attention.c (what `gpt2lab train` uses on a CPU up to T=256) beside
+    PyTorch's SDPA and the model's explicit path, split and merged as the model does, in turns."""
+    from gpt2lab.kernels.attention import fused_causal_attention
+    from gpt2lab.model import attention
+
+    def torch_path(explicit: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        def run(qkv: torch.Tensor, nh: int) -> torch.Tensor:
+            B, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3
+            q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in qkv.split(C, dim=2))
+            y, _ = attention(q, k, v, explicit=explicit)
+            return y.transpose(1, 2).contiguous().view(B, T, C)
+
+        return run
+
+    fns = {
+        "attention.c": fused_causal_attention,
+        "SDPA": torch_path(False),
+        "explicit": torch_path(True),
+    }
+    print(f"\ncausal attention of one layer, forward + backward, median of {repeats}")
+    for name, (B, T, nh, hs) in ATTENTION_SHAPES.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            qkv = torch.randn(B, T, 3 * nh * hs).to(dtype)
+            dy = torch.randn(B, T, nh * hs).to(dtype)
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for _ in range(repeats):
+                for k, fn in fns.items():
+                    x = qkv.clone().requires_grad_()
+                    t = time.perf_counter()
+                    fn(x, nh).backward(dy)
+                    times[k].append(time.perf_counter() - t)
+            us = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+            best = min(us["SDPA"], us["explicit"])
+            print(
+                f"  {name:<13} {str(dtype).removeprefix('torch.'):<9} "
+                + "   ".join(f"{k} {v:7.0f} us" for k, v in us.items())
+                + f"   {best / us['attention.c']:.2f}x PyTorch's faster path"
+            )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny batches, a few steps")
@@ -388,6 +436,7 @@ def main() -> int:
         f"steps after {warmup} warm-up; timings on a shared machine are noisy"
     )
     gelu_rows()
+    attention_rows()
     if args.nanogpt:
         iters = 6 if args.quick else 20
         nanogpt_rows(args.nanogpt, root, {"char": char, "gpt2": gpt2}, iters, args.rounds)
