@@ -32,6 +32,8 @@ where the CPU has it) / nanoGPT float32 (goal >= 2).
     .venv/bin/python bench/train.py --quick    # a short run that checks everything works
     git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT
     .venv/bin/python bench/train.py --nanogpt /tmp/nanoGPT --only-nanogpt
+    .venv/bin/python bench/train.py --nanogpt /tmp/nanoGPT --only-nanogpt --nanogpt-shapes nanoGPT \
+        --rounds 6                                   # its CPU recipe alone, more turns
 """
 
 from __future__ import annotations
@@ -271,7 +273,9 @@ def run_ours(data: Path, root: Path, shape: dict, steps: int, dtype: str) -> lis
     return [tokens / r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
 
 
-def nanogpt_rows(src: Path, root: Path, data: dict[str, Path], iters: int, rounds: int) -> None:
+def nanogpt_rows(
+    src: Path, root: Path, data: dict[str, Path], iters: int, rounds: int, shapes: list[str]
+) -> None:
     work = nanogpt_workdir(src, root, data)
     default = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     print(
@@ -282,6 +286,8 @@ def nanogpt_rows(src: Path, root: Path, data: dict[str, Path], iters: int, round
         f"{'shape':<33} {'run':<22} {'tokens/s':>9} {'(spread)':>15} {'MFU':>6}  ratio to nanoGPT"
     )
     for name, shape in NANOGPT_SHAPES.items():
+        if name.split()[0] not in shapes:
+            continue
         d = data[shape["tokenizer"]]
         keys = ("n_layer", "n_head", "n_embd", "block_size")
         cfg = GPTConfig(
@@ -393,6 +399,11 @@ def main() -> int:
     p.add_argument("--nanogpt", type=Path, metavar="DIR", help="a clone of karpathy/nanoGPT")
     p.add_argument("--only-nanogpt", action="store_true", help="skip the transformers rows")
     p.add_argument("--rounds", type=int, default=2, help="nanoGPT/gpt2lab runs in turns")
+    p.add_argument(
+        "--nanogpt-shapes",
+        default="nanoGPT,gpt2",
+        help="which of the two nanoGPT shapes to run: nanoGPT (its CPU recipe), gpt2 (T=256)",
+    )
     args = p.parse_args()
     if not TEXT.is_file():
         print(f"bench/train.py: {TEXT} is missing", file=sys.stderr)
@@ -439,7 +450,8 @@ def main() -> int:
     attention_rows()
     if args.nanogpt:
         iters = 6 if args.quick else 20
-        nanogpt_rows(args.nanogpt, root, {"char": char, "gpt2": gpt2}, iters, args.rounds)
+        data = {"char": char, "gpt2": gpt2}
+        nanogpt_rows(args.nanogpt, root, data, iters, args.rounds, args.nanogpt_shapes.split(","))
     else:
         print("nanoGPT: not measured (pass --nanogpt DIR, a clone of karpathy/nanoGPT)")
     if args.only_nanogpt:
