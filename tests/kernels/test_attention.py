@@ -81,6 +81,28 @@ def test_large_scores_stay_finite_and_as_exact_as_float32_allows() -> None:
     assert (x.grad.double() - dx_ref).abs().max() / dx_ref.abs().max() < 1e-3
 
 
+def test_nan_and_infinity_spread_as_in_pytorch() -> None:
+    """A NaN in a query, key or value, or an infinite score, makes the outputs that depend on it
+    NaN, as PyTorch's attention does (the training loop's NaN guard relies on them reaching the
+    loss)."""
+    g = torch.Generator().manual_seed(6)
+    for col, value in ((3, float("nan")), (64 + 5, float("nan")), (128 + 2, float("nan")),
+                       (64 + 1, float("inf"))):  # fmt: skip
+        qkv = torch.randn(1, 24, 3 * 64, generator=g)
+        qkv[0, 10, col] = value
+        y_ref, _ = exact(qkv, 2, torch.ones(1, 24, 64))
+        x = qkv.clone().requires_grad_()
+        y = fused_causal_attention(x, 2)
+        y.backward(torch.ones_like(y))
+        # from the poisoned position on, the same NaNs; before it PyTorch's full P @ V also
+        # spreads a value's NaN through the zero probabilities (0 x NaN), which the causal tiles
+        # mostly skip: never a NaN where PyTorch has none
+        ours, ref = torch.isnan(y), torch.isnan(y_ref)
+        assert ours[:, 10:].any() and torch.equal(ours[:, 10:], ref[:, 10:]), (col, value)
+        assert not (ours & ~ref).any()
+        assert torch.isnan(x.grad).any()
+
+
 def test_threads_strides_and_other_dtypes() -> None:
     """One thread gives the same bits as several; a strided input is read as its values; float16
     (autocast's other dtype) runs in float32 and comes back float16."""

@@ -99,7 +99,9 @@ static float exp_row(float *row, int i, int n, float m) {
     __m512 vm = _mm512_set1_ps(m), acc = _mm512_setzero_ps();
     for (; j <= i; j += 16) { /* the last block keeps only keys j <= i, zeroing the rest */
         __mmask16 keep = i + 1 - j >= 16 ? 0xffff : (__mmask16)((1u << (i + 1 - j)) - 1);
-        __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm)));
+        __m512 d = _mm512_sub_ps(_mm512_loadu_ps(row + j), vm), e = exp16(d);
+        /* exp16 clamps a NaN away: keep it, so a NaN score makes its row NaN as in PyTorch */
+        e = _mm512_maskz_mov_ps(keep, _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(d, d, _CMP_UNORD_Q), d));
         _mm512_storeu_ps(row + j, e);
         acc = _mm512_add_ps(acc, e);
     }
