@@ -1,4 +1,4 @@
-/* Causal self-attention for training on a CPU at short contexts, forward and backward, straight
+/* Causal self-attention for training on a CPU (up to 2048 positions), forward and backward,
  * from the c_attn output (B, T, 3C) to the heads' output (B, T, C) and back: what
  * model.attention(q, k, v) computes after the split into heads, with no split, transpose, mask
  * or T x T tensor in between. PyTorch's explicit path spends most of its time in those small

@@ -1,4 +1,4 @@
-"""Causal self-attention for training on a CPU at short contexts, forward and backward in C.
+"""Causal self-attention for training on a CPU, forward and backward in C (attention.c).
 
 At the contexts CPU training uses (nanoGPT's CPU recipe trains at T=64), a block's attention is a
 few small products wrapped in a dozen PyTorch operations: the q/k/v split and transposes, the
@@ -25,7 +25,7 @@ from gpt2lab.kernels.native import DTYPES, load_library
 from gpt2lab.model import CausalSelfAttention
 
 # longer contexts keep model.attention: each (sequence, head) holds T x T floats in cache here
-MAX_T = 256
+MAX_T = 2048
 
 
 def _work(T: int, hs: int) -> Tensor:
