@@ -24,7 +24,8 @@ from torch.autograd.function import once_differentiable
 from gpt2lab.kernels.native import DTYPES, load_library
 from gpt2lab.model import CausalSelfAttention
 
-# longer contexts keep model.attention: each (sequence, head) holds T x T floats in cache here
+# longer contexts keep model.attention: by then a head's ~9 T x hs float buffers have long
+# outgrown the core's cache, and SDPA catches up (docs/performance.md)
 MAX_T = 2048
 
 
