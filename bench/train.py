@@ -345,8 +345,12 @@ def gelu_rows(repeats: int = 100) -> None:
         )
 
 
-# (batch, T, heads, head size): nanoGPT's CPU recipe and the gpt2 shape at T=256
-ATTENTION_SHAPES = {"4x128 recipe": (12, 64, 4, 32), "gpt2 @ T=256": (2, 256, 12, 64)}
+# (batch, T, heads, head size): nanoGPT's CPU recipe, the demo's and the gpt2 shape at T=256
+ATTENTION_SHAPES = {
+    "4x128 recipe": (12, 64, 4, 32),
+    "demo 36x128": (36, 128, 2, 64),
+    "gpt2 @ T=256": (2, 256, 12, 64),
+}
 
 
 def attention_rows(repeats: int = 30) -> None:
