@@ -661,12 +661,14 @@ def rlhf(
     rc = cfg.rl
     inputs = [cfg.train.init_from, rc.reward_model, rc.prompts, reward_fn.rpartition(":")[0]]
     world, device = setup_ddp(cfg.train.device)  # torchrun's ranks, if any
-    claim = None
+    claim, finished = None, False
     try:
         claim = build.claim_for_ranks(run_dir, inputs, world, device, command="rlhf")
         options = RLOptions(resume, overwrite, on_event, should_stop)
         # no name for the trainer: it (DDP) must be gone before teardown() below
-        return _rlhf(cfg, run_dir, claim, options, reward_fn, prompts, world, device).run()
+        summary = _rlhf(cfg, run_dir, claim, options, reward_fn, prompts, world, device).run()
+        finished = True
+        return summary
     except BaseException:
         if claim is not None and claim.created and not native.list_checkpoints(run_dir):
             claim.discard()  # a run that failed before its first checkpoint leaves no trace
@@ -674,7 +676,7 @@ def rlhf(
     finally:
         if claim is not None:
             claim.release()
-        teardown()
+        teardown(finished)
 
 
 def _rlhf(

@@ -5,6 +5,7 @@ Only this module reads the environment that torchrun sets (`RANK`, `LOCAL_RANK`,
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -76,9 +77,16 @@ def setup_ddp(device_name: str = "auto") -> tuple[Dist, torch.device]:
     return Dist(rank, local, world), device
 
 
-def teardown() -> None:
-    """Leave the process group (a no-op for a single process)."""
+def teardown(finished: bool = False) -> None:
+    """Leave the process group (a no-op for a single process). After a run that `finished` on
+    every rank, first collect what a reference cycle kept of it (wrapped models, their
+    communication state) and wait for all ranks, so no rank tears gloo down under another's last
+    operation (a rank then aborted now and then in `terminate`). After a failure, leave at once:
+    the other ranks may never arrive, and torchrun stops them."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            gc.collect()
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -130,12 +130,14 @@ def train(
     )
     world, device = setup_ddp(cfg.train.device)
     run_dir = Path(run_dir)
-    claim = None
+    claim, finished = None, False
     try:
         task = task or PretrainTask()
         claim = _claim(cfg, run_dir, world, device, task)
         # no name for the Trainer: it (DDP, its buffers) must be gone before teardown() below
-        return Trainer(cfg, run_dir, options, world, device, task, claim).run()
+        summary = Trainer(cfg, run_dir, options, world, device, task, claim).run()
+        finished = True
+        return summary
     except BaseException:
         if claim is not None and claim.created and not native.list_checkpoints(run_dir):
             claim.discard()  # a run that failed before its first checkpoint leaves no trace
@@ -143,7 +145,7 @@ def train(
     finally:
         if claim is not None:
             claim.release()
-        teardown()
+        teardown(finished)
 
 
 def _claim(
