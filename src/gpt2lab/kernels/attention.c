@@ -4,12 +4,12 @@
  * or T x T tensor in between. PyTorch's explicit path spends most of its time in those small
  * operations, and SDPA's CPU flash kernel has a slow bfloat16 backward (docs/performance.md).
  *
- * Each (sequence, head) pair is one task: its q, k, v are copied into float32 buffers that stay
- * in cache (zero-padded to multiples of 16), the products run there in 4-row tiles, and only
- * the per-row log-sum-exp is kept for the backward, which recomputes the probabilities (as flash
- * attention does). Sums are float32 whatever the tensors' dtype (0 float32, 1 bfloat16).
- * Called by gpt2lab.kernels.attention, tested against float64 attention and PyTorch's autograd
- * in tests/kernels/test_attention.py. */
+ * Each (sequence, head) pair is one task: its q, k, v are copied into buffers that stay in
+ * cache (zero-padded to multiples of 16; bfloat16 ones in pairs for vdpbf16ps, see below), the
+ * products run there in tiles of 8 query rows, and only the per-row log-sum-exp is kept for the
+ * backward, which recomputes the probabilities (as flash attention does). Sums are float32
+ * whatever the tensors' dtype (0 float32, 1 bfloat16). Called by gpt2lab.kernels.attention,
+ * tested against float64 attention (SDPA) and the plain model in tests/kernels/test_attention.py. */
 #include "vecmath.h"
 #ifdef _OPENMP
 #include <omp.h>
