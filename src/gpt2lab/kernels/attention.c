@@ -302,7 +302,8 @@ static void probabilities(const Pair *p, int i0, int n, const float *lse, float 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
     if (p->pairs) {
         tile_product_pairs(p->qb + (size_t)i0 * p->hp, p->hp, p->ktb, 2 * p->tp, p->s, p->tp, n, 0, even(p->hs));
-        for (size_t j = 0; j < (size_t)TILE * p->tp; j++) p->s[j] *= p->scale;
+        for (int r = 0; r < TILE; r++) /* the columns computed, not the whole padded row */
+            for (int j = 0; j < n; j++) p->s[(size_t)r * p->tp + j] *= p->scale;
     } else
 #endif
         tile_product(p->q + (size_t)i0 * p->hp, p->hp, 1, p->kt, p->tp, p->s, p->tp, n, 0, p->hs);

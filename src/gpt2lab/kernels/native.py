@@ -8,8 +8,8 @@ optional accelerator: `native_step(...)` returns None, and the PyTorch `DecodeSt
 there is no C compiler, the build fails, the CPU is not x86-64/ARM64 Linux or macOS, or
 `GPT2LAB_NATIVE=0` is set. The library (decode.c, with gelu.c and attention.c for the training
 kernels of `gpt2lab.kernels.gelu` and `gpt2lab.kernels.attention`) is compiled once per source,
-compiler and CPU into `$XDG_CACHE_HOME/gpt2lab/native` (default
-~/.cache), written atomically, and loaded with ctypes.
+compiler and CPU into `$XDG_CACHE_HOME/gpt2lab/native` (default ~/.cache), written atomically,
+and loaded with ctypes.
 """
 
 from __future__ import annotations
