@@ -6,10 +6,12 @@ scale = max|row| / 127, so every row uses the full range [-127, 127]. The LayerN
 and the position embedding stay float32. The token embedding is the head's matrix (GPT-2 ties
 them): a lookup returns float32 rows q[id] * scale[id] of the head's int8 table.
 
-On a CPU the blocks' products run through fbgemm's int8 kernels (`gpt2lab.kernels.int8`): the
-input of each product is quantized to 8 bits on the fly, the weight stays packed in fbgemm's
-layout, and the int32 result is rescaled to float32; the head multiplies the int8 table the
-embedding reads (`torch._int_mm`, one scale per input row). On a GPU the int8 matrix is
+On a CPU each product quantizes its input to 8 bits on the fly, multiplies int8 by int8 into
+int32 sums and rescales them to float32 (`gpt2lab.kernels.int8`). Decoding runs through the C
+step (decode.c), which reads the plain int8 values in place; batches of many rows go through
+`torch._int_mm`, one scale per input row, as the C step rounds them. Without the C step the
+blocks' weights are packed for fbgemm's kernels instead (one scale per call). The head
+multiplies the int8 table the embedding reads. On a GPU the int8 matrix is
 converted to the input's dtype inside each product (weight-only). The quantized model computes
 in float32 and is for inference: `generate`, `gpt2lab sample --quantize int8`, `gpt2lab serve
 --quantize int8`.
@@ -31,6 +33,7 @@ from gpt2lab.kernels.int8 import (  # noqa: F401 - part of this module's API
     quantize_rows,
     scale_of,
 )
+from gpt2lab.kernels.native import load_library
 from gpt2lab.model import GPT
 
 METHODS = ("int8",)
@@ -39,11 +42,15 @@ METHODS = ("int8",)
 def quantize(model: GPT, method: str = "int8", compact: bool = True) -> GPT:
     """A copy of `model` with int8 weights (see the module doc); `model` is left as it is.
 
-    The copy is in eval mode, computes in float32 and has no gradients. By default the tied
-    embedding/head table is stored once, as int8 rows that the lookup gathers and the head
-    multiplies (`torch._int_mm`, the input's rows quantized on the fly): ~0.26x of the float32
-    model's bytes for GPT-2. `compact=False` also keeps the head in fbgemm's packed layout, a
-    second int8 copy of the table (~0.33x), for a faster head product (docs/quantize.md).
+    The copy is in eval mode, computes in float32 and has no gradients. By default every matrix
+    is held once: ~0.26x of the float32 model's bytes for GPT-2, decoding included. The tied
+    embedding/head table is int8 rows that the lookup gathers and the head multiplies
+    (`torch._int_mm`, each input row quantized on the fly). Where the C step (decode.c) builds,
+    the blocks' matrices stay plain int8 too: the C step reads them in place, and batches of
+    many rows multiply them through `torch._int_mm` with each row's own input scale, the C
+    step's arithmetic. Without it they go into fbgemm's packed layout. `compact=False` packs
+    every matrix for fbgemm (~0.33x), for faster prompts and scoring, and the C step then keeps
+    a plain copy of the blocks' values while it decodes (docs/quantize.md).
     """
     if method not in METHODS:
         raise ConfigError(
@@ -63,9 +70,11 @@ def quantize(model: GPT, method: str = "int8", compact: bool = True) -> GPT:
     memo.update({id(head_weight): None, id(wte): None})
     q = copy.deepcopy(model, memo)
     vocab = model.config.vocab_size
+    # one copy: the C step reads plain values in place, while fbgemm's packing would need its own
+    pack_blocks = not compact or load_library() is None
     with torch.no_grad():
         for (parent, name), own in zip(_linear_slots(q), _matrices(model)):
-            setattr(parent, name, Int8Linear.from_float(own.weight, own.bias))
+            setattr(parent, name, Int8Linear.from_float(own.weight, own.bias, pack=pack_blocks))
         values, scale = quantize_rows(head_weight[:vocab])
         q.lm_head = Int8Linear(values, scale, None, pack=not compact)
         if head_weight is not wte:  # an untied model: its own table

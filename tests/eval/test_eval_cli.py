@@ -58,6 +58,34 @@ def test_perplexity_json_equals_transformers_over_the_same_windows(
     assert "perplexity (per token)" in out  # the table comes before the JSON line
 
 
+def test_quantize_int8_scores_the_int8_model(tmp_path, hf_dir, loaded, capsys):
+    """--quantize int8 scores exactly what `gpt2lab.quantize` gives, close to the float model."""
+    from gpt2lab.config import EvalConfig
+    from gpt2lab.eval.scoring import as_logits_fn
+    from gpt2lab.eval.tasks import Settings, perplexity
+    from gpt2lab.quantize import quantize
+
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT, encoding="utf-8")
+    args = ("perplexity", "--model", str(hf_dir), "--data", str(data), "--json")
+    results = {}
+    for flags in ((), ("--quantize", "int8")):
+        code, out, err = _eval(capsys, *args, "--context", "24", "--stride", "8", *flags)
+        assert code == 0, err
+        results[flags] = json.loads(out.strip().splitlines()[-1])
+    plain, int8 = results[()], results[("--quantize", "int8")]
+    assert plain["quantize"] is None and int8["quantize"] == "int8"
+    assert "int8 weights" in out
+    model, tok = loaded
+    settings = Settings(context=24, stride=8, batch_size=EvalConfig().batch_size)
+    want = perplexity(as_logits_fn(quantize(model, "int8")), tok, str(data), settings)
+    assert int8["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
+    assert int8["perplexity"] != plain["perplexity"]
+    assert int8["perplexity"] == pytest.approx(plain["perplexity"], rel=0.02)
+    code, _, err = _eval(capsys, *args, "--quantize", "int4")
+    assert code == 2 and "int4" in err
+
+
 def test_task_table_shows_the_paper_column_and_bad_files_fail_in_one_line(tmp_path, hf_dir, capsys):
     good = tmp_path / "lambada_test.jsonl"
     good.write_text('{"text": "the lobster is a crustacean"}\n{"text": "a pair of claws"}\n')

@@ -17,6 +17,8 @@ from gpt2lab.eval import paper
 from gpt2lab.eval.datasets import DOWNLOADS
 from gpt2lab.eval.scoring import as_logits_fn
 from gpt2lab.eval.tasks import TASKS, Settings
+from gpt2lab.quantize import METHODS as QUANTIZE_METHODS
+from gpt2lab.quantize import quantize
 
 ACCEPTS_OVERRIDES = True
 EXAMPLES = """
@@ -25,6 +27,7 @@ gpt2lab eval perplexity --model hf/gpt2 --data notes.txt --context 512 --stride 
 gpt2lab eval wikitext2 --model hf/gpt2 --data wikitext-2/wiki.test.tokens
 gpt2lab eval lambada --model hf/gpt2 --data lambada_test.jsonl --eval.batch_size=16
 gpt2lab eval hellaswag --model runs/gpt2 --data hellaswag_val.jsonl --limit 1000 --dtype bfloat16
+gpt2lab eval perplexity --model runs/sc --data val.txt --quantize int8   # what int8 weights cost
 """
 _TASK_HELP = {
     "perplexity": "loss, perplexity, bits per byte/char of any UTF-8 text",
@@ -52,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="first N examples only (lambada, cbt, hellaswag)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (eval.device)")
     p.add_argument("--dtype", help="float32 (default) or bfloat16/float16 autocast")
+    p.add_argument(
+        "--quantize",
+        choices=list(QUANTIZE_METHODS),
+        help="score the model with int8 weights (gpt2lab.quantize; it computes in float32), to "
+        "see what quantizing costs beside the same command without it (docs/quantize.md)",
+    )
     p.add_argument("--config", help="a TOML file with an [eval] section")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -77,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     model, tok = _load(args.model, device)
     if isinstance(model.config, GPTConfig):
         _check_memory(model.config, cfg, device, dtype, loaded=True)
+    if args.quantize:
+        model = quantize(model, args.quantize)
     n_layer, n_embd, block_size = _shape(model)
     context = cfg.context or block_size
     if context > block_size:
@@ -101,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         published = {label: theirs for label, _, theirs in paper.compare(args.task, metrics, size)}
         row = {"task": args.task, "model": args.model, **metrics, "seconds": round(seconds, 3)}
         row |= {"context": settings.context, "stride": settings.stride, "dtype": cfg.dtype}
+        row |= {"quantize": args.quantize}
         print(json.dumps({**row, "paper_size": size, "paper": published}))
     return 0
 
@@ -147,7 +159,8 @@ def _print_table(args, metrics: dict, size: str | None, s, seconds: float) -> No
     counts = ", ".join(
         f"{metrics[k]:,} {k}" for k in ("examples", "words", "tokens", "bytes") if k in metrics
     )
-    print(f"{args.task} | {args.model} | {counts} | context {s.context} | {seconds:.1f} s")
+    weights = f" | {args.quantize} weights" if args.quantize else ""
+    print(f"{args.task} | {args.model}{weights} | {counts} | context {s.context} | {seconds:.1f} s")
     width = max(len(r[0]) for r in rows)
     has_paper = any(column for *_, column, _ in paper.ROWS[args.task])  # perplexity has none
     print(f"{'metric':<{width}}  {'ours':>10}" + (f"  {theirs:>12}" if has_paper else ""))

@@ -161,8 +161,8 @@ class DecodeStep:
     token: the modules' calls and the views between them (about 30 operations a layer become
     10). A float model's products are oneDNN's, on weights packed once for `rows` rows, with the
     bias, the GELU and the residual add fused into them; an int8 model's (`gpt2lab.quantize`)
-    are fbgemm's, on the weights its `Int8Linear`s packed (or the layer's own product where a
-    layer is not packed: the head of `compact=True`). `current(model)` says whether the
+    are fbgemm's where its `Int8Linear`s are packed (`compact=False`, or no C step), else each
+    layer's own product (`torch._int_mm`, one scale per input row). `current(model)` says whether the
     packed weights still match the model's (in-place updates bump their versions).
     """
 
@@ -221,7 +221,7 @@ class DecodeStep:
         return self.versions == _versions(model)
 
     def _mm(self, x: Tensor, w: tuple, gelu: bool = False) -> Tensor:
-        if self.int8:  # fbgemm, or an unpacked layer's own product (the compact head)
+        if self.int8:  # fbgemm, or an unpacked layer's own product (torch._int_mm)
             y = torch.ops.quantized.linear_dynamic(x, *w) if w[0] is not None else w[1](x)
             return fast_gelu(y) if gelu else y
         if gelu:

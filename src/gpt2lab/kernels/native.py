@@ -222,8 +222,9 @@ class NativeStep:
         h = model.transformer
         blocks = list(h.h)
         linears = {key: [b.get_submodule(path) for b in blocks] for key, path in _MATRICES.items()}
-        # an int8 matrix's values are unpacked from fbgemm's layout once, here; a float model's
-        # head is its token table (tied), whose rows the step also looks up
+        # an int8 matrix's plain values are moved here (or unpacked once from fbgemm's layout,
+        # with compact=False); a float model's head is its token table (tied), whose rows the
+        # step also looks up
         table = model.lm_head.int8_weight() if int8 else model.lm_head.weight
         in_step_order = [m for layer in zip(*linears.values()) for m in layer]
         matrices = [m.int8_weight() if int8 else m.weight for m in in_step_order]
