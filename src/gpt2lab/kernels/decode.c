@@ -130,17 +130,53 @@ static float quantize_input(const float *x, int K, uint8_t *xu) {
     return s;
 }
 
+#ifdef __AVX512VNNI__
+/* the sums of four vectors' 16 lanes each, as one vector (a's sum first): three rounds of
+   pairwise adds, instead of four reductions of their own */
+static inline __m128i sum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
+    __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+    __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+/* row n's products with q (as q + 128), K a multiple of 64: 16 partial sums */
+static inline __m512i row_dpbusd(const int8_t *r, const uint8_t *xu, int K) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+    int k = 0;
+    for (; k + 128 <= K; k += 128) { /* 64 products per instruction, one cache line */
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xu + k), _mm512_loadu_si512(r + k));
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(xu + k + 64), _mm512_loadu_si512(r + k + 64));
+    }
+    if (k < K) a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xu + k), _mm512_loadu_si512(r + k));
+    return _mm512_add_epi32(a0, a1);
+}
+#endif
+
 /* y[n - n0] = W[n, :] . q exactly, for int8 rows W and the input q (given as q + 128): the sum
-   of (q + 128) w, less 128 times the row's sum */
+   of (q + 128) w, less 128 times the row's sum. Rows are read one after another (one stream
+   from memory); with VNNI four rows' partial sums are reduced together. */
 static void rows_product_int8(const int8_t *W, const int32_t *rowsum, const uint8_t *xu, int K,
                               int n0, int n1, float *y) {
-    for (int n = n0; n < n1; n++) {
+    int n = n0;
+#ifdef __AVX512VNNI__
+    for (; K % 64 == 0 && n + 4 <= n1; n += 4) {
+        const int8_t *r = W + (size_t)n * K;
+        __m512i s0 = row_dpbusd(r, xu, K), s1 = row_dpbusd(r + K, xu, K);
+        __m512i s2 = row_dpbusd(r + 2 * (size_t)K, xu, K), s3 = row_dpbusd(r + 3 * (size_t)K, xu, K);
+        __m128i sums = sum4_epi32(s0, s1, s2, s3);
+        sums = _mm_sub_epi32(sums, _mm_slli_epi32(_mm_loadu_si128((const __m128i *)(rowsum + n)), 7));
+        _mm_storeu_ps(y + (n - n0), _mm_cvtepi32_ps(sums));
+    }
+#endif
+    for (; n < n1; n++) {
         const int8_t *r = W + (size_t)n * K;
         int32_t acc = 0;
         int k = 0;
 #ifdef __AVX512VNNI__
         __m512i a0 = _mm512_setzero_si512(), a1 = a0;
-        for (; k + 128 <= K; k += 128) { /* 64 products per instruction, one cache line */
+        for (; k + 128 <= K; k += 128) {
             a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xu + k), _mm512_loadu_si512(r + k));
             a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(xu + k + 64), _mm512_loadu_si512(r + k + 64));
         }
