@@ -245,6 +245,10 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None and (last_only or logits_to_keep):
             x = x[:, -(logits_to_keep or 1) :, :]
+        return self.logits_and_loss(x, targets)
+
+    def logits_and_loss(self, x: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Float logits of the final hidden states `x`; with targets, their mean cross-entropy."""
         logits = self.lm_head(x).float()
         loss = None
         if targets is not None:

@@ -162,8 +162,8 @@ class DecodeStep:
     10). A float model's products are oneDNN's, on weights packed once for `rows` rows, with the
     bias, the GELU and the residual add fused into them; an int8 model's (`gpt2lab.quantize`)
     are fbgemm's where its `Int8Linear`s are packed (`compact=False`, or no C step), else each
-    layer's own product (`torch._int_mm`, one scale per input row). `current(model)` says whether the
-    packed weights still match the model's (in-place updates bump their versions).
+    layer's own product (`torch._int_mm`, one scale per input row). `current(model)` says
+    whether the packed weights still match the model's (in-place updates bump their versions).
     """
 
     def __init__(self, model: GPT, rows: int, dtype: torch.dtype) -> None:
