@@ -13,7 +13,8 @@ the two implementations (the curves must match), and the ratios:
                          / reference float32 (goal >= 2)
 
 First rows: the C kernels `gpt2lab train` uses on a CPU (GELU, causal attention) beside
-PyTorch's, forward + backward. Shapes: the shakespeare-char preset (6 x 384, context 256, char
+PyTorch's, forward + backward, then the BPE demo's step with the fused head and loss beside the
+model's own (`kernels.cross_entropy`). Shapes: the shakespeare-char preset (6 x 384, context 256, char
 vocabulary; with biases, as the reference always has them) and the gpt2 shape (12 x 768, 50257
 tokens) at a short context.
 
@@ -395,6 +396,43 @@ def attention_rows(repeats: int = 30) -> None:
             )
 
 
+def loss_rows(data: Path, root: Path, steps: int, batch: int) -> None:
+    """The BPE demo's training step (GPT-2's 50,257 ids) with the fused head and loss
+    (`kernels.cross_entropy`, what `gpt2lab train` uses on a CPU where it pays) beside the
+    model's own `logits_and_loss`, in turns in one process, at two widths."""
+    from gpt2lab.model import GPT
+
+    print(f"\nthe BPE demo's step ({batch} x 128 tokens), fused loss vs the model's, {steps} steps")
+    for width in (128, 256):
+        overrides = [
+            "train.device=cpu", f"data.dir={data}", "model.vocab_size=50257",
+            "model.pad_vocab_to=1", f"model.n_embd={width}", f"train.micro_batch_size={batch}",
+        ]  # fmt: skip
+        cfg = config.resolve("demo", None, overrides)
+        runs = {}
+        for name in ("fused", "readable"):
+            tr = Trainer(cfg, Path(tempfile.mkdtemp(dir=root)))
+            if name == "readable":
+                tr.raw.__class__ = GPT  # the swap `gpt2lab train` made, undone
+            runs[name] = tr
+
+        def stepper(tr: Trainer) -> Callable[[], float]:
+            def step() -> float:
+                loss = tr.train_step().loss
+                tr.state.step += 1
+                return loss
+
+            return step
+
+        out = alternate({k: stepper(tr) for k, tr in runs.items()}, steps, 1)
+        ms = {k: statistics.median(t) * 1e3 for k, (t, _) in out.items()}
+        same = max(abs(a - b) for a, b in zip(out["fused"][1], out["readable"][1]))
+        print(
+            f"  n_embd {width:<4} fused {ms['fused']:7.0f} ms   readable {ms['readable']:7.0f} ms"
+            f"   {ms['readable'] / ms['fused']:.2f}x   (losses within {same:.1e})"
+        )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny batches, a few steps")
@@ -452,6 +490,7 @@ def main() -> int:
     )
     gelu_rows()
     attention_rows()
+    loss_rows(gpt2, root, steps, 8 if args.quick else 36)
     if args.nanogpt:
         iters = 6 if args.quick else 20
         data = {"char": char, "gpt2": gpt2}
