@@ -30,7 +30,8 @@ from gpt2lab.model import GPT, KVCache, LMHead
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype `F.linear(x, ...)` multiplies in: autocast's where it is on, else x's."""
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 @functools.cache

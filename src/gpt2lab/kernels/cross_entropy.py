@@ -6,8 +6,8 @@ multiplies it. With GPT-2's 50,257 ids and a small model that is most of a CPU t
 the BPE demo's shape (4 x 128, 36 x 128 tokens) 60% of it went to the conversions, the
 log-softmax, its gradient and zero-filling, not to the products (docs/performance.md).
 
-`fused_linear_cross_entropy` goes through the rows in chunks: each chunk's logits (float32, in
-cache-sized pieces), their log-sum-exp and loss, and at once their gradient (softmax minus the
+`fused_linear_cross_entropy` goes through the rows in chunks: each chunk's logits (float32, ~8M
+of them at a time), their log-sum-exp and loss, and at once their gradient (softmax minus the
 target's one-hot), multiplied into the gradients of the hidden states and of the head's matrix.
 Backwards only scales those by the loss's gradient. The full logits never exist. The products run
 in the dtype autocast gives the head (bfloat16 under the CPU default), as the model's head does.
@@ -24,10 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gpt2lab.kernels.cpu_decode import compute_dtype
 from gpt2lab.model import GPT
 
 # float32 logits per chunk (32 MiB): large enough for efficient products, a small part of the
-# whole (the BPE demo's step holds 231M); the demo's step at 2M, 8M and 16M: 1.5x, 1.8x, 1.5x
+# whole (the BPE demo's step holds 231M); the demo's step with chunks of 2M / 4M / 8M / 16M:
+# 1.36x / 1.65x / 1.88x / 1.48x
 CHUNK_FLOATS = 1 << 23
 MAX_WIDTH = 256  # the widest hidden state the fused loss is faster for (see `pays`)
 
@@ -89,10 +91,9 @@ class FusedLossGPT(GPT):
     ) -> tuple[Tensor | None, Tensor | None]:
         if targets is None or not self.training or not torch.is_grad_enabled() or not pays(x, self):
             return super().logits_and_loss(x, targets)
-        dtype = torch.get_autocast_dtype(x.device.type) if _autocasting(x) else x.dtype
         loss = fused_linear_cross_entropy(
             x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-            self.config.vocab_size, dtype,
+            self.config.vocab_size, compute_dtype(x),
         )  # fmt: skip
         return None, loss
 
@@ -106,10 +107,6 @@ def pays(x: Tensor, model: GPT) -> bool:
     ~0.8x (docs/performance.md)."""
     rows = x.numel() // x.size(-1)
     return rows * model.lm_head.weight.size(0) > CHUNK_FLOATS and x.size(-1) <= MAX_WIDTH
-
-
-def _autocasting(x: Tensor) -> bool:
-    return torch.is_autocast_enabled(x.device.type)
 
 
 def use_fused_loss(model: torch.nn.Module) -> bool:
