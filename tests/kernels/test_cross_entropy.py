@@ -112,6 +112,26 @@ def test_everything_but_a_training_loss_is_the_models_own(monkeypatch):
     assert fused.state_dict().keys() == plain.state_dict().keys()
 
 
+@pytest.mark.parametrize("bad", [-100, 301, 400])
+def test_bad_targets_do_what_the_models_own_loss_does(monkeypatch, bad):
+    """-100 (another library's ignore index) or an id past the padded vocabulary: the readable
+    model's error, not a silent class 0; a padding id (301 of 320): its infinite loss."""
+    monkeypatch.setattr(ce, "CHUNK_FLOATS", 300)
+    plain, fused = tiny_gpt(), tiny_gpt()
+    use_fused_loss(fused)
+    x, y = torch.randint(0, 301, (2, 16)), torch.randint(0, 301, (2, 16))
+    y[1, 3] = bad
+    outcomes = []
+    for m in (plain, fused):
+        m.train()
+        try:
+            outcomes.append(m(x, y)[1].item())
+        except (RuntimeError, IndexError) as e:
+            outcomes.append(type(e))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0] == math.inf if bad == 301 else isinstance(outcomes[0], type)
+
+
 def test_only_where_it_pays(monkeypatch):
     """One chunk of logits, or a wide model: the readable loss (faster there, measured)."""
     small = tiny_gpt(vocab=50)

@@ -89,13 +89,19 @@ class FusedLossGPT(GPT):
     def logits_and_loss(
         self, x: Tensor, targets: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None]:
-        if targets is None or not self.training or not torch.is_grad_enabled() or not pays(x, self):
-            return super().logits_and_loss(x, targets)
+        plain = targets is None or not self.training or not torch.is_grad_enabled()
+        if plain or not pays(x, self) or not valid(targets, self.config.vocab_size):
+            return super().logits_and_loss(x, targets)  # (which reports bad targets, as ever)
         loss = fused_linear_cross_entropy(
             x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
             self.config.vocab_size, compute_dtype(x),
         )  # fmt: skip
         return None, loss
+
+
+def valid(targets: Tensor, vocab: int) -> bool:
+    """Whether every target is an id or -1 (ignored); others go to `F.cross_entropy`'s error."""
+    return bool(((targets >= -1) & (targets < vocab)).all())
 
 
 def pays(x: Tensor, model: GPT) -> bool:
