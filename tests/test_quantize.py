@@ -94,9 +94,12 @@ def test_int8_model_equals_transformers_on_the_dequantized_weights(tiny_cfg, tmp
     assert err < 0.05, err
 
 
-def _held_bytes(model, step) -> int:
-    """Bytes of the model and of what its decoding step keeps, each storage once."""
-    tensors = [*model.parameters(), *model.buffers(), *(step.native.keep if step.native else [])]
+def _held_bytes(model) -> int:
+    """Bytes of the model and of what its decoding steps keep, each storage once."""
+    from gpt2lab.kernels.cpu_decode import _STEPS
+
+    kept = [t for s in _STEPS.get(model, {}).values() if s.native for t in s.native.keep]
+    tensors = [*model.parameters(), *model.buffers(), *kept]
     seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     packed = sum(
         m.out_features * m.in_features
@@ -123,12 +126,15 @@ def test_memory_of_gpt2_small_is_at_most_0_3x_float32():
         want, a, b = model(idx)[0], compact(idx)[0], fast(idx)[0]
     for got in (a, b):  # per-row or per-call input scales: both close to the float model
         assert (got - want).pow(2).mean().sqrt() < 0.05 * want.std()
-    # decoding one sequence keeps it so: the C step reads the compact model's values in place
-    compact.generate(idx, 2, temperature=0)
+    # decoding keeps it so: the C step reads the compact model's values in place, and one C step
+    # serves every batch size
+    for batch in (1, 2, 3):
+        compact.generate(idx.expand(batch, -1), 2, temperature=0)
     step = decode_step(compact, 1)
     assert step is not None
     if step.native is not None:
-        assert _held_bytes(compact, step) <= 0.30 * f32, _held_bytes(compact, step) / f32
+        assert decode_step(compact, 3).native is step.native
+        assert _held_bytes(compact) <= 0.30 * f32, _held_bytes(compact) / f32
 
 
 # ---- a trained model: the demo's, at a small size -------------------------------------------

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from gpt2lab.kernels.gelu import fast_gelu
 from gpt2lab.kernels.int8 import Int8Linear
-from gpt2lab.kernels.native import MAX_ROWS, native_step
+from gpt2lab.kernels.native import MAX_ROWS, NativeStep, native_step
 from gpt2lab.model import GPT, KVCache, LMHead
 
 
@@ -167,7 +167,9 @@ class DecodeStep:
     whether the packed weights still match the model's (in-place updates bump their versions).
     """
 
-    def __init__(self, model: GPT, rows: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: GPT, rows: int, dtype: torch.dtype, native: NativeStep | None = None
+    ) -> None:
         self.rows, self.dtype = rows, dtype
         cfg = model.config
         self.n_head, self.head_size, self.vocab = cfg.n_head, cfg.head_size, cfg.vocab_size
@@ -176,7 +178,8 @@ class DecodeStep:
         self.wte, self.wpe = model.transformer.wte, model.transformer.wpe.weight
         # the same step in C, one call a token (kernels/native.py), for up to MAX_ROWS rows; the
         # packed weights below are then made only if a step needs them (more rows than it takes)
-        self.native = native_step(model, dtype) if rows <= MAX_ROWS else None
+        # (`native`: another row count's C step on the same weights, shared, not built again)
+        self.native = (native or native_step(model, dtype)) if rows <= MAX_ROWS else None
         self.versions = _versions(model)  # after native_step, which may move the weights
         self.model = weakref.ref(model)
         self.layers: list[tuple] | None = None
@@ -355,8 +358,13 @@ def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -
     steps = _STEPS.setdefault(model, {})
     step = steps.get((rows, dtype))
     if step is None or not step.current(model):
+        now = _versions(model)
+        for key in [k for k, s in steps.items() if s.versions != now]:
+            del steps[key]  # stale: built on weights the model no longer has
+        # one C step per model and dtype serves every row count: each would hold the weights
+        shared = next((s.native for (_, d), s in steps.items() if d == dtype and s.native), None)
         try:
-            step = steps[(rows, dtype)] = DecodeStep(model, rows, dtype)
+            step = steps[(rows, dtype)] = DecodeStep(model, rows, dtype, shared)
         except RuntimeError:  # oneDNN has no kernel for this CPU after all
             return None
     return step
