@@ -12,9 +12,9 @@ the two implementations (the curves must match), and the ratios:
   defaults vs float32    ours with our CPU default (bfloat16 autocast where the CPU has it)
                          / reference float32 (goal >= 2)
 
-First rows: the C kernels `gpt2lab train` uses on a CPU (GELU, causal attention) beside
-PyTorch's, forward + backward, then the BPE demo's step with the fused head and loss beside the
-model's own (`kernels.cross_entropy`). Shapes: the shakespeare-char preset (6 x 384, context 256, char
+First rows: the C kernels `gpt2lab train` uses on a CPU (GELU, causal attention) beside PyTorch's,
+forward + backward, then the BPE demo's step with the fused head and loss beside the model's own
+(`kernels.cross_entropy`). Shapes: the shakespeare-char preset (6 x 384, context 256, char
 vocabulary; with biases, as the reference always has them) and the gpt2 shape (12 x 768, 50257
 tokens) at a short context.
 
@@ -82,8 +82,10 @@ def prepare_data(root: Path, tokenizer: str) -> Path:
 
 def ours(cfg: config.Config, run_dir: Path) -> Callable[[], float]:
     """One step of gpt2lab's own training loop (Trainer.train_step); returns the loss."""
-    tr = Trainer(cfg, run_dir)  # one process on the CPU, reporting to no one
+    return trainer_step(Trainer(cfg, run_dir))  # one process on the CPU, reporting to no one
 
+
+def trainer_step(tr: Trainer) -> Callable[[], float]:
     def step() -> float:
         loss = tr.train_step().loss
         tr.state.step += 1
@@ -415,16 +417,7 @@ def loss_rows(data: Path, root: Path, steps: int, batch: int) -> None:
             if name == "readable":
                 tr.raw.__class__ = GPT  # the swap `gpt2lab train` made, undone
             runs[name] = tr
-
-        def stepper(tr: Trainer) -> Callable[[], float]:
-            def step() -> float:
-                loss = tr.train_step().loss
-                tr.state.step += 1
-                return loss
-
-            return step
-
-        out = alternate({k: stepper(tr) for k, tr in runs.items()}, steps, 1)
+        out = alternate({k: trainer_step(tr) for k, tr in runs.items()}, steps, 1)
         ms = {k: statistics.median(t) * 1e3 for k, (t, _) in out.items()}
         same = max(abs(a - b) for a, b in zip(out["fused"][1], out["readable"][1]))
         print(

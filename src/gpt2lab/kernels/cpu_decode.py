@@ -163,7 +163,7 @@ class DecodeStep:
     10). A float model's products are oneDNN's, on weights packed once for `rows` rows, with the
     bias, the GELU and the residual add fused into them; an int8 model's (`gpt2lab.quantize`)
     are fbgemm's where its `Int8Linear`s are packed (`compact=False`, or no C step), else each
-    layer's own product (`torch._int_mm`, one scale per input row). `current(model)` says
+    layer's own product (`torch._int_mm`, one scale per input row). `versions` tells
     whether the packed weights still match the model's (in-place updates bump their versions).
     """
 
@@ -220,9 +220,6 @@ class DecodeStep:
         if self.layers is None:
             self._pack(self.model())
         return self.layers
-
-    def current(self, model: GPT) -> bool:
-        return self.versions == _versions(model)
 
     def _mm(self, x: Tensor, w: tuple, gelu: bool = False) -> Tensor:
         if self.int8:  # fbgemm, or an unpacked layer's own product (torch._int_mm)
@@ -357,8 +354,8 @@ def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -
         return None
     steps = _STEPS.setdefault(model, {})
     step = steps.get((rows, dtype))
-    if step is None or not step.current(model):
-        now = _versions(model)
+    now = _versions(model)
+    if step is None or step.versions != now:
         for key in [k for k, s in steps.items() if s.versions != now]:
             del steps[key]  # stale: built on weights the model no longer has
         # one C step per model and dtype serves every row count: each would hold the weights

@@ -141,7 +141,8 @@ static inline __m128i sum4_epi32(__m512i a, __m512i b, __m512i c, __m512i d) {
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-/* row n's products with q (as q + 128), K a multiple of 64: 16 partial sums */
+/* a row's products with q (as q + 128) over its first K bytes, K a multiple of 64: 16 partial
+   sums */
 static inline __m512i row_dpbusd(const int8_t *r, const uint8_t *xu, int K) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0;
     int k = 0;
@@ -170,19 +171,13 @@ static void rows_product_int8(const int8_t *W, const int32_t *rowsum, const uint
         _mm_storeu_ps(y + (n - n0), _mm_cvtepi32_ps(sums));
     }
 #endif
-    for (; n < n1; n++) {
+    for (; n < n1; n++) { /* the rest one at a time; past the last 64-byte block, plain */
         const int8_t *r = W + (size_t)n * K;
         int32_t acc = 0;
         int k = 0;
 #ifdef __AVX512VNNI__
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0;
-        for (; k + 128 <= K; k += 128) {
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xu + k), _mm512_loadu_si512(r + k));
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(xu + k + 64), _mm512_loadu_si512(r + k + 64));
-        }
-        for (; k + 64 <= K; k += 64)
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xu + k), _mm512_loadu_si512(r + k));
-        acc = _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
+        k = K / 64 * 64;
+        acc = _mm512_reduce_add_epi32(row_dpbusd(r, xu, k));
 #endif
         for (; k < K; k++) acc += (int32_t)xu[k] * r[k];
         y[n - n0] = (float)(acc - 128 * rowsum[n]);
