@@ -30,6 +30,27 @@ def test_bad_choices_are_config_errors():
             pick_device("cuda")
 
 
+@pytest.mark.parametrize("name", ["xpu:0", "meta", "CUDA", "cuda:x", "", "cpu cuda"])
+def test_unknown_devices_are_config_errors(name):
+    with pytest.raises(ConfigError, match="unknown device"):
+        pick_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_missing_device_is_named_by_the_setting_that_asked_for_it():
+    from gpt2lab.cli import as_flag
+
+    with pytest.raises(ConfigError) as e:
+        pick_device("cuda:1", key="device")
+    assert e.value.render(as_flag).endswith("use --device cpu or install a CUDA build of torch")
+    with pytest.raises(ConfigError) as e:
+        pick_device("cuda")
+    assert "--train.device=cpu" in e.value.render(as_flag)
+    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        with pytest.raises(ConfigError, match="MPS is not available"):
+            pick_device("mps", key="device")
+
+
 def test_autocast_is_a_no_op_for_float32():
     with autocast(torch.device("cpu"), torch.float32):
         assert not torch.is_autocast_enabled("cpu")

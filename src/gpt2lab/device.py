@@ -15,8 +15,9 @@ from gpt2lab.errors import ConfigError, mark_key
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
+def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is missing is an error
+    (naming `key`, the setting that asked for it: `train.device`, or a command's `device`)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -25,17 +26,31 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(
-            f"unknown device {name!r}",
-            "auto, cpu, cuda, cuda:N or mps",
-            f"fix {mark_key('train.device')}",
-        ) from e
+            f"unknown device {name!r}", "auto, cpu, cuda, cuda:N or mps", f"fix {mark_key(key)}"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device {name!r} asked for but CUDA is not available",
             "a machine with a CUDA GPU and a CUDA build of PyTorch",
-            f"use {mark_key('train.device', 'cpu')} or install a CUDA build of torch",
+            f"use {mark_key(key, 'cpu')} or install a CUDA build of torch",
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} asked for but this machine has {torch.cuda.device_count()} GPU(s)",
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}",
+            f"fix {mark_key(key)}",
+        )
+    if device.type == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ConfigError(
+            f"device {name!r} asked for but Apple's MPS is not available here",
+            "a Mac with Apple silicon and an MPS build of PyTorch",
+            f"use {mark_key(key, 'cpu')}",
         )
     return device
 
@@ -51,8 +66,9 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 where the hardware does it fast (Ampere+ GPUs, bf16 CPUs), else float32."""
+def pick_dtype(name: str, device: torch.device, key: str = "train.dtype") -> torch.dtype:
+    """`auto`: bfloat16 where the hardware does it fast (Ampere+ GPUs, bf16 CPUs), else float32.
+    Errors name `key`, the setting that asked for `name`."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -63,13 +79,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ConfigError(
             f"unknown dtype {name!r}",
             "auto, float32, bfloat16 or float16",
-            f"fix {mark_key('train.dtype')}",
+            f"fix {mark_key(key)}",
         )
     if name == "float16" and device.type == "cpu":
         raise ConfigError(
             "float16 autocast is not supported on the CPU",
             "bfloat16 or float32",
-            f"use {mark_key('train.dtype', 'bfloat16')} (or float32)",
+            f"use {mark_key(key, 'bfloat16')} (or float32)",
         )
     return DTYPES[name]
 

@@ -235,3 +235,12 @@ def test_sampling_leaves_the_process_grad_mode_alone(char_run, capsys):
     run, _, _ = char_run
     assert sample(capsys, "--model", str(run), "-p", "a", "-m", "2")[0] == 0
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "xpu:0"])
+def test_a_bad_device_is_one_line_naming_samples_own_flag(char_run, capsys, device):
+    run = char_run[0]
+    code, _, err = sample(capsys, "--model", str(run), "--device", device, "-m", "2")
+    assert code != 0 and len(err.strip().splitlines()) == 1
+    assert "--device" in err and "--train.device" not in err

@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
             if args.task in DOWNLOADS
             else "fix the path",
         )
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    device = pick_device(cfg.device, key="device")
+    dtype = pick_dtype(cfg.dtype, device, key="dtype")
     if device.type == "cpu":  # each batch's logits and activations reused, not page-faulted anew
         keep_freed_memory()
     _check_memory(peek_config(args.model), cfg, device, dtype, loaded=False)

@@ -274,8 +274,8 @@ def check_memory(model: Any, cfg: SampleConfig, rows: int, before_loading: bool 
         return
     if mcfg is None:  # a hub name: checked once loaded
         return
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device) if cfg.dtype != "float16" else torch.float16
+    device = pick_device(cfg.device, key="device")
+    dtype = pick_dtype(cfg.dtype, device, key="dtype") if cfg.dtype != "float16" else torch.float16
     if before_loading:  # the weights first: a config.json may claim anything
         require_model(mcfg, device, dtype, source=str(model))
     require_inference(
@@ -326,14 +326,14 @@ def load_model_for(path: str, cfg: SampleConfig) -> tuple[Any, Any]:
             "a gpt2lab run or checkpoint directory, or a Hugging Face GPT-2 directory",
             "point --model at a trained run such as runs/sc",
         )
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, key="device")
     if cfg.dtype == "float16" and device.type == "cpu":
         raise UsageError(
             "--dtype float16 is not supported on the CPU",
             "bfloat16 or float32",
             "use --dtype bfloat16 (or float32)",
         )
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, key="dtype")
     if device.type == "cpu":  # each token's logits reuse freed memory instead of faulting in anew
         keep_freed_memory()
     model, tok = load_model(p, device=device, dtype=dtype)

@@ -243,9 +243,11 @@ def check_memory(
         return
     if mcfg is None:  # a hub name: checked once loaded
         return
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, key="device")
     if before_loading:
-        dtype = pick_dtype(cfg.dtype, device) if cfg.dtype != "float16" else torch.float16
+        dtype = (
+            pick_dtype(cfg.dtype, device, key="dtype") if cfg.dtype != "float16" else torch.float16
+        )
         require_model(mcfg, device, dtype, source=str(model))
     else:
         dtype = model_dtype(model)
