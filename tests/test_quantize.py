@@ -70,6 +70,29 @@ def test_unknown_method_is_a_one_line_error(tiny_cfg):
         quantize(GPT(tiny_cfg), "int4")
 
 
+def test_a_quantized_model_is_not_quantized_again_or_saved_as_float(tiny_cfg, tmp_path):
+    from gpt2lab.checkpoint.gguf import save_gguf
+    from gpt2lab.checkpoint.hf import save_hf
+    from gpt2lab.checkpoint.onnx import save_onnx
+    from gpt2lab.checkpoint.weights import save_model_safetensors
+    from gpt2lab.errors import CheckpointError
+    from gpt2lab.tokenizer import get_tokenizer
+
+    q = quantize(GPT(tiny_cfg), "int8")
+    with pytest.raises(ConfigError, match="already has int8 weights"):
+        quantize(q, "int8")
+    writers = [
+        lambda: save_model_safetensors(q, tmp_path / "m.safetensors"),
+        lambda: save_hf(q, tmp_path / "hf"),
+        lambda: save_onnx(q, tmp_path / "m.onnx"),
+        lambda: save_gguf(q, tmp_path / "m.gguf", get_tokenizer("char", text="abc")),
+    ]
+    for write in writers:
+        with pytest.raises(CheckpointError, match="int8 weights .* save or export the model you"):
+            write()
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
 def test_int8_model_equals_transformers_on_the_dequantized_weights(tiny_cfg, tmp_path):
     """The int8 model computes what an independent implementation computes on its dequantized
     weights, up to the 8-bit rounding of the activations."""

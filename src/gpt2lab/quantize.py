@@ -64,6 +64,12 @@ def quantize(model: GPT, method: str = "int8", compact: bool = True) -> GPT:
             "a gpt2lab GPT",
             "load the model with gpt2lab.load_model (or GPT.from_pretrained) first",
         )
+    if getattr(model, "quantization", None):
+        raise ConfigError(
+            f"quantize() got a model that already has {model.quantization} weights",
+            "a float model",
+            "quantize the float model once and keep the result",
+        )
     head_weight, wte = model.lm_head.weight, model.transformer.wte.weight
     # copy everything but the matrices, which are replaced below (no float copy of them is made)
     memo = {id(lin.weight): None for lin in _matrices(model)}

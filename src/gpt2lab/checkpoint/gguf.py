@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from gpt2lab.checkpoint.hf import CONV1D, to_hf_state
+from gpt2lab.checkpoint.weights import require_float_weights
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import CheckpointError
 from gpt2lab.io import atomic_path
@@ -134,6 +135,7 @@ def save_gguf(
     """
     import gguf
 
+    require_float_weights(model, "GGUF export")
     if outtype not in OUTTYPES:
         raise CheckpointError(
             f"unknown GGUF type {outtype!r}", f"one of {', '.join(OUTTYPES)}", "pass --outtype f16"

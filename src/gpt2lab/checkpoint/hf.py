@@ -21,6 +21,7 @@ from gpt2lab.checkpoint.weights import (
     check_config_fits,
     load_pickle_safely,
     read_tensors,
+    require_float_weights,
     save_tensors,
 )
 from gpt2lab.config import GPTConfig
@@ -180,6 +181,7 @@ def from_hf_state(tensors: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tenso
 
 def to_hf_state(model: torch.nn.Module) -> dict[str, Tensor]:
     """Our weights under HF keys: Conv1D transposed, padding rows cut, zero biases if bias=False."""
+    require_float_weights(model, "writing Hugging Face weights")
     cfg: GPTConfig = model.config  # type: ignore[assignment]
     out = {}
     for key, t in model.state_dict().items():

@@ -14,6 +14,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from gpt2lab.checkpoint.weights import require_float_weights
 from gpt2lab.errors import CheckpointError
 from gpt2lab.io import atomic_path
 
@@ -55,6 +56,7 @@ class _LogitsWithPast(_Logits):
 def save_onnx(model: nn.Module, path: str | os.PathLike, past: bool = False) -> None:
     """Write `model` (float32, CPU) as an ONNX graph, atomically; `past=True` adds the key/value
     inputs and outputs for incremental decoding (start with past length 0)."""
+    require_float_weights(model, "ONNX export")
     size = model.num_params() * 4
     if size >= ONNX_LIMIT:
         raise CheckpointError(

@@ -26,10 +26,22 @@ from gpt2lab.io import atomic_path
 TIED = "lm_head.weight"  # the head shares transformer.wte.weight; files store it once
 
 
+def require_float_weights(model: nn.Module, writer: str) -> None:
+    """Writers store float matrices: a model from `gpt2lab.quantize` is refused in one line."""
+    method = getattr(model, "quantization", None)
+    if method:
+        raise CheckpointError(
+            f"{writer} got a model with {method} weights (from gpt2lab.quantize)",
+            "a float model",
+            "save or export the model you quantized: quantize() leaves it as it was",
+        )
+
+
 def save_model_safetensors(
     model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
     """Write the model's weights (our key names, without the tied `lm_head.weight`) atomically."""
+    require_float_weights(model, "saving weights")
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != TIED}
     meta = dict(metadata or {})
     config = getattr(model, "config", None)
