@@ -15,11 +15,15 @@ from gpt2lab.errors import ConfigError, mark_key
 from gpt2lab.io import atomic_write_text
 
 # Dense bf16/fp16 tensor-core peaks from the vendors' datasheets, FLOP/s.
-_GPU_PEAKS = {
+_GPU_PEAKS = {  # dense bfloat16; the first key found in the device's name wins
+    "B200": 2250e12,
     "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "A10": 125e12,
     "L4": 121e12,
     "4090": 165e12,
