@@ -82,6 +82,12 @@ def test_quantize_int8_scores_the_int8_model(tmp_path, hf_dir, loaded, capsys):
     assert int8["perplexity"] == pytest.approx(want["perplexity"], rel=1e-6)
     assert int8["perplexity"] != plain["perplexity"]
     assert int8["perplexity"] == pytest.approx(plain["perplexity"], rel=0.02)
+    # the int8 model computes in float32 whatever --dtype asks, and the JSON says so
+    code, out, err = _eval(capsys, *args, "--context", "24", "--stride", "8", "--quantize", "int8",
+                           "--dtype", "bfloat16")  # fmt: skip
+    asked_bf16 = json.loads(out.strip().splitlines()[-1])
+    assert asked_bf16["dtype"] == "float32" and plain["dtype"] == "float32"
+    assert asked_bf16["perplexity"] == int8["perplexity"]
     code, _, err = _eval(capsys, *args, "--quantize", "int4")
     assert code == 2 and "int4" in err
 

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from gpt2lab import config
 from gpt2lab.budget import require_inference
 from gpt2lab.checkpoint.load import load_model, peek_config
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         _check_memory(model.config, cfg, device, dtype, loaded=True)
     if args.quantize:
         model = quantize(model, args.quantize)
+        dtype = torch.float32  # the int8 model's products and float parts compute in float32
     n_layer, n_embd, block_size = _shape(model)
     context = cfg.context or block_size
     if context > block_size:
@@ -111,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         published = {label: theirs for label, _, theirs in paper.compare(args.task, metrics, size)}
         row = {"task": args.task, "model": args.model, **metrics, "seconds": round(seconds, 3)}
-        row |= {"context": settings.context, "stride": settings.stride, "dtype": cfg.dtype}
+        row |= {
+            "context": settings.context,
+            "stride": settings.stride,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
         row |= {"quantize": args.quantize}
         print(json.dumps({**row, "paper_size": size, "paper": published}))
     return 0
