@@ -45,6 +45,33 @@ def test_scales_round_trip_exactly():
     assert torch.equal(values[7], torch.zeros(96, dtype=torch.int8))
 
 
+@pytest.mark.parametrize("amax", [1e-45, 1e-43, 1e-40, 1.2e-38, 1e38, torch.finfo().max])
+def test_scales_round_trip_at_float32s_extremes(amax):
+    """Subnormal rows and rows near float32's largest value: scales still round-trip, nothing
+    dequantizes to infinity, and the error stays within half a step (a step of 0 for rows whose
+    step underflows: they become zeros)."""
+    w = torch.tensor([[amax, -amax, amax / 3, 0.0]])
+    values, scale = quantize_rows(w)
+    back = dequantize_rows(values, scale)
+    assert bool(back.isfinite().all())
+    again = quantize_rows(back)
+    assert torch.equal(again[0], values) and torch.equal(again[1], scale)
+    step = float(scale) if amax / 127 > 0 else amax
+    assert bool(((back - w).abs() <= step / 2 * 1.0001 + 1e-45).all()), (back, w)
+
+
+def test_weights_with_nan_or_inf_are_refused(tiny_cfg):
+    """A NaN has no row scale: quantizing would make values up and hide a broken model."""
+    from gpt2lab.errors import CheckpointError
+
+    for bad in (float("nan"), float("inf")):
+        model = GPT(tiny_cfg)
+        with torch.no_grad():
+            model.transformer.h[1].mlp.c_fc.weight[3, 5] = bad
+        with pytest.raises(CheckpointError, match=r"transformer\.h\.1\.mlp\.c_fc\.weight .*NaN"):
+            quantize(model, "int8")
+
+
 def test_every_matrix_is_int8_and_the_rest_stays_float(tiny_cfg):
     model = GPT(tiny_cfg).eval()
     q = gpt2lab.quantize(model, "int8")

@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import CheckpointError, ConfigError
 from gpt2lab.kernels.int8 import (  # noqa: F401 - part of this module's API
     Int8Embedding,
     Int8Linear,
@@ -70,6 +70,7 @@ def quantize(model: GPT, method: str = "int8", compact: bool = True) -> GPT:
             "a float model",
             "quantize the float model once and keep the result",
         )
+    _require_finite(model)
     head_weight, wte = model.lm_head.weight, model.transformer.wte.weight
     # copy everything but the matrices, which are replaced below (no float copy of them is made)
     memo = {id(lin.weight): None for lin in _matrices(model)}
@@ -89,6 +90,18 @@ def quantize(model: GPT, method: str = "int8", compact: bool = True) -> GPT:
     q.float().eval().requires_grad_(False)
     q.quantization = method
     return q
+
+
+def _require_finite(model: GPT) -> None:
+    """A NaN or infinity would make a row's scale meaningless and its values made up, hiding a
+    broken model that computes NaN in float: refuse instead."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(
+                f"quantize(): {name} holds NaN or infinite values",
+                "a model with finite weights",
+                "load an earlier checkpoint (training diverged, or the file is damaged)",
+            )
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -39,15 +39,18 @@ def dequantize_rows(values: Tensor, scale: Tensor) -> Tensor:
 
 def scale_of(amax: Tensor) -> Tensor:
     """float32 scales ~ amax / 127 that survive a round trip: 127 * scale, divided by 127 again,
-    is scale itself. All-zero rows get scale 1 (their values are 0)."""
-    amax = amax.float()
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+    is scale itself. All-zero rows get scale 1 (their values are 0), as do rows so tiny that
+    amax / 127 is 0 in float32 (below 1.8e-43: zeros too)."""
+    scale = amax.float() / QMAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     for _ in range(8):  # each step moves the rows that do not round-trip by one float32 ulp
-        bad = (scale * QMAX) / QMAX != scale
+        top = scale * QMAX
+        bad = top / QMAX != scale
         if not bool(bad.any()):
             break
-        up = torch.nextafter(scale, torch.full_like(scale, float("inf")))
-        scale = torch.where(bad, up, scale)
+        # up, except where 127 * scale overflows (rows near float32's largest value): down
+        toward = torch.where(top.isinf(), 0.0, float("inf"))
+        scale = torch.where(bad, torch.nextafter(scale, toward), scale)
     return scale
 
 
