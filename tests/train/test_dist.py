@@ -139,3 +139,6 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_accumulation(
     # both evaluate the whole validation split, ranks sharing it: the same loss
     assert rows[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], abs=1e-5)
     assert rows[-1]["tokens"] == ref[-1]["tokens"]
+    for got, want in zip(rows, ref):  # the logged loss and gradient norm: the whole model's
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)

@@ -284,3 +284,27 @@ def test_added_special_tokens_size_the_model(tmp_path, tiny_shakespeare):
     assert state["config"]["model"]["vocab_size"] == 50260  # GPT-2's 50257 + the 3 added
     saved = get_tokenizer(tmp_path / "run" / "tokenizer")
     assert saved.special_tokens["<|unk|>"] == 50259
+
+
+@pytest.mark.parametrize("limit", [1.0, 0.5, 1e-3, 0.0])
+def test_clipping_is_skipped_exactly_where_clip_grad_norm_would_multiply_by_one(limit):
+    """train_step scales gradients only where `clips` says so; torch's clip_grad_norm_ must then
+    leave every other case unchanged, bit for bit."""
+    import torch
+
+    from gpt2lab.train.loop import clips
+
+    torch.manual_seed(0)
+    base = torch.randn(1000)
+    ref = limit or 1.0
+    scales = [0.5, 1 - 1e-5, 1 - 1e-6, 1 - 1e-7, 1.0, 1 + 1e-7, 1 + 1e-6, 2.0]
+    for target in [ref * s for s in scales] + [math.nan]:
+        p = torch.zeros(1000, requires_grad=True)
+        p.grad = base / base.norm() * target if not math.isnan(target) else base * math.nan
+        before = p.grad.clone()
+        norm = torch.nn.utils.clip_grad_norm_([p], limit if limit > 0 else math.inf)
+        changed = not torch.allclose(p.grad, before, rtol=0, atol=0, equal_nan=True)
+        if not clips(float(norm), limit):
+            assert not changed, (limit, target)  # skipping it loses nothing
+        if limit > 0 and float(norm) > limit * (1 + 1e-5):
+            assert clips(float(norm), limit)

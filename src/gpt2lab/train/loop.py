@@ -160,6 +160,13 @@ def _claim(
     return build.claim_for_ranks(run_dir, inputs or [], world, device)
 
 
+def clips(norm: float, limit: float) -> bool:
+    """Whether clip_grad_norm_(limit) scales gradients of this norm: unless clipping is off, or
+    its factor limit / (norm + 1e-6) is over 1 with a margin for float32 rounding (NaN clips,
+    as it does there)."""
+    return limit > 0 and not norm + 1e-6 < limit * (1 - 1e-6)
+
+
 class Trainer:
     """One run: model, optimizer, data and state; `train()` drives it, benchmarks time steps."""
 
@@ -403,10 +410,10 @@ class Trainer:
                 sums[key] = sums[key] + value if key in sums else value
         self.scaler.unscale_(self.opt)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(
-            params, tc.grad_clip if tc.grad_clip > 0 else math.inf
-        )
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # clip_grad_norm_ in two halves: the norm now, the scaling after the sync below, and only
+        # where it changes something (clip_grad_norm_ multiplies by 1 otherwise: a pass for naught)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = total.full_tensor() if hasattr(total, "full_tensor") else total
         # one sync per step, so every rank takes the same decisions: the loss (NaN guard, log),
         # the stop request and the clock (the wall-time LR and budget)
         asked = self.options.should_stop is not None and self.options.should_stop()
@@ -416,7 +423,9 @@ class Trainer:
             + [v.view(1) for v in sums.values()]
         )
         loss_v, norm_v, stop_v, clock, tokens_v, *metric_v = all_reduce_sum(flags, world).tolist()
-        loss_v, clock = loss_v / world.world_size, clock / world.world_size
+        # every rank holds the same whole-model norm (DDP's reduced gradients, FSDP's full_tensor)
+        loss_v, norm_v = loss_v / world.world_size, norm_v / world.world_size
+        clock = clock / world.world_size
         self.state.tokens += int(tokens_v)
         per = world.world_size * tc.grad_accum_steps
         self.step_metrics = {k: v / per for k, v in zip(sums, metric_v)}
@@ -425,6 +434,8 @@ class Trainer:
         time_frac = budget_fraction(self.state.step, tc, clock, self.state.warmup_end_s)
         lr = lr_at(self.state.step, tc, time_frac)
         result = StepResult(loss_v, norm_v, lr, stop_v > 0, 0 < tc.max_minutes * 60 <= clock)
+        if clips(norm_v, tc.grad_clip):
+            torch.nn.utils.clip_grads_with_norm_(params, tc.grad_clip, total)
         # a float16 scaler expects overflowing gradients now and then and skips them itself
         if math.isfinite(loss_v) and (self.scaler.is_enabled() or math.isfinite(norm_v)):
             for group in self.opt.param_groups:
