@@ -56,6 +56,25 @@ def test_flags_beat_overrides_and_a_file_gives_only_the_sections_asked_for(tmp_p
     assert cfg.sample.seed is None and cfg.train.lr == config.TrainConfig().lr
 
 
+@pytest.mark.parametrize(
+    "flags, option",
+    [
+        ({"sample.temperature": float("nan")}, "--temperature"),
+        ({"sample.seed": 10**30}, "--seed"),  # an `int | None` field
+        ({"eval.limit": 0}, "--limit"),  # a range check of the section
+        ({"eval.batch_size": 10**30}, "--batch-size"),
+    ],
+)
+def test_errors_from_a_commands_own_options_name_those_options(flags, option):
+    """`gpt2lab sample --seed 1e30` is told to fix --seed, not --sample.seed (which sample does
+    not take) nor a bare key."""
+    with pytest.raises(ConfigError) as e:
+        config.resolve(flags=flags)
+    message = e.value.render(cli.as_flag)
+    assert message.endswith(option) or f"{option} " in message, message
+    assert "`" not in message and "--sample." not in message and "--eval." not in message
+
+
 def test_flatten_and_unflatten_are_inverses():
     tree = config.to_dict(config.Config())
     flat = config.flatten(tree)

@@ -647,7 +647,13 @@ def resolve(
         cfg = merge(cfg, tables, source=str(config_file))
     cfg = apply_overrides(cfg, overrides)
     given = {k: v for k, v in (flags or {}).items() if v is not None}
-    return merge(cfg, unflatten(given), source="the command line") if given else cfg
+    if not given:
+        return cfg
+    try:
+        return merge(cfg, unflatten(given), source="the command line")
+    except ConfigError as e:  # name the option the user typed (--top-p), not its key
+        e.rename_keys({k: k.rsplit(".", 1)[-1] for k in given})
+        raise
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -825,8 +831,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             try:
                 return _coerce(value, arg, key, source)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}={value!r} in {source} is invalid")
+                errors.append(e)
+        if errors:
+            raise errors[0] from None  # the first type's error, its keys still marked
+        raise ConfigError(f"{key}={value!r} in {source} is invalid")
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:

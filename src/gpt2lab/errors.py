@@ -9,7 +9,7 @@ writes it (`train.device`, `val_docs=5`), and `error.render(flag)` lets cli.py s
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 _KEY = re.compile("\x1f([^\x1f\x1e]*)(?:\x1e([^\x1f]*))?\x1f")  # mark_key's marks
 
@@ -41,6 +41,17 @@ class GPT2LabError(Exception):
     def render(self, flag: Callable[[str, str | None], str]) -> str:
         """The message with every marked key written as `flag(name, value)` (value may be None)."""
         return _KEY.sub(lambda m: flag(m.group(1), m.group(2)), self.marked)
+
+    def rename_keys(self, names: Mapping[str, str]) -> None:
+        """Mark `names[key]` where the message marks `key` (a setting a command sets through an
+        option of its own: `sample.top_p` given as --top-p is marked `top_p`)."""
+
+        def rename(m: re.Match) -> str:
+            name = names.get(m.group(1), m.group(1))
+            return mark_key(name) if m.group(2) is None else mark_key(name, m.group(2))
+
+        self.marked = _KEY.sub(rename, self.marked)
+        self.args = (self.render(_as_key),)
 
 
 class ConfigError(GPT2LabError):
