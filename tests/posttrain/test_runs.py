@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainutil import torchrun
 
 from conftest import RUN_FLAGS
 from gpt2lab import GPT, cli
@@ -218,3 +219,28 @@ def test_dpo_caches_the_reference_and_reports_its_metrics(
     assert cli.main(argv) == 0
     assert rows(out2)[0]["loss"] == pytest.approx(r[0]["loss"], abs=1e-5)
     assert not (out2 / "reference").exists()
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_two_gloo_ranks_equal_one_process_with_twice_the_accumulation(
+    tmp_path, base_run, chat_file, pairs_file, command
+):
+    """torchrun --nproc_per_node 2 against one process accumulating 2 micro-batches: the same
+    weights, and the same logged loss, gradient norm and held-out scores (the whole split)."""
+    data = chat_file if command == "sft" else pairs_file
+    flags = ["--train.max_steps=2", "--train.eval_steps=0", "--train.eval_interval=2"]
+    base = [command, "--init-from", str(base_run), "--data", str(data), *RUN_FLAGS, *flags]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main([*base, "--out", str(one), "--train.grad_accum_steps=2"]) == 0
+    cmd = torchrun(2, *base, "--out", str(two), "--train.grad_accum_steps=1")
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(native.find_latest(one) / "model.safetensors")
+    b = load_file(native.find_latest(two) / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    ra, rb = rows(one), rows(two)
+    assert [x["step"] for x in rb] == [1, 2]  # rank 0 alone logs
+    for x, y in zip(ra, rb):
+        for key in ("loss", "grad_norm", *(k for k in x if k.startswith("val_"))):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
