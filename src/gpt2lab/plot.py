@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gpt2lab.errors import DataError
 from gpt2lab.io import atomic_open
-from gpt2lab.train.metrics import read_metrics
+from gpt2lab.train.metrics import number, read_metrics
 
 
 def default_plot_path(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
@@ -45,22 +45,22 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path
         rows = read_metrics(run)
         color = f"C{i % 10}"
         label = run.name if len(runs) > 1 else ""
-        train = [r for r in rows if isinstance(r.get("loss"), float | int)]
-        val = [r for r in rows if r.get("val_loss") is not None]
         for col, xkey in enumerate(("step", "tokens")):
+            train = _series(rows, xkey, "loss")
+            val = _series(rows, xkey, "val_loss")
             for row_i, f in enumerate((lambda v: v, lambda v: math.exp(min(v, 50.0)))):
                 ax = axes[row_i][col]
                 ax.plot(
-                    [r.get(xkey, 0) for r in train],
-                    [f(r["loss"]) for r in train],
+                    [x for x, _ in train],
+                    [f(y) for _, y in train],
                     color=color,
                     alpha=0.45,
                     lw=1,
                     label=f"{label} train".strip(),
                 )
                 ax.plot(
-                    [r.get(xkey, 0) for r in val],
-                    [f(r["val_loss"]) for r in val],
+                    [x for x, _ in val],
+                    [f(y) for _, y in val],
                     color=color,
                     lw=2,
                     marker="o",
@@ -84,6 +84,12 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path
     return path
 
 
+def _series(rows: list[dict], xkey: str, ykey: str) -> list[tuple[float, float]]:
+    """(x, y) of the rows where both are numbers: a hand-edited or damaged row is left out."""
+    pairs = [(number(r, xkey), number(r, ykey)) for r in rows]
+    return [(x, y) for x, y in pairs if x is not None and y is not None]
+
+
 def is_rl_run(rows: list[dict]) -> bool:
     """Rows of `gpt2lab rlhf` (reward and KL per step) rather than of a training loss."""
     return bool(rows) and all("reward" in r and "kl" in r for r in rows)
@@ -96,8 +102,9 @@ def _plot_rl(plt, runs: list[Path], out: str | Path | None) -> Path:
     for i, run in enumerate(runs):
         rows = read_metrics(run)
         color, label = f"C{i % 10}", run.name
-        steps = [r["step"] for r in rows]
-        reward, kl = [r["reward"] for r in rows], [r["kl"] for r in rows]
+        by_step = dict(_series(rows, "step", "reward"))
+        points = [(s, by_step[s], k) for s, k in _series(rows, "step", "kl") if s in by_step]
+        steps, reward, kl = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
         ax_r.plot(steps, reward, color=color, lw=1.2, label=label)
         ax_k.plot(steps, kl, color=color, lw=1.2, label=label)
         ax_rk.scatter(kl, reward, c=steps, cmap="viridis", s=12, label=label)
@@ -110,7 +117,7 @@ def _plot_rl(plt, runs: list[Path], out: str | Path | None) -> Path:
     ax_r.legend(fontsize=8)
     fig.suptitle(", ".join(r.name for r in runs))
     fig.tight_layout()
-    path = Path(out) if out else (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    path = default_plot_path(runs, out)
     with atomic_open(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)

@@ -172,6 +172,8 @@ def test_resume_continues_with_a_larger_max_steps(tmp_path, char_data, capsys):
     run = tmp_path / "run"
     base = cli_args(char_data, run, "--no-plot", "--train.max_steps=3")
     assert cli.main(base) == 0
+    with open(run / "metrics.jsonl", "ab") as f:  # a damaged tail: bad bytes, an absurd step
+        f.write(b'\xff\xfe{"step": 4\n{"step": 1e400}\n[3]\n')
     assert cli.main(["train", "--out", str(run), "--resume", "--train.max_steps=5"]) == 0
     assert native.load_state(native.find_latest(run))["step"] == 5
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]

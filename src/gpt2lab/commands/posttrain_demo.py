@@ -14,7 +14,6 @@ Writes OUT/base, OUT/sft, OUT/dpo (run directories), OUT/posttrain_demo.json and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -53,6 +52,7 @@ from gpt2lab.posttrain.shakespeare import (
     user_turns,
 )
 from gpt2lab.train.events import broadcast
+from gpt2lab.train.metrics import read_metrics
 
 ACCEPTS_OVERRIDES = False
 EXAMPLES = """
@@ -335,7 +335,7 @@ def _plot(r: dict[str, Any], dpo_run: Path, path: Path) -> Path:
     ax[1].set_ylim(0, 1.15)
     ax[1].legend(loc="upper left", ncols=2)
     ax[1].set_title("sampled replies to held-out prompts")
-    rows = [json.loads(ln) for ln in (dpo_run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(dpo_run)
     steps = [row["step"] for row in rows]
     ax[2].plot(steps, [row.get("reward_accuracy") for row in rows], label="reward accuracy")
     ax[2].plot(steps, [row.get("kl") for row in rows], label="log-ratio on the pairs (nats/reply)")

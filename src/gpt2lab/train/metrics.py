@@ -76,7 +76,7 @@ class MetricsLog:
             # rows logged after the checkpoint we resume from would be logged twice: drop them
             keep = [
                 ln
-                for ln in self.path.read_text(encoding="utf-8").splitlines()
+                for ln in self.path.read_text(encoding="utf-8", errors="replace").splitlines()
                 if ln.strip() and _step(ln) <= resume_step
             ]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
@@ -132,16 +132,28 @@ class MetricsLog:
 def _step(line: str) -> int:
     try:
         return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 1 << 62  # an unreadable row (torn by a crash) is dropped too
+    except (ValueError, KeyError, TypeError, OverflowError):
+        return 1 << 62  # an unreadable row (torn by a crash, damaged) is dropped too
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of RUN_DIR/metrics.jsonl (a torn last line from a crash is skipped)."""
+    """The rows of RUN_DIR/metrics.jsonl: its JSON objects. Other lines (a torn last line from a
+    crash, damaged bytes, values that are not objects) are skipped."""
     rows = []
-    for ln in (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+    text = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
+    for ln in text.splitlines():
         try:
-            rows.append(json.loads(ln))
+            row = json.loads(ln)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def number(row: dict[str, Any], key: str) -> float | None:
+    """row[key] where it is a number (not a bool); None for anything else or nothing."""
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
