@@ -102,7 +102,9 @@ def check_data(data_dir: str) -> tuple[dict[str, Any], Any]:
             raise DataError(
                 f"data directory {data_dir} has no {split} shards",
                 f"{split}_000000.bin ... written by `gpt2lab prepare`",
-                "prepare the data again (with a validation split)",
+                "prepare the data again with --val-tail 0.1 (a tenth held out)"
+                if split == "val"
+                else "prepare the data again from more text, or with a smaller --val-tail",
             )
     return meta, load_data_tokenizer(data_dir)
 
