@@ -43,6 +43,8 @@ def test_dry_run_writes_the_report_and_the_table(tmp_path):
     ddp = report["ddp"]
     assert ddp["ranks"] == 2 and ddp["steps"] == 4 and ddp["same_weights"] is True
     assert ddp["max_weight_difference_vs_one_process"] < 1e-5
+    assert ddp["max_relative_difference_vs_one_process"] < 1e-5
+    assert ddp["max_loss_difference_vs_one_process"] < 1e-5
     fsdp = report["fsdp_medium"]
     assert fsdp["ranks"] == 2 and fsdp["steps"] == 4 and fsdp["tokens_per_s"] > 0
     for b in ("batch_1", "batch_8"):
