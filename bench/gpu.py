@@ -175,9 +175,9 @@ def check_ddp(s: dict, data: Path, work: Path, env: dict) -> dict:
 
 # DDP against one process, per tensor, |a - b| / |a| (L2). Summation order, and on a GPU the
 # nondeterministic backward of flash attention, should move a tensor far less (0 on the CPU dry
-# run; not yet measured on a GPU); a
-# rank whose gradients were not averaged moves it by the size of its updates: 0.34 after 4 steps
-# of the dry run's shapes (one process on half the batch against one on all of it)
+# run; not yet measured on a GPU); a rank whose gradients were not averaged moves it by the size
+# of its updates: 0.34 after 4 steps of the dry run's shapes (one process on half the batch
+# against one on all of it)
 SAME_WEIGHTS_RTOL = 1e-2
 
 
