@@ -244,3 +244,22 @@ def test_two_gloo_ranks_equal_one_process_with_twice_the_accumulation(
     for x, y in zip(ra, rb):
         for key in ("loss", "grad_norm", *(k for k in x if k.startswith("val_"))):
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
+
+
+def test_sft_weighs_every_learned_token_of_a_step_alike(tmp_path, base_run, chat_file):
+    """A step's loss is the mean over all its learned tokens, however they are split into
+    micro-batches (as transformers' Trainer does since its October 2024 fix): 2 micro-batches
+    of 4 train as 1 of 8. A mean of the micro-batches' means weighs a short reply's tokens more."""
+    flags = ["--train.max_steps=3", "--train.eval_steps=1", "--train.eval_interval=100"]
+    runs = {}
+    for name, micro, accum in (("split", 4, 2), ("whole", 8, 1)):
+        runs[name] = tmp_path / name
+        argv = sft_argv(base_run, chat_file, runs[name], *flags)
+        argv += [f"--train.micro_batch_size={micro}", f"--train.grad_accum_steps={accum}"]
+        assert cli.main(argv) == 0
+    a = load_file(native.find_latest(runs["split"]) / "model.safetensors")
+    b = load_file(native.find_latest(runs["whole"]) / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    for x, y in zip(rows(runs["split"]), rows(runs["whole"])):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)

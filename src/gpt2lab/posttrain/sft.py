@@ -214,6 +214,10 @@ class SFTObjective:
     def count_tokens(self, batch: dict[str, Any]) -> int:
         return int(batch["tokens"])
 
+    def weight(self, batch: dict[str, Any]) -> Tensor:
+        """The learned targets the batch's loss is a mean over (the Trainer weighs by them)."""
+        return (batch["y"] != -1).sum()
+
     def evaluate(self, model: nn.Module, max_batches: int) -> dict[str, float]:
         val = completion_loss(
             model, self.val, self.B, max_batches, self.world, self.device, self.dtype

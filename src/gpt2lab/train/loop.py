@@ -396,12 +396,12 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}  # the objective's metrics, summed over micro-batches
         tokens = 0
-        for micro in range(tc.grad_accum_steps):
-            batch = self.loader.next_batch()
+        batches = [self.loader.next_batch() for _ in range(tc.grad_accum_steps)]
+        for micro, (batch, share) in enumerate(zip(batches, self.loss_shares(batches))):
             with self.gradient_sync(last=micro == tc.grad_accum_steps - 1):
                 with autocast(self.device, self.dtype):
                     loss, metrics = self.objective.loss(self.model, batch)
-                loss = loss / tc.grad_accum_steps
+                loss = loss * share
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
             tokens += self.objective.count_tokens(batch)
@@ -446,6 +446,24 @@ class Trainer:
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         return result
+
+    def loss_shares(self, batches: list[Any]) -> list[torch.Tensor] | list[float]:
+        """Each micro-batch's share of the step's loss: 1/A, or, for an objective whose loss is a
+        mean over a count that varies between batches (`weight(batch)`: SFT's learned tokens),
+        that count over the whole step's, all ranks' (DDP then averages over the ranks). So the
+        step's loss is the mean over all its tokens however they are split, as one batch would
+        give, and as transformers' Trainer has had since its October 2024 fix
+        (`num_items_in_batch`). On the device: no sync."""
+        weigh = getattr(self.objective, "weight", None)
+        A = len(batches)
+        if weigh is None:
+            return [1.0 / A] * A
+        counts = torch.stack([torch.as_tensor(weigh(b), device=self.device) for b in batches])
+        counts = counts.double()
+        total = all_reduce_sum(counts.sum().reshape(1), self.world)[0]
+        # a step with nothing to learn keeps 1/A: its loss is NaN, which the guard skips
+        shares = torch.where(total > 0, counts * self.world.world_size / total, 1.0 / A)
+        return list(shares.float().unbind())
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Under torchrun, gradients are reduced on the last micro-batch of a step only."""

@@ -18,7 +18,9 @@ rest, in four parts, so that post-training (SFT, DPO, reward models, PPO) runs o
   position and the same data reaches 1 rank x 2 micro-steps as 2 ranks x 1.
 - `objective(cfg, world, device, dtype) -> Objective`: `loss(model, batch) -> (loss, metrics)`
   is called under autocast for each micro-batch (the Trainer scales the loss by 1/A and calls
-  backward); `metrics` are scalar tensors averaged over micro-batches and ranks into the
+  backward; an objective with `weight(batch)`, the count its loss is a mean over, has each
+  micro-batch's loss scaled by its count over the step's, all ranks', instead: SFT's learned
+  tokens); `metrics` are scalar tensors averaged over micro-batches and ranks into the
   metrics.jsonl row (same keys every call). `count_tokens(batch)` is summed into `tokens` and
   tokens/s. `evaluate(model, max_batches) -> dict` runs on every rank at each evaluation (FSDP
   needs them all) and must hold "val_loss" (best checkpoint, `on_eval`, epochs); its other keys
