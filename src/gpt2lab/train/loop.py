@@ -459,11 +459,11 @@ class Trainer:
         if weigh is None:
             return [1.0 / A] * A
         counts = torch.stack([torch.as_tensor(weigh(b), device=self.device) for b in batches])
-        counts = counts.double()
+        counts = counts.float()  # (float64 is not on every device, MPS's for one)
         total = all_reduce_sum(counts.sum().reshape(1), self.world)[0]
         # a step with nothing to learn keeps 1/A: its loss is NaN, which the guard skips
         shares = torch.where(total > 0, counts * self.world.world_size / total, 1.0 / A)
-        return list(shares.float().unbind())
+        return list(shares.unbind())
 
     def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """Under torchrun, gradients are reduced on the last micro-batch of a step only."""
