@@ -310,3 +310,21 @@ def test_clipping_is_skipped_exactly_where_clip_grad_norm_would_multiply_by_one(
             assert not changed, (limit, target)  # skipping it loses nothing
         if limit > 0 and float(norm) > limit * (1 + 1e-5):
             assert clips(float(norm), limit)
+
+
+def test_clipping_in_one_go_where_torch_has_no_get_total_norm(tmp_path, char_data, monkeypatch):
+    """torch < 2.6 has no get_total_norm: the step clips with clip_grad_norm_ whole, and trains
+    exactly as the split path does (the clip active on some steps: limit 0.5)."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(char_data, "train.max_steps=4", "train.grad_clip=0.5")
+    train(cfg, tmp_path / "split")
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    train(cfg, tmp_path / "whole")
+    runs = [tmp_path / "split", tmp_path / "whole"]
+    a, b = (load_file(native.find_latest(r) / "model.safetensors") for r in runs)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    rows = [json.loads(ln) for ln in (runs[1] / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["grad_norm"] > 0.5 for r in rows)  # the clip did act

@@ -412,7 +412,13 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         # clip_grad_norm_ in two halves: the norm now, the scaling after the sync below, and only
         # where it changes something (clip_grad_norm_ multiplies by 1 otherwise: a pass for naught)
-        total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        split = hasattr(torch.nn.utils, "get_total_norm")  # (torch >= 2.6; before: in one go)
+        if split:
+            total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        else:
+            total = torch.nn.utils.clip_grad_norm_(
+                params, tc.grad_clip if tc.grad_clip > 0 else math.inf
+            )
         norm = total.full_tensor() if hasattr(total, "full_tensor") else total
         # one sync per step, so every rank takes the same decisions: the loss (NaN guard, log),
         # the stop request and the clock (the wall-time LR and budget)
@@ -434,7 +440,7 @@ class Trainer:
         time_frac = budget_fraction(self.state.step, tc, clock, self.state.warmup_end_s)
         lr = lr_at(self.state.step, tc, time_frac)
         result = StepResult(loss_v, norm_v, lr, stop_v > 0, 0 < tc.max_minutes * 60 <= clock)
-        if clips(norm_v, tc.grad_clip):
+        if split and clips(norm_v, tc.grad_clip):
             torch.nn.utils.clip_grads_with_norm_(params, tc.grad_clip, total)
         # a float16 scaler expects overflowing gradients now and then and skips them itself
         if math.isfinite(loss_v) and (self.scaler.is_enabled() or math.isfinite(norm_v)):
