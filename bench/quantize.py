@@ -270,10 +270,10 @@ def layouts(repeats: int) -> None:
             spread = f"{min(times['default']):.2f}-{max(times['default']):.2f}"
             print(f"{label:<40} {a:>9.2f} {spread:>13} {b:>14.2f} {b / a:>5.2f}x")
     for name, m in models.items():
+        own, held = model_bytes(m), held_bytes(m)
         print(
-            f"{name}: {model_bytes(m) / 1e6:.0f} MB ({model_bytes(m) / f32:.2f}x float32); with "
-            f"its decoding step, after decoding: {held_bytes(m) / 1e6:.0f} MB "
-            f"({held_bytes(m) / f32:.2f}x)"
+            f"{name}: {own / 1e6:.0f} MB ({own / f32:.2f}x float32); with its decoding step, "
+            f"after decoding: {held / 1e6:.0f} MB ({held / f32:.2f}x)"
         )
 
 

@@ -21,7 +21,7 @@ def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -44,15 +44,17 @@ def pick_device(name: str = "auto", key: str = "train.device") -> torch.device:
             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}",
             f"fix {mark_key(key)}",
         )
-    if device.type == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
+    if device.type == "mps" and not _mps_available():
         raise ConfigError(
             f"device {name!r} asked for but Apple's MPS is not available here",
             "a Mac with Apple silicon and an MPS build of PyTorch",
             f"use {mark_key(key, 'cpu')}",
         )
     return device
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 @functools.lru_cache(maxsize=1)

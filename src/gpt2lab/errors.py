@@ -46,11 +46,9 @@ class GPT2LabError(Exception):
         """Mark `names[key]` where the message marks `key` (a setting a command sets through an
         option of its own: `sample.top_p` given as --top-p is marked `top_p`)."""
 
-        def rename(m: re.Match) -> str:
-            name = names.get(m.group(1), m.group(1))
-            return mark_key(name) if m.group(2) is None else mark_key(name, m.group(2))
-
-        self.marked = _KEY.sub(rename, self.marked)
+        self.marked = _KEY.sub(
+            lambda m: mark_key(names.get(m.group(1), m.group(1)), m.group(2)), self.marked
+        )
         self.args = (self.render(_as_key),)
 
 

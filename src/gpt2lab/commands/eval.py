@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
             "context": settings.context,
             "stride": settings.stride,
             "dtype": str(dtype).removeprefix("torch."),
+            "quantize": args.quantize,
         }
-        row |= {"quantize": args.quantize}
         print(json.dumps({**row, "paper_size": size, "paper": published}))
     return 0
 
