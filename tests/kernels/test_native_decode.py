@@ -93,6 +93,58 @@ def test_bfloat16_step_is_as_close_to_float32_as_the_models_bfloat16() -> None:
 
 
 @needs_cc
+def test_float16_step_is_the_float32_step_on_the_same_weights() -> None:
+    """A float16 model's weights widen exactly to float32 and the sums stay float32, so only the
+    cache's rounding to float16 separates the step from the float32 model on the same weights:
+    far less than the model's own float16 forward (which rounds every activation)."""
+    ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(2))
+    f16 = gpt().half()
+    assert decode_step(f16, 1).native is not None
+    exact = model_logits(gpt().half().float(), ids, torch.float32)
+    ours = native_logits(f16, ids, torch.float16)
+    theirs = model_logits(f16, ids, torch.float16)
+    our_err = (ours - exact).abs().max().item()
+    their_err = (theirs - exact).abs().max().item()
+    assert our_err <= 2e-3 * exact.abs().max().item(), (our_err, their_err)
+    assert our_err <= their_err, (our_err, their_err)
+    plain = generate(f16, ids[:, :5], 30, temperature=0, kernels=False)
+    fast = generate(f16, ids[:, :5], 30, temperature=0)
+    assert (fast == plain).float().mean() >= 0.9
+
+
+@needs_cc
+def test_float16_conversions_are_pytorchs() -> None:
+    """decode.c's scalar float16 conversions (the cache's writes, the tables' reads): every
+    float16 widens to PyTorch's float32 and rounds back to itself; random float32 bit patterns
+    and every pair of neighbouring float16s' midpoint (ties), and the floats on either side of
+    it, round as PyTorch's `.half()` does (nearest, ties to even, overflow to infinity)."""
+    lib = native.load_library()
+
+    def round_trip(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.contiguous()
+        h, y = torch.empty(x.numel(), dtype=torch.int16), torch.empty_like(x)
+        lib.gpt2lab_f16_round_trip(x.data_ptr(), h.data_ptr(), y.data_ptr(), x.numel())
+        return h, y
+
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    wide = every.view(torch.float16).float()
+    nan = wide.isnan()
+    h, y = round_trip(wide)
+    assert torch.equal(y[~nan], wide[~nan]) and y[nan].isnan().all()
+    assert torch.equal(h[~nan], every[~nan]) and h.view(torch.float16)[nan].isnan().all()
+    finite = wide[wide.isfinite()].double().unique()
+    mids = ((finite[1:] + finite[:-1]) / 2).float()
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1_000_000,), generator=g).to(torch.int32)
+    down, up = torch.tensor(-float("inf")), torch.tensor(float("inf"))
+    for x in [bits.view(torch.float32), mids, mids.nextafter(down), mids.nextafter(up)]:
+        h, _ = round_trip(x)
+        want = x.half()
+        same = (h == want.view(torch.int16)) | (want.isnan() & h.view(torch.float16).isnan())
+        assert same.all(), x[~same][:4]
+
+
+@needs_cc
 def test_generate_takes_the_c_step_and_matches_the_plain_model() -> None:
     model = gpt()
     step = decode_step(model, 1)
@@ -147,16 +199,18 @@ def test_a_prompt_of_one_or_two_tokens_goes_through_the_c_step(
         ("bfloat16", 5, 64),
         ("bfloat16", 16, 64),
         ("bfloat16", 4, 96),
+        ("float16", 5, 64),
+        ("float16", 16, 96),
         ("int8", 3, 64),
     ],
 )
 def test_left_padded_rows_step_as_the_model_does(
     kind: str, rows: int, width: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = {"float32": gpt, "bfloat16": lambda n_embd: gpt(n_embd).to(torch.bfloat16)}.get(
-        kind, lambda n_embd: plain_int8(gpt(n_embd))
-    )(width)
-    dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    model = gpt(width).to(half[kind]) if kind in half else gpt(width)
+    model = plain_int8(model) if kind == "int8" else model
+    dtype = half.get(kind, torch.float32)
     calls = []
     c_step = native.NativeStep.step
     monkeypatch.setattr(native.NativeStep, "step", lambda s, *a: calls.append(1) or c_step(s, *a))
@@ -176,16 +230,33 @@ def test_left_padded_rows_step_as_the_model_does(
             kw = dict(attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1])
             plain = model(nxt, cache=caches[0], **kw)[0][:, -1, :101].float()
             ours = step.step(nxt, caches[1], kw["position_ids"], kw["attention_mask"])
-            # bf16: both round each product's input; their sums' order differs
-            tol = 0.05 if kind == "bfloat16" else 1e-5
+            # bf16 / f16: the model rounds each product's input and output, we sum in float32
+            tol = {"bfloat16": 0.05, "float16": 0.01}.get(kind, 1e-5)
             assert (ours - plain).abs().max() <= tol * plain.abs().max(), t
     assert len(calls) == 5
-    tol = 0.05 if kind == "bfloat16" else 1e-5
+    tol = {"bfloat16": 0.05, "float16": 0.01}.get(kind, 1e-5)
     for r in range(rows):  # the keys and values written: the columns a row holds tokens in
         cols = mask[r].nonzero()[:, 0]
         for plain, ours in [(caches[0].k, caches[1].k), (caches[0].v, caches[1].v)]:
             a, b = plain[:, r, :, cols].float(), ours[:, r, :, cols].float()
             assert (a - b).abs().max() <= tol * a.abs().max()
+
+
+@needs_cc
+def test_float16_models_take_the_c_step_up_to_its_rows_and_else_their_own_forward() -> None:
+    model = gpt().half()
+    assert decode_step(model, native.MAX_ROWS).native.max_rows == native.MAX_ROWS
+    assert decode_step(model, native.MAX_ROWS + 1) is None  # oneDNN has no float16 product
+    step = decode_step(model, 2)
+    ids = torch.randint(0, 101, (2, 1), generator=torch.Generator().manual_seed(8))
+    other = KVCache(model.config, 2, 8, "cpu", torch.float16)
+    other.v = other.v.transpose(-1, -2).contiguous().transpose(-1, -2)  # not a layout C reads
+    assert not step.native.fits(other)
+    ref = KVCache(model.config, 2, 8, "cpu", torch.float16)
+    with torch.no_grad():
+        want = model(ids, cache=ref, last_only=True)[0][:, -1].float()
+    assert torch.equal(step.step(ids, other), want) and other.pos == 1
+    assert torch.equal(step.score(ids, 1)[:, -1], want)
 
 
 @needs_cc
@@ -288,6 +359,7 @@ def test_off_switch_and_no_compiler_fall_back(monkeypatch: pytest.MonkeyPatch) -
         assert native.load_library() is None
         step = decode_step(gpt(), 1)  # the PyTorch step still runs
         assert step is not None and step.native is None
+        assert decode_step(gpt().half(), 1) is None  # float16: the model's own forward
     finally:
         native.load_library.cache_clear()
 
@@ -379,16 +451,20 @@ def test_the_portable_c_loops_give_the_vector_loops_logits(tmp_path, monkeypatch
     """A build without AVX-512 (plain loops for products, attention, GELU, int8 rounding) gives
     the logits of the default build, float32 and int8, up to float summation order."""
     models = {"float32": gpt(n_embd=64), "int8": quantize(gpt(n_embd=200, seed=1), "int8")}
+    models["float16"] = gpt(n_embd=72, seed=2).half()  # 72: vector loops and scalar tails
+    dtypes = {"float16": torch.float16}
     ids = torch.randint(0, 101, (1, 24), generator=torch.Generator().manual_seed(7))
-    vector = {k: native_logits(m, ids, torch.float32) for k, m in models.items()}
+    vector = {k: native_logits(m, ids, dtypes.get(k, torch.float32)) for k, m in models.items()}
     native.load_library.cache_clear()
     try:
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
         monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512f"])
         for k, m in models.items():
-            plain = native_logits(m, ids, torch.float32)
+            plain = native_logits(m, ids, dtypes.get(k, torch.float32))
             scale = vector[k].abs().max()
-            assert (plain - vector[k]).abs().max() <= 1e-5 * scale, k
+            # float16: a sum that differs in its last bits may round the cache the other way
+            tol = 1e-3 if k == "float16" else 1e-5
+            assert (plain - vector[k]).abs().max() <= tol * scale, k
     finally:
         native.load_library.cache_clear()
 

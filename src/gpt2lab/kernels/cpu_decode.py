@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from gpt2lab.kernels.gelu import fast_gelu
 from gpt2lab.kernels.int8 import Int8Linear
-from gpt2lab.kernels.native import MAX_ROWS, NativeStep, native_step
+from gpt2lab.kernels.native import DECODE_DTYPES, MAX_ROWS, NativeStep, native_step
 from gpt2lab.model import GPT, KVCache, LMHead
 
 
@@ -183,7 +183,9 @@ class DecodeStep:
         self.versions = _versions(model)  # after native_step, which may move the weights
         self.model = weakref.ref(model)
         self.layers: list[tuple] | None = None
-        if self.native is None:
+        # float16: no oneDNN product on most CPUs, so the C step or else the model's own forward
+        self.packs = self.int8 or onednn_can_multiply(dtype)
+        if self.native is None and self.packs:
             self._pack(model)
 
     def _pack(self, model: GPT) -> None:
@@ -245,6 +247,11 @@ class DecodeStep:
         """Logits (B, vocab_size), float32, of one new token per row; advances `cache.pos`."""
         if self.native and self.native.fits(cache, mask):
             return self.native.step(ids, cache, position_ids, mask)
+        if not self.packs:
+            out = self.model()(
+                ids, cache=cache, attention_mask=mask, position_ids=position_ids, last_only=True
+            )
+            return out[0][:, -1].float()
         B, pos = ids.size(0), cache.pos
         nh, hs = self.n_head, self.head_size
         C = nh * hs
@@ -286,6 +293,9 @@ class DecodeStep:
         """
         B, T = ids.shape
         keep = keep or T
+        if not self.packs:
+            logits = self.model()(ids, cache=cache, logits_to_keep=keep)[0]
+            return logits.to(out_dtype) if out_dtype is not None else logits
         nh, hs = self.n_head, self.head_size
         C = nh * hs
         pos = cache.pos if cache is not None else 0
@@ -337,7 +347,8 @@ def causal_attention_in_blocks(q: Tensor, k: Tensor, v: Tensor, blocks: int = 4)
 def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -> DecodeStep | None:
     """The flat decoding step of a GPT in eval mode on a CPU, else None: float models where
     oneDNN multiplies `dtype` (default: the weights'; another one computes in it, with weights
-    converted once), and int8 models (`gpt2lab.quantize`). Kept per
+    converted once), float16 models up to MAX_ROWS rows where the C step builds, and int8
+    models (`gpt2lab.quantize`). Kept per
     model and row count while the weights stay as they were (the packing is not repeated for each
     generation). Not for use under autocast (`gpt2lab.generate` checks)."""
     if not isinstance(model, GPT) or model.training:
@@ -348,7 +359,9 @@ def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -
         dtype = torch.float32
     elif type(model.lm_head) is LMHead:
         dtype = dtype or model.lm_head.weight.dtype
-        if model.lm_head.weight.device.type != "cpu" or not onednn_can_multiply(dtype):
+        if model.lm_head.weight.device.type != "cpu":
+            return None
+        if not onednn_can_multiply(dtype) and not (dtype in DECODE_DTYPES and rows <= MAX_ROWS):
             return None
     else:
         return None
@@ -361,9 +374,12 @@ def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -
         # one C step per model and dtype serves every row count: each would hold the weights
         shared = next((s.native for (_, d), s in steps.items() if d == dtype and s.native), None)
         try:
-            step = steps[(rows, dtype)] = DecodeStep(model, rows, dtype, shared)
+            step = DecodeStep(model, rows, dtype, shared)
         except RuntimeError:  # oneDNN has no kernel for this CPU after all
             return None
+        if step.native is None and not step.packs:
+            return None  # float16 without the C step: the model's own forward is as good
+        steps[(rows, dtype)] = step
     return step
 
 

@@ -13,7 +13,7 @@
  * cached keys, the output product plus the residual, LayerNorm, the MLP's two products (GELU and
  * the residual fused into them); then the final LayerNorm and the head.
  *
- * Weights are float32 or bfloat16 (dtype 0 or 1), exactly the model's tensors (row-major
+ * Weights are float32, bfloat16 or float16 (dtype 0, 1 or 3), exactly the model's tensors (row-major
  * (out, in), as nn.Linear stores them), or for the matrices of a `gpt2lab.quantize` model int8
  * values with one float32 scale per row (wdtype 2). An int8 product rounds its input to int8
  * with one scale (max|x| / 127), sums the 8-bit products exactly in int32 (the CPU's VNNI
@@ -30,7 +30,7 @@
 
 typedef struct {
     int n_layer, n_head, head_size, n_embd, vocab, max_len, dtype, threads;
-    int wdtype; /* the matrices': 0 float32, 1 bfloat16 (both as dtype), 2 int8 with row scales */
+    int wdtype; /* the matrices': as dtype (0 float32, 1 bfloat16, 3 float16), or 2: int8 with row scales */
     float eps;
     /* per layer: arrays of n_layer pointers (a bias or LayerNorm shift may be NULL) */
     const void **ln1_w, **ln1_b, **attn_w, **attn_b, **proj_w, **proj_b;
@@ -440,4 +440,13 @@ void gpt2lab_rows(const Model *m, const Step *st, float *logits) {
 /* floats of scratch a step of `rows` rows needs */
 size_t gpt2lab_work_floats(int n_embd, int n_head, int max_len, int rows) {
     return (size_t)rows * (10 * (size_t)n_embd + (size_t)n_head * max_len);
+}
+
+/* The scalar float16 conversions the step uses (vecmath.h), over n values: h = x rounded to
+   float16, y = h widened back. For tests, which hold them against PyTorch's on every float16. */
+void gpt2lab_f16_round_trip(const float *x, uint16_t *h, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        h[i] = f32_to_f16(x[i]);
+        y[i] = f16_to_f32(h[i]);
+    }
 }

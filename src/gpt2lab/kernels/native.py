@@ -37,7 +37,11 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / "decode.c", HERE / "gelu.c", HERE / "attention.c"]
 HEADERS = [HERE / "vecmath.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# dtype codes of the tensors the training kernels (gelu.c, attention.c) take
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+# the C step reads float16 weights too (converted as they are read, sums in float32): PyTorch has
+# no fast float16 product on most CPUs (124M, batch 1: 8.6 tokens/s against bfloat16's 116)
+DECODE_DTYPES = {**DTYPES, torch.float16: 3}
 # rows (sequences) a C step takes; more go through PyTorch's batched products, which are as fast
 # there. 124M, the C step against the PyTorch step, in turns, at 1 / 2 / 4 / 8 / 16 rows
 # (bench/decode_rows.py): bf16 1.99x / 1.98x / 1.57x / 1.22x / 1.21x, int8 2.86x ... 1.16x,
@@ -131,6 +135,8 @@ def load_library() -> ctypes.CDLL | None:
     lib.gpt2lab_attention.restype = None
     lib.gpt2lab_attention_backward.argtypes = [*[ctypes.c_void_p] * 5, *[flag] * 6]
     lib.gpt2lab_attention_backward.restype = None
+    lib.gpt2lab_f16_round_trip.argtypes = [*[ctypes.c_void_p] * 3, size]
+    lib.gpt2lab_f16_round_trip.restype = None
     return lib
 
 
@@ -199,7 +205,7 @@ class NativeStep:
         if int8:
             dtype = torch.float32
         self.lib, self.dtype, self.vocab = lib, dtype, cfg.vocab_size
-        self.max_rows = MAX_ROWS if int8 or dtype == torch.bfloat16 else MAX_ROWS_FLOAT32
+        self.max_rows = MAX_ROWS_FLOAT32 if dtype == torch.float32 and not int8 else MAX_ROWS
         self.keep: list[Tensor] = []  # every tensor a pointer refers to
 
         def converted(t: Tensor) -> Tensor:
@@ -255,8 +261,8 @@ class NativeStep:
             head_size=cfg.head_size,
             n_embd=cfg.n_embd,
             vocab=cfg.vocab_size,
-            dtype=DTYPES[dtype],
-            wdtype=2 if int8 else DTYPES[dtype],
+            dtype=DECODE_DTYPES[dtype],
+            wdtype=2 if int8 else DECODE_DTYPES[dtype],
             eps=h.ln_f.eps,
             lnf_w=ptr(h.ln_f.weight),
             lnf_b=ptr(h.ln_f.bias),
@@ -330,9 +336,9 @@ class NativeStep:
 
 
 def native_step(model: GPT, dtype: torch.dtype) -> NativeStep | None:
-    """The C step for a float32, bfloat16 or int8 (`gpt2lab.quantize`) GPT on a CPU, or None
-    where it cannot run."""
-    if dtype not in DTYPES:
+    """The C step for a float32, bfloat16, float16 or int8 (`gpt2lab.quantize`) GPT on a CPU,
+    or None where it cannot run."""
+    if dtype not in DECODE_DTYPES:
         return None
     lib = load_library()
     return None if lib is None else NativeStep(lib, model, dtype)

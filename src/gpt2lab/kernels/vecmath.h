@@ -1,5 +1,6 @@
-/* Scalar and 16-wide helpers shared by decode.c and gelu.c: bfloat16 <-> float32 as PyTorch
- * converts, loads of either dtype as float32, e^x and GPT-2's tanh-approximated GELU. */
+/* Scalar and 16-wide helpers shared by decode.c and gelu.c: bfloat16 and float16 <-> float32 as
+ * PyTorch converts, loads of each dtype as float32, e^x and GPT-2's tanh-approximated GELU.
+ * dtype codes: 0 float32, 1 bfloat16, 3 float16 (2 is decode.c's int8 matrices). */
 #ifndef GPT2LAB_VECMATH_H
 #define GPT2LAB_VECMATH_H
 #include <math.h>
@@ -25,12 +26,50 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTor
     return (uint16_t)(u >> 16);
 }
 
+#define DTYPE_F16 3
+
+/* IEEE half precision: 1 sign, 5 exponent (bias 15) and 10 fraction bits */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, f = h & 0x3ffu, u;
+    if (e == 0x1fu) { /* infinity or NaN (its payload kept) */
+        u = sign | 0x7f800000u | (f << 13);
+    } else if (e) {
+        u = sign | ((e + 112u) << 23) | (f << 13);
+    } else { /* zero or subnormal: f * 2^-24, exact in float32 */
+        float v = (float)f * 5.9604644775390625e-8f;
+        memcpy(&u, &v, 4);
+        u |= sign;
+    }
+    float out;
+    memcpy(&out, &u, 4);
+    return out;
+}
+
+static inline uint16_t f32_to_f16(float v) { /* round to nearest even, as PyTorch does */
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u; /* NaN, as PyTorch writes it */
+    if (a >= 0x477ff000u) return sign | 0x7c00u; /* rounds past 65504: infinity */
+    if (a < 0x38800000u) { /* below 2^-14: a subnormal or zero, in units of 2^-24 */
+        float m;
+        memcpy(&m, &a, 4);
+        return sign | (uint16_t)nearbyintf(m * 16777216.0f); /* exact product, ties to even */
+    }
+    uint32_t r = a + 0xfffu + ((a >> 13) & 1u); /* round the 13 dropped bits to nearest even */
+    return sign | (uint16_t)((r - 0x38000000u) >> 13);
+}
+
 static inline float load(const void *p, size_t i, int dtype) {
+    if (dtype == DTYPE_F16) return f16_to_f32(((const uint16_t *)p)[i]);
     return dtype ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 static inline void store(void *p, size_t i, float v, int dtype) {
-    if (dtype)
+    if (dtype == DTYPE_F16)
+        ((uint16_t *)p)[i] = f32_to_f16(v);
+    else if (dtype)
         ((uint16_t *)p)[i] = f32_to_bf16(v);
     else
         ((float *)p)[i] = v;
@@ -38,6 +77,8 @@ static inline void store(void *p, size_t i, float v, int dtype) {
 
 #ifdef __AVX512F__
 static inline __m512 load16(const void *W, size_t i, int dtype) {
+    if (dtype == DTYPE_F16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)W + i)));
     if (dtype) { /* bfloat16 is float32's upper half: widen and shift */
         __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)W + i));
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -93,11 +134,15 @@ static inline __m512 gelu_grad16(__m512 v) {
     return _mm512_fmadd_ps(_mm512_mul_ps(t, _mm512_set1_ps(2.0f * GELU_C)), dz, s);
 }
 
-/* 16 floats stored as float32 or as bfloat16 rounded to nearest even (NaN kept a NaN), as
-   PyTorch converts */
+/* 16 floats stored as float32, or as bfloat16 or float16 rounded to nearest even (NaN kept a
+   NaN), as PyTorch converts */
 static inline void store16(void *p, size_t i, __m512 v, int dtype) {
     if (!dtype) {
         _mm512_storeu_ps((float *)p + i, v);
+        return;
+    }
+    if (dtype == DTYPE_F16) {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         return;
     }
     __m512i u = _mm512_castps_si512(v);
