@@ -323,6 +323,22 @@ def test_the_step_moves_the_matrices_without_changing_the_model() -> None:
 
 
 @needs_cc
+def test_weights_moved_under_inference_mode_stay_ordinary_tensors() -> None:
+    """`generate` under `torch.inference_mode()` (as the commands and the server call it) moves a
+    bfloat16 model's matrices; they must not become inference tensors, which the model could not
+    be trained on afterwards, and on which torch's matmul broadcasts the head per row."""
+    model = gpt().to(torch.bfloat16)
+    idx = torch.randint(0, 101, (1, 4), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        generate(model, idx, 3, temperature=0)
+    assert decode_step(model, 1).native is not None
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
+    model(idx, idx)[1].backward()  # "Inference tensors cannot be saved for backward" before
+    assert model.lm_head.weight.grad is not None
+
+
+@needs_cc
 def test_a_float32_model_decoded_in_bfloat16_keeps_its_own_weights() -> None:
     model = gpt()
     where = {n: p.data_ptr() for n, p in model.named_parameters()}

@@ -176,15 +176,18 @@ def into_huge_pages(tensors: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
     is), the source is moved there (`source.data` set to the copy, values unchanged): one copy of
     the weights in memory, not two."""
     sizes = [(c.numel() * c.element_size() + 63) // 64 * 64 for _, c in tensors]
-    buf, at, out = huge_page_buffer(sum(sizes)), 0, []
-    for (source, converted), size in zip(tensors, sizes):
-        n = converted.numel() * converted.element_size()
-        slot = buf[at : at + n].view(converted.dtype).view(converted.shape)
-        slot.copy_(converted)
-        if converted.data_ptr() == source.data_ptr():
-            source.data = slot
-        out.append(slot)
-        at += size
+    # not inference tensors, even under inference_mode: a model's parameters stay ordinary
+    # tensors (they can be trained further, and torch's matmul treats them as parameters)
+    with torch.inference_mode(False):
+        buf, at, out = huge_page_buffer(sum(sizes)), 0, []
+        for (source, converted), size in zip(tensors, sizes):
+            n = converted.numel() * converted.element_size()
+            slot = buf[at : at + n].view(converted.dtype).view(converted.shape)
+            slot.copy_(converted)
+            if converted.data_ptr() == source.data_ptr():
+                source.data = slot
+            out.append(slot)
+            at += size
     return out
 
 
