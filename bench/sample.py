@@ -5,8 +5,9 @@ bfloat16, and the memory-bandwidth limit (weight bytes read per step against mea
 Then gpt2lab's int8 weights (`gpt2lab.quantize`) beside its bfloat16, in turns, with the limit of
 the int8 bytes read per step. With llama-cpp-python installed, llama.cpp runs the same weights
 from our GGUF files (f16, bf16, q8_0) at batch 1, beside gpt2lab at the matching precision (int8
-for q8_0). Every figure is the median of --repeats runs taken in turns with its peer; the spread
-(min-max) is printed beside it, since this machine is shared.
+for q8_0); both run the prompt every time (llama.cpp's state is reset before each run, or it
+would reuse the prompt's cache). Every figure is the median of --repeats runs taken in turns with
+its peer; the spread (min-max) is printed beside it, since this machine is shared.
 
     .venv/bin/python bench/sample.py            # full run (several minutes on 2 cores)
     .venv/bin/python bench/sample.py --quick    # a short run that checks everything works
@@ -251,6 +252,9 @@ def llama_cpp_rows(base: GPT, prompt: list[int], new: int, repeats: int) -> None
             )
 
             def run_llama(llm=llm) -> None:
+                # without a reset, llama-cpp-python reuses the KV cache of the prompt it saw last
+                # and skips its evaluation; ours runs the prompt every time
+                llm.reset()
                 for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0)):
                     if i + 1 == new:
                         break

@@ -98,7 +98,7 @@ def step_kind(request, monkeypatch) -> str:
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("batch", [1, 4])
 def test_generation_with_kernels_equals_the_plain_model(dtype, batch, step_kind):
     model = tiny_gpt(pad=64).to(dtype)
@@ -129,6 +129,43 @@ def test_the_prompt_runs_unpacked_and_only_the_windows_slides_pack(monkeypatch):
     assert any(packs)
     with pytest.warns(UserWarning, match="sliding window"):
         assert slid.tolist() == generate(model, idx, 40, temperature=0, kernels=False).tolist()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])  # under WIDEN_FROM_ROWS: float16's own product
+def test_widened_float16_linear_rounds_as_pytorchs_float16_product(rows):
+    """Against the float64 product of the same float16 values: no further off than PyTorch's
+    float16 product (float32 sums, rounded once), and never by more than one float16 step."""
+    lin = nn.Linear(200, 96).half()
+    x = torch.randn(rows, 1, 200, generator=torch.Generator().manual_seed(rows)).half()
+    with torch.no_grad():
+        ours = cpu_decode.WidenedLinear(lin)(x)
+        theirs = F.linear(x, lin.weight, lin.bias)
+    exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    assert ours.dtype == torch.float16 and ours.shape == (rows, 1, 96)
+    ulp = torch.finfo(torch.float16).eps * exact.abs().clamp_min(2**-14)
+    assert ((ours.double() - exact).abs() <= ulp).all()
+    assert (ours.double() - exact).abs().max() <= (theirs.double() - exact).abs().max() + 1e-12
+
+
+def test_a_float16_prompt_multiplies_in_float32_from_the_first_forward(monkeypatch):
+    """Widening costs no packing, so a float16 model's prompt takes it at once (PyTorch's
+    float16 products are ~4x slower than float32 ones on CPUs without AVX512-FP16)."""
+    widened = []
+    original = cpu_decode.WidenedLinear.forward
+    monkeypatch.setattr(
+        cpu_decode.WidenedLinear,
+        "forward",
+        lambda self, x: widened.append(x.shape[:-1]) or original(self, x),
+    )
+    model = tiny_gpt().half()
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    fast = generate(model, idx, 6, temperature=0)
+    assert widened and all(rows == (2, 9) for rows in widened[:8])  # the blocks' 4 x 2 layers
+    assert fast.tolist() == generate(model, idx, 6, temperature=0, kernels=False).tolist()
+    with torch.enable_grad():  # and with gradients on, the plain layer
+        lin = nn.Linear(8, 4).half()
+        x = torch.randn(16, 8).half()
+        assert torch.equal(cpu_decode.WidenedLinear(lin)(x), F.linear(x, lin.weight, lin.bias))
 
 
 def test_cached_logits_with_kernels_equal_the_plain_model():
