@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from gpt2lab.generate import cached_forward, left_pad
-from gpt2lab.kernels.cpu_decode import DecodeKernels, decode_kernels, decode_step
+from gpt2lab.kernels.cpu_decode import DecodeKernels, RowsView, decode_kernels, decode_step
 from gpt2lab.model import KVCache
 
 
@@ -41,14 +41,6 @@ def default_max_len(block_size: int) -> int:
     """Columns of a `SlotCache`: a context plus a quarter, so that a compaction (a copy of the
     live columns) is needed at most once every block_size / 4 steps."""
     return block_size + max(block_size // 4, 1)
-
-
-class _RowsView(KVCache):
-    """A KVCache over the first rows of a larger one, sharing its memory."""
-
-    def __init__(self, k: Tensor, v: Tensor, pos: int) -> None:
-        self.k, self.v, self.pos = k, v, pos
-        self.batch_size, self.max_len = k.size(1), k.size(3)
 
 
 class Prefill:
@@ -168,7 +160,7 @@ class SlotCache:
             raise ValueError(f"a sequence is longer than the cache's {self.max_len} columns")
         p = self.pos
         self.mask[:n, p] = True
-        view = _RowsView(self.store.k[:, :n], self.store.v[:, :n], p)
+        view = RowsView(self.store, 0, n, p)
         ids = tokens.to(self.mask.device)[:, None]
         mask, positions = self.mask[:n, : p + 1], self.lengths[:n]
         if self.fast_step is not None and not torch.is_autocast_enabled("cpu"):

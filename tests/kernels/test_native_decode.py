@@ -11,7 +11,7 @@ import torch
 
 from gpt2lab.config import GPTConfig
 from gpt2lab.generate import _CachedRunner, generate
-from gpt2lab.kernels import native
+from gpt2lab.kernels import cpu_decode, native
 from gpt2lab.kernels.cpu_decode import decode_step
 from gpt2lab.kernels.int8 import Int8Linear
 from gpt2lab.model import GPT, KVCache
@@ -246,7 +246,9 @@ def test_left_padded_rows_step_as_the_model_does(
 def test_float16_models_take_the_c_step_up_to_its_rows_and_else_their_own_forward() -> None:
     model = gpt().half()
     assert decode_step(model, native.MAX_ROWS).native.max_rows == native.MAX_ROWS
-    assert decode_step(model, native.MAX_ROWS + 1) is None  # oneDNN has no float16 product
+    wide = decode_step(model, native.MAX_ROWS + 1)  # no oneDNN float16 product to pack
+    assert wide.native is None and wide.chunked is not None and not wide.packs
+    assert decode_step(model, 1024) is None  # scoring's rows: the model's own forward
     step = decode_step(model, 2)
     ids = torch.randint(0, 101, (2, 1), generator=torch.Generator().manual_seed(8))
     other = KVCache(model.config, 2, 8, "cpu", torch.float16)
@@ -257,6 +259,55 @@ def test_float16_models_take_the_c_step_up_to_its_rows_and_else_their_own_forwar
         want = model(ids, cache=ref, last_only=True)[0][:, -1].float()
     assert torch.equal(step.step(ids, other), want) and other.pos == 1
     assert torch.equal(step.score(ids, 1)[:, -1], want)
+
+
+@needs_cc
+@pytest.mark.parametrize("kind, rows", [("bfloat16", 20), ("float16", 33), ("int8", 17)])
+def test_more_rows_go_through_the_c_step_in_chunks_over_a_long_cache(
+    kind: str, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the C step's rows, from `CHUNKS_FROM_POS` cached positions on (here every step), a
+    step runs it on consecutive chunks of rows of the one cache: the same logits and cache
+    columns as the model's forward, left padding included; under it, the PyTorch step (float16,
+    which has no packed product, chunks from the first step)."""
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    model = plain_int8(gpt()) if kind == "int8" else gpt().to(half[kind])
+    dtype = half.get(kind, torch.float32)
+    calls: list[int] = []
+    c_step = native.NativeStep.step
+    monkeypatch.setattr(
+        native.NativeStep, "step", lambda s, *a: calls.append(len(a[0])) or c_step(s, *a)
+    )
+    step = decode_step(model, rows)
+    assert step.native is None and step.chunked is not None
+    g = torch.Generator().manual_seed(rows)
+    idx = torch.randint(0, 101, (rows, 6), generator=g)
+    mask = torch.ones(rows, 9, dtype=torch.bool)
+    for r in range(rows):
+        mask[r, : r % 5] = False
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    caches = [KVCache(model.config, rows, 12, "cpu", dtype) for _ in range(2)]
+    tol = {"bfloat16": 0.05, "float16": 0.01}.get(kind, 1e-5)
+    with torch.no_grad():
+        for cache in caches:
+            model(idx, cache=cache, attention_mask=mask[:, :6], position_ids=pos[:, :6])
+        for t, chunks_from in [(6, 7), (7, 0), (8, 0)]:  # first under the threshold, then over
+            monkeypatch.setattr(cpu_decode, "CHUNKS_FROM_POS", chunks_from)
+            nxt = torch.randint(0, 101, (rows, 1), generator=g)
+            kw = dict(attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1])
+            plain = model(nxt, cache=caches[0], **kw)[0][:, -1, :101].float()
+            ours = step.step(nxt, caches[1], kw["position_ids"], kw["attention_mask"])
+            assert caches[1].pos == t + 1
+            assert (ours - plain).abs().max() <= tol * plain.abs().max(), t
+    n = native.MAX_ROWS
+    steps = 3 if kind == "float16" else 2  # float16 (no packed product) chunks under it too
+    assert calls == steps * ([n] * (rows // n) + [rows % n])
+    for r in range(rows):
+        cols = mask[r].nonzero()[:, 0]
+        for a, b in [(caches[0].k, caches[1].k), (caches[0].v, caches[1].v)]:
+            a, b = a[:, r, :, cols].float(), b[:, r, :, cols].float()
+            assert (a - b).abs().max() <= tol * a.abs().max()
+    assert decode_step(gpt(), rows).chunked is None  # float32: chunks of 4 rows would not pay
 
 
 @needs_cc

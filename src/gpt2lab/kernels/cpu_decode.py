@@ -186,6 +186,24 @@ def _linears(block: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(attn, "c_attn"), (attn, "c_proj"), (mlp, "c_fc"), (mlp, "c_proj")]
 
 
+class RowsView(KVCache):
+    """A KVCache over rows [start, stop) of a larger one, sharing its memory; `pos` is the
+    cache's unless given."""
+
+    def __init__(self, cache: KVCache, start: int, stop: int, pos: int | None = None) -> None:
+        self.k, self.v = cache.k[:, start:stop], cache.v[:, start:stop]
+        self.pos = cache.pos if pos is None else pos
+        self.batch_size, self.max_len = self.k.size(1), self.k.size(3)
+
+
+# From this many cached positions on, more rows than the C step takes go through it in chunks
+# of its rows: each chunk reads the weights again, but SDPA's attention for one query a row is
+# slow over a long cache (124M bf16, 32 rows at 512 positions: 201 ms a step through PyTorch,
+# 2 x 47 ms in chunks of 16; at 128 positions 68.5 against 2 x 33; at 16, 42 against 2 x 29)
+CHUNKS_FROM_POS = 128
+MAX_CHUNKED_ROWS = 4 * MAX_ROWS
+
+
 class DecodeStep:
     """One new token per row through a GPT on a CPU, the model's cached forward written flat.
 
@@ -213,6 +231,15 @@ class DecodeStep:
         # packed weights below are then made only if a step needs them (more rows than it takes)
         # (`native`: another row count's C step on the same weights, shared, not built again)
         self.native = (native or native_step(model, dtype)) if rows <= MAX_ROWS else None
+        # more rows, up to a few chunks' worth: the C step in chunks, where they are as large
+        # as for int8 and half precision (not float32's 4 rows); not for scoring's row counts
+        self.chunked = None
+        if (
+            self.native is None
+            and rows <= MAX_CHUNKED_ROWS
+            and (self.int8 or dtype != torch.float32)
+        ):
+            self.chunked = native or native_step(model, dtype)
         self.versions = _versions(model)  # after native_step, which may move the weights
         self.model = weakref.ref(model)
         self.layers: list[tuple] | None = None
@@ -280,6 +307,11 @@ class DecodeStep:
         """Logits (B, vocab_size), float32, of one new token per row; advances `cache.pos`."""
         if self.native and self.native.fits(cache, mask):
             return self.native.step(ids, cache, position_ids, mask)
+        # float16 has no packed product to fall back on: chunks whatever the cache's length
+        if self.chunked and (cache.pos >= CHUNKS_FROM_POS or not self.packs):
+            logits = self._in_chunks(self.chunked, ids, cache, position_ids, mask)
+            if logits is not None:
+                return logits
         if not self.packs:
             out = self.model()(
                 ids, cache=cache, attention_mask=mask, position_ids=position_ids, last_only=True
@@ -306,6 +338,32 @@ class DecodeStep:
             x = self._mm_add(u, fc_proj, x)
         cache.pos = pos + 1
         return self._mm(F.layer_norm(x, (C,), *self.ln_f), self.head).float()
+
+    @staticmethod
+    def _in_chunks(
+        native: NativeStep,
+        ids: Tensor,
+        cache: KVCache,
+        position_ids: Tensor | None,
+        mask: Tensor | None,
+    ) -> Tensor | None:
+        """`step` through the C step, `native.max_rows` rows at a time, or None where a chunk
+        does not fit it."""
+        n = native.max_rows
+        chunks = [
+            (
+                ids[i : i + n],
+                RowsView(cache, i, i + n),
+                None if position_ids is None else position_ids[i : i + n],
+                None if mask is None else mask[i : i + n],
+            )
+            for i in range(0, ids.size(0), n)
+        ]
+        if not all(native.fits(rows, m) for _, rows, _, m in chunks):
+            return None
+        logits = torch.cat([native.step(*chunk) for chunk in chunks])
+        cache.pos += 1
+        return logits
 
     @torch.no_grad()
     def score(
@@ -380,7 +438,7 @@ def causal_attention_in_blocks(q: Tensor, k: Tensor, v: Tensor, blocks: int = 4)
 def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -> DecodeStep | None:
     """The flat decoding step of a GPT in eval mode on a CPU, else None: float models where
     oneDNN multiplies `dtype` (default: the weights'; another one computes in it, with weights
-    converted once), float16 models up to MAX_ROWS rows where the C step builds, and int8
+    converted once), float16 models up to MAX_CHUNKED_ROWS rows where the C step builds, and int8
     models (`gpt2lab.quantize`). Kept per
     model and row count while the weights stay as they were (the packing is not repeated for each
     generation). Not for use under autocast (`gpt2lab.generate` checks)."""
@@ -394,7 +452,9 @@ def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -
         dtype = dtype or model.lm_head.weight.dtype
         if model.lm_head.weight.device.type != "cpu":
             return None
-        if not onednn_can_multiply(dtype) and not (dtype in DECODE_DTYPES and rows <= MAX_ROWS):
+        if not onednn_can_multiply(dtype) and not (
+            dtype in DECODE_DTYPES and rows <= MAX_CHUNKED_ROWS
+        ):
             return None
     else:
         return None
@@ -405,12 +465,13 @@ def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -
         for key in [k for k, s in steps.items() if s.versions != now]:
             del steps[key]  # stale: built on weights the model no longer has
         # one C step per model and dtype serves every row count: each would hold the weights
-        shared = next((s.native for (_, d), s in steps.items() if d == dtype and s.native), None)
+        built = (s.native or s.chunked for (_, d), s in steps.items() if d == dtype)
+        shared = next((n for n in built if n), None)
         try:
             step = DecodeStep(model, rows, dtype, shared)
         except RuntimeError:  # oneDNN has no kernel for this CPU after all
             return None
-        if step.native is None and not step.packs:
+        if step.native is None and step.chunked is None and not step.packs:
             return None  # float16 without the C step: the model's own forward is as good
         steps[(rows, dtype)] = step
     return step
