@@ -7,7 +7,8 @@ docs/sample.md). `DecodeKernels` builds the packed copies for a model and swaps 
 length of one forward call (`with kernels.applied(): model(...)`), then puts the model's own modules
 back, so the model is never left changed. `gpt2lab.generate` applies them; `model.py` does not know
 they exist. Where oneDNN is missing or refuses, the head alone gets a transposed copy, which a
-matrix-vector product streams faster than the (vocab, C) original.
+matrix-vector product streams faster than the (vocab, C) original. A float16 model, which oneDNN
+does not multiply here, gets `WidenedLinear`s: float32 products of its widened weights.
 """
 
 from __future__ import annotations
