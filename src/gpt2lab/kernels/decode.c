@@ -316,10 +316,12 @@ static int products(const void *W, const void *S, const void *R, const Inputs *i
 static void finish(const float *v, const void *b, int n0, int n1, float *y, int epilogue, int dtype) {
     int n = n0;
 #ifdef __AVX512F__
-    for (; epilogue == GELU && n + 16 <= n1; n += 16) {
+    for (; n + 16 <= n1; n += 16) { /* the scalar loop's arithmetic, 16 at a time */
         __m512 t = _mm512_loadu_ps(v + (n - n0));
         if (b) t = _mm512_add_ps(t, load16(b, n, dtype));
-        _mm512_storeu_ps(y + n, gelu16(t));
+        if (epilogue == GELU) t = gelu16(t);
+        if (epilogue == ADD) t = _mm512_add_ps(_mm512_loadu_ps(y + n), t);
+        _mm512_storeu_ps(y + n, t);
     }
 #endif
     for (; n < n1; n++) {
@@ -363,14 +365,19 @@ static void linear(const void *W, const void *S, const void *R, const void *b, c
 /* each of `rows` rows of x (rows x C) normalised into out */
 static void layer_norm(const float *x, const void *w, const void *b, int C, float eps, float *out,
                        int dtype, int rows) {
+    float wf[C], bf[C];
+    load_row(w, 0, C, dtype, wf);
+    if (b)
+        load_row(b, 0, C, dtype, bf);
+    else
+        for (int i = 0; i < C; i++) bf[i] = 0.0f;
     for (int r = 0; r < rows; r++, x += C, out += C) {
         double mean = 0.0, var = 0.0;
         for (int i = 0; i < C; i++) mean += x[i];
         mean /= C;
         for (int i = 0; i < C; i++) var += (x[i] - mean) * (x[i] - mean);
         float inv = 1.0f / sqrtf((float)(var / C) + eps);
-        for (int i = 0; i < C; i++)
-            out[i] = (float)(x[i] - mean) * inv * load(w, i, dtype) + (b ? load(b, i, dtype) : 0.0f);
+        for (int i = 0; i < C; i++) out[i] = (float)(x[i] - mean) * inv * wf[i] + bf[i];
     }
 }
 
@@ -407,13 +414,17 @@ void gpt2lab_rows(const Model *m, const Step *st, float *logits) {
     const int C = m->n_embd, nh = m->n_head, hs = m->head_size, dtype = m->dtype, R = st->rows;
     float *x = m->work, *h = x + (size_t)R * C, *qkv = h + (size_t)R * C, *y = qkv + (size_t)R * 3 * C;
     float *u = y + (size_t)R * C, *scores = u + (size_t)R * 4 * C;
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < R; r++) { /* token + position embeddings, into x (h as scratch) */
         const int64_t id = st->ids[r], p = st->positions ? st->positions[r] : st->pos;
-        for (int i = 0; i < C; i++)
-            x[(size_t)r * C + i] =
-                (m->wte_s ? ((const int8_t *)m->wte)[(size_t)id * C + i] * ((const float *)m->wte_s)[id]
-                          : load(m->wte, (size_t)id * C + i, dtype)) +
-                load(m->wpe, (size_t)p * C + i, dtype);
+        float *xr = x + (size_t)r * C;
+        load_row(m->wpe, (size_t)p * C, C, dtype, h);
+        if (m->wte_s)
+            for (int i = 0; i < C; i++)
+                xr[i] = ((const int8_t *)m->wte)[(size_t)id * C + i] * ((const float *)m->wte_s)[id] + h[i];
+        else {
+            load_row(m->wte, (size_t)id * C, C, dtype, xr);
+            for (int i = 0; i < C; i++) xr[i] += h[i];
+        }
     }
     for (int l = 0; l < m->n_layer; l++) {
         layer_norm(x, m->ln1_w[l], m->ln1_b[l], C, m->eps, h, dtype, R);
@@ -422,10 +433,8 @@ void gpt2lab_rows(const Model *m, const Step *st, float *logits) {
             for (int hd = 0; hd < nh; hd++) {
                 size_t at = l * st->layer_stride + r * st->row_stride + ((size_t)hd * m->max_len + st->pos) * hs;
                 const float *kr = qkv + (size_t)r * 3 * C + C + hd * hs, *vr = kr + C;
-                for (int i = 0; i < hs; i++) {
-                    store(m->k_cache, at + i, kr[i], dtype);
-                    store(m->v_cache, at + i, vr[i], dtype);
-                }
+                store_row(m->k_cache, at, kr, hs, dtype);
+                store_row(m->v_cache, at, vr, hs, dtype);
             }
         attend(m, st, l, qkv, y, scores);
         linear(m->proj_w[l], at(m->proj_s, l), at(m->proj_r, l), m->proj_b[l], y, C, C, x, ADD, m, R);

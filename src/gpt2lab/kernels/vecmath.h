@@ -75,6 +75,29 @@ static inline void store(void *p, size_t i, float v, int dtype) {
         ((float *)p)[i] = v;
 }
 
+/* n values of a dtype from p + at into float32 out, and back: whole rows (a table's, a LayerNorm's,
+   the cache's), with the dtype chosen once for the loop rather than per value as load() does,
+   so that each loop vectorises */
+static inline void load_row(const void *p, size_t at, int n, int dtype, float *out) {
+    const uint16_t *h = (const uint16_t *)p + at;
+    if (dtype == DTYPE_F16)
+        for (int i = 0; i < n; i++) out[i] = f16_to_f32(h[i]);
+    else if (dtype)
+        for (int i = 0; i < n; i++) out[i] = bf16_to_f32(h[i]);
+    else
+        memcpy(out, (const float *)p + at, (size_t)n * sizeof(float));
+}
+
+static inline void store_row(void *p, size_t at, const float *x, int n, int dtype) {
+    uint16_t *h = (uint16_t *)p + at;
+    if (dtype == DTYPE_F16)
+        for (int i = 0; i < n; i++) h[i] = f32_to_f16(x[i]);
+    else if (dtype)
+        for (int i = 0; i < n; i++) h[i] = f32_to_bf16(x[i]);
+    else
+        memcpy((float *)p + at, x, (size_t)n * sizeof(float));
+}
+
 #ifdef __AVX512F__
 static inline __m512 load16(const void *W, size_t i, int dtype) {
     if (dtype == DTYPE_F16)
