@@ -17,7 +17,7 @@ import contextlib
 import functools
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from gpt2lab.kernels.gelu import fast_gelu
 from gpt2lab.kernels.int8 import Int8Linear
-from gpt2lab.kernels.native import DECODE_DTYPES, MAX_ROWS, NativeStep, native_step
+from gpt2lab.kernels.native import MAX_ROWS, NativeStep, native_step
 from gpt2lab.model import GPT, KVCache, LMHead
 
 
@@ -145,17 +145,20 @@ class DecodeKernels:
         # whether the stand-ins cost nothing to make (no packing to pay back over a generation)
         self.free = not onednn_can_multiply(dtype) and dtype == torch.float16
         if onednn_can_multiply(dtype):
-            for block in model.transformer.h:
-                for parent, name in _linears(block):
-                    self._add(parent, name, PackedLinear(getattr(parent, name), rows))
-            self._add(model, "lm_head", PackedLinear(model.lm_head, rows, vocab))
+            self._add_linears(model, functools.partial(PackedLinear, rows=rows))
         elif self.free:
-            for block in model.transformer.h:
-                for parent, name in _linears(block):
-                    self._add(parent, name, WidenedLinear(getattr(parent, name)))
-            self._add(model, "lm_head", WidenedLinear(model.lm_head, vocab))
+            self._add_linears(model, WidenedLinear)
         else:
             self._add(model, "lm_head", TransposedHead(model.lm_head, vocab))
+
+    def _add_linears(self, model: GPT, stand_in: Callable[..., nn.Module]) -> None:
+        """`stand_in(linear)` for every block's linear layers, `stand_in(head, out_features=
+        vocab_size)` for the head."""
+        for block in model.transformer.h:
+            for parent, name in _linears(block):
+                self._add(parent, name, stand_in(getattr(parent, name)))
+        head = stand_in(model.lm_head, out_features=model.config.vocab_size)
+        self._add(model, "lm_head", head)
 
     def _add(self, parent: nn.Module, name: str, fast: nn.Module) -> None:
         self.swaps.append((parent, name, getattr(parent, name), fast))
@@ -453,10 +456,6 @@ def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -
         dtype = dtype or model.lm_head.weight.dtype
         if model.lm_head.weight.device.type != "cpu":
             return None
-        if not onednn_can_multiply(dtype) and not (
-            dtype in DECODE_DTYPES and rows <= MAX_CHUNKED_ROWS
-        ):
-            return None
     else:
         return None
     steps = _STEPS.setdefault(model, {})
@@ -473,7 +472,7 @@ def decode_step(model: nn.Module, rows: int, dtype: torch.dtype | None = None) -
         except RuntimeError:  # oneDNN has no kernel for this CPU after all
             return None
         if step.native is None and step.chunked is None and not step.packs:
-            return None  # float16 without the C step: the model's own forward is as good
+            return None  # nothing to run but the model's own forward (float16 without the C step)
         steps[(rows, dtype)] = step
     return step
 
